@@ -41,6 +41,14 @@ pub enum Label {
     ServerKeys,
     /// The hash that derives a device id from an identity key.
     DeviceId,
+    /// A device's answer to a homeserver's login challenge.
+    LoginChallenge,
+    /// The signed inner message of an inbox envelope.
+    InboxMessage,
+    /// A homeserver's vote for the commit that won an epoch.
+    Vote,
+    /// A signed federation request between homeservers.
+    FederationRequest,
 }
 
 impl Label {
@@ -51,6 +59,10 @@ impl Label {
             Label::Sponsorship => "Sponsorship",
             Label::ServerKeys => "ServerKeys",
             Label::DeviceId => "DeviceId",
+            Label::LoginChallenge => "LoginChallenge",
+            Label::InboxMessage => "InboxMessage",
+            Label::Vote => "Vote",
+            Label::FederationRequest => "FederationRequest",
         }
     }
 }
