@@ -45,6 +45,7 @@
 
 pub mod codec;
 pub mod ids;
+pub mod login;
 pub mod record;
 pub mod server_keys;
 pub mod sign;
@@ -53,6 +54,7 @@ pub mod user;
 
 pub use codec::{DecodeError, PROTOCOL_VERSION, WireObject};
 pub use ids::{ChannelId, DeviceId, Handle, IdError, LocalName, ServerName};
+pub use login::LoginChallenge;
 pub use record::{
     DeviceLink, DeviceRecord, DeviceRecordFields, DeviceRecordIn, InboxKey, RecordError,
     RecordUpdate, RecordUpdateError,

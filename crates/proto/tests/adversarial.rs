@@ -26,7 +26,10 @@ fn valid_record_round_trips() {
     let record = record(&key, "alice", vec![]);
     let back = decode_verify(&record.encode()).unwrap();
     assert_eq!(back, record);
-    assert_eq!(back.handles().next().unwrap().to_string(), "alice@example.org");
+    assert_eq!(
+        back.handles().next().unwrap().to_string(),
+        "alice@example.org"
+    );
     assert_eq!(back.device_id(), device_id(&key));
 }
 
@@ -50,7 +53,10 @@ fn record_signed_by_another_key_is_rejected() {
     let mallory_bytes = mallory.encode();
     let n = bytes.len();
     bytes[n - sig_len..].copy_from_slice(&mallory_bytes[mallory_bytes.len() - sig_len..]);
-    assert!(matches!(decode_verify(&bytes), Err(RecordError::Signature(_))));
+    assert!(matches!(
+        decode_verify(&bytes),
+        Err(RecordError::Signature(_))
+    ));
 }
 
 #[test]
@@ -71,7 +77,10 @@ fn trailing_bytes_are_rejected() {
     bytes.push(0);
     assert!(matches!(
         decode_verify(&bytes),
-        Err(RecordError::Decode(DecodeError::TrailingBytes { count: 1, .. }))
+        Err(RecordError::Decode(DecodeError::TrailingBytes {
+            count: 1,
+            ..
+        }))
     ));
 }
 
@@ -91,7 +100,10 @@ fn unknown_version_is_rejected() {
     bytes[1] = 1;
     assert!(matches!(
         decode_verify(&bytes),
-        Err(RecordError::Decode(DecodeError::UnknownVersion { version: 1, .. }))
+        Err(RecordError::Decode(DecodeError::UnknownVersion {
+            version: 1,
+            ..
+        }))
     ));
 }
 
@@ -115,7 +127,9 @@ fn signature_replayed_as_another_type_is_rejected() {
     forged.extend_from_slice(&wrong_label);
     assert!(matches!(
         decode_verify(&forged),
-        Err(RecordError::Signature(SignatureError::Invalid { label: kith_proto::Label::DeviceRecord }))
+        Err(RecordError::Signature(SignatureError::Invalid {
+            label: kith_proto::Label::DeviceRecord
+        }))
     ));
     // The same bytes signed under the right label do verify: the label is
     // the only difference.
@@ -140,7 +154,10 @@ fn expired_sponsorship_is_rejected() {
     let err = DeviceRecord::sign(&key, f, NOW).unwrap_err();
     assert!(matches!(
         err,
-        RecordError::Sponsorship { error: SponsorshipError::Expired { .. }, .. }
+        RecordError::Sponsorship {
+            error: SponsorshipError::Expired { .. },
+            ..
+        }
     ));
 }
 
@@ -151,7 +168,10 @@ fn sponsorship_for_another_device_is_rejected() {
     f.sponsorships = vec![sponsorship(device_id(&device_key(2)), "alice")];
     assert!(matches!(
         DeviceRecord::sign(&key, f, NOW).unwrap_err(),
-        RecordError::Sponsorship { error: SponsorshipError::WrongDevice { .. }, .. }
+        RecordError::Sponsorship {
+            error: SponsorshipError::WrongDevice { .. },
+            ..
+        }
     ));
 }
 
@@ -161,8 +181,14 @@ fn forged_sponsorship_is_rejected() {
     let mut bytes = sponsorship(device, "alice").encode();
     let n = bytes.len();
     bytes[n - 1] ^= 0x80;
-    let err = SponsorshipIn::decode(&bytes).unwrap().verify(&device, NOW).unwrap_err();
-    assert!(matches!(err, SponsorshipError::Signature(SignatureError::Invalid { .. })));
+    let err = SponsorshipIn::decode(&bytes)
+        .unwrap()
+        .verify(&device, NOW)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SponsorshipError::Signature(SignatureError::Invalid { .. })
+    ));
 }
 
 #[test]
@@ -175,19 +201,33 @@ fn sponsorship_key_must_be_published_by_its_server() {
         &other,
         "example.org".parse().unwrap(),
         NOW,
-        vec![ServerKey { key: other.public(), valid_from: NOW - DAY, valid_until: NOW + DAY }],
+        vec![ServerKey {
+            key: other.public(),
+            valid_from: NOW - DAY,
+            valid_until: NOW + DAY,
+        }],
     )
     .unwrap();
-    assert!(matches!(s.check_server_keys(&keys), Err(SponsorshipError::KeyNotPublished { .. })));
+    assert!(matches!(
+        s.check_server_keys(&keys),
+        Err(SponsorshipError::KeyNotPublished { .. })
+    ));
     // A key list of another server.
     let keys = ServerKeys::publish(
         &server_key(),
         "evil.example".parse().unwrap(),
         NOW,
-        vec![ServerKey { key: server_key().public(), valid_from: NOW - DAY, valid_until: NOW + DAY }],
+        vec![ServerKey {
+            key: server_key().public(),
+            valid_from: NOW - DAY,
+            valid_until: NOW + DAY,
+        }],
     )
     .unwrap();
-    assert!(matches!(s.check_server_keys(&keys), Err(SponsorshipError::KeysForOtherServer { .. })));
+    assert!(matches!(
+        s.check_server_keys(&keys),
+        Err(SponsorshipError::KeysForOtherServer { .. })
+    ));
 }
 
 #[test]
@@ -197,7 +237,11 @@ fn server_keys_must_be_signed_by_a_listed_valid_key() {
         &outsider,
         "example.org".parse().unwrap(),
         NOW,
-        vec![ServerKey { key: server_key().public(), valid_from: NOW - DAY, valid_until: NOW + DAY }],
+        vec![ServerKey {
+            key: server_key().public(),
+            valid_from: NOW - DAY,
+            valid_until: NOW + DAY,
+        }],
     )
     .unwrap_err();
     assert_eq!(err, ServerKeysError::SignerNotValid);
@@ -206,7 +250,11 @@ fn server_keys_must_be_signed_by_a_listed_valid_key() {
         &server_key(),
         "example.org".parse().unwrap(),
         NOW,
-        vec![ServerKey { key: server_key().public(), valid_from: NOW - 2 * DAY, valid_until: NOW - DAY }],
+        vec![ServerKey {
+            key: server_key().public(),
+            valid_from: NOW - 2 * DAY,
+            valid_until: NOW - DAY,
+        }],
     )
     .unwrap_err();
     assert_eq!(err, ServerKeysError::SignerNotValid);
@@ -224,7 +272,10 @@ fn record_from_the_future_is_rejected() {
     let key = device_key(1);
     let mut f = fields(&key, "alice", vec![]);
     f.updated_at = NOW + DAY;
-    assert!(matches!(DeviceRecord::sign(&key, f, NOW), Err(RecordError::FromFuture { .. })));
+    assert!(matches!(
+        DeviceRecord::sign(&key, f, NOW),
+        Err(RecordError::FromFuture { .. })
+    ));
 }
 
 #[test]
@@ -233,12 +284,21 @@ fn bad_fields_are_rejected() {
     let me = device_id(&key);
     let other = device_id(&device_key(2));
     let cases: Vec<(Box<dyn Fn(&mut kith_proto::DeviceRecordFields)>, &str)> = vec![
-        (Box::new(|f| f.display_name = "x".repeat(65)), "display name"),
-        (Box::new(|f| f.display_name = "bell\u{7}".into()), "display name"),
+        (
+            Box::new(|f| f.display_name = "x".repeat(65)),
+            "display name",
+        ),
+        (
+            Box::new(|f| f.display_name = "bell\u{7}".into()),
+            "display name",
+        ),
         (Box::new(move |f| f.links = vec![me]), "link"),
         (Box::new(move |f| f.links = vec![other, other]), "link"),
         (Box::new(|f| f.created_at = f.updated_at + 1), "created_at"),
-        (Box::new(|f| f.sponsorships.push(f.sponsorships[0].clone())), "two sponsorships"),
+        (
+            Box::new(|f| f.sponsorships.push(f.sponsorships[0].clone())),
+            "two sponsorships",
+        ),
     ];
     for (change, expect) in cases {
         let mut f = fields(&key, "alice", vec![]);
@@ -261,21 +321,35 @@ fn update_rule() {
     // Replaying the old record is a rollback.
     assert_eq!(
         v1.supersedes(&v2),
-        Err(RecordUpdateError::SequenceWentBackwards { current: 2, offered: 1 })
+        Err(RecordUpdateError::SequenceWentBackwards {
+            current: 2,
+            offered: 1
+        })
     );
     // Same sequence, different content: equivocation.
     f.display_name = "another name".into();
     let v2b = DeviceRecord::sign(&key, f, NOW).unwrap();
-    assert_eq!(v2b.supersedes(&v2), Err(RecordUpdateError::Equivocation { sequence: 2 }));
+    assert_eq!(
+        v2b.supersedes(&v2),
+        Err(RecordUpdateError::Equivocation { sequence: 2 })
+    );
     // A record of another device never replaces this one.
     let bob = record(&device_key(2), "bob", vec![]);
-    assert!(matches!(bob.supersedes(&v1), Err(RecordUpdateError::DifferentDevice { .. })));
+    assert!(matches!(
+        bob.supersedes(&v1),
+        Err(RecordUpdateError::DifferentDevice { .. })
+    ));
 }
 
 #[test]
 fn users_are_mutual_links() {
     let (ka, kb, kc, kd) = (device_key(1), device_key(2), device_key(3), device_key(4));
-    let (a, b, c, d) = (device_id(&ka), device_id(&kb), device_id(&kc), device_id(&kd));
+    let (a, b, c, d) = (
+        device_id(&ka),
+        device_id(&kb),
+        device_id(&kc),
+        device_id(&kd),
+    );
     // a <-> b <-> c form one user; d claims a, but a does not name d.
     let ra = record(&ka, "alice", vec![b]);
     let rb = record(&kb, "alice", vec![a, c]);
@@ -285,13 +359,19 @@ fn users_are_mutual_links() {
     assert!(!mutually_linked(&ra, &rd));
     let users = group_users(&[rd.clone(), rc.clone(), rb.clone(), ra.clone()]);
     assert_eq!(users.len(), 2);
-    let alice = users.iter().find(|u| u.devices().iter().any(|r| r.device_id() == a)).unwrap();
+    let alice = users
+        .iter()
+        .find(|u| u.devices().iter().any(|r| r.device_id() == a))
+        .unwrap();
     let mut ids: Vec<_> = alice.devices().iter().map(|r| r.device_id()).collect();
     ids.sort();
     let mut want = vec![a, b, c];
     want.sort();
     assert_eq!(ids, want);
     assert_eq!(alice.handles().len(), 1);
-    let mallory = users.iter().find(|u| u.devices().iter().any(|r| r.device_id() == d)).unwrap();
+    let mallory = users
+        .iter()
+        .find(|u| u.devices().iter().any(|r| r.device_id() == d))
+        .unwrap();
     assert_eq!(mallory.devices().len(), 1);
 }

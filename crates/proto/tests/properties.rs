@@ -16,7 +16,10 @@ fn server_name() -> impl Strategy<Value = ServerName> {
     let dns = "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\\.[a-z]([a-z0-9-]{0,10}[a-z0-9])?){0,3}";
     let ipv4 = any::<[u8; 4]>().prop_map(|o| std::net::Ipv4Addr::from(o).to_string());
     let ipv6 = any::<[u8; 16]>().prop_map(|o| format!("[{}]", std::net::Ipv6Addr::from(o)));
-    (prop_oneof![dns.prop_map(String::from), ipv4, ipv6], proptest::option::of(1u16..))
+    (
+        prop_oneof![dns.prop_map(String::from), ipv4, ipv6],
+        proptest::option::of(1u16..),
+    )
         .prop_map(|(host, port)| match port {
             Some(p) => format!("{host}:{p}"),
             None => host,
@@ -33,8 +36,14 @@ fn display_name() -> impl Strategy<Value = String> {
 }
 
 fn sponsorship_for(device: DeviceId) -> impl Strategy<Value = Sponsorship> {
-    (any::<[u8; 32]>(), server_name(), local_name(), 0..DAY, 1..1000 * DAY).prop_map(
-        move |(seed, server, name, before, lifetime)| {
+    (
+        any::<[u8; 32]>(),
+        server_name(),
+        local_name(),
+        0..DAY,
+        1..1000 * DAY,
+    )
+        .prop_map(move |(seed, server, name, before, lifetime)| {
             Sponsorship::issue(
                 &SecretKey::from_seed(seed),
                 server,
@@ -43,8 +52,7 @@ fn sponsorship_for(device: DeviceId) -> impl Strategy<Value = Sponsorship> {
                 NOW - before,
                 NOW - before + lifetime.max(before + 1),
             )
-        },
-    )
+        })
 }
 
 fn record() -> impl Strategy<Value = DeviceRecord> {
@@ -59,38 +67,51 @@ fn record() -> impl Strategy<Value = DeviceRecord> {
             vec(sponsorship_for(id), 0..3),
             0..DAY,
         )
-            .prop_map(move |(sequence, inbox, display_name, links, sponsorships, age)| {
-                let mut distinct: Vec<Sponsorship> = Vec::new();
-                for s in sponsorships {
-                    if !distinct.iter().any(|d| d.server() == s.server()) {
-                        distinct.push(s);
+            .prop_map(
+                move |(sequence, inbox, display_name, links, sponsorships, age)| {
+                    let mut distinct: Vec<Sponsorship> = Vec::new();
+                    for s in sponsorships {
+                        if !distinct.iter().any(|d| d.server() == s.server()) {
+                            distinct.push(s);
+                        }
                     }
-                }
-                let fields = DeviceRecordFields {
-                    sequence,
-                    inbox_key: InboxKey::x25519(inbox),
-                    display_name,
-                    links: links.into_iter().map(DeviceId::from_bytes).filter(|d| *d != id).collect(),
-                    sponsorships: distinct,
-                    created_at: NOW - age,
-                    updated_at: NOW,
-                };
-                DeviceRecord::sign(&key, fields, NOW).unwrap()
-            })
+                    let fields = DeviceRecordFields {
+                        sequence,
+                        inbox_key: InboxKey::x25519(inbox),
+                        display_name,
+                        links: links
+                            .into_iter()
+                            .map(DeviceId::from_bytes)
+                            .filter(|d| *d != id)
+                            .collect(),
+                        sponsorships: distinct,
+                        created_at: NOW - age,
+                        updated_at: NOW,
+                    };
+                    DeviceRecord::sign(&key, fields, NOW).unwrap()
+                },
+            )
     })
 }
 
 fn server_keys() -> impl Strategy<Value = ServerKeys> {
-    (server_name(), btree_set(any::<[u8; 32]>(), 1..6), 1..100 * DAY).prop_map(
-        |(server, seeds, lifetime)| {
+    (
+        server_name(),
+        btree_set(any::<[u8; 32]>(), 1..6),
+        1..100 * DAY,
+    )
+        .prop_map(|(server, seeds, lifetime)| {
             let keys: Vec<SecretKey> = seeds.into_iter().map(SecretKey::from_seed).collect();
             let entries = keys
                 .iter()
-                .map(|k| ServerKey { key: k.public(), valid_from: NOW - DAY, valid_until: NOW + lifetime })
+                .map(|k| ServerKey {
+                    key: k.public(),
+                    valid_from: NOW - DAY,
+                    valid_until: NOW + lifetime,
+                })
                 .collect();
             ServerKeys::publish(&keys[0], server, NOW, entries).unwrap()
-        },
-    )
+        })
 }
 
 /// Applies one mutation to a valid encoding.

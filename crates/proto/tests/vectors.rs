@@ -17,7 +17,10 @@ use kith_proto::{
 };
 use serde_json::{Value, json};
 
-const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../test-vectors/identity.json");
+const PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../test-vectors/identity.json"
+);
 
 /// The error category an implementation must report, by name.
 fn category(err: &RecordError) -> &'static str {
@@ -28,9 +31,18 @@ fn category(err: &RecordError) -> &'static str {
         RecordError::Decode(DecodeError::TrailingBytes { .. }) => "trailing-bytes",
         RecordError::Decode(DecodeError::Malformed { .. }) => "malformed",
         RecordError::Signature(_) => "bad-signature",
-        RecordError::Sponsorship { error: S::Expired { .. }, .. } => "expired-sponsorship",
-        RecordError::Sponsorship { error: S::Signature(_), .. } => "bad-sponsorship-signature",
-        RecordError::Sponsorship { error: S::WrongDevice { .. }, .. } => "sponsorship-wrong-device",
+        RecordError::Sponsorship {
+            error: S::Expired { .. },
+            ..
+        } => "expired-sponsorship",
+        RecordError::Sponsorship {
+            error: S::Signature(_),
+            ..
+        } => "bad-sponsorship-signature",
+        RecordError::Sponsorship {
+            error: S::WrongDevice { .. },
+            ..
+        } => "sponsorship-wrong-device",
         _ => "other",
     }
 }
@@ -141,7 +153,10 @@ fn vectors_match_the_code() {
     }
     let text = std::fs::read_to_string(PATH).expect("test-vectors/identity.json is missing");
     let stored: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(stored, generated, "encoding changed: the vectors no longer match the code");
+    assert_eq!(
+        stored, generated,
+        "encoding changed: the vectors no longer match the code"
+    );
 }
 
 /// Checks the stored file the way another implementation would: decode,
@@ -151,25 +166,48 @@ fn stored_vectors_verify() {
     let text = std::fs::read_to_string(PATH).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     let now = v["now"].as_u64().unwrap();
-    let keys = ServerKeysIn::decode(&bytes(&v["server"]["server_keys"])).unwrap().verify(now).unwrap();
+    let keys = ServerKeysIn::decode(&bytes(&v["server"]["server_keys"]))
+        .unwrap()
+        .verify(now)
+        .unwrap();
     let mut records = Vec::new();
     for d in v["devices"].as_array().unwrap() {
-        let record = DeviceRecordIn::decode(&bytes(&d["record"])).unwrap().verify(now).unwrap();
-        assert_eq!(record.device_id().to_string(), d["device_id"].as_str().unwrap());
-        assert_eq!(record.handles().next().unwrap().to_string(), d["handle"].as_str().unwrap());
-        let s = SponsorshipIn::decode(&bytes(&d["sponsorship"])).unwrap().verify(&record.device_id(), now).unwrap();
+        let record = DeviceRecordIn::decode(&bytes(&d["record"]))
+            .unwrap()
+            .verify(now)
+            .unwrap();
+        assert_eq!(
+            record.device_id().to_string(),
+            d["device_id"].as_str().unwrap()
+        );
+        assert_eq!(
+            record.handles().next().unwrap().to_string(),
+            d["handle"].as_str().unwrap()
+        );
+        let s = SponsorshipIn::decode(&bytes(&d["sponsorship"]))
+            .unwrap()
+            .verify(&record.device_id(), now)
+            .unwrap();
         s.check_server_keys(&keys).unwrap();
         records.push(record);
     }
     assert!(kith_proto::mutually_linked(&records[0], &records[1]));
     for u in v["updates"].as_array().unwrap() {
         let now = u["now"].as_u64().unwrap();
-        let current = DeviceRecordIn::decode(&bytes(&u["current"])).unwrap().verify(now).unwrap();
-        let offered = DeviceRecordIn::decode(&bytes(&u["offered"])).unwrap().verify(now).unwrap();
+        let current = DeviceRecordIn::decode(&bytes(&u["current"]))
+            .unwrap()
+            .verify(now)
+            .unwrap();
+        let offered = DeviceRecordIn::decode(&bytes(&u["offered"]))
+            .unwrap()
+            .verify(now)
+            .unwrap();
         let got = match offered.supersedes(&current) {
             Ok(kith_proto::RecordUpdate::Newer) => "newer",
             Ok(kith_proto::RecordUpdate::Unchanged) => "unchanged",
-            Err(kith_proto::RecordUpdateError::SequenceWentBackwards { .. }) => "sequence-went-backwards",
+            Err(kith_proto::RecordUpdateError::SequenceWentBackwards { .. }) => {
+                "sequence-went-backwards"
+            }
             Err(kith_proto::RecordUpdateError::Equivocation { .. }) => "equivocation",
             Err(e) => panic!("unexpected {e}"),
         };
@@ -181,6 +219,11 @@ fn stored_vectors_verify() {
             .map_err(RecordError::from)
             .and_then(|r| r.verify(now));
         let err = result.expect_err(case["name"].as_str().unwrap());
-        assert_eq!(category(&err), case["error"].as_str().unwrap(), "{}: {err}", case["name"]);
+        assert_eq!(
+            category(&err),
+            case["error"].as_str().unwrap(),
+            "{}: {err}",
+            case["name"]
+        );
     }
 }

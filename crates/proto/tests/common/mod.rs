@@ -55,7 +55,11 @@ pub fn server_keys() -> ServerKeys {
         &server_key(),
         "example.org".parse().unwrap(),
         NOW,
-        vec![ServerKey { key: server_key().public(), valid_from: NOW - DAY, valid_until: NOW + 400 * DAY }],
+        vec![ServerKey {
+            key: server_key().public(),
+            valid_from: NOW - DAY,
+            valid_until: NOW + 400 * DAY,
+        }],
     )
     .unwrap()
 }
