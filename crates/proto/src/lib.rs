@@ -45,6 +45,7 @@
 
 pub mod codec;
 pub mod ids;
+pub mod inbox;
 pub mod login;
 pub mod record;
 pub mod server_keys;
@@ -54,6 +55,7 @@ pub mod user;
 
 pub use codec::{DecodeError, PROTOCOL_VERSION, WireObject};
 pub use ids::{ChannelId, DeviceId, Handle, IdError, LocalName, ServerName};
+pub use inbox::{InboxError, InboxKind, InboxMessage, InboxSecretKey};
 pub use login::LoginChallenge;
 pub use record::{
     DeviceLink, DeviceRecord, DeviceRecordFields, DeviceRecordIn, InboxKey, RecordError,

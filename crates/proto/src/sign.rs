@@ -49,6 +49,8 @@ pub enum Label {
     Vote,
     /// A signed federation request between homeservers.
     FederationRequest,
+    /// The HPKE `info` of an inbox envelope (not a signature).
+    InboxEnvelope,
 }
 
 impl Label {
@@ -63,6 +65,7 @@ impl Label {
             Label::InboxMessage => "InboxMessage",
             Label::Vote => "Vote",
             Label::FederationRequest => "FederationRequest",
+            Label::InboxEnvelope => "InboxEnvelope",
         }
     }
 }
