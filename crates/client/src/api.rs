@@ -1,0 +1,312 @@
+//! The homeserver's HTTP API v0, as the client calls it.
+//!
+//! Binary fields travel as unpadded base64url; errors come back as
+//! `{"error": code, "message": text}` with a 4xx or 5xx status.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::ClientError;
+
+/// Encodes bytes for a JSON field.
+pub fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Decodes a JSON byte field, naming it in the error.
+pub fn unb64(field: &str, text: &str) -> Result<Vec<u8>, ClientError> {
+    URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| ClientError::Protocol(format!("the server sent invalid base64 in `{field}`")))
+}
+
+/// A connection to one homeserver, optionally logged in.
+#[derive(Debug, Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    message: String,
+}
+
+/// `GET /v0/server`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerInfo {
+    /// The server's name.
+    pub name: String,
+    /// Protocol version.
+    pub version: u16,
+    /// The encoded `ServerKeys`.
+    pub server_keys: String,
+    /// `open`, `token` or `closed`.
+    pub registration: String,
+}
+
+/// One stored inbox item.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct InboxItem {
+    /// The server's id for it (for acking).
+    pub id: u64,
+    /// The sealed envelope, base64url.
+    pub envelope: String,
+    /// When the server received it.
+    pub received_at: u64,
+}
+
+/// A claimed key package.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClaimedPackage {
+    /// The device, hex.
+    pub device: String,
+    /// The key package, base64url.
+    pub package: String,
+}
+
+/// `POST /v0/keypackages/claim`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Claim {
+    /// One package per device that had one.
+    pub packages: Vec<ClaimedPackage>,
+    /// Devices that had none.
+    #[serde(default)]
+    pub exhausted: Vec<String>,
+}
+
+impl Api {
+    /// An API handle for the server at `base` (e.g. `http://127.0.0.1:8448`).
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+            token: None,
+        }
+    }
+
+    /// The same handle, logged in with `token`.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T, ClientError> {
+        let mut request = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => (body.error, body.message),
+                Err(_) => (
+                    status.as_str().to_owned(),
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                ),
+            };
+            return Err(ClientError::Server {
+                status: status.as_u16(),
+                code,
+                message,
+            });
+        }
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes)
+            .map_err(|e| ClientError::Protocol(format!("unexpected answer to {path}: {e}")))
+    }
+
+    /// `GET /v0/server`.
+    pub async fn server_info(&self) -> Result<ServerInfo, ClientError> {
+        self.call(reqwest::Method::GET, "/v0/server", None).await
+    }
+
+    /// `POST /v0/register`: returns `(handle, sponsorship bytes)`.
+    pub async fn register(
+        &self,
+        record: &[u8],
+        name: &str,
+        token: Option<&str>,
+    ) -> Result<(String, Vec<u8>), ClientError> {
+        #[derive(Deserialize)]
+        struct Registered {
+            handle: String,
+            sponsorship: String,
+        }
+        let body = json!({ "record": b64(record), "name": name, "token": token });
+        let r: Registered = self
+            .call(reqwest::Method::POST, "/v0/register", Some(body))
+            .await?;
+        Ok((r.handle, unb64("sponsorship", &r.sponsorship)?))
+    }
+
+    /// `POST /v0/login/challenge`: returns `(challenge, expires_at)`.
+    pub async fn login_challenge(&self, device: &str) -> Result<(Vec<u8>, u64), ClientError> {
+        #[derive(Deserialize)]
+        struct Challenge {
+            challenge: String,
+            expires_at: u64,
+        }
+        let c: Challenge = self
+            .call(
+                reqwest::Method::POST,
+                "/v0/login/challenge",
+                Some(json!({ "device": device })),
+            )
+            .await?;
+        Ok((unb64("challenge", &c.challenge)?, c.expires_at))
+    }
+
+    /// `POST /v0/login`: returns the session token.
+    pub async fn login(
+        &self,
+        device: &str,
+        challenge: &[u8],
+        signature: &[u8],
+    ) -> Result<String, ClientError> {
+        #[derive(Deserialize)]
+        struct Session {
+            token: String,
+        }
+        let body =
+            json!({ "device": device, "challenge": b64(challenge), "signature": b64(signature) });
+        let s: Session = self
+            .call(reqwest::Method::POST, "/v0/login", Some(body))
+            .await?;
+        Ok(s.token)
+    }
+
+    /// `PUT /v0/devices/self`: returns `newer` or `unchanged`.
+    pub async fn publish_record(&self, record: &[u8]) -> Result<String, ClientError> {
+        #[derive(Deserialize)]
+        struct Published {
+            result: String,
+        }
+        let p: Published = self
+            .call(
+                reqwest::Method::PUT,
+                "/v0/devices/self",
+                Some(json!({ "record": b64(record) })),
+            )
+            .await?;
+        Ok(p.result)
+    }
+
+    /// `GET /v0/users/{handle}`: the current records of the user's devices.
+    pub async fn user_records(&self, handle: &str) -> Result<Vec<Vec<u8>>, ClientError> {
+        #[derive(Deserialize)]
+        struct Records {
+            records: Vec<String>,
+        }
+        let r: Records = self
+            .call(reqwest::Method::GET, &format!("/v0/users/{handle}"), None)
+            .await?;
+        r.records.iter().map(|t| unb64("records", t)).collect()
+    }
+
+    /// `GET /v0/devices/{device}`.
+    pub async fn device_record(&self, device: &str) -> Result<Vec<u8>, ClientError> {
+        #[derive(Deserialize)]
+        struct Record {
+            record: String,
+        }
+        let r: Record = self
+            .call(reqwest::Method::GET, &format!("/v0/devices/{device}"), None)
+            .await?;
+        unb64("record", &r.record)
+    }
+
+    /// `POST /v0/keypackages`.
+    pub async fn upload_key_packages(
+        &self,
+        packages: &[Vec<u8>],
+        last_resort: Option<&[u8]>,
+    ) -> Result<u64, ClientError> {
+        #[derive(Deserialize)]
+        struct Stored {
+            stored: u64,
+        }
+        let body = json!({
+            "packages": packages.iter().map(|p| b64(p)).collect::<Vec<_>>(),
+            "last_resort": last_resort.map(b64),
+        });
+        let s: Stored = self
+            .call(reqwest::Method::POST, "/v0/keypackages", Some(body))
+            .await?;
+        Ok(s.stored)
+    }
+
+    /// `POST /v0/keypackages/claim`.
+    pub async fn claim_key_packages(&self, handle: &str) -> Result<Claim, ClientError> {
+        self.call(
+            reqwest::Method::POST,
+            "/v0/keypackages/claim",
+            Some(json!({ "handle": handle })),
+        )
+        .await
+    }
+
+    /// `POST /v0/inbox/{device}`: returns the item id.
+    pub async fn deposit(&self, device: &str, envelope: &[u8]) -> Result<u64, ClientError> {
+        #[derive(Deserialize)]
+        struct Deposited {
+            id: u64,
+        }
+        let d: Deposited = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v0/inbox/{device}"),
+                Some(json!({ "envelope": b64(envelope) })),
+            )
+            .await?;
+        Ok(d.id)
+    }
+
+    /// `GET /v0/inbox`.
+    pub async fn inbox(&self) -> Result<Vec<InboxItem>, ClientError> {
+        #[derive(Deserialize)]
+        struct Items {
+            items: Vec<InboxItem>,
+        }
+        let i: Items = self.call(reqwest::Method::GET, "/v0/inbox", None).await?;
+        Ok(i.items)
+    }
+
+    /// `DELETE /v0/inbox/{id}`.
+    pub async fn ack_inbox(&self, id: u64) -> Result<(), ClientError> {
+        let _: Value = self
+            .call(reqwest::Method::DELETE, &format!("/v0/inbox/{id}"), None)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,411 @@
+//! The Kith client SDK: a device's keys and local store, and the calls it
+//! makes to its homeserver.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kith_client::ClientError> {
+//! let home = std::path::Path::new("/tmp/alice");
+//! let alice = kith_client::Client::register(home, "http://127.0.0.1:8448", "alice", None).await?;
+//! println!("registered as {}", alice.handle());
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kith_proto::inbox::{InboxKind, InboxSecretKey, seal};
+use kith_proto::{
+    DeviceId, DeviceRecord, DeviceRecordFields, DeviceRecordIn, Handle, LoginChallenge, SecretKey,
+    ServerName, SponsorshipIn,
+};
+
+pub use api::Api;
+use store::{Identity, Store};
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The homeserver could not be reached.
+    #[error("cannot reach the homeserver at {0}: {1}")]
+    Unreachable(String, #[source] reqwest::Error),
+    /// The homeserver refused the request.
+    #[error("the homeserver refused: {message} ({code}, HTTP {status})")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// The server's error code.
+        code: String,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server's answer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The local store failed.
+    #[error("local store: {0}")]
+    Store(String),
+    /// The device has not registered yet.
+    #[error("this device is not registered yet (run `kith register`)")]
+    NotRegistered,
+    /// The device is already registered in this home directory.
+    #[error("this home directory already holds a device ({0})")]
+    AlreadyRegistered(String),
+    /// A user-supplied argument is invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<rusqlite::Error> for ClientError {
+    fn from(e: rusqlite::Error) -> Self {
+        ClientError::Store(e.to_string())
+    }
+}
+
+/// The current time in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The default home directory: `$KITH_HOME`, else the per-user data
+/// directory's `kith` folder.
+pub fn default_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("KITH_HOME") {
+        return PathBuf::from(home);
+    }
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("kith")
+}
+
+/// A message from another device's inbox deposit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectMessage {
+    /// The sender's handle, as its record names it (or its device id).
+    pub sender: String,
+    /// The sender's device.
+    pub sender_device: DeviceId,
+    /// When the sender says it sent it.
+    pub sent_at: u64,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// A registered device, with its store and homeserver connection.
+pub struct Client {
+    store: Store,
+    identity: Identity,
+    key: SecretKey,
+    inbox_key: InboxSecretKey,
+    api: Api,
+}
+
+impl Client {
+    /// Creates a new device in `home`, registers it as `name` on the server
+    /// at `server_url`, publishes its sponsored record and logs in.
+    pub async fn register(
+        home: &Path,
+        server_url: &str,
+        name: &str,
+        token: Option<&str>,
+    ) -> Result<Self, ClientError> {
+        std::fs::create_dir_all(home)
+            .map_err(|e| ClientError::Store(format!("{}: {e}", home.display())))?;
+        let store = Store::open(&home.join("client.db"))?;
+        if let Some(existing) = store.identity()? {
+            return Err(ClientError::AlreadyRegistered(existing.handle));
+        }
+        let name: kith_proto::LocalName = name
+            .parse()
+            .map_err(|e| ClientError::Invalid(format!("name {name:?}: {e}")))?;
+        let api = Api::new(server_url);
+        let info = api.server_info().await?;
+        let server_name: ServerName = info
+            .name
+            .parse()
+            .map_err(|e| ClientError::Protocol(format!("server name {:?}: {e}", info.name)))?;
+
+        let key = SecretKey::generate();
+        let inbox_key = InboxSecretKey::generate();
+        let now = now_ms();
+        let unsponsored = DeviceRecord::sign(
+            &key,
+            DeviceRecordFields {
+                sequence: 1,
+                inbox_key: inbox_key.public(),
+                display_name: name.to_string(),
+                links: vec![],
+                sponsorships: vec![],
+                created_at: now,
+                updated_at: now,
+            },
+            now,
+        )
+        .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let (handle, sponsorship) = api
+            .register(&unsponsored.encode(), name.as_str(), token)
+            .await?;
+        let device = unsponsored.device_id();
+        let sponsorship = SponsorshipIn::decode(&sponsorship)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .verify(&device, now_ms())
+            .map_err(|e| {
+                ClientError::Protocol(format!("the server's sponsorship is invalid: {e}"))
+            })?;
+        if sponsorship.server() != &server_name {
+            return Err(ClientError::Protocol(format!(
+                "the server {server_name} sponsored us as {}",
+                sponsorship.server()
+            )));
+        }
+        let mut fields = unsponsored.fields();
+        fields.sequence += 1;
+        fields.sponsorships = vec![sponsorship];
+        fields.updated_at = now_ms().max(fields.updated_at);
+        let record = DeviceRecord::sign(&key, fields, now_ms())
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+
+        let identity = Identity {
+            identity_seed: key.to_seed(),
+            inbox_secret: inbox_key.to_bytes(),
+            server_url: api.base().to_owned(),
+            server_name: server_name.to_string(),
+            handle,
+            record: record.encode(),
+            token: None,
+        };
+        store.save_identity(&identity)?;
+        let mut client = Self {
+            store,
+            identity,
+            key,
+            inbox_key,
+            api,
+        };
+        client.login().await?;
+        client.api.publish_record(&record.encode()).await?;
+        Ok(client)
+    }
+
+    /// Opens the device registered in `home`.
+    pub fn open(home: &Path) -> Result<Self, ClientError> {
+        let path = home.join("client.db");
+        if !path.exists() {
+            return Err(ClientError::NotRegistered);
+        }
+        let store = Store::open(&path)?;
+        let identity = store.identity()?.ok_or(ClientError::NotRegistered)?;
+        let key = SecretKey::from_seed(identity.identity_seed);
+        let inbox_key = InboxSecretKey::from_bytes(identity.inbox_secret);
+        let api = Api::new(&identity.server_url).with_token(identity.token.clone());
+        Ok(Self {
+            store,
+            identity,
+            key,
+            inbox_key,
+            api,
+        })
+    }
+
+    /// Logs in afresh: signs the server's challenge with the identity key.
+    pub async fn login(&mut self) -> Result<(), ClientError> {
+        let device = self.device_id();
+        let (challenge, expires_at) = self.api.login_challenge(&device.to_string()).await?;
+        let challenge: [u8; 32] = challenge
+            .try_into()
+            .map_err(|_| ClientError::Protocol("login challenge is not 32 bytes".into()))?;
+        let server: ServerName = self
+            .identity
+            .server_name
+            .parse()
+            .map_err(|e| ClientError::Store(format!("stored server name: {e}")))?;
+        let signature = LoginChallenge::new(server, device, challenge, expires_at).sign(&self.key);
+        let token = self
+            .api
+            .login(&device.to_string(), &challenge, &signature)
+            .await?;
+        self.identity.token = Some(token.clone());
+        self.store.save_identity(&self.identity)?;
+        self.api = self.api.clone().with_token(Some(token));
+        Ok(())
+    }
+
+    /// Runs `op`, logging in again once if the session has expired.
+    async fn authed<T, F, Fut>(&mut self, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(Api) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        match op(self.api.clone()).await {
+            Err(ClientError::Server { status: 401, .. }) => {
+                self.login().await?;
+                op(self.api.clone()).await
+            }
+            other => other,
+        }
+    }
+
+    /// The device's handle, `name@server`.
+    pub fn handle(&self) -> &str {
+        &self.identity.handle
+    }
+
+    /// The device id.
+    pub fn device_id(&self) -> DeviceId {
+        DeviceId::of(&self.key.public())
+    }
+
+    /// The homeserver's base URL.
+    pub fn server_url(&self) -> &str {
+        &self.identity.server_url
+    }
+
+    /// The homeserver's name.
+    pub fn server_name(&self) -> &str {
+        &self.identity.server_name
+    }
+
+    /// The API handle (logged in).
+    pub fn api(&self) -> &Api {
+        &self.api
+    }
+
+    /// The device's identity key.
+    pub fn secret_key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// The current records of every device of `handle`, each verified.
+    pub async fn user_devices(&mut self, handle: &str) -> Result<Vec<DeviceRecord>, ClientError> {
+        let handle: Handle = handle
+            .parse()
+            .map_err(|e| ClientError::Invalid(format!("handle {handle:?}: {e}")))?;
+        let wanted = handle.to_string();
+        let raw = self
+            .authed(|api| {
+                let h = wanted.clone();
+                async move { api.user_records(&h).await }
+            })
+            .await?;
+        let now = now_ms();
+        let mut records = Vec::new();
+        for bytes in raw {
+            let record = DeviceRecordIn::decode(&bytes)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .verify(now)
+                .map_err(|e| {
+                    ClientError::Protocol(format!("a record of {handle} is invalid: {e}"))
+                })?;
+            // The server must not slip in a device that is not this user's.
+            if !record.handles().any(|h| h == handle) {
+                return Err(ClientError::Protocol(format!(
+                    "the server sent a device that is not {handle}"
+                )));
+            }
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    /// Seals `body` to every device of `handle` and deposits it in their
+    /// inboxes. Returns how many devices it reached.
+    pub async fn send_direct(&mut self, handle: &str, body: &[u8]) -> Result<usize, ClientError> {
+        self.deposit_to_user(handle, InboxKind::Direct, body).await
+    }
+
+    /// Seals `body` of `kind` to every device of `handle`.
+    pub async fn deposit_to_user(
+        &mut self,
+        handle: &str,
+        kind: InboxKind,
+        body: &[u8],
+    ) -> Result<usize, ClientError> {
+        let devices = self.user_devices(handle).await?;
+        if devices.is_empty() {
+            return Err(ClientError::Invalid(format!("{handle} has no devices")));
+        }
+        for record in &devices {
+            let envelope = seal(
+                &self.key,
+                record.device_id(),
+                record.inbox_key(),
+                kind,
+                body,
+                now_ms(),
+            )
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+            let device = record.device_id().to_string();
+            self.authed(|api| {
+                let (d, e) = (device.clone(), envelope.clone());
+                async move { api.deposit(&d, &e).await }
+            })
+            .await?;
+        }
+        Ok(devices.len())
+    }
+
+    /// Fetches the inbox, opens every envelope, stores direct messages,
+    /// and acknowledges what was handled. Envelopes that do not open are
+    /// acknowledged too (they can never open) and reported in the log.
+    pub async fn sync_inbox(&mut self) -> Result<Vec<DirectMessage>, ClientError> {
+        let items = self.authed(|api| async move { api.inbox().await }).await?;
+        let me = self.device_id();
+        let mut direct = Vec::new();
+        for item in items {
+            let envelope = api::unb64("envelope", &item.envelope)?;
+            match self.inbox_key.open(&me, &envelope) {
+                Ok(message) if message.kind == InboxKind::Direct => {
+                    let sender = self.sender_name(&message.sender).await;
+                    self.store.save_direct(
+                        &sender,
+                        message.sender.as_bytes(),
+                        message.sent_at,
+                        &message.body,
+                        now_ms(),
+                    )?;
+                    direct.push(DirectMessage {
+                        sender,
+                        sender_device: message.sender,
+                        sent_at: message.sent_at,
+                        body: message.body,
+                    });
+                }
+                Ok(message) => {
+                    tracing::info!(kind = ?message.kind, "inbox item of a kind this client does not handle yet");
+                }
+                Err(e) => {
+                    tracing::warn!(id = item.id, "dropping inbox item that does not open: {e}")
+                }
+            }
+            let id = item.id;
+            self.authed(|api| async move { api.ack_inbox(id).await })
+                .await?;
+        }
+        Ok(direct)
+    }
+
+    /// The handle of `device`, from its record, or its id if unknown.
+    async fn sender_name(&mut self, device: &DeviceId) -> String {
+        let id = device.to_string();
+        let record = self
+            .authed(|api| {
+                let d = id.clone();
+                async move { api.device_record(&d).await }
+            })
+            .await;
+        record
+            .ok()
+            .and_then(|bytes| DeviceRecordIn::decode(&bytes).ok())
+            .and_then(|r| r.verify(now_ms()).ok())
+            .filter(|r| r.device_id() == *device)
+            .and_then(|r| r.handles().next())
+            .map(|h| h.to_string())
+            .unwrap_or(id)
+    }
+}
