@@ -205,3 +205,33 @@ proptest! {
         let _ = s.parse::<ChannelId>();
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Whatever is sealed opens to the same message for the recipient, and
+    /// no single-byte change to the envelope still opens.
+    #[test]
+    fn inbox_seal_open(body in vec(any::<u8>(), 0..2048), kind in any::<u16>(), at in any::<usize>(), flip in 1u8..) {
+        use kith_proto::inbox::{InboxKind, seal};
+        let sender = SecretKey::from_seed([1; 32]);
+        let recipient = kith_proto::InboxSecretKey::from_bytes([2; 32]);
+        let me = DeviceId::from_bytes([3; 32]);
+        let kind = InboxKind::from_u16(kind);
+        let env = seal(&sender, me, &recipient.public(), kind, &body, NOW).unwrap();
+        let msg = recipient.open(&me, &env).unwrap();
+        prop_assert_eq!(&msg.body, &body);
+        prop_assert_eq!(msg.kind, kind);
+        prop_assert_eq!(msg.sender, DeviceId::of(&sender.public()));
+        let mut altered = env.clone();
+        let i = at % altered.len();
+        altered[i] ^= flip;
+        prop_assert!(recipient.open(&me, &altered).is_err());
+    }
+
+    #[test]
+    fn inbox_open_never_panics(bytes in vec(any::<u8>(), 0..2048)) {
+        let recipient = kith_proto::InboxSecretKey::from_bytes([2; 32]);
+        let _ = recipient.open(&DeviceId::from_bytes([3; 32]), &bytes);
+    }
+}
