@@ -83,17 +83,14 @@ pub(crate) fn load_or_generate(data_dir: &Path, now: u64) -> Result<SigningKey, 
     }
 }
 
-/// The key list this server publishes: its one key, valid from its creation.
-pub(crate) fn publish(
-    key: &SigningKey,
-    server: &ServerName,
-    now: u64,
-) -> Result<ServerKeys, ServerError> {
-    let published_at = now.max(key.created_at);
+/// The key list this server publishes: its one key, valid from its
+/// creation. The list is dated at the key's creation too, so it is the same
+/// bytes across restarts (until rotation publishes a newer list).
+pub(crate) fn publish(key: &SigningKey, server: &ServerName) -> Result<ServerKeys, ServerError> {
     ServerKeys::publish(
         &key.key,
         server.clone(),
-        published_at,
+        key.created_at,
         vec![ServerKey {
             key: key.key.public(),
             valid_from: key.created_at,

@@ -73,7 +73,7 @@ pub async fn run(
     std::fs::create_dir_all(&data_dir).map_err(|e| ServerError::Io(data_dir.clone(), e))?;
     let now = state::now_ms();
     let key = keys::load_or_generate(&data_dir, now)?;
-    let server_keys = keys::publish(&key, &config.server_name, now)?;
+    let server_keys = keys::publish(&key, &config.server_name)?;
     let store: Arc<dyn Store> = match config.backend {
         Backend::Sqlite => {
             let path = data_dir.join(DB_FILE);
