@@ -158,3 +158,62 @@ async fn main() -> Result<()> {
         .await
         .context("kithd failed")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> (String, Config) {
+        settings(
+            Args::try_parse_from(std::iter::once("kithd").chain(args.iter().copied())).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let (listen, config) = parse(&[]);
+        assert_eq!(listen, "127.0.0.1:8448");
+        assert_eq!(config.server_name.as_str(), "localhost:8448");
+        assert_eq!(config.data_dir, PathBuf::from("./kith-data"));
+        assert_eq!(config.registration, Registration::Closed);
+    }
+
+    #[test]
+    fn server_name_follows_the_listen_port() {
+        let (_, config) = parse(&["--listen", "127.0.0.1:9000"]);
+        assert_eq!(config.server_name.as_str(), "localhost:9000");
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kithd.toml");
+        std::fs::write(
+            &file,
+            "server_name = \"Chat.Example.org\"\nlisten = \"127.0.0.1:7000\"\n\
+             data_dir = \"/from/file\"\nregistration_token = \"t\"\n\
+             [limits]\nmax_body_bytes = 2048\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let (listen, config) = parse(&["--config", path, "--data-dir", "/from/flag"]);
+        assert_eq!(listen, "127.0.0.1:7000");
+        assert_eq!(config.server_name.as_str(), "chat.example.org");
+        assert_eq!(config.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(config.registration, Registration::Token("t".into()));
+        assert_eq!(config.limits.max_body_bytes, 2048);
+        assert_eq!(config.limits.max_envelope_bytes, 256 * 1024);
+        let (_, config) = parse(&["--config", path, "--open-registration"]);
+        assert_eq!(config.registration, Registration::Open);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kithd.toml");
+        std::fs::write(&file, "sever_name = \"typo.example\"\n").unwrap();
+        let args = Args::try_parse_from(["kithd", "--config", file.to_str().unwrap()]).unwrap();
+        assert!(settings(args).is_err());
+    }
+}

@@ -67,7 +67,6 @@ impl AppState {
     /// `cursor` and `kind`. This is the one way events enter a log (the
     /// inbox deposit appends its event in the same transaction as the item
     /// and then calls [`EventHub::notify`] itself).
-    #[allow(dead_code)] // first caller: the channel endpoints
     pub(crate) async fn append_event(
         &self,
         device: DeviceId,

@@ -282,3 +282,56 @@ async fn restart_on_the_same_data_dir_keeps_everything() {
     assert!(metrics.contains("kith_registered_devices 2"), "{metrics}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn record_updates_and_low_key_packages_become_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "a.example").await;
+    let mut alice = Device::join(&server, "alice").await;
+    let mut bob = Device::join(&server, "bob").await;
+    let events_of = |d: &Device| {
+        let d_token = d.token.clone();
+        let url = server.url("/v0/events");
+        async move {
+            let (_, body) = send(client().get(url).bearer_auth(d_token.unwrap())).await;
+            body["events"].as_array().unwrap().clone()
+        }
+    };
+
+    // A one-sided link tells nobody.
+    let a = alice.next_record(|f| f.links = vec![bob.id]);
+    assert_eq!(alice.put_record(&server, &a).await.1["result"], "newer");
+    alice.record = a;
+    assert!(events_of(&bob).await.is_empty());
+    // Once the link is mutual, each update reaches the other device.
+    let b = bob.next_record(|f| f.links = vec![alice.id]);
+    assert_eq!(bob.put_record(&server, &b).await.1["result"], "newer");
+    bob.record = b;
+    let a = alice.next_record(|f| f.display_name = "renamed".into());
+    assert_eq!(alice.put_record(&server, &a).await.1["result"], "newer");
+    let to_alice = events_of(&alice).await;
+    assert_eq!(to_alice.len(), 1);
+    assert_eq!(to_alice[0]["kind"], "record_update");
+    assert_eq!(to_alice[0]["device"], bob.id.to_string());
+    assert_eq!(common::record_of(&to_alice[0]["record"]), bob.record);
+    let to_bob = events_of(&bob).await;
+    assert_eq!(to_bob.len(), 1);
+    assert_eq!(common::record_of(&to_bob[0]["record"]), a);
+
+    // A claim that leaves fewer than 10 packages asks the owner to refill.
+    let packages: Vec<String> = (0..3u8).map(|i| common::b64(&[i])).collect();
+    alice
+        .post(&server, "/v0/keypackages", json!({ "packages": packages }))
+        .await;
+    bob.post(
+        &server,
+        "/v0/keypackages/claim",
+        json!({ "handle": "alice@a.example" }),
+    )
+    .await;
+    let to_alice = events_of(&alice).await;
+    assert_eq!(to_alice.len(), 2);
+    assert_eq!(to_alice[1]["kind"], "key_packages_low");
+    assert_eq!(to_alice[1]["remaining"], 2);
+    server.stop().await;
+}

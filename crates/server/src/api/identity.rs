@@ -268,6 +268,7 @@ async fn put_record(
                 ));
             }
             tracing::info!(sequence = offered.sequence(), "record updated");
+            tell_linked_devices(&state, &offered).await;
             "newer"
         }
         Err(e @ RecordUpdateError::SequenceWentBackwards { .. }) => {
@@ -282,6 +283,35 @@ async fn put_record(
         }
     };
     Ok(Json(json!({ "result": result })))
+}
+
+/// Appends a `record_update` event for each local device that is mutually
+/// linked with `record`'s device (one user), so its other devices learn of
+/// the new version. A failure here is logged: the record is already stored.
+async fn tell_linked_devices(state: &Shared, record: &DeviceRecord) {
+    let me = record.device_id();
+    for linked in record.links() {
+        let result = async {
+            let Some(row) = state.db(move |s| s.device(&linked)).await? else {
+                return Ok(());
+            };
+            let links_back = DeviceRecordIn::decode(&row.record)
+                .ok()
+                .and_then(|r| r.verify(row.record_at).ok())
+                .is_some_and(|r| r.links_to(&me));
+            if links_back {
+                let mut payload = serde_json::Map::new();
+                payload.insert("device".into(), me.to_string().into());
+                payload.insert("record".into(), b64(&record.encode()).into());
+                state.append_event(linked, "record_update", payload).await?;
+            }
+            Ok::<(), ApiError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%linked, error = %e.message, "could not queue record_update");
+        }
+    }
 }
 
 async fn get_device(

@@ -14,6 +14,10 @@ use crate::error::ApiError;
 use crate::state::Shared;
 use crate::store::Claimed;
 
+/// Below this many ordinary packages, a claim tells the device to refill
+/// (a `key_packages_low` event).
+const LOW_WATER: usize = 10;
+
 pub(super) fn routes() -> Router<Shared> {
     Router::new()
         .route("/v0/keypackages", post(upload))
@@ -108,17 +112,32 @@ async fn claim(
     let claimed = state
         .db(move |s| {
             ids.into_iter()
-                .map(|d| Ok((d, s.claim_key_package(&d)?)))
+                .map(|d| {
+                    let claimed = s.claim_key_package(&d)?;
+                    Ok((d, claimed, s.key_package_count(&d)?.0))
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await?;
     let mut packages = Vec::new();
     let mut exhausted = Vec::new();
-    for (device, outcome) in claimed {
+    for (device, outcome, remaining) in claimed {
         match outcome {
-            Claimed::Package(p) => packages.push(json!({
-                "device": device.to_string(), "package": b64(&p), "last_resort": false,
-            })),
+            Claimed::Package(p) => {
+                packages.push(json!({
+                    "device": device.to_string(), "package": b64(&p), "last_resort": false,
+                }));
+                if remaining < LOW_WATER {
+                    let mut payload = serde_json::Map::new();
+                    payload.insert("remaining".into(), remaining.into());
+                    if let Err(e) = state
+                        .append_event(device, "key_packages_low", payload)
+                        .await
+                    {
+                        tracing::warn!(%device, error = %e.message, "could not queue key_packages_low");
+                    }
+                }
+            }
             Claimed::LastResort(p) => packages.push(json!({
                 "device": device.to_string(), "package": b64(&p), "last_resort": true,
             })),
