@@ -20,7 +20,7 @@ use tracing_subscriber::EnvFilter;
 
 /// The Kith homeserver.
 #[derive(Debug, Parser)]
-#[command(name = "kithd", version, about)]
+#[command(name = "kithd", version)]
 struct Args {
     /// TOML configuration file.
     #[arg(long, env = "KITH_CONFIG", value_name = "FILE")]
