@@ -1,0 +1,382 @@
+//! Server info, registration, login, and the device directory.
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use kith_proto::{
+    DeviceId, DeviceRecord, DeviceRecordIn, Handle, LocalName, LoginChallenge, RecordUpdate,
+    RecordUpdateError, SignaturePublicKey, Sponsorship,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiJson, Authed, b64, parse_device, random_32, token_hash, unb64};
+use crate::config::Registration;
+use crate::error::ApiError;
+use crate::state::{Shared, now_ms};
+use crate::store::{DeviceRow, Registered};
+
+/// How long a sponsorship issued at registration is valid: one year.
+const SPONSORSHIP_MS: u64 = 365 * 24 * 3600 * 1000;
+/// How long a login challenge may be answered: five minutes.
+const CHALLENGE_MS: u64 = 5 * 60 * 1000;
+/// How many unanswered challenges one device may have.
+const CHALLENGES_PER_DEVICE: usize = 16;
+/// How long a session lasts: 30 days.
+const SESSION_MS: u64 = 30 * 24 * 3600 * 1000;
+
+pub(super) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/v0/server", get(server_info))
+        .route("/.well-known/kith/server-keys", get(server_keys))
+        .route("/v0/register", post(register))
+        .route("/v0/login/challenge", post(login_challenge))
+        .route("/v0/login", post(login))
+        .route("/v0/devices/self", put(put_record))
+        .route("/v0/devices/{device}", get(get_device))
+        .route("/v0/users/{handle}", get(get_user))
+}
+
+async fn server_info(State(state): State<Shared>) -> Json<Value> {
+    Json(json!({
+        "name": state.config.server_name.as_str(),
+        "version": 0,
+        "server_keys": b64(&state.server_keys),
+        "registration": state.config.registration.mode(),
+    }))
+}
+
+async fn server_keys(State(state): State<Shared>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        state.server_keys.clone(),
+    )
+}
+
+/// Decodes and verifies a record from a base64 field.
+fn verified_record(field: &str, text: &str, now: u64) -> Result<DeviceRecord, ApiError> {
+    let bytes = unb64(field, text)?;
+    let record = DeviceRecordIn::decode(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("`{field}`: {e}")))?;
+    record
+        .verify(now)
+        .map_err(|e| ApiError::invalid(format!("`{field}`: {e}")))
+}
+
+fn raw_identity_key(record: &DeviceRecord) -> Result<[u8; 32], ApiError> {
+    record
+        .identity_key()
+        .key_bytes()
+        .try_into()
+        .map_err(|_| ApiError::invalid("identity key is not an Ed25519 key"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterRequest {
+    record: String,
+    name: String,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+#[tracing::instrument(skip_all, fields(name = %req.name))]
+async fn register(
+    State(state): State<Shared>,
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> Result<Json<Value>, ApiError> {
+    match &state.config.registration {
+        Registration::Open => {}
+        Registration::Closed => return Err(ApiError::forbidden("registration is closed")),
+        Registration::Token(expected) => {
+            // Compare hashes so the comparison's timing says nothing useful.
+            let offered = req.token.as_deref().map(token_hash);
+            if offered != Some(token_hash(expected)) {
+                return Err(ApiError::forbidden(
+                    "registration needs a valid registration token",
+                ));
+            }
+        }
+    }
+    let name: LocalName = req
+        .name
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("`name`: {e}")))?;
+    let now = now_ms();
+    let record = verified_record("record", &req.record, now)?;
+    let device = record.device_id();
+    let row = DeviceRow {
+        device,
+        name: name.clone(),
+        identity_key: raw_identity_key(&record)?,
+        record: record.encode(),
+        record_at: now,
+        registered_at: now,
+    };
+    let outcome = state.db(move |s| s.register(&row)).await?;
+    if outcome == Registered::New {
+        state.metrics.registered_devices.inc();
+        tracing::info!(%device, "registered a device");
+    }
+    let sponsorship = Sponsorship::issue(
+        &state.key,
+        state.config.server_name.clone(),
+        name,
+        device,
+        now,
+        now.saturating_add(SPONSORSHIP_MS),
+    );
+    Ok(Json(json!({
+        "handle": sponsorship.handle().to_string(),
+        "sponsorship": b64(&sponsorship.encode()),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChallengeRequest {
+    device: String,
+}
+
+async fn login_challenge(
+    State(state): State<Shared>,
+    ApiJson(req): ApiJson<ChallengeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let device = parse_device(&req.device)?;
+    if state.db(move |s| s.device(&device)).await?.is_none() {
+        return Err(ApiError::not_found("no such device is registered here"));
+    }
+    let challenge = random_32();
+    let now = now_ms();
+    let expires_at = now.saturating_add(CHALLENGE_MS);
+    state
+        .db(move |s| s.put_challenge(&device, &challenge, expires_at, now, CHALLENGES_PER_DEVICE))
+        .await?;
+    Ok(Json(json!({
+        "challenge": b64(&challenge),
+        "expires_at": expires_at,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    device: String,
+    challenge: String,
+    signature: String,
+}
+
+#[tracing::instrument(skip_all, fields(device = %req.device))]
+async fn login(
+    State(state): State<Shared>,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let device = parse_device(&req.device)?;
+    let challenge: [u8; 32] = unb64("challenge", &req.challenge)?
+        .try_into()
+        .map_err(|_| ApiError::bad_request("`challenge` must be 32 bytes"))?;
+    let signature = unb64("signature", &req.signature)?;
+    // Taking the challenge uses it up, whether or not the answer is right.
+    let expires_at = state
+        .db(move |s| s.take_challenge(&device, &challenge))
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("unknown or already used challenge"))?;
+    let now = now_ms();
+    if expires_at <= now {
+        return Err(ApiError::unauthorized("the challenge has expired"));
+    }
+    let row = state
+        .db(move |s| s.device(&device))
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("no such device is registered here"))?;
+    let key = SignaturePublicKey::ed25519(row.identity_key);
+    LoginChallenge::new(
+        state.config.server_name.clone(),
+        device,
+        challenge,
+        expires_at,
+    )
+    .verify(&key, &signature)
+    .map_err(|e| ApiError::unauthorized(format!("login answer: {e}")))?;
+    let token = b64(&random_32());
+    let hash = token_hash(&token);
+    let session_expires = now.saturating_add(SESSION_MS);
+    state
+        .db(move |s| s.put_session(&hash, &device, session_expires))
+        .await?;
+    tracing::info!("device logged in");
+    Ok(Json(json!({
+        "token": token,
+        "handle": Handle::new(row.name, state.config.server_name.clone()).to_string(),
+        "expires_at": session_expires,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordBody {
+    record: String,
+}
+
+#[tracing::instrument(skip_all, fields(device = %device))]
+async fn put_record(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+    ApiJson(req): ApiJson<RecordBody>,
+) -> Result<Json<Value>, ApiError> {
+    let now = now_ms();
+    let offered = verified_record("record", &req.record, now)?;
+    if offered.device_id() != device {
+        return Err(ApiError::forbidden(
+            "the record is for another device than the one logged in",
+        ));
+    }
+    let row = state
+        .db(move |s| s.device(&device))
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("the device is not registered here"))?;
+    let ours = offered.sponsorships().iter().any(|s| {
+        s.server() == &state.config.server_name
+            && s.server_key() == &state.key.public()
+            && s.handle().name() == &row.name
+    });
+    if !ours {
+        return Err(ApiError::forbidden(format!(
+            "the record must carry this server's sponsorship of {}@{}",
+            row.name, state.config.server_name
+        )));
+    }
+    // The held record verified when it was accepted, so it verifies at that
+    // time again, even if its sponsorship has expired since.
+    let held = DeviceRecordIn::decode(&row.record)
+        .ok()
+        .and_then(|r| r.verify(row.record_at).ok())
+        .ok_or_else(|| ApiError::internal("the stored record does not verify"))?;
+    let result = match offered.supersedes(&held) {
+        Ok(RecordUpdate::Unchanged) => "unchanged",
+        Ok(RecordUpdate::Newer) => {
+            let (expected, new) = (row.record, offered.encode());
+            let replaced = state
+                .db(move |s| s.replace_record(&device, &expected, &new, now))
+                .await?;
+            if !replaced {
+                return Err(ApiError::conflict(
+                    "conflict",
+                    "the record changed while this update was checked; retry",
+                ));
+            }
+            tracing::info!(sequence = offered.sequence(), "record updated");
+            tell_linked_devices(&state, &offered).await;
+            "newer"
+        }
+        Err(e @ RecordUpdateError::SequenceWentBackwards { .. }) => {
+            return Err(ApiError::conflict("sequence_went_backwards", e.to_string()));
+        }
+        Err(e @ RecordUpdateError::Equivocation { .. }) => {
+            tracing::warn!(error = %e, "device equivocated");
+            return Err(ApiError::conflict("equivocation", e.to_string()));
+        }
+        Err(e @ RecordUpdateError::DifferentDevice { .. }) => {
+            return Err(ApiError::forbidden(e.to_string()));
+        }
+    };
+    Ok(Json(json!({ "result": result })))
+}
+
+/// Appends a `record_update` event for each local device that is mutually
+/// linked with `record`'s device (one user), so its other devices learn of
+/// the new version. A failure here is logged: the record is already stored.
+async fn tell_linked_devices(state: &Shared, record: &DeviceRecord) {
+    let me = record.device_id();
+    for linked in record.links() {
+        let result = async {
+            let Some(row) = state.db(move |s| s.device(&linked)).await? else {
+                return Ok(());
+            };
+            let links_back = DeviceRecordIn::decode(&row.record)
+                .ok()
+                .and_then(|r| r.verify(row.record_at).ok())
+                .is_some_and(|r| r.links_to(&me));
+            if links_back {
+                let mut payload = serde_json::Map::new();
+                payload.insert("device".into(), me.to_string().into());
+                payload.insert("record".into(), b64(&record.encode()).into());
+                state.append_event(linked, "record_update", payload).await?;
+            }
+            Ok::<(), ApiError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%linked, error = %e.message, "could not queue record_update");
+        }
+    }
+}
+
+async fn get_device(
+    State(state): State<Shared>,
+    Path(device): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let device = parse_device(&device)?;
+    let row = state
+        .db(move |s| s.device(&device))
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such device is registered here"))?;
+    Ok(Json(json!({ "record": b64(&row.record) })))
+}
+
+/// The local name a handle names on this server.
+pub(super) fn local_name(state: &Shared, handle: &str) -> Result<LocalName, ApiError> {
+    let handle: Handle = handle
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("{handle:?} is not a handle: {e}")))?;
+    if handle.server() != &state.config.server_name {
+        return Err(ApiError::not_found(format!(
+            "{handle} is not a user of this server ({})",
+            state.config.server_name
+        )));
+    }
+    Ok(handle.name().clone())
+}
+
+/// The devices registered under `name` whose current record is valid now
+/// and carries this server's sponsorship under that name.
+pub(super) async fn sponsored_devices(
+    state: &Shared,
+    name: LocalName,
+) -> Result<Vec<(DeviceId, Vec<u8>)>, ApiError> {
+    let rows = state
+        .db({
+            let name = name.clone();
+            move |s| s.devices_named(&name)
+        })
+        .await?;
+    let handle = Handle::new(name, state.config.server_name.clone());
+    let now = now_ms();
+    Ok(rows
+        .into_iter()
+        .filter(|row| {
+            DeviceRecordIn::decode(&row.record)
+                .ok()
+                .and_then(|r| r.verify(now).ok())
+                .is_some_and(|r| r.handles().any(|h| h == handle))
+        })
+        .map(|row| (row.device, row.record))
+        .collect())
+}
+
+async fn get_user(
+    State(state): State<Shared>,
+    Path(handle): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let name = local_name(&state, &handle)?;
+    let devices = sponsored_devices(&state, name).await?;
+    if devices.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "{handle} has no device with a current sponsored record here"
+        )));
+    }
+    let records: Vec<String> = devices.iter().map(|(_, r)| b64(r)).collect();
+    Ok(Json(json!({ "records": records })))
+}

@@ -1,0 +1,150 @@
+//! Key packages: devices upload batches plus one last-resort package; others
+//! claim one per device of a user. The server treats packages as opaque
+//! bytes (checking them is kith-mls's job, once it exists).
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::identity::{local_name, sponsored_devices};
+use super::{ApiJson, Authed, b64, unb64};
+use crate::error::ApiError;
+use crate::state::Shared;
+use crate::store::Claimed;
+
+/// Below this many ordinary packages, a claim tells the device to refill
+/// (a `key_packages_low` event).
+const LOW_WATER: usize = 10;
+
+pub(super) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/v0/keypackages", post(upload))
+        .route("/v0/keypackages/count", get(count))
+        .route("/v0/keypackages/claim", post(claim))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadRequest {
+    #[serde(default)]
+    packages: Vec<String>,
+    #[serde(default)]
+    last_resort: Option<String>,
+}
+
+fn package(state: &Shared, field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+    let bytes = unb64(field, text)?;
+    let limit = state.config.limits.max_key_package_bytes;
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request(format!("`{field}` is empty")));
+    }
+    if bytes.len() > limit {
+        return Err(ApiError::too_large(format!(
+            "`{field}` is {} bytes; a key package may be at most {limit}",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+async fn upload(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+    ApiJson(req): ApiJson<UploadRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let max = state.config.limits.max_key_packages_per_upload;
+    if req.packages.len() > max {
+        return Err(ApiError::too_large(format!(
+            "{} packages in one upload; the limit is {max}",
+            req.packages.len()
+        )));
+    }
+    let packages = req
+        .packages
+        .iter()
+        .map(|p| package(&state, "packages", p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let last_resort = req
+        .last_resort
+        .as_deref()
+        .map(|p| package(&state, "last_resort", p))
+        .transpose()?;
+    let stored = packages.len() + usize::from(last_resort.is_some());
+    let max_stored = state.config.limits.max_key_packages_stored;
+    let available = state
+        .db(move |s| s.add_key_packages(&device, &packages, last_resort.as_deref(), max_stored))
+        .await?;
+    Ok(Json(json!({ "stored": stored, "available": available })))
+}
+
+async fn count(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+) -> Result<Json<Value>, ApiError> {
+    let (available, last_resort) = state.db(move |s| s.key_package_count(&device)).await?;
+    Ok(Json(
+        json!({ "available": available, "last_resort": last_resort }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimRequest {
+    handle: String,
+}
+
+async fn claim(
+    State(state): State<Shared>,
+    Authed(_claimer): Authed,
+    ApiJson(req): ApiJson<ClaimRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let name = local_name(&state, &req.handle)?;
+    let devices = sponsored_devices(&state, name).await?;
+    if devices.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "{} has no device with a current sponsored record here",
+            req.handle
+        )));
+    }
+    let ids: Vec<_> = devices.into_iter().map(|(d, _)| d).collect();
+    let claimed = state
+        .db(move |s| {
+            ids.into_iter()
+                .map(|d| {
+                    let claimed = s.claim_key_package(&d)?;
+                    Ok((d, claimed, s.key_package_count(&d)?.0))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    let mut packages = Vec::new();
+    let mut exhausted = Vec::new();
+    for (device, outcome, remaining) in claimed {
+        match outcome {
+            Claimed::Package(p) => {
+                packages.push(json!({
+                    "device": device.to_string(), "package": b64(&p), "last_resort": false,
+                }));
+                if remaining < LOW_WATER {
+                    let mut payload = serde_json::Map::new();
+                    payload.insert("remaining".into(), remaining.into());
+                    if let Err(e) = state
+                        .append_event(device, "key_packages_low", payload)
+                        .await
+                    {
+                        tracing::warn!(%device, error = %e.message, "could not queue key_packages_low");
+                    }
+                }
+            }
+            Claimed::LastResort(p) => packages.push(json!({
+                "device": device.to_string(), "package": b64(&p), "last_resort": true,
+            })),
+            Claimed::Exhausted => exhausted.push(device.to_string()),
+        }
+    }
+    Ok(Json(
+        json!({ "packages": packages, "exhausted": exhausted }),
+    ))
+}

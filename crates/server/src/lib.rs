@@ -1,0 +1,140 @@
+//! The Kith homeserver: registration and login of devices, the directory of
+//! the device records it sponsors, key packages, device inboxes and the
+//! per-device event stream, over an HTTP + WebSocket client API (`/v0`).
+//! The `kithd` binary wraps [`run`].
+//!
+//! The server starts from a function taking a bound listener, a [`Config`]
+//! and a shutdown future, so tests run several servers in one process on
+//! port 0:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let mut config = kith_server::Config::new("localhost:8448".parse()?, dir.path());
+//! config.registration = kith_server::Registration::Open;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(kith_server::run(listener, config, async {
+//!     let _ = stopped.await;
+//! }));
+//! // ... talk to it over HTTP ...
+//! let _ = stop.send(());
+//! server.await??; // returns once in-flight requests have finished
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Layout: [`config`] (what `run` takes), [`store`] (the storage trait and
+//! its SQLite and in-memory backends), `api` (the HTTP endpoints), `state`
+//! (what handlers share, including the event log's `append_event`).
+
+#![forbid(unsafe_code)]
+
+mod api;
+pub mod config;
+mod error;
+mod keys;
+mod metrics;
+mod state;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+pub use config::{Backend, Config, FileConfig, Limits, Registration};
+pub use error::{ApiError, ServerError};
+pub use keys::KEY_FILE;
+pub use store::{MemoryStore, SqliteStore, Store, StoreError};
+
+/// The SQLite database's file name inside the data directory.
+pub const DB_FILE: &str = "kith.db";
+
+/// How long `run` waits, after the listener closes, for event streams to
+/// end before it returns anyway.
+const STREAM_DRAIN: Duration = Duration::from_secs(10);
+
+/// Runs a homeserver on `listener` until `shutdown` completes.
+///
+/// On first start it creates the data directory and the server's signing
+/// key. When `shutdown` completes the server stops accepting connections,
+/// lets in-flight requests finish (so every acknowledged write is
+/// committed), closes open event streams, and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|e| ServerError::Io(data_dir.clone(), e))?;
+    let now = state::now_ms();
+    let key = keys::load_or_generate(&data_dir, now)?;
+    let server_keys = keys::publish(&key, &config.server_name)?;
+    let store: Arc<dyn Store> = match config.backend {
+        Backend::Sqlite => {
+            let path = data_dir.join(DB_FILE);
+            Arc::new(
+                tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                    .await
+                    .map_err(|e| {
+                        ServerError::Store(StoreError::Corrupt(format!(
+                            "opening the database: {e}"
+                        )))
+                    })??,
+            )
+        }
+        Backend::Memory => Arc::new(MemoryStore::new()),
+    };
+    let metrics = metrics::Metrics::new();
+    metrics
+        .registered_devices
+        .set(i64::try_from(store.device_count()?).unwrap_or(i64::MAX));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (tasks_tx, mut tasks_rx) = mpsc::channel::<()>(1);
+    let limits = &config.limits;
+    let inbox_limiter =
+        state::RateLimiter::new(limits.inbox_deposits_per_minute, limits.inbox_deposit_burst);
+    let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+    tracing::info!(
+        addr = %local_addr,
+        server_name = %config.server_name,
+        registration = config.registration.mode(),
+        data_dir = %data_dir.display(),
+        "kithd listening"
+    );
+    let state = Arc::new(state::AppState {
+        config,
+        store,
+        key: key.key,
+        server_keys: server_keys.encode(),
+        metrics,
+        hub: state::EventHub::default(),
+        inbox_limiter,
+        shutdown: stop_rx,
+        tasks: tasks_tx,
+    });
+    let app = api::router(Arc::clone(&state));
+    drop(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = stop_tx.send(true);
+        })
+        .await
+        .map_err(ServerError::Serve)?;
+    // Event streams run detached from the HTTP connections; wait for them to
+    // see the shutdown signal and end, so the store is released.
+    if tokio::time::timeout(STREAM_DRAIN, tasks_rx.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("event streams did not close in time");
+    }
+    tracing::info!("kithd stopped");
+    Ok(())
+}

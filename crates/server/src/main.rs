@@ -1,0 +1,219 @@
+//! `kithd`: the Kith homeserver.
+//!
+//! Settings come from, in order of precedence: command-line flags, `KITH_*`
+//! environment variables, the TOML file given by `--config`/`KITH_CONFIG`,
+//! and the defaults (data in `./kith-data`, listening on `127.0.0.1:8448`,
+//! named `localhost:<listen port>`, registration closed). Logs go to stderr,
+//! filtered by `KITH_LOG` (e.g. `KITH_LOG=debug`; default `info`).
+
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use kith_server::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT};
+use kith_server::{Config, FileConfig, Registration};
+use tracing_subscriber::EnvFilter;
+
+/// The Kith homeserver.
+#[derive(Debug, Parser)]
+#[command(name = "kithd", version)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "KITH_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the database and the server's signing key live [default: ./kith-data].
+    #[arg(long, env = "KITH_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8448].
+    #[arg(long, env = "KITH_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+    /// The server's name in handles (`name@server`) and sponsorships
+    /// [default: localhost:<listen port>].
+    #[arg(long, env = "KITH_SERVER_NAME", value_name = "NAME")]
+    server_name: Option<String>,
+    /// Let anyone register (also KITH_OPEN_REGISTRATION=true).
+    #[arg(long)]
+    open_registration: bool,
+    /// Let whoever presents this token register.
+    #[arg(
+        long,
+        env = "KITH_REGISTRATION_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    registration_token: Option<String>,
+}
+
+fn env_flag(name: &str) -> Result<Option<bool>> {
+    match std::env::var(name) {
+        Ok(v) => match v.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(Some(true)),
+            "0" | "false" | "no" | "off" | "" => Ok(Some(false)),
+            _ => bail!("{name}={v:?}: expected true or false"),
+        },
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => bail!("{name}: {e}"),
+    }
+}
+
+/// Merges flags and environment (already merged by clap) over the file over
+/// the defaults.
+fn settings(args: Args) -> Result<(String, Config)> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let server_name = match args.server_name.or(file.server_name) {
+        Some(name) => name,
+        None => {
+            let port = listen
+                .parse::<SocketAddr>()
+                .map_or(DEFAULT_PORT, |a| a.port());
+            format!("localhost:{port}")
+        }
+    };
+    let server_name = server_name
+        .parse()
+        .map_err(|e| anyhow::anyhow!("server name {server_name:?}: {e}"))?;
+    let open = if args.open_registration {
+        true
+    } else {
+        env_flag("KITH_OPEN_REGISTRATION")?
+            .or(file.open_registration)
+            .unwrap_or(false)
+    };
+    let token = args
+        .registration_token
+        .or(file.registration_token)
+        .filter(|t| !t.is_empty());
+    let registration = match (open, token) {
+        (true, _) => Registration::Open,
+        (false, Some(token)) => Registration::Token(token),
+        (false, None) => Registration::Closed,
+    };
+    let mut config = Config::new(server_name, data_dir);
+    config.registration = registration;
+    if let Some(backend) = file.backend {
+        config.backend = backend;
+    }
+    if let Some(limits) = file.limits {
+        config.limits = limits;
+    }
+    Ok((listen, config))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only ctrl-c stops kithd");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let filter = EnvFilter::try_from_env("KITH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let (listen, config) = settings(Args::parse())?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    kith_server::run(listener, config, shutdown_signal())
+        .await
+        .context("kithd failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> (String, Config) {
+        settings(
+            Args::try_parse_from(std::iter::once("kithd").chain(args.iter().copied())).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let (listen, config) = parse(&[]);
+        assert_eq!(listen, "127.0.0.1:8448");
+        assert_eq!(config.server_name.as_str(), "localhost:8448");
+        assert_eq!(config.data_dir, PathBuf::from("./kith-data"));
+        assert_eq!(config.registration, Registration::Closed);
+    }
+
+    #[test]
+    fn server_name_follows_the_listen_port() {
+        let (_, config) = parse(&["--listen", "127.0.0.1:9000"]);
+        assert_eq!(config.server_name.as_str(), "localhost:9000");
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kithd.toml");
+        std::fs::write(
+            &file,
+            "server_name = \"Chat.Example.org\"\nlisten = \"127.0.0.1:7000\"\n\
+             data_dir = \"/from/file\"\nregistration_token = \"t\"\n\
+             [limits]\nmax_body_bytes = 2048\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let (listen, config) = parse(&["--config", path, "--data-dir", "/from/flag"]);
+        assert_eq!(listen, "127.0.0.1:7000");
+        assert_eq!(config.server_name.as_str(), "chat.example.org");
+        assert_eq!(config.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(config.registration, Registration::Token("t".into()));
+        assert_eq!(config.limits.max_body_bytes, 2048);
+        assert_eq!(config.limits.max_envelope_bytes, 256 * 1024);
+        let (_, config) = parse(&["--config", path, "--open-registration"]);
+        assert_eq!(config.registration, Registration::Open);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kithd.toml");
+        std::fs::write(&file, "sever_name = \"typo.example\"\n").unwrap();
+        let args = Args::try_parse_from(["kithd", "--config", file.to_str().unwrap()]).unwrap();
+        assert!(settings(args).is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! Prometheus metrics, served at `GET /metrics` in the text format.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of `kith_http_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    pub(crate) method: String,
+    pub(crate) status: String,
+}
+
+/// The server's metrics.
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) registered_devices: Gauge,
+    pub(crate) inbox_deposits: Counter,
+    pub(crate) event_streams: Gauge,
+    pub(crate) storage_seconds: Histogram,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("kith");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by method and status",
+            requests.clone(),
+        );
+        let registered_devices = Gauge::default();
+        registry.register(
+            "registered_devices",
+            "Devices registered on this server",
+            registered_devices.clone(),
+        );
+        let inbox_deposits = Counter::default();
+        registry.register(
+            "inbox_deposits",
+            "Envelopes accepted into device inboxes",
+            inbox_deposits.clone(),
+        );
+        let event_streams = Gauge::default();
+        registry.register(
+            "event_streams_connected",
+            "Event-stream WebSockets currently open",
+            event_streams.clone(),
+        );
+        // 50 µs to about 3.3 s.
+        let storage_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 17));
+        registry.register(
+            "storage_seconds",
+            "Time taken by storage operations",
+            storage_seconds.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            registered_devices,
+            inbox_deposits,
+            event_streams,
+            storage_seconds,
+        }
+    }
+
+    /// The text exposition.
+    pub(crate) fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,258 @@
+//! Durable storage behind a trait, with a SQLite backend and an in-memory
+//! one. Both pass the same conformance suite (`tests/store.rs`).
+//!
+//! The trait is **synchronous**: every method does a short, bounded piece of
+//! work and returns only after it is committed. The HTTP layer calls it
+//! inside [`tokio::task::spawn_blocking`], so a slow disk never stalls the
+//! async runtime. (A future PostgreSQL backend can implement it the same
+//! way, or the trait can grow an async twin when one is needed.)
+//!
+//! Every method that changes several rows does so in one transaction: an
+//! inbox deposit and its event, a key-package claim, a name and its device.
+
+mod memory;
+mod sqlite;
+
+pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
+
+use kith_proto::{DeviceId, LocalName};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = u64;
+
+/// A registered device as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    /// The device.
+    pub device: DeviceId,
+    /// The local name it is registered under.
+    pub name: LocalName,
+    /// The raw Ed25519 identity key (the device's id derives from it).
+    pub identity_key: [u8; 32],
+    /// The encoding of the device's current record.
+    pub record: Vec<u8>,
+    /// When the current record was accepted. It verified at that time, so
+    /// it can always be verified again at that time (to compare a newer
+    /// version against it even after its sponsorship expired).
+    pub record_at: Millis,
+    /// When the device registered.
+    pub registered_at: Millis,
+}
+
+/// The outcome of [`Store::register`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// The device and name are new and now stored.
+    New,
+    /// The device was already registered under this same name; nothing
+    /// changed.
+    Existing,
+}
+
+/// A stored inbox item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxItem {
+    /// Server-assigned id, increasing.
+    pub id: u64,
+    /// The sealed envelope, opaque to the server.
+    pub envelope: Vec<u8>,
+    /// When the server accepted it.
+    pub received_at: Millis,
+}
+
+/// One entry of a device's event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Position in the log; strictly increasing along one device's log.
+    pub cursor: u64,
+    /// What happened: `inbox`, and later channel kinds.
+    pub kind: String,
+    /// A JSON object, as text, whose fields accompany `cursor` and `kind`.
+    pub payload: String,
+    /// When the event was appended.
+    pub created_at: Millis,
+}
+
+/// What a key-package claim found for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// An ordinary package, now removed from the store.
+    Package(Vec<u8>),
+    /// No ordinary package was left: the last-resort one, kept for reuse.
+    LastResort(Vec<u8>),
+    /// Nothing to hand out.
+    Exhausted,
+}
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The local name belongs to another device.
+    #[error("the name {0} is taken")]
+    NameTaken(LocalName),
+    /// The device is already registered under another name.
+    #[error("the device is already registered as {0}")]
+    DeviceHasOtherName(LocalName),
+    /// The device is not registered here.
+    #[error("unknown device {0}")]
+    UnknownDevice(DeviceId),
+    /// Storing the key packages would exceed the per-device limit.
+    #[error("a device may keep at most {limit} key packages; {stored} are stored")]
+    TooManyKeyPackages {
+        /// The limit.
+        limit: usize,
+        /// How many are stored now.
+        stored: usize,
+    },
+    /// The recipient's inbox holds as many items as it may.
+    #[error("the inbox is full ({limit} items)")]
+    InboxFull {
+        /// The limit.
+        limit: usize,
+    },
+    /// The SQLite backend failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Stored data does not read back as what was written (a corrupted or
+    /// foreign database).
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// A lock was poisoned by a panicking thread.
+    #[error("store lock poisoned")]
+    Poisoned,
+}
+
+/// Storage for one homeserver. See the module docs for the threading model.
+pub trait Store: Send + Sync + 'static {
+    // -- devices and names --------------------------------------------------
+
+    /// Registers `row.device` under `row.name`, atomically: fails with
+    /// [`StoreError::NameTaken`] if another device holds the name and with
+    /// [`StoreError::DeviceHasOtherName`] if the device holds another; if
+    /// the device already holds this name, changes nothing.
+    fn register(&self, row: &DeviceRow) -> Result<Registered, StoreError>;
+
+    /// The device, if registered.
+    fn device(&self, device: &DeviceId) -> Result<Option<DeviceRow>, StoreError>;
+
+    /// Every device registered under `name`, in registration order.
+    fn devices_named(&self, name: &LocalName) -> Result<Vec<DeviceRow>, StoreError>;
+
+    /// How many devices are registered.
+    fn device_count(&self) -> Result<u64, StoreError>;
+
+    /// Replaces the device's record with `new`, accepted at `now`, if it is
+    /// still `expected` (compare-and-swap). Returns whether it replaced.
+    fn replace_record(
+        &self,
+        device: &DeviceId,
+        expected: &[u8],
+        new: &[u8],
+        now: Millis,
+    ) -> Result<bool, StoreError>;
+
+    // -- login --------------------------------------------------------------
+
+    /// Remembers a login challenge until `expires_at`. Drops expired
+    /// challenges, and the oldest of the device's if it holds more than
+    /// `max_per_device`.
+    fn put_challenge(
+        &self,
+        device: &DeviceId,
+        challenge: &[u8; 32],
+        expires_at: Millis,
+        now: Millis,
+        max_per_device: usize,
+    ) -> Result<(), StoreError>;
+
+    /// Removes and returns (its expiry) the challenge, if it was issued to
+    /// `device`: a challenge is used at most once.
+    fn take_challenge(
+        &self,
+        device: &DeviceId,
+        challenge: &[u8; 32],
+    ) -> Result<Option<Millis>, StoreError>;
+
+    /// Stores a session under the hash of its token.
+    fn put_session(
+        &self,
+        token_hash: &[u8; 32],
+        device: &DeviceId,
+        expires_at: Millis,
+    ) -> Result<(), StoreError>;
+
+    /// The device and expiry of the session with this token hash.
+    fn session(&self, token_hash: &[u8; 32]) -> Result<Option<(DeviceId, Millis)>, StoreError>;
+
+    // -- key packages -------------------------------------------------------
+
+    /// Adds ordinary packages and, if given, replaces the last-resort one.
+    /// Fails, storing nothing, if the device would hold more than
+    /// `max_stored` ordinary packages. Returns how many ordinary packages
+    /// the device now holds.
+    fn add_key_packages(
+        &self,
+        device: &DeviceId,
+        packages: &[Vec<u8>],
+        last_resort: Option<&[u8]>,
+        max_stored: usize,
+    ) -> Result<usize, StoreError>;
+
+    /// How many ordinary packages the device holds, and whether it has a
+    /// last-resort one.
+    fn key_package_count(&self, device: &DeviceId) -> Result<(usize, bool), StoreError>;
+
+    /// Removes and returns the device's oldest ordinary package, or returns
+    /// (keeping it) its last-resort one.
+    fn claim_key_package(&self, device: &DeviceId) -> Result<Claimed, StoreError>;
+
+    // -- inbox --------------------------------------------------------------
+
+    /// Files an envelope in `recipient`'s inbox and appends an `inbox` event
+    /// to its log, in one transaction. `payload` builds the event's payload
+    /// from the new item. Fails with [`StoreError::InboxFull`] when the
+    /// inbox holds `max_items`.
+    fn deposit_inbox(
+        &self,
+        recipient: &DeviceId,
+        envelope: &[u8],
+        received_at: Millis,
+        max_items: usize,
+        payload: &dyn Fn(&InboxItem) -> String,
+    ) -> Result<(InboxItem, Event), StoreError>;
+
+    /// Up to `limit` inbox items with id greater than `after`, oldest first.
+    fn inbox(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxItem>, StoreError>;
+
+    /// Deletes an inbox item; returns whether it existed.
+    fn delete_inbox(&self, device: &DeviceId, id: u64) -> Result<bool, StoreError>;
+
+    // -- events -------------------------------------------------------------
+
+    /// Appends an event to the device's log and returns it with its cursor.
+    fn append_event(
+        &self,
+        device: &DeviceId,
+        kind: &str,
+        payload: &str,
+        now: Millis,
+    ) -> Result<Event, StoreError>;
+
+    /// Up to `limit` events with cursor greater than `after`, in order.
+    fn events(&self, device: &DeviceId, after: u64, limit: usize)
+    -> Result<Vec<Event>, StoreError>;
+
+    /// Records that the device has processed every event up to `cursor`
+    /// and drops those events. Acks never go backwards and never beyond the
+    /// device's newest event. Returns the acked cursor now in force.
+    fn ack_events(&self, device: &DeviceId, cursor: u64) -> Result<u64, StoreError>;
+
+    /// The device's acked cursor (0 if it never acked).
+    fn acked_cursor(&self, device: &DeviceId) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,588 @@
+//! The SQLite backend: the embedded default. One database file in the data
+//! directory, in WAL mode with `synchronous = FULL`, so a write has reached
+//! the disk when its transaction commits and the call returns.
+//!
+//! One connection behind a mutex: SQLite serialises writers anyway, and the
+//! calls are short. Integers are stored as SQLite's signed 64-bit integers;
+//! every value Kith stores (times in ms, cursors, ids) fits.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use kith_proto::{DeviceId, LocalName};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use super::{Claimed, DeviceRow, Event, InboxItem, Millis, Registered, Store, StoreError};
+
+/// The schema version this code writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    device BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    identity_key BLOB NOT NULL,
+    record BLOB NOT NULL,
+    record_at INTEGER NOT NULL,
+    registered_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS devices_by_name ON devices(name);
+CREATE TABLE IF NOT EXISTS names (
+    name TEXT PRIMARY KEY,
+    owner BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS challenges (
+    challenge BLOB PRIMARY KEY,
+    device BLOB NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS challenges_by_device ON challenges(device);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash BLOB PRIMARY KEY,
+    device BLOB NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_packages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device BLOB NOT NULL,
+    package BLOB NOT NULL,
+    last_resort INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS key_packages_by_device ON key_packages(device, last_resort, id);
+CREATE UNIQUE INDEX IF NOT EXISTS one_last_resort ON key_packages(device) WHERE last_resort = 1;
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device BLOB NOT NULL,
+    envelope BLOB NOT NULL,
+    received_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbox_by_device ON inbox(device, id);
+CREATE TABLE IF NOT EXISTS events (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    device BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_device ON events(device, cursor);
+CREATE TABLE IF NOT EXISTS event_acks (
+    device BLOB PRIMARY KEY,
+    acked INTEGER NOT NULL
+);
+";
+
+/// A [`Store`] in one SQLite database file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::setup(conn)
+    }
+
+    /// A private in-memory SQLite database (for the conformance suite).
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::setup(Connection::open_in_memory()?)
+    }
+
+    fn setup(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {version} is newer than this kithd ({SCHEMA_VERSION})"
+            )));
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+}
+
+fn int(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{v} does not fit in SQLite")))
+}
+
+fn uint(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative value {v}")))
+}
+
+fn device_id(bytes: &[u8]) -> Result<DeviceId, StoreError> {
+    let arr: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("device id is not 32 bytes".into()))?;
+    Ok(DeviceId::from_bytes(arr))
+}
+
+type RawDevice = (Vec<u8>, String, Vec<u8>, Vec<u8>, i64, i64);
+
+/// Columns: device, name, identity_key, record, record_at, registered_at.
+fn device_row(row: &Row<'_>) -> rusqlite::Result<RawDevice> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    ))
+}
+
+fn to_device_row(
+    (device, name, key, record, record_at, registered_at): RawDevice,
+) -> Result<DeviceRow, StoreError> {
+    Ok(DeviceRow {
+        device: device_id(&device)?,
+        name: LocalName::parse_canonical(&name)
+            .map_err(|e| StoreError::Corrupt(format!("local name {name:?}: {e}")))?,
+        identity_key: key
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("identity key is not 32 bytes".into()))?,
+        record,
+        record_at: uint(record_at)?,
+        registered_at: uint(registered_at)?,
+    })
+}
+
+fn to_event(
+    (cursor, kind, payload, created_at): (i64, String, String, i64),
+) -> Result<Event, StoreError> {
+    Ok(Event {
+        cursor: uint(cursor)?,
+        kind,
+        payload,
+        created_at: uint(created_at)?,
+    })
+}
+
+fn insert_event(
+    conn: &Connection,
+    device: &DeviceId,
+    kind: &str,
+    payload: &str,
+    now: Millis,
+) -> Result<Event, StoreError> {
+    conn.execute(
+        "INSERT INTO events (device, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![device.as_bytes(), kind, payload, int(now)?],
+    )?;
+    Ok(Event {
+        cursor: uint(conn.last_insert_rowid())?,
+        kind: kind.to_owned(),
+        payload: payload.to_owned(),
+        created_at: now,
+    })
+}
+
+impl Store for SqliteStore {
+    fn register(&self, row: &DeviceRow) -> Result<Registered, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT name FROM devices WHERE device = ?1",
+                [row.device.as_bytes()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(name) = existing {
+            return if name == row.name.as_str() {
+                Ok(Registered::Existing)
+            } else {
+                Err(StoreError::DeviceHasOtherName(
+                    LocalName::parse_canonical(&name)
+                        .map_err(|e| StoreError::Corrupt(format!("local name {name:?}: {e}")))?,
+                ))
+            };
+        }
+        let taken: bool = tx
+            .query_row(
+                "SELECT 1 FROM names WHERE name = ?1",
+                [row.name.as_str()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if taken {
+            return Err(StoreError::NameTaken(row.name.clone()));
+        }
+        tx.execute(
+            "INSERT INTO names (name, owner) VALUES (?1, ?2)",
+            params![row.name.as_str(), row.device.as_bytes()],
+        )?;
+        tx.execute(
+            "INSERT INTO devices (device, name, identity_key, record, record_at, registered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                row.device.as_bytes(),
+                row.name.as_str(),
+                row.identity_key.as_slice(),
+                row.record,
+                int(row.record_at)?,
+                int(row.registered_at)?
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Registered::New)
+    }
+
+    fn device(&self, device: &DeviceId) -> Result<Option<DeviceRow>, StoreError> {
+        let conn = self.lock()?;
+        conn.query_row(
+            "SELECT device, name, identity_key, record, record_at, registered_at FROM devices
+             WHERE device = ?1",
+            [device.as_bytes()],
+            device_row,
+        )
+        .optional()?
+        .map(to_device_row)
+        .transpose()
+    }
+
+    fn devices_named(&self, name: &LocalName) -> Result<Vec<DeviceRow>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT device, name, identity_key, record, record_at, registered_at FROM devices
+             WHERE name = ?1 ORDER BY rowid",
+        )?;
+        let rows = stmt
+            .query_map([name.as_str()], device_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(to_device_row).collect()
+    }
+
+    fn device_count(&self) -> Result<u64, StoreError> {
+        let conn = self.lock()?;
+        uint(conn.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))?)
+    }
+
+    fn replace_record(
+        &self,
+        device: &DeviceId,
+        expected: &[u8],
+        new: &[u8],
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        let changed = conn.execute(
+            "UPDATE devices SET record = ?3, record_at = ?4 WHERE device = ?1 AND record = ?2",
+            params![device.as_bytes(), expected, new, int(now)?],
+        )?;
+        if changed == 0 {
+            let known: bool = conn
+                .query_row(
+                    "SELECT 1 FROM devices WHERE device = ?1",
+                    [device.as_bytes()],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if !known {
+                return Err(StoreError::UnknownDevice(*device));
+            }
+        }
+        Ok(changed == 1)
+    }
+
+    fn put_challenge(
+        &self,
+        device: &DeviceId,
+        challenge: &[u8; 32],
+        expires_at: Millis,
+        now: Millis,
+        max_per_device: usize,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM challenges WHERE expires_at <= ?1", [int(now)?])?;
+        let keep = int(max_per_device.saturating_sub(1) as u64)?;
+        tx.execute(
+            "DELETE FROM challenges WHERE device = ?1 AND rowid NOT IN
+               (SELECT rowid FROM challenges WHERE device = ?1 ORDER BY rowid DESC LIMIT ?2)",
+            params![device.as_bytes(), keep],
+        )?;
+        tx.execute(
+            "INSERT INTO challenges (challenge, device, expires_at) VALUES (?1, ?2, ?3)",
+            params![challenge.as_slice(), device.as_bytes(), int(expires_at)?],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn take_challenge(
+        &self,
+        device: &DeviceId,
+        challenge: &[u8; 32],
+    ) -> Result<Option<Millis>, StoreError> {
+        let conn = self.lock()?;
+        let expires: Option<i64> = conn
+            .query_row(
+                "DELETE FROM challenges WHERE challenge = ?1 AND device = ?2
+                 RETURNING expires_at",
+                params![challenge.as_slice(), device.as_bytes()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        expires.map(uint).transpose()
+    }
+
+    fn put_session(
+        &self,
+        token_hash: &[u8; 32],
+        device: &DeviceId,
+        expires_at: Millis,
+    ) -> Result<(), StoreError> {
+        let conn = self.lock()?;
+        conn.execute(
+            "INSERT INTO sessions (token_hash, device, expires_at) VALUES (?1, ?2, ?3)",
+            params![token_hash.as_slice(), device.as_bytes(), int(expires_at)?],
+        )?;
+        Ok(())
+    }
+
+    fn session(&self, token_hash: &[u8; 32]) -> Result<Option<(DeviceId, Millis)>, StoreError> {
+        let conn = self.lock()?;
+        let row: Option<(Vec<u8>, i64)> = conn
+            .query_row(
+                "SELECT device, expires_at FROM sessions WHERE token_hash = ?1",
+                [token_hash.as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(d, e)| Ok((device_id(&d)?, uint(e)?))).transpose()
+    }
+
+    fn add_key_packages(
+        &self,
+        device: &DeviceId,
+        packages: &[Vec<u8>],
+        last_resort: Option<&[u8]>,
+        max_stored: usize,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stored = uint(tx.query_row(
+            "SELECT COUNT(*) FROM key_packages WHERE device = ?1 AND last_resort = 0",
+            [device.as_bytes()],
+            |r| r.get(0),
+        )?)? as usize;
+        if stored + packages.len() > max_stored {
+            return Err(StoreError::TooManyKeyPackages {
+                limit: max_stored,
+                stored,
+            });
+        }
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO key_packages (device, package, last_resort) VALUES (?1, ?2, ?3)",
+            )?;
+            for p in packages {
+                insert.execute(params![device.as_bytes(), p, 0])?;
+            }
+            if let Some(lr) = last_resort {
+                tx.execute(
+                    "DELETE FROM key_packages WHERE device = ?1 AND last_resort = 1",
+                    [device.as_bytes()],
+                )?;
+                insert.execute(params![device.as_bytes(), lr, 1])?;
+            }
+        }
+        tx.commit()?;
+        Ok(stored + packages.len())
+    }
+
+    fn key_package_count(&self, device: &DeviceId) -> Result<(usize, bool), StoreError> {
+        let conn = self.lock()?;
+        let (normal, lr): (i64, i64) = conn.query_row(
+            "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(SUM(last_resort = 1), 0)
+             FROM key_packages WHERE device = ?1",
+            [device.as_bytes()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((uint(normal)? as usize, lr > 0))
+    }
+
+    fn claim_key_package(&self, device: &DeviceId) -> Result<Claimed, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let normal: Option<(i64, Vec<u8>)> = tx
+            .query_row(
+                "SELECT id, package FROM key_packages WHERE device = ?1 AND last_resort = 0
+                 ORDER BY id LIMIT 1",
+                [device.as_bytes()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((id, package)) = normal {
+            tx.execute("DELETE FROM key_packages WHERE id = ?1", [id])?;
+            tx.commit()?;
+            return Ok(Claimed::Package(package));
+        }
+        let lr: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT package FROM key_packages WHERE device = ?1 AND last_resort = 1",
+                [device.as_bytes()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(lr.map_or(Claimed::Exhausted, Claimed::LastResort))
+    }
+
+    fn deposit_inbox(
+        &self,
+        recipient: &DeviceId,
+        envelope: &[u8],
+        received_at: Millis,
+        max_items: usize,
+        payload: &dyn Fn(&InboxItem) -> String,
+    ) -> Result<(InboxItem, Event), StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let held = uint(tx.query_row(
+            "SELECT COUNT(*) FROM inbox WHERE device = ?1",
+            [recipient.as_bytes()],
+            |r| r.get(0),
+        )?)? as usize;
+        if held >= max_items {
+            return Err(StoreError::InboxFull { limit: max_items });
+        }
+        tx.execute(
+            "INSERT INTO inbox (device, envelope, received_at) VALUES (?1, ?2, ?3)",
+            params![recipient.as_bytes(), envelope, int(received_at)?],
+        )?;
+        let item = InboxItem {
+            id: uint(tx.last_insert_rowid())?,
+            envelope: envelope.to_vec(),
+            received_at,
+        };
+        let event = insert_event(&tx, recipient, "inbox", &payload(&item), received_at)?;
+        tx.commit()?;
+        Ok((item, event))
+    }
+
+    fn inbox(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxItem>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, envelope, received_at FROM inbox WHERE device = ?1 AND id > ?2
+             ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![device.as_bytes(), int(after)?, int(limit as u64)?],
+                |r| Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get::<_, i64>(2)?)),
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(id, envelope, received_at)| {
+                Ok(InboxItem {
+                    id: uint(id)?,
+                    envelope,
+                    received_at: uint(received_at)?,
+                })
+            })
+            .collect()
+    }
+
+    fn delete_inbox(&self, device: &DeviceId, id: u64) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        let changed = conn.execute(
+            "DELETE FROM inbox WHERE device = ?1 AND id = ?2",
+            params![device.as_bytes(), int(id)?],
+        )?;
+        Ok(changed > 0)
+    }
+
+    fn append_event(
+        &self,
+        device: &DeviceId,
+        kind: &str,
+        payload: &str,
+        now: Millis,
+    ) -> Result<Event, StoreError> {
+        let conn = self.lock()?;
+        insert_event(&conn, device, kind, payload, now)
+    }
+
+    fn events(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT cursor, kind, payload, created_at FROM events
+             WHERE device = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![device.as_bytes(), int(after)?, int(limit as u64)?],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(to_event).collect()
+    }
+
+    fn ack_events(&self, device: &DeviceId, cursor: u64) -> Result<u64, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let acked = tx
+            .query_row(
+                "SELECT acked FROM event_acks WHERE device = ?1",
+                [device.as_bytes()],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(uint)
+            .transpose()?
+            .unwrap_or(0);
+        let newest = uint(tx.query_row(
+            "SELECT COALESCE(MAX(cursor), 0) FROM events WHERE device = ?1",
+            [device.as_bytes()],
+            |r| r.get(0),
+        )?)?;
+        let new_ack = acked.max(cursor.min(newest));
+        tx.execute(
+            "INSERT INTO event_acks (device, acked) VALUES (?1, ?2)
+             ON CONFLICT (device) DO UPDATE SET acked = excluded.acked",
+            params![device.as_bytes(), int(new_ack)?],
+        )?;
+        tx.execute(
+            "DELETE FROM events WHERE device = ?1 AND cursor <= ?2",
+            params![device.as_bytes(), int(new_ack)?],
+        )?;
+        tx.commit()?;
+        Ok(new_ack)
+    }
+
+    fn acked_cursor(&self, device: &DeviceId) -> Result<u64, StoreError> {
+        let conn = self.lock()?;
+        conn.query_row(
+            "SELECT acked FROM event_acks WHERE device = ?1",
+            [device.as_bytes()],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(uint)
+        .transpose()
+        .map(Option::unwrap_or_default)
+    }
+}

@@ -1,0 +1,114 @@
+//! The real `kithd` binary: starts on a free loopback port with a temporary
+//! data directory, answers, and exits cleanly on SIGTERM.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Kills the child if the test fails half-way, so no process is left behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn kithd_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_kithd"))
+        .args(["--listen", "127.0.0.1:0", "--server-name", "kithd.test"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("KITH_LOG", "info")
+        .env("KITH_OPEN_REGISTRATION", "true")
+        .env_remove("KITH_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(child);
+    let pid = guard.0.id();
+
+    // The log line "kithd listening addr=127.0.0.1:PORT ..." gives the port.
+    let stderr = guard.0.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut addr = None;
+    let mut seen = Vec::new();
+    while addr.is_none() {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no listening line; stderr so far: {seen:#?}"));
+        if line.contains("kithd listening") {
+            addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .map(str::to_owned);
+        }
+        seen.push(line);
+    }
+    let addr = addr.unwrap();
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .no_proxy()
+        .build()
+        .unwrap();
+    let info: serde_json::Value = http
+        .get(format!("http://{addr}/v0/server"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["name"], "kithd.test");
+    assert_eq!(info["version"], 0);
+    assert_eq!(info["registration"], "open");
+    assert!(dir.path().join("data").join(kith_server::DB_FILE).exists());
+    assert!(dir.path().join("data").join(kith_server::KEY_FILE).exists());
+
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut exit = None;
+    for _ in 0..300 {
+        if let Some(s) = guard.0.try_wait().unwrap() {
+            exit = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exit = exit.expect("kithd exits within 30 s of SIGTERM");
+    assert!(exit.success(), "kithd exited with {exit}");
+    // It said goodbye in its log.
+    let mut rest = Vec::new();
+    while let Ok(line) = lines_rx.recv_timeout(Duration::from_secs(10)) {
+        rest.push(line);
+    }
+    assert!(
+        rest.iter().any(|l| l.contains("kithd stopped")),
+        "{rest:#?}"
+    );
+}

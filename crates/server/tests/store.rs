@@ -1,0 +1,269 @@
+//! The storage conformance suite: every backend runs the same tests through
+//! `store_suite!`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use kith_proto::{DeviceId, LocalName};
+use kith_server::store::{Claimed, DeviceRow, Registered, Store, StoreError};
+
+fn dev(n: u8) -> DeviceId {
+    DeviceId::from_bytes([n; 32])
+}
+
+fn name(s: &str) -> LocalName {
+    s.parse().unwrap()
+}
+
+fn row(n: u8, local: &str) -> DeviceRow {
+    DeviceRow {
+        device: dev(n),
+        name: name(local),
+        identity_key: [n; 32],
+        record: vec![n, 1],
+        record_at: 1000,
+        registered_at: 1000,
+    }
+}
+
+fn register_and_names(s: &dyn Store) {
+    assert_eq!(s.device_count().unwrap(), 0);
+    assert_eq!(s.register(&row(1, "alice")).unwrap(), Registered::New);
+    assert_eq!(s.register(&row(1, "alice")).unwrap(), Registered::Existing);
+    assert!(matches!(
+        s.register(&row(2, "alice")),
+        Err(StoreError::NameTaken(_))
+    ));
+    assert!(matches!(
+        s.register(&row(1, "bob")),
+        Err(StoreError::DeviceHasOtherName(_))
+    ));
+    assert_eq!(s.register(&row(2, "bob")).unwrap(), Registered::New);
+    assert_eq!(s.device_count().unwrap(), 2);
+    assert_eq!(s.device(&dev(1)).unwrap(), Some(row(1, "alice")));
+    assert_eq!(s.device(&dev(9)).unwrap(), None);
+    let alices = s.devices_named(&name("alice")).unwrap();
+    assert_eq!(alices, vec![row(1, "alice")]);
+    assert!(s.devices_named(&name("carol")).unwrap().is_empty());
+}
+
+fn replace_record_is_compare_and_swap(s: &dyn Store) {
+    s.register(&row(1, "alice")).unwrap();
+    assert!(!s.replace_record(&dev(1), b"stale", b"new", 2000).unwrap());
+    assert!(s.replace_record(&dev(1), &[1, 1], b"new", 2000).unwrap());
+    let got = s.device(&dev(1)).unwrap().unwrap();
+    assert_eq!((got.record.as_slice(), got.record_at), (&b"new"[..], 2000));
+    assert!(matches!(
+        s.replace_record(&dev(9), b"x", b"y", 1),
+        Err(StoreError::UnknownDevice(_))
+    ));
+}
+
+fn challenges_are_single_use(s: &dyn Store) {
+    s.put_challenge(&dev(1), &[7; 32], 500, 100, 4).unwrap();
+    assert_eq!(s.take_challenge(&dev(2), &[7; 32]).unwrap(), None);
+    assert_eq!(s.take_challenge(&dev(1), &[7; 32]).unwrap(), Some(500));
+    assert_eq!(s.take_challenge(&dev(1), &[7; 32]).unwrap(), None);
+}
+
+fn challenges_are_bounded(s: &dyn Store) {
+    // Expired ones are dropped when a new one is stored.
+    s.put_challenge(&dev(1), &[1; 32], 150, 100, 4).unwrap();
+    s.put_challenge(&dev(1), &[2; 32], 1000, 200, 4).unwrap();
+    assert_eq!(s.take_challenge(&dev(1), &[1; 32]).unwrap(), None);
+    // At most 4 per device: the oldest go.
+    for i in 3..=6u8 {
+        s.put_challenge(&dev(1), &[i; 32], 1000, 200, 4).unwrap();
+    }
+    assert_eq!(s.take_challenge(&dev(1), &[2; 32]).unwrap(), None);
+    for i in 3..=6u8 {
+        assert_eq!(s.take_challenge(&dev(1), &[i; 32]).unwrap(), Some(1000));
+    }
+}
+
+fn sessions(s: &dyn Store) {
+    assert_eq!(s.session(&[3; 32]).unwrap(), None);
+    s.put_session(&[3; 32], &dev(1), 99).unwrap();
+    assert_eq!(s.session(&[3; 32]).unwrap(), Some((dev(1), 99)));
+}
+
+fn key_packages(s: &dyn Store) {
+    assert_eq!(s.claim_key_package(&dev(1)).unwrap(), Claimed::Exhausted);
+    assert_eq!(
+        s.add_key_packages(&dev(1), &[b"a".to_vec(), b"b".to_vec()], None, 3)
+            .unwrap(),
+        2
+    );
+    assert!(matches!(
+        s.add_key_packages(&dev(1), &[b"c".to_vec(), b"d".to_vec()], Some(b"lr"), 3),
+        Err(StoreError::TooManyKeyPackages {
+            limit: 3,
+            stored: 2
+        })
+    ));
+    // Nothing of the refused upload was kept, not even its last resort.
+    assert_eq!(s.key_package_count(&dev(1)).unwrap(), (2, false));
+    assert_eq!(
+        s.add_key_packages(&dev(1), &[], Some(b"lr1"), 3).unwrap(),
+        2
+    );
+    assert_eq!(
+        s.add_key_packages(&dev(1), &[], Some(b"lr2"), 3).unwrap(),
+        2
+    );
+    assert_eq!(s.key_package_count(&dev(1)).unwrap(), (2, true));
+    // Oldest first, each once; then the (latest) last resort, again and again.
+    assert_eq!(
+        s.claim_key_package(&dev(1)).unwrap(),
+        Claimed::Package(b"a".to_vec())
+    );
+    assert_eq!(
+        s.claim_key_package(&dev(1)).unwrap(),
+        Claimed::Package(b"b".to_vec())
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            s.claim_key_package(&dev(1)).unwrap(),
+            Claimed::LastResort(b"lr2".to_vec())
+        );
+    }
+    assert_eq!(s.key_package_count(&dev(1)).unwrap(), (0, true));
+    // Other devices are separate.
+    assert_eq!(s.claim_key_package(&dev(2)).unwrap(), Claimed::Exhausted);
+}
+
+fn inbox_and_its_events(s: &dyn Store) {
+    let payload = |item: &kith_server::store::InboxItem| format!("{{\"id\":{}}}", item.id);
+    let (a, ea) = s.deposit_inbox(&dev(1), b"one", 10, 2, &payload).unwrap();
+    let (b, eb) = s.deposit_inbox(&dev(1), b"two", 11, 2, &payload).unwrap();
+    assert!(b.id > a.id && eb.cursor > ea.cursor);
+    assert_eq!(ea.kind, "inbox");
+    assert_eq!(ea.payload, format!("{{\"id\":{}}}", a.id));
+    assert!(matches!(
+        s.deposit_inbox(&dev(1), b"three", 12, 2, &payload),
+        Err(StoreError::InboxFull { limit: 2 })
+    ));
+    // The refused deposit left no event behind.
+    assert_eq!(s.events(&dev(1), 0, 10).unwrap().len(), 2);
+    let items = s.inbox(&dev(1), 0, 10).unwrap();
+    assert_eq!(items, vec![a.clone(), b.clone()]);
+    assert_eq!(s.inbox(&dev(1), a.id, 10).unwrap(), vec![b.clone()]);
+    assert_eq!(s.inbox(&dev(1), 0, 1).unwrap(), vec![a.clone()]);
+    assert!(s.inbox(&dev(2), 0, 10).unwrap().is_empty());
+    assert!(!s.delete_inbox(&dev(2), a.id).unwrap(), "not the owner");
+    assert!(s.delete_inbox(&dev(1), a.id).unwrap());
+    assert!(!s.delete_inbox(&dev(1), a.id).unwrap());
+    assert_eq!(s.inbox(&dev(1), 0, 10).unwrap(), vec![b]);
+}
+
+fn event_log_and_acks(s: &dyn Store) {
+    assert_eq!(s.acked_cursor(&dev(1)).unwrap(), 0);
+    assert_eq!(s.ack_events(&dev(1), 5).unwrap(), 0, "nothing to ack yet");
+    let e1 = s.append_event(&dev(1), "test", "{\"n\":1}", 1).unwrap();
+    let other = s.append_event(&dev(2), "test", "{}", 2).unwrap();
+    let e2 = s.append_event(&dev(1), "test", "{\"n\":2}", 3).unwrap();
+    let e3 = s.append_event(&dev(1), "test", "{\"n\":3}", 4).unwrap();
+    assert!(e1.cursor < e2.cursor && e2.cursor < e3.cursor);
+    assert_eq!(
+        s.events(&dev(1), 0, 10).unwrap(),
+        vec![e1.clone(), e2.clone(), e3.clone()]
+    );
+    assert_eq!(s.events(&dev(1), e1.cursor, 1).unwrap(), vec![e2.clone()]);
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap(), vec![other.clone()]);
+    // Acks are cumulative, drop what they cover, and never go backwards.
+    assert_eq!(s.ack_events(&dev(1), e2.cursor).unwrap(), e2.cursor);
+    assert_eq!(s.acked_cursor(&dev(1)).unwrap(), e2.cursor);
+    assert_eq!(s.events(&dev(1), 0, 10).unwrap(), vec![e3.clone()]);
+    assert_eq!(s.ack_events(&dev(1), e1.cursor).unwrap(), e2.cursor);
+    // Never beyond the newest event, so future events are not lost.
+    assert_eq!(s.ack_events(&dev(1), u64::MAX / 2).unwrap(), e3.cursor);
+    let e4 = s.append_event(&dev(1), "test", "{}", 5).unwrap();
+    assert!(e4.cursor > e3.cursor);
+    assert_eq!(
+        s.events(&dev(1), s.acked_cursor(&dev(1)).unwrap(), 10)
+            .unwrap(),
+        vec![e4]
+    );
+    // Other devices' logs are untouched.
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap(), vec![other]);
+}
+
+/// Runs every conformance test against fresh stores from `$make`.
+macro_rules! store_suite {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            fn make() -> Box<dyn Store> {
+                Box::new($make)
+            }
+
+            #[test]
+            fn register_and_names() {
+                super::register_and_names(make().as_ref());
+            }
+            #[test]
+            fn replace_record_is_compare_and_swap() {
+                super::replace_record_is_compare_and_swap(make().as_ref());
+            }
+            #[test]
+            fn challenges_are_single_use() {
+                super::challenges_are_single_use(make().as_ref());
+            }
+            #[test]
+            fn challenges_are_bounded() {
+                super::challenges_are_bounded(make().as_ref());
+            }
+            #[test]
+            fn sessions() {
+                super::sessions(make().as_ref());
+            }
+            #[test]
+            fn key_packages() {
+                super::key_packages(make().as_ref());
+            }
+            #[test]
+            fn inbox_and_its_events() {
+                super::inbox_and_its_events(make().as_ref());
+            }
+            #[test]
+            fn event_log_and_acks() {
+                super::event_log_and_acks(make().as_ref());
+            }
+        }
+    };
+}
+
+store_suite!(memory, kith_server::MemoryStore::new());
+store_suite!(sqlite, kith_server::SqliteStore::open_in_memory().unwrap());
+
+/// The SQLite backend keeps everything across reopening the file.
+#[test]
+fn sqlite_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kith.db");
+    let cursor;
+    {
+        let s = kith_server::SqliteStore::open(&path).unwrap();
+        s.register(&row(1, "alice")).unwrap();
+        s.add_key_packages(&dev(1), &[b"kp".to_vec()], Some(b"lr"), 10)
+            .unwrap();
+        s.deposit_inbox(&dev(1), b"env", 5, 10, &|_| "{}".into())
+            .unwrap();
+        cursor = s.append_event(&dev(1), "test", "{}", 6).unwrap().cursor;
+        s.ack_events(&dev(1), cursor - 1).unwrap();
+    }
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    assert_eq!(s.device(&dev(1)).unwrap(), Some(row(1, "alice")));
+    assert_eq!(s.key_package_count(&dev(1)).unwrap(), (1, true));
+    assert_eq!(s.inbox(&dev(1), 0, 10).unwrap().len(), 1);
+    assert_eq!(s.acked_cursor(&dev(1)).unwrap(), cursor - 1);
+    let events = s.events(&dev(1), 0, 10).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].cursor, cursor);
+    // Cursors keep growing after a restart.
+    assert!(s.append_event(&dev(1), "test", "{}", 7).unwrap().cursor > cursor);
+}
