@@ -127,12 +127,16 @@ pub(crate) fn serialize(
 }
 
 /// The capabilities every Kith leaf announces: the ciphersuite, basic
-/// credentials and the Kith channel extension.
+/// credentials, the Kith channel extension and `last_resort` (which OpenMLS
+/// wants listed before it accepts a last-resort key package).
 pub(crate) fn leaf_capabilities(ciphersuite: Ciphersuite) -> Capabilities {
     Capabilities::new(
         None,
         Some(&[ciphersuite]),
-        Some(&[ExtensionType::Unknown(KITH_CHANNEL_EXTENSION_TYPE)]),
+        Some(&[
+            ExtensionType::Unknown(KITH_CHANNEL_EXTENSION_TYPE),
+            ExtensionType::LastResort,
+        ]),
         None,
         Some(&[openmls::prelude::CredentialType::Basic]),
     )
@@ -227,6 +231,9 @@ pub enum Incoming {
     /// This device's own pending commit, echoed back: merge it with
     /// [`Channel::merge_pending`] once its certificate checks.
     OwnCommit,
+    /// This device's own application message, echoed back (it cannot
+    /// decrypt what it sent; the caller kept the plaintext).
+    OwnApplication,
     /// A proposal, checked against the policy and stored for a later
     /// commit.
     Proposal {
@@ -741,6 +748,9 @@ impl<'d> Channel<'d> {
                 Err(PolicyError::NotAMember.into())
             }
             ProcessedMessageContent::OwnPendingCommit => Ok(Incoming::OwnCommit),
+            ProcessedMessageContent::OwnPrivateMessage => Ok(Incoming::OwnApplication),
+            // Variants that only exist with OpenMLS draft features.
+            #[allow(unreachable_patterns)]
             _ => Err(DeviceError::Malformed {
                 what: "MLS message",
                 reason: "unexpected content".into(),
