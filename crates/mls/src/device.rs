@@ -68,6 +68,17 @@ pub enum DeviceError {
     /// A channel with this id is already stored.
     #[error("channel {0} already exists")]
     ChannelExists(ChannelId),
+    /// A staged commit is for another epoch than the channel's.
+    #[error("commit is for epoch {got}, the channel is at {current}")]
+    WrongEpoch {
+        /// The channel's epoch.
+        current: u64,
+        /// The commit's epoch.
+        got: u64,
+    },
+    /// OpenMLS did not produce what it should have (a bug, not bad input).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A device to remove is not a member.
     #[error("device {0} is not a member of the channel")]
     NotAMember(DeviceId),
@@ -123,7 +134,9 @@ pub(crate) fn serialize(
     value: &impl tls_codec::Serialize,
     what: &'static str,
 ) -> Result<Vec<u8>, DeviceError> {
-    value.tls_serialize_detached().map_err(malformed(what))
+    value
+        .tls_serialize_detached()
+        .map_err(|e| DeviceError::Internal(format!("cannot encode {what}: {e}")))
 }
 
 /// The capabilities every Kith leaf announces: the ciphersuite, basic
@@ -612,22 +625,19 @@ impl<'d> Channel<'d> {
         let (commit, welcome, group_info) = bundle.into_messages();
         let commit = serialize(&commit, "commit")?;
         let welcome = welcome.map(|w| serialize(&w, "welcome")).transpose()?;
-        let group_info = group_info.ok_or_else(|| DeviceError::Malformed {
-            what: "group info",
-            reason: "OpenMLS made no GroupInfo".into(),
-        })?;
+        let group_info =
+            group_info.ok_or_else(|| DeviceError::Internal("OpenMLS made no GroupInfo".into()))?;
         let group_info = serialize(&group_info, "group info")?;
         let result = (|| {
-            let pending = self.group.pending_commit().ok_or(DeviceError::Malformed {
-                what: "commit",
-                reason: "no pending commit after staging".into(),
-            })?;
+            let pending = self
+                .group
+                .pending_commit()
+                .ok_or_else(|| DeviceError::Internal("no pending commit after staging".into()))?;
             let tree = pending
                 .export_ratchet_tree(self.store().crypto(), self.group.export_ratchet_tree())
                 .map_err(mls("exporting the ratchet tree"))?
-                .ok_or(DeviceError::Malformed {
-                    what: "ratchet tree",
-                    reason: "pending commit has no tree".into(),
+                .ok_or_else(|| {
+                    DeviceError::Internal("pending commit has no ratchet tree".into())
                 })?;
             let extension = self.extension()?;
             let info = check_commit(
@@ -763,14 +773,9 @@ impl<'d> Channel<'d> {
     /// dropped.
     pub fn merge_staged(&mut self, commit: StagedChannelCommit) -> Result<(), DeviceError> {
         if commit.info.epoch != self.epoch() {
-            return Err(DeviceError::Mls {
-                operation: "merging a staged commit",
-                source: format!(
-                    "commit is for epoch {}, the channel is at {}",
-                    commit.info.epoch,
-                    self.epoch()
-                )
-                .into(),
+            return Err(DeviceError::WrongEpoch {
+                current: self.epoch(),
+                got: commit.info.epoch,
             });
         }
         self.group

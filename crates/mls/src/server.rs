@@ -54,6 +54,10 @@ pub enum ServerError {
         /// The epoch the commit was made for.
         got: u64,
     },
+    /// A GroupInfo does not describe the channel's current epoch (or its
+    /// signature does not verify).
+    #[error("the GroupInfo does not match the channel's current state: {0}")]
+    GroupInfoMismatch(String),
     /// A channel with this id is already tracked.
     #[error("channel {0} already exists")]
     ChannelExists(ChannelId),
@@ -266,6 +270,58 @@ impl<'s> PublicChannel<'s> {
             &self.group.export_ratchet_tree(),
             "ratchet tree",
         )?)
+    }
+
+    /// Checks that a GroupInfo (an MLSMessage, as [`crate::CommitOutput`]
+    /// carries) describes the current epoch: signed by the member it names,
+    /// over the current group context, tree and confirmation tag. A server
+    /// checks the GroupInfo that came with a commit after applying it, before
+    /// serving it to joiners. (A `PublicGroup` cannot sign, so servers
+    /// store the GroupInfos members make.)
+    pub fn check_group_info(&self, group_info: &[u8]) -> Result<(), ServerError> {
+        if group_info.len() > MAX_MESSAGE_LEN {
+            return Err(ServerError::Malformed {
+                what: "GroupInfo",
+                reason: "over the size limit".into(),
+            });
+        }
+        let MlsMessageBodyIn::GroupInfo(info) = MlsMessageIn::tls_deserialize_exact(group_info)
+            .map_err(|e| ServerError::Malformed {
+                what: "GroupInfo",
+                reason: e.to_string(),
+            })?
+            .extract()
+        else {
+            return Err(ServerError::Malformed {
+                what: "GroupInfo",
+                reason: "not a GroupInfo".into(),
+            });
+        };
+        if info.group_id() != self.group.group_id() {
+            return Err(ServerError::WrongChannel);
+        }
+        // Rebuilding a throwaway public group from the current tree checks
+        // the signature and that the tree matches the GroupInfo's context.
+        let scratch = openmls_rust_crypto::MemoryStorage::default();
+        let (rebuilt, _) = PublicGroup::from_external(
+            self.store.crypto(),
+            &scratch,
+            RatchetTreeIn::from(self.group.export_ratchet_tree()),
+            info,
+            ProposalStore::new(),
+        )
+        .map_err(|e| ServerError::GroupInfoMismatch(e.to_string()))?;
+        if rebuilt.group_context() != self.group.group_context() {
+            return Err(ServerError::GroupInfoMismatch(
+                "different group context".into(),
+            ));
+        }
+        if rebuilt.confirmation_tag() != self.group.confirmation_tag() {
+            return Err(ServerError::GroupInfoMismatch(
+                "different confirmation tag".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks a commit (an MLSMessage) against the current state: it must be

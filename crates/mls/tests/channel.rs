@@ -36,7 +36,13 @@ fn three_devices_create_add_talk_remove_and_race() {
     assert_eq!(server.epoch(), 0);
 
     // A adds B and C in one commit; it stays pending until ordered.
+    let genesis_info = ca.group_info().unwrap();
+    server.check_group_info(&genesis_info).unwrap();
     let out = ca.add(&[key_package(&b), key_package(&c)]).unwrap();
+    assert!(matches!(
+        server.check_group_info(&out.group_info),
+        Err(ServerError::GroupInfoMismatch(_))
+    ));
     assert!(ca.has_pending_commit());
     assert_eq!(ca.epoch(), 0);
     assert_eq!(wire_format(&out.commit), WireFormat::PublicMessage);
@@ -47,6 +53,12 @@ fn three_devices_create_add_talk_remove_and_race() {
     assert_eq!(out.info.commit_hash, kith_mls::commit_hash(&out.commit));
     order(&mut server, &mut ca, &out);
     assert_eq!((ca.epoch(), server.epoch()), (1, 1));
+    // The GroupInfo that came with the commit describes the new epoch.
+    server.check_group_info(&out.group_info).unwrap();
+    assert!(matches!(
+        server.check_group_info(&genesis_info),
+        Err(ServerError::GroupInfoMismatch(_))
+    ));
     assert_eq!(server.ratchet_tree().unwrap(), ca.ratchet_tree().unwrap());
     assert_eq!(out.ratchet_tree, ca.ratchet_tree().unwrap());
 
@@ -93,6 +105,8 @@ fn three_devices_create_add_talk_remove_and_race() {
         server.validate_commit(&b_commit.commit),
         Err(ServerError::WrongEpoch { current: 2, got: 1 })
     ));
+    server.check_group_info(&a_commit.group_info).unwrap();
+    assert!(server.check_group_info(&b_commit.group_info).is_err());
     // The loser clears its pending commit, takes the winner, retries.
     cb.clear_pending().unwrap();
     assert!(!cb.has_pending_commit());

@@ -103,6 +103,7 @@ fn bytes_from_outside_never_panic() {
             let _ = cb.borrow_mut().process(&bytes);
             let _ = server.borrow().validate_commit(&bytes);
             let _ = server.borrow_mut().add_proposal(&bytes);
+            let _ = server.borrow().check_group_info(&bytes);
             let _ = ChannelExtension::decode(&bytes);
             let _ = c.join(&bytes, &next.ratchet_tree);
             let _ = c.join(next.welcome.as_ref().unwrap(), &bytes);
