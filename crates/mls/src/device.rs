@@ -12,7 +12,7 @@
 //! certificate ([`Channel::merge_staged`]).
 
 use kith_proto::{ChannelId, DeviceId, SecretKey};
-use openmls::group::MIXED_PLAINTEXT_WIRE_FORMAT_POLICY;
+use openmls::group::PURE_PLAINTEXT_WIRE_FORMAT_POLICY;
 use openmls::prelude::{Capabilities, ExtensionType, LeafNodeParameters};
 use openmls::prelude::{
     Ciphersuite, GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex, MlsGroup, MlsGroupCreateConfig,
@@ -155,12 +155,13 @@ pub(crate) fn leaf_capabilities(ciphersuite: Ciphersuite) -> Capabilities {
     )
 }
 
-/// The join configuration of every Kith channel: handshakes as
-/// PublicMessage, application data as PrivateMessage, no ratchet tree in
-/// Welcomes, [`MAX_PAST_EPOCHS`] past epochs kept.
+/// The join configuration of every Kith channel: handshakes only as
+/// PublicMessage, both ways (OpenMLS's "pure plaintext" policy governs
+/// handshakes only; application data is always a PrivateMessage), no
+/// ratchet tree in Welcomes, [`MAX_PAST_EPOCHS`] past epochs kept.
 pub fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
-        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(false)
         .max_past_epochs(MAX_PAST_EPOCHS)
         .sender_ratchet_configuration(SenderRatchetConfiguration::new(

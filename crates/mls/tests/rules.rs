@@ -233,3 +233,57 @@ fn leaves_must_name_the_device_of_their_key() {
     // Refused channels leave nothing behind.
     assert!(PublicChannel::load(&other_server, id).unwrap().is_none());
 }
+
+#[test]
+fn handshakes_must_be_public_messages() {
+    let a_key = SecretKey::generate();
+    let a = Device::new(&a_key, MlsStore::in_memory().unwrap());
+    let b = device();
+    let server_store = MlsStore::in_memory().unwrap();
+    let id = new_channel_id();
+    let mut ca = a.create_channel(id, &settings(&[])).unwrap();
+    let mut server = PublicChannel::create(
+        &server_store,
+        &ca.group_info().unwrap(),
+        &ca.ratchet_tree().unwrap(),
+    )
+    .unwrap();
+    let out = ca.add(&[key_package(&b)]).unwrap();
+    order(&mut server, &mut ca, &out);
+    let mut cb = b
+        .join(out.welcome.as_ref().unwrap(), &out.ratchet_tree)
+        .unwrap();
+
+    // A's raw group, switched to encrypted handshakes, commits an update.
+    let store = a.store();
+    let mut group = MlsGroup::load(store.storage(), &GroupId::from_slice(id.as_bytes()))
+        .unwrap()
+        .unwrap();
+    let config = openmls::prelude::MlsGroupJoinConfig::builder()
+        .wire_format_policy(openmls::group::PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .build();
+    group.set_configuration(store.storage(), &config).unwrap();
+    let bundle = group
+        .self_update(
+            store,
+            &DeviceSigner::new(&a_key),
+            openmls::prelude::LeafNodeParameters::default(),
+        )
+        .unwrap();
+    let commit = bundle.into_commit().tls_serialize_detached().unwrap();
+    assert_eq!(
+        wire_format(&commit),
+        openmls::prelude::WireFormat::PrivateMessage
+    );
+
+    assert!(matches!(
+        server.validate_commit(&commit),
+        Err(ServerError::NotPublic)
+    ));
+    let refused = cb.process(&commit).unwrap_err();
+    assert!(
+        refused.to_string().contains("wire format"),
+        "unexpected error: {refused}"
+    );
+    assert_eq!(cb.epoch(), 1);
+}
