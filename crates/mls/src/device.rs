@@ -382,7 +382,9 @@ impl Device {
     /// of the epoch it welcomes to (as the homeserver serves it).
     ///
     /// Every leaf must be bound to its DeviceId, and the group must carry a
-    /// valid Kith channel extension.
+    /// valid Kith channel extension. A device that was removed from the
+    /// channel and is added back replaces its old state; joining a channel
+    /// the device is still active in fails.
     pub fn join(&self, welcome: &[u8], ratchet_tree: &[u8]) -> Result<Channel<'_>, DeviceError> {
         let MlsMessageBodyIn::Welcome(welcome) = parse_message(welcome, "Welcome")? else {
             return Err(DeviceError::Malformed {
@@ -392,11 +394,24 @@ impl Device {
         };
         let tree = RatchetTreeIn::tls_deserialize_exact(ratchet_tree)
             .map_err(malformed("ratchet tree"))?;
-        let staged =
-            StagedWelcome::new_from_welcome(&self.store, &join_config(), welcome, Some(tree))
-                .map_err(mls("joining a channel"))?;
+        let builder = StagedWelcome::build_from_welcome(&self.store, &join_config(), welcome)
+            .map_err(mls("joining a channel"))?;
+        let group_id = builder
+            .processed_welcome()
+            .unverified_group_info()
+            .group_id()
+            .clone();
+        let id = ChannelId::try_from_group_id(&group_id)?;
+        // A device removed from a channel may be added back: its old,
+        // inactive state is replaced. An active channel never is.
+        let mut builder = builder.with_ratchet_tree(tree);
+        match MlsGroup::load(self.store.storage(), &group_id).map_err(mls("loading a channel"))? {
+            Some(old) if old.is_active() => return Err(DeviceError::ChannelExists(id)),
+            Some(_) => builder = builder.replace_old_group(),
+            None => {}
+        }
+        let staged = builder.build().map_err(mls("joining a channel"))?;
         ChannelExtension::from_group_context_extensions(staged.group_context().extensions())?;
-        ChannelId::try_from_group_id(staged.group_context().group_id())?;
         for member in staged.members() {
             crate::identity::bound_device_id(&member.credential, &member.signature_key)?;
         }

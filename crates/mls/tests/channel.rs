@@ -146,6 +146,33 @@ fn three_devices_create_add_talk_remove_and_race() {
     );
     assert!(cc.process(&m).is_err());
     assert_eq!(ca.epoch_authenticator(), cb.epoch_authenticator());
+
+    // A can add C back; C's old state is replaced.
+    let out = ca.add(&[key_package(&c)]).unwrap();
+    order(&mut server, &mut ca, &out);
+    deliver_commit(&mut cb, &out.commit);
+    drop(cc);
+    let mut cc = c
+        .join(
+            out.welcome.as_ref().unwrap(),
+            &server.ratchet_tree().unwrap(),
+        )
+        .unwrap();
+    assert!(cc.is_active());
+    assert_eq!(cc.epoch_authenticator(), ca.epoch_authenticator());
+    let m = cb.encrypt(b"welcome back").unwrap();
+    assert_eq!(
+        receive(&mut cc, &m),
+        (b.device_id(), b"welcome back".to_vec())
+    );
+    // Joining a channel one is active in again is refused.
+    assert!(matches!(
+        c.join(
+            out.welcome.as_ref().unwrap(),
+            &server.ratchet_tree().unwrap()
+        ),
+        Err(kith_mls::DeviceError::Mls { .. } | kith_mls::DeviceError::ChannelExists(_))
+    ));
 }
 
 #[test]
@@ -198,5 +225,10 @@ fn last_resort_key_package_can_be_used_twice() {
             .unwrap();
         let m = ca.encrypt(b"hi").unwrap();
         assert_eq!(receive(&mut cb, &m).1, b"hi");
+        // The same Welcome again cannot clobber the live channel.
+        assert!(matches!(
+            b.join(out.welcome.as_ref().unwrap(), &out.ratchet_tree),
+            Err(kith_mls::DeviceError::ChannelExists(id)) if id == ca.id()
+        ));
     }
 }
