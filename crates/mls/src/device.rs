@@ -523,10 +523,11 @@ impl<'d> Channel<'d> {
     /// Adds devices from their key packages (MLSMessages). Every key package
     /// must verify and be bound to its DeviceId, and this device must be an
     /// admin. The commit stays pending.
-    pub fn add(&mut self, key_packages: &[Vec<u8>]) -> Result<CommitOutput, DeviceError> {
+    pub fn add(&mut self, key_packages: &[impl AsRef<[u8]>]) -> Result<CommitOutput, DeviceError> {
         let mut verified = Vec::with_capacity(key_packages.len());
         for bytes in key_packages {
-            let MlsMessageBodyIn::KeyPackage(kp) = parse_message(bytes, "key package")? else {
+            let MlsMessageBodyIn::KeyPackage(kp) = parse_message(bytes.as_ref(), "key package")?
+            else {
                 return Err(DeviceError::Malformed {
                     what: "key package",
                     reason: "not a KeyPackage".into(),

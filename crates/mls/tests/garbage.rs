@@ -113,7 +113,14 @@ fn bytes_from_outside_never_panic() {
         })
         .unwrap();
 
-    // The server's state is untouched by all of it.
+    // Nothing was corrupted: B still reads A, and the server still takes
+    // the real commit.
+    let mut cb = cb.into_inner();
+    let m = ca.encrypt(b"still here").unwrap();
+    assert_eq!(
+        receive(&mut cb, &m),
+        (a.device_id(), b"still here".to_vec())
+    );
     let server = server.into_inner();
     assert_eq!(server.epoch(), 1);
     assert!(server.validate_commit(&next.commit).is_ok());
