@@ -209,7 +209,8 @@ pub struct CommitOutput {
     pub info: CommitInfo,
 }
 
-/// An incoming commit, checked and staged but not merged.
+/// An incoming commit, checked and staged but not merged. It lives in
+/// memory only: after a restart, process the commit's bytes again.
 #[derive(Debug)]
 pub struct StagedChannelCommit {
     staged: Box<StagedCommit>,
