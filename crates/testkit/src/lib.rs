@@ -11,6 +11,8 @@
 //! ```
 
 #![forbid(unsafe_code)]
+// A test harness: failing to set up a server is a test failure, so it panics.
+#![allow(clippy::panic)]
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,75 @@
+//! A device's MLS state survives closing and reopening its SQLite store.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use common::*;
+use kith_mls::{Device, DeviceError, MlsStore, PublicChannel};
+use kith_proto::SecretKey;
+
+#[test]
+fn state_survives_reopening_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alice-mls.sqlite");
+    let a_key = SecretKey::generate();
+    let b = device();
+    let server_store = MlsStore::in_memory().unwrap();
+    let id = new_channel_id();
+
+    let (welcome, tree, pending, authenticator) = {
+        let a = Device::new(&a_key, MlsStore::open(&path).unwrap());
+        let mut ca = a.create_channel(id, &settings(&[])).unwrap();
+        let mut server = PublicChannel::create(
+            &server_store,
+            &ca.group_info().unwrap(),
+            &ca.ratchet_tree().unwrap(),
+        )
+        .unwrap();
+        let out = ca.add(&[key_package(&b)]).unwrap();
+        order(&mut server, &mut ca, &out);
+        // A pending commit is persisted too.
+        let pending = ca.self_update().unwrap();
+        assert!(ca.has_pending_commit());
+        let authenticator = ca.epoch_authenticator();
+        (
+            out.welcome.unwrap(),
+            out.ratchet_tree,
+            pending,
+            authenticator,
+        )
+    };
+    let mut cb = b.join(&welcome, &tree).unwrap();
+    let to_a = cb.encrypt(b"while you were away").unwrap();
+
+    // Reopen from the file.
+    let a = Device::new(&a_key, MlsStore::open(&path).unwrap());
+    let mut ca = a.channel(id).unwrap();
+    assert_eq!(ca.epoch(), 1);
+    assert_eq!(ca.epoch_authenticator(), authenticator);
+    assert_eq!(ca.epoch_authenticator(), cb.epoch_authenticator());
+    assert!(ca.has_pending_commit());
+    assert_eq!(
+        receive(&mut ca, &to_a),
+        (b.device_id(), b"while you were away".to_vec())
+    );
+
+    // The pending commit from before the restart can still be merged.
+    let mut server = PublicChannel::load(&server_store, id).unwrap().unwrap();
+    order(&mut server, &mut ca, &pending);
+    deliver_commit(&mut cb, &pending.commit);
+    assert_eq!(ca.epoch_authenticator(), cb.epoch_authenticator());
+    let m = ca.encrypt(b"back").unwrap();
+    assert_eq!(receive(&mut cb, &m), (a.device_id(), b"back".to_vec()));
+
+    // A store that never had the channel does not know it.
+    let fresh = Device::new(&a_key, MlsStore::in_memory().unwrap());
+    assert!(matches!(
+        fresh.channel(id),
+        Err(DeviceError::UnknownChannel(_))
+    ));
+}
