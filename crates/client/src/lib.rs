@@ -17,6 +17,7 @@ pub mod store;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kith_mls::{CIPHERSUITE_V0, Device, MlsStore};
 use kith_proto::inbox::{InboxKind, InboxSecretKey, seal};
 use kith_proto::{
     DeviceId, DeviceRecord, DeviceRecordFields, DeviceRecordIn, Handle, LoginChallenge, SecretKey,
@@ -57,7 +58,19 @@ pub enum ClientError {
     /// A user-supplied argument is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// MLS (channel crypto) failed.
+    #[error("channel crypto: {0}")]
+    Mls(#[from] kith_mls::DeviceError),
 }
+
+impl From<kith_mls::StoreError> for ClientError {
+    fn from(e: kith_mls::StoreError) -> Self {
+        ClientError::Store(e.to_string())
+    }
+}
+
+/// How many key packages a device keeps on its server.
+pub const KEY_PACKAGE_BATCH: usize = 20;
 
 impl From<rusqlite::Error> for ClientError {
     fn from(e: rusqlite::Error) -> Self {
@@ -104,6 +117,7 @@ pub struct Client {
     key: SecretKey,
     inbox_key: InboxSecretKey,
     api: Api,
+    mls: Device,
 }
 
 impl Client {
@@ -181,15 +195,18 @@ impl Client {
             token: None,
         };
         store.save_identity(&identity)?;
+        let mls = Device::new(&key, MlsStore::open(home.join("mls.db"))?);
         let mut client = Self {
             store,
             identity,
             key,
             inbox_key,
             api,
+            mls,
         };
         client.login().await?;
         client.api.publish_record(&record.encode()).await?;
+        client.upload_key_packages(KEY_PACKAGE_BATCH, true).await?;
         Ok(client)
     }
 
@@ -204,12 +221,14 @@ impl Client {
         let key = SecretKey::from_seed(identity.identity_seed);
         let inbox_key = InboxSecretKey::from_bytes(identity.inbox_secret);
         let api = Api::new(&identity.server_url).with_token(identity.token.clone());
+        let mls = Device::new(&key, MlsStore::open(home.join("mls.db"))?);
         Ok(Self {
             store,
             identity,
             key,
             inbox_key,
             api,
+            mls,
         })
     }
 
@@ -249,6 +268,27 @@ impl Client {
             }
             other => other,
         }
+    }
+
+    /// Makes `count` fresh key packages (and a last-resort one if asked) and
+    /// uploads them, so others can add this device to channels while it is
+    /// offline.
+    pub async fn upload_key_packages(
+        &mut self,
+        count: usize,
+        last_resort: bool,
+    ) -> Result<u64, ClientError> {
+        let packages = self.mls.key_packages(count, CIPHERSUITE_V0)?;
+        let last = if last_resort {
+            Some(self.mls.last_resort_key_package(CIPHERSUITE_V0)?)
+        } else {
+            None
+        };
+        self.authed(|api| {
+            let (p, l) = (packages.clone(), last.clone());
+            async move { api.upload_key_packages(&p, l.as_deref()).await }
+        })
+        .await
     }
 
     /// The device's handle, `name@server`.
