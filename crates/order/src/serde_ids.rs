@@ -1,0 +1,43 @@
+//! Serde forms of `kith-proto` identifiers, for the Raft log and snapshots
+//! (`kith-proto` has no serde dependency). Each decodes only the canonical
+//! form, like the wire codec.
+
+pub(crate) mod channel {
+    use kith_proto::ChannelId;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(id: &ChannelId, s: S) -> Result<S::Ok, S::Error> {
+        id.as_bytes().serialize(s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ChannelId, D::Error> {
+        <[u8; 16]>::deserialize(d).map(ChannelId::from_bytes)
+    }
+}
+
+pub(crate) mod device {
+    use kith_proto::DeviceId;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(id: &DeviceId, s: S) -> Result<S::Ok, S::Error> {
+        id.as_bytes().serialize(s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DeviceId, D::Error> {
+        <[u8; 32]>::deserialize(d).map(DeviceId::from_bytes)
+    }
+}
+
+pub(crate) mod server {
+    use kith_proto::ServerName;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(crate) fn serialize<S: Serializer>(name: &ServerName, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(name.as_str())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ServerName, D::Error> {
+        let text = String::deserialize(d)?;
+        ServerName::parse_canonical(&text).map_err(D::Error::custom)
+    }
+}
