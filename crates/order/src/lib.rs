@@ -64,6 +64,7 @@
 pub mod certificate;
 pub mod hash;
 pub mod machine;
+pub mod raft;
 mod serde_ids;
 pub mod vote;
 pub mod voters;
@@ -76,5 +77,6 @@ pub use machine::{
     AcceptAll, AcceptedCommit, ChannelOrder, CommitValidator, Outcome, Submission, Submitter,
     Winner,
 };
+pub use raft::{ChannelOrderer, OrderConfig, OrderError};
 pub use vote::{Vote, VoteError, VoteIn, VoteTbs};
 pub use voters::{MAX_VOTERS, majority, select_voters};

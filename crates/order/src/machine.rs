@@ -63,6 +63,20 @@ impl Submission {
 pub trait CommitValidator {
     /// `Ok` accepts the commit; `Err(reason)` rejects it with `reason`.
     fn validate(&mut self, submission: &Submission) -> Result<(), String>;
+
+    /// Resets the validator's own state to match `order`, when a Raft
+    /// snapshot replaces the log up to `order.current_epoch()` (the latest
+    /// accepted submission carries the GroupInfo and ratchet tree to rebuild
+    /// a `PublicGroup` from). The default refuses, which stops the Raft node
+    /// rather than validate against stale state; Kith's Raft config never
+    /// builds snapshots on its own, so this is only reached if one is
+    /// triggered by hand.
+    fn restore(&mut self, order: &ChannelOrder) -> Result<(), String> {
+        Err(format!(
+            "this validator cannot restore its state to epoch {} from a snapshot",
+            order.current_epoch()
+        ))
+    }
 }
 
 impl<F: FnMut(&Submission) -> Result<(), String>> CommitValidator for F {
@@ -78,6 +92,10 @@ pub struct AcceptAll;
 
 impl CommitValidator for AcceptAll {
     fn validate(&mut self, _: &Submission) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn restore(&mut self, _: &ChannelOrder) -> Result<(), String> {
         Ok(())
     }
 }
