@@ -32,12 +32,16 @@ pub struct Submission {
     /// The epoch the commit applies to (the one it ends).
     pub epoch: u64,
     /// The commit, an encoded MLS message (PublicMessage).
+    #[serde(with = "crate::serde_ids::bytes")]
     pub commit: Vec<u8>,
     /// The Welcome, when the commit adds members.
+    #[serde(with = "crate::serde_ids::opt_bytes")]
     pub welcome: Option<Vec<u8>>,
     /// The GroupInfo of the new epoch.
+    #[serde(with = "crate::serde_ids::bytes")]
     pub group_info: Vec<u8>,
     /// The ratchet tree of the new epoch, when the submitter sends it.
+    #[serde(with = "crate::serde_ids::opt_bytes")]
     pub ratchet_tree: Option<Vec<u8>>,
     /// Who submitted it.
     pub submitter: Submitter,
@@ -108,6 +112,7 @@ pub struct Winner {
     /// Its hash.
     pub commit_hash: CommitHash,
     /// The winning commit, so the loser can process it and retry.
+    #[serde(with = "crate::serde_ids::bytes")]
     pub commit: Vec<u8>,
 }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kith_order::raft::{MemLogStore, OrderStateMachine, Router, TypeConfig};
+use kith_order::raft::{MemLogStore, OrderStateMachine, Router, SqliteLogStore, TypeConfig};
 use kith_order::{
     AcceptAll, ChannelOrder, ChannelOrderer, CommitHash, OrderConfig, OrderError, Outcome,
     Submission, Submitter, Winner,
@@ -285,4 +285,75 @@ fn openraft_storage_suite() {
         }
     }
     openraft::testing::Suite::test_all(Builder).unwrap();
+}
+
+/// The same suite over the SQLite log store.
+#[test]
+fn openraft_storage_suite_sqlite() {
+    struct Builder;
+    impl openraft::testing::StoreBuilder<TypeConfig, SqliteLogStore, OrderStateMachine<AcceptAll>>
+        for Builder
+    {
+        async fn build(
+            &self,
+        ) -> Result<((), SqliteLogStore, OrderStateMachine<AcceptAll>), openraft::StorageError<u64>>
+        {
+            Ok((
+                (),
+                SqliteLogStore::open_in_memory(channel()).unwrap(),
+                OrderStateMachine::new(ChannelOrder::new(channel(), 0), AcceptAll),
+            ))
+        }
+    }
+    openraft::testing::Suite::test_all(Builder).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_log_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("order.sqlite");
+    let start = || async {
+        ChannelOrderer::start_single_with_store(
+            &fast(),
+            server(0),
+            ChannelOrder::new(channel(), 0),
+            AcceptAll,
+            SqliteLogStore::open(&path, channel()).unwrap(),
+        )
+        .await
+        .unwrap()
+    };
+
+    let orderer = start().await;
+    for (epoch, commit) in ["first", "second"].iter().enumerate() {
+        let outcome = orderer.submit(submission(epoch as u64, commit)).await;
+        assert!(
+            matches!(outcome, Ok(Outcome::Accepted { .. })),
+            "{outcome:?}"
+        );
+    }
+    let before = orderer.order().await;
+    orderer.shutdown().await.unwrap();
+    drop(orderer);
+
+    // A new process: the state machine is rebuilt from the log on disk.
+    let orderer = start().await;
+    let last = orderer.last_log_index().unwrap();
+    orderer
+        .wait_applied(last, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(orderer.order().await, before);
+    assert!(matches!(
+        orderer.submit(submission(1, "rival")).await,
+        Ok(Outcome::WrongEpoch {
+            current: 2,
+            winner: Some(_)
+        })
+    ));
+    assert!(matches!(
+        orderer.submit(submission(2, "third")).await,
+        Ok(Outcome::Accepted { epoch: 2, .. })
+    ));
+    orderer.shutdown().await.unwrap();
 }

@@ -1,7 +1,7 @@
 //! The ordering state machine under Raft: one openraft group per channel.
 //!
-//! - [`MemLogStore`] implements [`RaftLogStorage`]; a durable store plugs in
-//!   behind the same trait.
+//! - [`MemLogStore`] and [`SqliteLogStore`] (durable) implement
+//!   [`RaftLogStorage`].
 //! - [`OrderStateMachine`] implements openraft's `RaftStateMachine` by
 //!   applying each [`Submission`] through [`ChannelOrder::apply`]; the
 //!   response to each entry is its [`Outcome`].
@@ -54,6 +54,7 @@
 
 mod log_store;
 mod network;
+mod sqlite_store;
 mod state_machine;
 
 use std::collections::BTreeMap;
@@ -69,6 +70,7 @@ use sha2::{Digest, Sha256};
 
 pub use log_store::MemLogStore;
 pub use network::{InProcessConnection, InProcessNetwork, Router};
+pub use sqlite_store::{OpenError, SqliteLogStore};
 pub use state_machine::OrderStateMachine;
 
 use crate::machine::{ChannelOrder, CommitValidator, Outcome, Submission};
@@ -257,14 +259,39 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
         first_epoch: u64,
         validator: V,
     ) -> Result<Self, OrderError> {
+        Self::start_single_with_store(
+            config,
+            server,
+            ChannelOrder::new(channel, first_epoch),
+            validator,
+            MemLogStore::new(),
+        )
+        .await
+    }
+
+    /// Like [`start_single`](Self::start_single) over a given log store.
+    /// Restarting on a store that already holds the group's log resumes
+    /// it: the log is replayed into the state machine and the node is
+    /// leader again.
+    pub async fn start_single_with_store<LS>(
+        config: &OrderConfig,
+        server: ServerName,
+        order: ChannelOrder,
+        validator: V,
+        log_store: LS,
+    ) -> Result<Self, OrderError>
+    where
+        LS: RaftLogStorage<TypeConfig>,
+    {
+        let network = Router::new().network(order.channel());
         let orderer = Self::start_with(
             config,
             false,
             server.clone(),
-            ChannelOrder::new(channel, first_epoch),
+            order,
             validator,
-            MemLogStore::new(),
-            Router::new().network(channel),
+            log_store,
+            network,
         )
         .await?;
         orderer.initialize([server]).await?;
