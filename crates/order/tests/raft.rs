@@ -357,3 +357,76 @@ async fn sqlite_log_survives_restart() {
     ));
     orderer.shutdown().await.unwrap();
 }
+
+async fn start_node(router: &Router, i: usize) -> Node {
+    let orderer = ChannelOrderer::start(
+        &fast(),
+        server(i),
+        ChannelOrder::new(channel(), 0),
+        AcceptAll,
+        MemLogStore::new(),
+        router.network(channel()),
+    )
+    .await
+    .unwrap();
+    router.register(channel(), orderer.node_id(), orderer.raft().clone());
+    Arc::new(orderer)
+}
+
+async fn on_leader(nodes: &[Node]) -> Node {
+    for _ in 0..400 {
+        if let Some(n) = nodes.iter().find(|n| n.is_leader()) {
+            return n.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no leader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_follows_the_ordering_group() {
+    let router = Router::new();
+    let mut nodes = cluster(&router, 3).await;
+    let outcome = submit(&nodes, submission(0, "before")).await;
+    assert!(matches!(outcome, Outcome::Accepted { epoch: 0, .. }));
+
+    // s3 joins the ordering group and s2 leaves: s3 catches up as a
+    // learner, then becomes a voter; s4 follows as a learner.
+    nodes.push(start_node(&router, 3).await);
+    nodes.push(start_node(&router, 4).await);
+    let voters = [0, 1, 3].map(server).into_iter().collect();
+    let learners = [server(4)].into_iter().collect();
+    on_leader(&nodes[..3])
+        .await
+        .set_members(&voters, &learners)
+        .await
+        .unwrap();
+
+    let members: Vec<Node> = [0, 1, 3, 4].iter().map(|i| nodes[*i].clone()).collect();
+    let outcome = submit(&members[..3], submission(1, "after")).await;
+    assert!(matches!(outcome, Outcome::Accepted { epoch: 1, .. }));
+    settle(&members).await;
+    let state = members[0].order().await;
+    assert_eq!(state.current_epoch(), 2);
+    for n in &members[1..] {
+        assert_eq!(n.order().await, state, "{} disagrees", n.server());
+    }
+    let config = members[0]
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .clone();
+    let voter_ids: Vec<u64> = config.voter_ids().collect();
+    let mut expected: Vec<u64> = [0, 1, 3].iter().map(|i| nodes[*i].node_id()).collect();
+    expected.sort_unstable();
+    assert_eq!(voter_ids, expected);
+    assert_eq!(
+        config.nodes().count(),
+        4,
+        "s2 is removed, s4 stays a learner"
+    );
+    for n in &nodes {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -57,7 +57,7 @@ mod network;
 mod sqlite_store;
 mod state_machine;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,7 +65,7 @@ use std::time::Duration;
 use kith_proto::{ChannelId, ServerName};
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::storage::RaftLogStorage;
-use openraft::{BasicNode, Config, Raft, RaftNetworkFactory, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Config, Raft, RaftNetworkFactory, SnapshotPolicy};
 use sha2::{Digest, Sha256};
 
 pub use log_store::MemLogStore;
@@ -169,10 +169,35 @@ pub enum OrderError {
     /// The group could not be initialized with these members.
     #[error("cannot initialize the channel's Raft group: {0}")]
     Initialize(String),
+    /// The membership change was refused (e.g. no voters, or another
+    /// change is in progress).
+    #[error("membership change refused: {0}")]
+    Membership(String),
     /// Raft answered without an outcome (a bug: submissions always have
     /// one).
     #[error("Raft answered a submission without an outcome")]
     NoOutcome,
+}
+
+fn basic_node(server: &ServerName) -> BasicNode {
+    BasicNode {
+        addr: server.as_str().to_owned(),
+    }
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> OrderError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => OrderError::NotLeader {
+            leader: f.leader_id,
+            leader_server: f
+                .leader_node
+                .and_then(|n| ServerName::parse_canonical(&n.addr).ok()),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            OrderError::Membership(e.to_string())
+        }
+        RaftError::Fatal(e) => OrderError::Stopped(e.to_string()),
+    }
 }
 
 /// A server's handle on one channel's ordering group.
@@ -307,14 +332,7 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
     ) -> Result<(), OrderError> {
         let nodes: BTreeMap<NodeId, BasicNode> = members
             .into_iter()
-            .map(|s| {
-                (
-                    node_id(&s),
-                    BasicNode {
-                        addr: s.as_str().to_owned(),
-                    },
-                )
-            })
+            .map(|s| (node_id(&s), basic_node(&s)))
             .collect();
         match self.raft.initialize(nodes).await {
             Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
@@ -327,20 +345,82 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
     /// until it is committed and applied here, then returns what applying it
     /// did. Only the leader accepts submissions ([`OrderError::NotLeader`]
     /// names it).
+    #[tracing::instrument(skip_all, fields(channel = %self.channel, node = self.node, epoch = submission.epoch))]
     pub async fn submit(&self, submission: Submission) -> Result<Outcome, OrderError> {
-        match self.raft.client_write(submission).await {
-            Ok(response) => response.data.ok_or(OrderError::NoOutcome),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(OrderError::NotLeader {
-                    leader: f.leader_id,
-                    leader_server: f
-                        .leader_node
-                        .and_then(|n| ServerName::parse_canonical(&n.addr).ok()),
-                })
-            }
-            Err(RaftError::APIError(e)) => Err(OrderError::Raft(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(OrderError::Stopped(e.to_string())),
+        let response = self
+            .raft
+            .client_write(submission)
+            .await
+            .map_err(write_error)?;
+        let outcome = response.data.ok_or(OrderError::NoOutcome)?;
+        tracing::debug!(?outcome, log_index = response.log_id.index, "ordered");
+        Ok(outcome)
+    }
+
+    /// Makes the group's members exactly `voters` (who vote, at most
+    /// [`MAX_VOTERS`](crate::MAX_VOTERS), see [`select_voters`](crate::select_voters))
+    /// and `learners` (the other servers of the ordering group, which follow
+    /// the log). Call it on the leader after a commit changed the ordering
+    /// group. New servers first join as learners and catch up, then the
+    /// voter set changes by joint consensus, then servers in neither set are
+    /// removed. A server in both sets is a voter.
+    #[tracing::instrument(skip_all, fields(channel = %self.channel, node = self.node))]
+    pub async fn set_members(
+        &self,
+        voters: &BTreeSet<ServerName>,
+        learners: &BTreeSet<ServerName>,
+    ) -> Result<(), OrderError> {
+        if voters.is_empty() {
+            return Err(OrderError::Membership(
+                "a group needs at least one voter".into(),
+            ));
         }
+        let known: BTreeSet<NodeId> = self.membership_nodes();
+        for server in voters.iter().chain(learners) {
+            let id = node_id(server);
+            if !known.contains(&id) {
+                self.raft
+                    .add_learner(id, basic_node(server), true)
+                    .await
+                    .map_err(write_error)?;
+            }
+        }
+        let voter_ids: BTreeSet<NodeId> = voters.iter().map(node_id).collect();
+        let current_voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .voter_ids()
+            .collect();
+        if voter_ids != current_voters {
+            self.raft
+                .change_membership(voter_ids.clone(), false)
+                .await
+                .map_err(write_error)?;
+        }
+        let keep: BTreeSet<NodeId> = voter_ids
+            .into_iter()
+            .chain(learners.iter().map(node_id))
+            .collect();
+        let stale: BTreeSet<NodeId> = self.membership_nodes().difference(&keep).copied().collect();
+        if !stale.is_empty() {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(stale), false)
+                .await
+                .map_err(write_error)?;
+        }
+        Ok(())
+    }
+
+    fn membership_nodes(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// A copy of the ordering state this node has applied.
