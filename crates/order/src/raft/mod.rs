@@ -75,6 +75,11 @@ pub use state_machine::OrderStateMachine;
 
 use crate::machine::{ChannelOrder, CommitValidator, Outcome, Submission};
 
+/// How long a sole voter waits to see itself lead before calling an
+/// election, and how many times. Only bounds a wait: there is no network.
+const SOLE_LEADER_WAIT: Duration = Duration::from_secs(2);
+const SOLE_LEADER_ATTEMPTS: usize = 5;
+
 /// A node's id inside a channel's Raft group; see [`node_id`].
 pub type NodeId = u64;
 
@@ -297,7 +302,7 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
     /// Like [`start_single`](Self::start_single) over a given log store.
     /// Restarting on a store that already holds the group's log resumes
     /// it: the log is replayed into the state machine and the node is
-    /// leader again.
+    /// leader again. Returns once the node leads.
     pub async fn start_single_with_store<LS>(
         config: &OrderConfig,
         server: ServerName,
@@ -320,7 +325,33 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
         )
         .await?;
         orderer.initialize([server]).await?;
+        orderer.lead_alone().await?;
         Ok(orderer)
+    }
+
+    /// Waits until this sole voter leads. Without ticks nothing would
+    /// retry a missed election (say, a crash between saving a vote and
+    /// winning), so after each bounded wait it calls one itself.
+    async fn lead_alone(&self) -> Result<(), OrderError> {
+        for _ in 0..SOLE_LEADER_ATTEMPTS {
+            let waited = self
+                .raft
+                .wait(Some(SOLE_LEADER_WAIT))
+                .current_leader(self.node, "sole voter leads")
+                .await;
+            if waited.is_ok() {
+                return Ok(());
+            }
+            self.raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| OrderError::Stopped(e.to_string()))?;
+        }
+        Err(OrderError::Raft(format!(
+            "{} did not become leader of its own group",
+            self.server
+        )))
     }
 
     /// Forms the group with `members` as its voters. Call it on one member
