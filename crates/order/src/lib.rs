@@ -9,8 +9,9 @@
 //! merge a commit.
 //!
 //! - [`vote`], [`certificate`], [`voters`] and [`machine`] are sans-IO;
-//! - [`raft`] runs the machine under openraft: storage, an in-process
-//!   network, and the [`ChannelOrderer`] handle.
+//! - `raft` (feature `raft`, on by default) runs the machine under
+//!   openraft: storage, an in-process network, and the `ChannelOrderer`
+//!   handle. Clients that only check certificates turn it off.
 //!
 //! ```
 //! use kith_order::{
@@ -64,6 +65,7 @@
 pub mod certificate;
 pub mod hash;
 pub mod machine;
+#[cfg(feature = "raft")]
 pub mod raft;
 mod serde_ids;
 pub mod vote;
@@ -77,6 +79,7 @@ pub use machine::{
     AcceptAll, AcceptedCommit, ChannelOrder, CommitValidator, Outcome, Submission, Submitter,
     Winner,
 };
+#[cfg(feature = "raft")]
 pub use raft::{ChannelOrderer, OrderConfig, OrderError};
 pub use vote::{Vote, VoteError, VoteIn, VoteTbs};
 pub use voters::{MAX_VOTERS, majority, select_voters};

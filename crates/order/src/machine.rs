@@ -2,8 +2,8 @@
 //!
 //! Pure and deterministic: [`ChannelOrder::apply`] reads nothing but its
 //! own state, the entry and the validator, so every server that applies the
-//! same log reaches the same state and the same outcomes. Raft (see
-//! [`crate::raft`]) only decides the order of the log.
+//! same log reaches the same state and the same outcomes. Raft (module
+//! `raft`, feature `raft`) only decides the order of the log.
 
 use kith_proto::{ChannelId, DeviceId, ServerName};
 use serde::{Deserialize, Serialize};
