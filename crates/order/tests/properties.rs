@@ -80,6 +80,8 @@ fn run(entries: &[Submission], first_epoch: u64) -> (ChannelOrder, Vec<Outcome>)
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
     #[test]
     fn same_log_same_state(entries in vec(submission(), 0..60), first in 0u64..2) {
         let (a, outcomes_a) = run(&entries, first);
@@ -116,6 +118,12 @@ proptest! {
             prop_assert_eq!(order.accepted(*epoch).map(|a| a.commit_hash), Some(*hash));
         }
     }
+
+}
+
+// Signing and verifying dominate these; fewer cases keep debug runs short.
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn votes_round_trip(seed in any::<[u8; 32]>(), epoch in any::<u64>(), commit in vec(any::<u8>(), 0..40)) {
