@@ -82,4 +82,4 @@ pub use machine::{
 #[cfg(feature = "raft")]
 pub use raft::{ChannelOrderer, OrderConfig, OrderError};
 pub use vote::{Vote, VoteError, VoteIn, VoteTbs};
-pub use voters::{MAX_VOTERS, majority, select_voters};
+pub use voters::{MAX_VOTERS, majority, next_voters, select_voters};

@@ -119,6 +119,28 @@ proptest! {
         }
     }
 
+
+    #[test]
+    fn voter_rules(counts in proptest::collection::btree_map(0u8..20, 0u32..6, 0..15),
+                   previous in proptest::collection::vec(0u8..20, 0..9),
+                   max in 1usize..8) {
+        let name = |i: &u8| -> ServerName { format!("s{i}.test").parse().unwrap() };
+        let counts: BTreeMap<ServerName, u32> = counts.iter().map(|(i, c)| (name(i), *c)).collect();
+        let previous: Vec<ServerName> = previous.iter().map(name).collect();
+        let group: Vec<&ServerName> = counts.iter().filter(|(_, c)| **c > 0).map(|(s, _)| s).collect();
+        let voters = kith_order::next_voters(&previous, &counts, max);
+        prop_assert_eq!(voters.len(), group.len().min(max));
+        prop_assert!(voters.iter().all(|v| group.contains(&v)));
+        prop_assert!(voters.windows(2).all(|w| w[0] < w[1]), "sorted and unique");
+        prop_assert_eq!(
+            kith_order::next_voters(&[], &counts, kith_order::MAX_VOTERS),
+            kith_order::select_voters(&counts)
+        );
+        // Applying the rule again with nothing changed changes nothing
+        // unless a displacement was due.
+        let again = kith_order::next_voters(&voters, &counts, max);
+        prop_assert!(again == voters || again.iter().filter(|v| !voters.contains(v)).count() == 1);
+    }
 }
 
 // Signing and verifying dominate these; fewer cases keep debug runs short.
