@@ -372,3 +372,72 @@ impl OrderingCertificate {
         &self.0
     }
 }
+
+/// Gathers the votes for one commit as they arrive, until they make a
+/// certificate.
+#[derive(Debug, Clone)]
+pub struct VoteCollector {
+    channel: ChannelId,
+    epoch: u64,
+    commit_hash: CommitHash,
+    voters: VoterSet,
+    votes: BTreeMap<ServerName, Vote>,
+}
+
+impl VoteCollector {
+    /// A collector for `commit_hash` winning `epoch` of `channel`, checked
+    /// against `voters`.
+    pub fn new(channel: ChannelId, epoch: u64, commit_hash: CommitHash, voters: VoterSet) -> Self {
+        Self {
+            channel,
+            epoch,
+            commit_hash,
+            voters,
+            votes: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a (signature-checked) vote and returns the certificate once
+    /// the votes reach a majority, and again for each later vote. A vote for
+    /// something else, from a non-voter or under a key not accepted for its
+    /// server is refused with the reason; a second vote from a voter is
+    /// ignored.
+    pub fn add(&mut self, vote: Vote) -> Result<Option<OrderingCertificate>, CertificateError> {
+        if vote.channel() != self.channel || vote.epoch() != self.epoch {
+            return Err(CertificateError::MismatchedVote {
+                server: vote.server().clone(),
+                channel: vote.channel(),
+                epoch: vote.epoch(),
+            });
+        }
+        if vote.commit_hash() != self.commit_hash {
+            return Err(CertificateError::MismatchedHash {
+                expected: self.commit_hash,
+                found: vote.commit_hash(),
+            });
+        }
+        if !self.voters.contains(vote.server()) {
+            return Err(CertificateError::NotAVoter(vote.server().clone()));
+        }
+        if !self.voters.accepts(vote.server(), vote.server_key()) {
+            return Err(CertificateError::KeyNotAccepted(vote.server().clone()));
+        }
+        self.votes.entry(vote.server().clone()).or_insert(vote);
+        if self.votes.len() < self.voters.quorum() {
+            return Ok(None);
+        }
+        OrderingCertificate::assemble(
+            self.channel,
+            self.epoch,
+            self.commit_hash,
+            self.votes.values().cloned(),
+            &self.voters,
+        )
+        .map(Some)
+    }
+
+    /// How many distinct voters have voted.
+    pub fn count(&self) -> usize {
+        self.votes.len()
+    }
+}

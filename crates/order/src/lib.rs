@@ -72,7 +72,7 @@ pub mod vote;
 pub mod voters;
 
 pub use certificate::{
-    CertificateError, OrderingCertificate, OrderingCertificateIn, VoteSig, VoterSet,
+    CertificateError, OrderingCertificate, OrderingCertificateIn, VoteCollector, VoteSig, VoterSet,
 };
 pub use hash::CommitHash;
 pub use machine::{

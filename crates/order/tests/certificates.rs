@@ -266,3 +266,44 @@ fn decoding_limits() {
         Err(DecodeError::Malformed { .. })
     ));
 }
+
+#[test]
+fn collector_certifies_at_a_majority() {
+    use kith_order::VoteCollector;
+    let vs = voters(5);
+    let mut collector = VoteCollector::new(channel(), 4, CommitHash::of(COMMIT), set(&vs));
+    assert_eq!(collector.add(vote(&vs[3])), Ok(None));
+    assert_eq!(
+        collector.add(vote(&vs[3])),
+        Ok(None),
+        "a repeat counts once"
+    );
+    let stray = Vote::sign(
+        &vs[1].key,
+        vs[1].name.clone(),
+        channel(),
+        4,
+        CommitHash::of(b"x"),
+    );
+    assert!(matches!(
+        collector.add(stray),
+        Err(CertificateError::MismatchedHash { .. })
+    ));
+    let outsider = Vote::sign(
+        &SecretKey::from_seed([50; 32]),
+        "z.test".parse().unwrap(),
+        channel(),
+        4,
+        CommitHash::of(COMMIT),
+    );
+    assert!(matches!(
+        collector.add(outsider),
+        Err(CertificateError::NotAVoter(_))
+    ));
+    assert_eq!(collector.add(vote(&vs[0])), Ok(None));
+    let cert = collector.add(vote(&vs[4])).unwrap().unwrap();
+    assert_eq!(collector.count(), 3);
+    assert_eq!(check(&cert.encode(), &set(&vs)), Ok(cert));
+    let bigger = collector.add(vote(&vs[1])).unwrap().unwrap();
+    assert_eq!(bigger.votes().len(), 4);
+}
