@@ -313,12 +313,13 @@ async fn sqlite_log_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("order.sqlite");
     let start = || async {
-        ChannelOrderer::start_single_with_store(
+        ChannelOrderer::start_single_with(
             &fast(),
             server(0),
             ChannelOrder::new(channel(), 0),
             AcceptAll,
             SqliteLogStore::open(&path, channel()).unwrap(),
+            Router::new().network(channel()),
         )
         .await
         .unwrap()
@@ -426,6 +427,42 @@ async fn membership_follows_the_ordering_group() {
         4,
         "s2 is removed, s4 stays a learner"
     );
+    for n in &nodes {
+        n.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_server_group_grows() {
+    let router = Router::new();
+    let alone = ChannelOrderer::start_single_with(
+        &fast(),
+        server(0),
+        ChannelOrder::new(channel(), 0),
+        AcceptAll,
+        MemLogStore::new(),
+        router.network(channel()),
+    )
+    .await
+    .unwrap();
+    router.register(channel(), alone.node_id(), alone.raft().clone());
+    let alone = Arc::new(alone);
+    let outcome = alone.submit(submission(0, "alone")).await;
+    assert!(matches!(outcome, Ok(Outcome::Accepted { epoch: 0, .. })));
+
+    // A member from s1 joins: s1 becomes a second voter.
+    let joined = start_node(&router, 1).await;
+    let voters = [0, 1].map(server).into_iter().collect();
+    alone
+        .set_members(&voters, &Default::default())
+        .await
+        .unwrap();
+    let nodes = [alone, joined];
+    let outcome = submit(&nodes, submission(1, "together")).await;
+    assert!(matches!(outcome, Outcome::Accepted { epoch: 1, .. }));
+    settle(&nodes).await;
+    assert_eq!(nodes[0].order().await, nodes[1].order().await);
+    assert_eq!(nodes[1].order().await.current_epoch(), 2);
     for n in &nodes {
         n.shutdown().await.unwrap();
     }

@@ -280,8 +280,8 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
     }
 
     /// Starts and initializes a group whose only member is `server`, with
-    /// an in-memory log: the one-homeserver channel. The node is leader at
-    /// once and runs no timers.
+    /// an in-memory log and no network: the one-homeserver channel. The
+    /// node is leader at once and runs no timers.
     pub async fn start_single(
         config: &OrderConfig,
         server: ServerName,
@@ -289,31 +289,35 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
         first_epoch: u64,
         validator: V,
     ) -> Result<Self, OrderError> {
-        Self::start_single_with_store(
+        Self::start_single_with(
             config,
             server,
             ChannelOrder::new(channel, first_epoch),
             validator,
             MemLogStore::new(),
+            Router::new().network(channel),
         )
         .await
     }
 
-    /// Like [`start_single`](Self::start_single) over a given log store.
-    /// Restarting on a store that already holds the group's log resumes
-    /// it: the log is replayed into the state machine and the node is
-    /// leader again. Returns once the node leads.
-    pub async fn start_single_with_store<LS>(
+    /// Like [`start_single`](Self::start_single) over a given log store
+    /// and network (the network matters once the group grows, see
+    /// [`set_members`](Self::set_members)). Restarting on a store that
+    /// already holds the group's log resumes it: the log is replayed into
+    /// the state machine and the node is leader again. Returns once the
+    /// node leads.
+    pub async fn start_single_with<LS, N>(
         config: &OrderConfig,
         server: ServerName,
         order: ChannelOrder,
         validator: V,
         log_store: LS,
+        network: N,
     ) -> Result<Self, OrderError>
     where
         LS: RaftLogStorage<TypeConfig>,
+        N: RaftNetworkFactory<TypeConfig>,
     {
-        let network = Router::new().network(order.channel());
         let orderer = Self::start_with(
             config,
             false,
@@ -405,6 +409,11 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
             return Err(OrderError::Membership(
                 "a group needs at least one voter".into(),
             ));
+        }
+        if voters.len() + learners.len() > 1 {
+            // A group started alone runs without ticks; with peers it
+            // needs heartbeats and elections again.
+            self.raft.runtime_config().tick(true);
         }
         let known: BTreeSet<NodeId> = self.membership_nodes();
         for server in voters.iter().chain(learners) {
