@@ -1,0 +1,526 @@
+//! The ordering state machine under Raft: one openraft group per channel.
+//!
+//! - [`MemLogStore`] and [`SqliteLogStore`] (durable) implement
+//!   [`RaftLogStorage`].
+//! - [`OrderStateMachine`] implements openraft's `RaftStateMachine` by
+//!   applying each [`Submission`] through [`ChannelOrder::apply`]; the
+//!   response to each entry is its [`Outcome`].
+//! - [`Router`] carries RPCs between nodes in one process.
+//! - [`ChannelOrderer`] is the handle a server holds per channel:
+//!   [`submit`](ChannelOrderer::submit) goes through `Raft::client_write`.
+//!
+//! # Timers
+//!
+//! [`OrderConfig::default`] follows the spec's v0 timers: heartbeats every
+//! 1 s, election timeouts drawn from 3–6 s. A group with one member (all
+//! members on one homeserver) runs with openraft's tick disabled: it is
+//! leader from initialization on, sends no heartbeats and never holds an
+//! election, so an idle single-server channel costs one sleeping timer and
+//! no work. An idle multi-server group costs a heartbeat per follower per
+//! second; a server may quiesce it with `raft().runtime_config()` or by
+//! shutting the node down and restarting it from its log on the next
+//! submission. Snapshots are never built automatically
+//! ([`SnapshotPolicy::Never`]), so the log is never purged and a node that
+//! joins replays the whole log.
+//!
+//! ```
+//! use kith_order::{AcceptAll, ChannelOrderer, OrderConfig, Outcome, Submission, Submitter};
+//! use kith_proto::{ChannelId, DeviceId, ServerName};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+//! let server: ServerName = "solo.example".parse()?;
+//! let channel = ChannelId::from_bytes([1; 16]);
+//! let orderer =
+//!     ChannelOrderer::start_single(&OrderConfig::default(), server.clone(), channel, 0, AcceptAll)
+//!         .await?;
+//! let outcome = orderer
+//!     .submit(Submission {
+//!         channel,
+//!         epoch: 0,
+//!         commit: b"commit".to_vec(),
+//!         welcome: None,
+//!         group_info: vec![],
+//!         ratchet_tree: None,
+//!         submitter: Submitter { server, device: DeviceId::from_bytes([2; 32]) },
+//!     })
+//!     .await?;
+//! assert!(matches!(outcome, Outcome::Accepted { epoch: 0, .. }));
+//! orderer.shutdown().await?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })
+//! # }
+//! ```
+
+mod log_store;
+mod network;
+mod sqlite_store;
+mod state_machine;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kith_proto::{ChannelId, ServerName};
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::storage::RaftLogStorage;
+use openraft::{BasicNode, ChangeMembers, Config, Raft, RaftNetworkFactory, SnapshotPolicy};
+use sha2::{Digest, Sha256};
+
+pub use log_store::MemLogStore;
+pub use network::{InProcessConnection, InProcessNetwork, Router};
+pub use sqlite_store::{OpenError, SqliteLogStore};
+pub use state_machine::OrderStateMachine;
+
+use crate::machine::{ChannelOrder, CommitValidator, Outcome, Submission};
+
+/// How long a sole voter waits to see itself lead before calling an
+/// election, and how many times. Only bounds a wait: there is no network.
+const SOLE_LEADER_WAIT: Duration = Duration::from_secs(2);
+const SOLE_LEADER_ATTEMPTS: usize = 5;
+
+/// A node's id inside a channel's Raft group; see [`node_id`].
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// openraft's types for a channel's ordering group. Log entries are
+    /// [`Submission`]s, responses are their [`Outcome`]s (`None` for
+    /// Raft's own blank and membership entries), and a node's
+    /// [`BasicNode::addr`] is its server name.
+    pub TypeConfig:
+        D = Submission,
+        R = Option<Outcome>,
+        NodeId = NodeId,
+        Node = BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// The Raft node id of `server`: the first 8 bytes (big-endian) of
+/// SHA-256(`"kith-v0 RaftNodeId" || 0x00 || canonical name`). openraft
+/// needs a small copyable id; every server derives the same one from the
+/// name.
+pub fn node_id(server: &ServerName) -> NodeId {
+    let mut hasher = Sha256::new();
+    hasher.update(b"kith-v0 RaftNodeId\0");
+    hasher.update(server.as_str().as_bytes());
+    let digest: [u8; 32] = hasher.finalize().into();
+    let [a, b, c, d, e, f, g, h, ..] = digest;
+    u64::from_be_bytes([a, b, c, d, e, f, g, h])
+}
+
+/// Raft timers of a channel's ordering group, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderConfig {
+    /// How often a leader sends heartbeats.
+    pub heartbeat_ms: u64,
+    /// Shortest election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Longest election timeout.
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for OrderConfig {
+    /// The spec's v0 timers: 1 s heartbeats, 3–6 s election timeouts.
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 1000,
+            election_timeout_min_ms: 3000,
+            election_timeout_max_ms: 6000,
+        }
+    }
+}
+
+impl OrderConfig {
+    fn raft_config(&self, channel: ChannelId, ticking: bool) -> Result<Arc<Config>, OrderError> {
+        let config = Config {
+            cluster_name: channel.to_string(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::Never,
+            enable_tick: ticking,
+            ..Default::default()
+        };
+        let config = config
+            .validate()
+            .map_err(|e| OrderError::Config(e.to_string()))?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// Why a submission (or starting a group) failed. None of these mean the
+/// submission was rejected: a rejection is an [`Outcome`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    /// This node is not the group's leader; send the submission to the
+    /// leader (federation forwards it).
+    #[error("not the Raft leader of this channel (leader: {})", leader_server.as_ref().map_or("unknown", ServerName::as_str))]
+    NotLeader {
+        /// The leader's node id, if known.
+        leader: Option<NodeId>,
+        /// The leader's server name, if known.
+        leader_server: Option<ServerName>,
+    },
+    /// The Raft node has stopped (shut down, or a storage failure).
+    #[error("the channel's Raft node has stopped: {0}")]
+    Stopped(String),
+    /// Raft refused the request for another reason.
+    #[error("Raft refused the request: {0}")]
+    Raft(String),
+    /// The timers are inconsistent.
+    #[error("invalid Raft configuration: {0}")]
+    Config(String),
+    /// The group could not be initialized with these members.
+    #[error("cannot initialize the channel's Raft group: {0}")]
+    Initialize(String),
+    /// The membership change was refused (e.g. no voters, or another
+    /// change is in progress).
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    /// Raft answered without an outcome (a bug: submissions always have
+    /// one).
+    #[error("Raft answered a submission without an outcome")]
+    NoOutcome,
+}
+
+fn basic_node(server: &ServerName) -> BasicNode {
+    BasicNode {
+        addr: server.as_str().to_owned(),
+    }
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> OrderError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => OrderError::NotLeader {
+            leader: f.leader_id,
+            leader_server: f
+                .leader_node
+                .and_then(|n| ServerName::parse_canonical(&n.addr).ok()),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            OrderError::Membership(e.to_string())
+        }
+        RaftError::Fatal(e) => OrderError::Stopped(e.to_string()),
+    }
+}
+
+/// A server's handle on one channel's ordering group.
+pub struct ChannelOrderer<V> {
+    server: ServerName,
+    channel: ChannelId,
+    node: NodeId,
+    raft: Raft<TypeConfig>,
+    state: OrderStateMachine<V>,
+}
+
+impl<V> std::fmt::Debug for ChannelOrderer<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelOrderer")
+            .field("server", &self.server)
+            .field("channel", &self.channel)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
+    /// Starts this server's Raft node for `order`'s channel, over the given
+    /// log store and network. The node does nothing until the group is
+    /// initialized (on one member, see [`initialize`](Self::initialize)) or
+    /// a leader contacts it. `order` must be the state every member starts
+    /// from.
+    pub async fn start<LS, N>(
+        config: &OrderConfig,
+        server: ServerName,
+        order: ChannelOrder,
+        validator: V,
+        log_store: LS,
+        network: N,
+    ) -> Result<Self, OrderError>
+    where
+        LS: RaftLogStorage<TypeConfig>,
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        Self::start_with(config, true, server, order, validator, log_store, network).await
+    }
+
+    async fn start_with<LS, N>(
+        config: &OrderConfig,
+        ticking: bool,
+        server: ServerName,
+        order: ChannelOrder,
+        validator: V,
+        log_store: LS,
+        network: N,
+    ) -> Result<Self, OrderError>
+    where
+        LS: RaftLogStorage<TypeConfig>,
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        let channel = order.channel();
+        let node = node_id(&server);
+        let state = OrderStateMachine::new(order, validator);
+        let raft = Raft::new(
+            node,
+            config.raft_config(channel, ticking)?,
+            network,
+            log_store,
+            state.clone(),
+        )
+        .await
+        .map_err(|e| OrderError::Stopped(e.to_string()))?;
+        Ok(Self {
+            server,
+            channel,
+            node,
+            raft,
+            state,
+        })
+    }
+
+    /// Starts and initializes a group whose only member is `server`, with
+    /// an in-memory log and no network: the one-homeserver channel. The
+    /// node is leader at once and runs no timers.
+    pub async fn start_single(
+        config: &OrderConfig,
+        server: ServerName,
+        channel: ChannelId,
+        first_epoch: u64,
+        validator: V,
+    ) -> Result<Self, OrderError> {
+        Self::start_single_with(
+            config,
+            server,
+            ChannelOrder::new(channel, first_epoch),
+            validator,
+            MemLogStore::new(),
+            Router::new().network(channel),
+        )
+        .await
+    }
+
+    /// Like [`start_single`](Self::start_single) over a given log store
+    /// and network (the network matters once the group grows, see
+    /// [`set_members`](Self::set_members)). Restarting on a store that
+    /// already holds the group's log resumes it: the log is replayed into
+    /// the state machine and the node is leader again. Returns once the
+    /// node leads.
+    pub async fn start_single_with<LS, N>(
+        config: &OrderConfig,
+        server: ServerName,
+        order: ChannelOrder,
+        validator: V,
+        log_store: LS,
+        network: N,
+    ) -> Result<Self, OrderError>
+    where
+        LS: RaftLogStorage<TypeConfig>,
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        let orderer = Self::start_with(
+            config,
+            false,
+            server.clone(),
+            order,
+            validator,
+            log_store,
+            network,
+        )
+        .await?;
+        orderer.initialize([server]).await?;
+        orderer.lead_alone().await?;
+        Ok(orderer)
+    }
+
+    /// Waits until this sole voter leads. Without ticks nothing would
+    /// retry a missed election (say, a crash between saving a vote and
+    /// winning), so after each bounded wait it calls one itself.
+    async fn lead_alone(&self) -> Result<(), OrderError> {
+        for _ in 0..SOLE_LEADER_ATTEMPTS {
+            let waited = self
+                .raft
+                .wait(Some(SOLE_LEADER_WAIT))
+                .current_leader(self.node, "sole voter leads")
+                .await;
+            if waited.is_ok() {
+                return Ok(());
+            }
+            self.raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| OrderError::Stopped(e.to_string()))?;
+        }
+        Err(OrderError::Raft(format!(
+            "{} did not become leader of its own group",
+            self.server
+        )))
+    }
+
+    /// Forms the group with `members` as its voters. Call it on one member
+    /// only, once; calling it on a group that already formed is not an
+    /// error.
+    pub async fn initialize(
+        &self,
+        members: impl IntoIterator<Item = ServerName>,
+    ) -> Result<(), OrderError> {
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .into_iter()
+            .map(|s| (node_id(&s), basic_node(&s)))
+            .collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(RaftError::APIError(e)) => Err(OrderError::Initialize(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(OrderError::Stopped(e.to_string())),
+        }
+    }
+
+    /// Orders `submission`: appends it to the channel's Raft log and waits
+    /// until it is committed and applied here, then returns what applying it
+    /// did. Only the leader accepts submissions ([`OrderError::NotLeader`]
+    /// names it).
+    #[tracing::instrument(skip_all, fields(channel = %self.channel, node = self.node, epoch = submission.epoch))]
+    pub async fn submit(&self, submission: Submission) -> Result<Outcome, OrderError> {
+        let response = self
+            .raft
+            .client_write(submission)
+            .await
+            .map_err(write_error)?;
+        let outcome = response.data.ok_or(OrderError::NoOutcome)?;
+        tracing::debug!(?outcome, log_index = response.log_id.index, "ordered");
+        Ok(outcome)
+    }
+
+    /// Makes the group's members exactly `voters` (who vote, at most
+    /// [`MAX_VOTERS`](crate::MAX_VOTERS), see [`select_voters`](crate::select_voters))
+    /// and `learners` (the other servers of the ordering group, which follow
+    /// the log). Call it on the leader after a commit changed the ordering
+    /// group. New servers first join as learners and catch up, then the
+    /// voter set changes by joint consensus, then servers in neither set are
+    /// removed. A server in both sets is a voter.
+    #[tracing::instrument(skip_all, fields(channel = %self.channel, node = self.node))]
+    pub async fn set_members(
+        &self,
+        voters: &BTreeSet<ServerName>,
+        learners: &BTreeSet<ServerName>,
+    ) -> Result<(), OrderError> {
+        if voters.is_empty() {
+            return Err(OrderError::Membership(
+                "a group needs at least one voter".into(),
+            ));
+        }
+        if voters.len() + learners.len() > 1 {
+            // A group started alone runs without ticks; with peers it
+            // needs heartbeats and elections again.
+            self.raft.runtime_config().tick(true);
+        }
+        let known: BTreeSet<NodeId> = self.membership_nodes();
+        for server in voters.iter().chain(learners) {
+            let id = node_id(server);
+            if !known.contains(&id) {
+                self.raft
+                    .add_learner(id, basic_node(server), true)
+                    .await
+                    .map_err(write_error)?;
+            }
+        }
+        let voter_ids: BTreeSet<NodeId> = voters.iter().map(node_id).collect();
+        let current_voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .voter_ids()
+            .collect();
+        if voter_ids != current_voters {
+            self.raft
+                .change_membership(voter_ids.clone(), false)
+                .await
+                .map_err(write_error)?;
+        }
+        let keep: BTreeSet<NodeId> = voter_ids
+            .into_iter()
+            .chain(learners.iter().map(node_id))
+            .collect();
+        let stale: BTreeSet<NodeId> = self.membership_nodes().difference(&keep).copied().collect();
+        if !stale.is_empty() {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(stale), false)
+                .await
+                .map_err(write_error)?;
+        }
+        Ok(())
+    }
+
+    fn membership_nodes(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// A copy of the ordering state this node has applied.
+    pub async fn order(&self) -> ChannelOrder {
+        self.state.order().await
+    }
+
+    /// The current leader's node id, as this node knows it.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Whether this node believes it is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.node)
+    }
+
+    /// Waits up to `timeout` until this node has applied the log up to
+    /// `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), OrderError> {
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "applied")
+            .await
+            .map(|_| ())
+            .map_err(|e| OrderError::Raft(e.to_string()))
+    }
+
+    /// The index of the last entry in this node's log.
+    pub fn last_log_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().last_log_index
+    }
+
+    /// This server.
+    pub fn server(&self) -> &ServerName {
+        &self.server
+    }
+
+    /// This node's Raft id, [`node_id`] of the server name.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> ChannelId {
+        self.channel
+    }
+
+    /// The openraft handle, for the federation layer to feed incoming RPCs
+    /// to (`append_entries`, `vote`, `install_snapshot`) and to change
+    /// membership.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Stops the node. Its log store keeps what was written.
+    pub async fn shutdown(&self) -> Result<(), OrderError> {
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| OrderError::Stopped(e.to_string()))
+    }
+}
