@@ -4,7 +4,6 @@
 
 use kith_proto::DeviceId;
 use openmls::prelude::{LeafNodeIndex, Proposal, PublicGroup, Sender, StagedCommit};
-use sha2::{Digest, Sha256};
 
 use crate::extension::{ChannelExtension, ExtensionError};
 use crate::identity::{BindingError, leaf_device_id};
@@ -64,9 +63,10 @@ pub struct CommitInfo {
     pub changes_extension: bool,
 }
 
-/// SHA-256 of an MLS message's bytes: the hash an ordering vote names.
+/// The message id of an MLS message (`kith_proto::sign::message_id`): the
+/// hash an ordering vote names.
 pub fn commit_hash(message: &[u8]) -> [u8; 32] {
-    Sha256::digest(message).into()
+    kith_proto::sign::message_id(message)
 }
 
 fn member(group: &PublicGroup, index: LeafNodeIndex) -> Result<DeviceId, PolicyError> {

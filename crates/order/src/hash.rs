@@ -3,19 +3,9 @@
 
 use std::fmt;
 
-use sha2::{Digest, Sha256};
-use tls_codec::{TlsSerializeBytes, TlsSize, VLBytes};
-
-use kith_proto::codec::encode;
-use kith_proto::sign::LABEL_PREFIX;
-
-/// A commit's hash: its MessageId, `RefHash("MessageId", commit)`, i.e.
-/// SHA-256 over the encoding of
-///
-/// ```text
-/// struct { opaque label<V>; opaque value<V>; } RefHashInput;
-/// // label = "kith-v0 MessageId", value = the encoded commit (MLSMessage)
-/// ```
+/// A commit's hash: its message id ([`kith_proto::sign::message_id`]),
+/// SHA-256 over the `SignContent` encoding of label `kith-v0 MessageId` and
+/// the encoded commit (MLSMessage).
 ///
 /// Using the MessageId (spec §Common definitions) rather than a bare
 /// SHA-256 makes the hash in a certificate the same one that names the
@@ -23,20 +13,10 @@ use kith_proto::sign::LABEL_PREFIX;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CommitHash([u8; 32]);
 
-#[derive(TlsSize, TlsSerializeBytes)]
-struct RefHashInput {
-    label: VLBytes,
-    value: VLBytes,
-}
-
 impl CommitHash {
     /// The hash of `commit`, the encoded MLS message.
     pub fn of(commit: &[u8]) -> Self {
-        let input = RefHashInput {
-            label: VLBytes::new(format!("{LABEL_PREFIX}MessageId").into_bytes()),
-            value: VLBytes::new(commit.to_vec()),
-        };
-        Self(Sha256::digest(encode(&input)).into())
+        Self(kith_proto::sign::message_id(commit))
     }
 
     /// A hash from its raw bytes (as received; not checked against a commit).
@@ -99,6 +79,7 @@ impl<'de> serde::Deserialize<'de> for CommitHash {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn hash_is_labelled() {

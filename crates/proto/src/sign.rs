@@ -51,6 +51,8 @@ pub enum Label {
     FederationRequest,
     /// The HPKE `info` of an inbox envelope (not a signature).
     InboxEnvelope,
+    /// The hash that names a channel message or commit (not a signature).
+    MessageId,
 }
 
 impl Label {
@@ -66,6 +68,7 @@ impl Label {
             Label::Vote => "Vote",
             Label::FederationRequest => "FederationRequest",
             Label::InboxEnvelope => "InboxEnvelope",
+            Label::MessageId => "MessageId",
         }
     }
 }
@@ -84,6 +87,15 @@ pub fn labelled_content(label: Label, content: &[u8]) -> Vec<u8> {
         label: vl_bytes(full_label.as_bytes()),
         content: vl_bytes(content),
     })
+}
+
+/// The id of a channel message or commit: SHA-256 over the `SignContent`
+/// encoding of label `kith-v0 MessageId` and the encoded MLS message.
+/// Commits are named by it in votes and certificates; messages are
+/// deduplicated by it.
+pub fn message_id(message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(labelled_content(Label::MessageId, message)).into()
 }
 
 /// A public signature key as it appears on the wire:
