@@ -51,8 +51,75 @@ enum Command {
         /// The text.
         text: String,
     },
-    /// Fetch and process the inbox once; prints direct messages received.
+    /// Fetch and process the inbox and events once (joins channels, decrypts messages).
     Sync {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Channels: create, invite, remove, list.
+    Channel {
+        #[command(subcommand)]
+        command: ChannelCommand,
+    },
+    /// Send a message to a channel: TEXT, or the bytes of --file.
+    Send {
+        /// Channel id or name.
+        channel: String,
+        /// The text to send.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// Send this file's bytes instead.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Sync, then print a channel's latest messages.
+    Read {
+        /// Channel id or name.
+        channel: String,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// How many messages.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Print a channel's messages as they arrive, until interrupted.
+    Tail {
+        /// Channel id or name.
+        channel: String,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChannelCommand {
+    /// Create a channel; prints its id.
+    Create {
+        /// The channel's name.
+        name: String,
+        /// The content type of its messages.
+        #[arg(long = "type", default_value = "text/plain")]
+        content_type: String,
+    },
+    /// Add every device of a user to a channel.
+    Invite {
+        /// Channel id or name.
+        channel: String,
+        /// The user, name@server.
+        handle: String,
+    },
+    /// Remove every device of a user from a channel.
+    Remove {
+        /// Channel id or name.
+        channel: String,
+        /// The user, name@server.
+        handle: String,
+    },
+    /// List the channels this device knows.
+    List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -108,18 +175,150 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sync { json } => {
             let mut client = Client::open(&home)?;
-            for m in client.sync_inbox().await? {
+            let report = client.sync().await?;
+            for m in &report.direct {
                 let text = String::from_utf8_lossy(&m.body);
                 if json {
                     println!(
                         "{}",
-                        json!({ "sender": m.sender, "sent_at": m.sent_at, "text": text })
+                        json!({ "direct": { "sender": m.sender, "sent_at": m.sent_at, "text": text } })
                     );
                 } else {
-                    println!("<{}> {}", m.sender, text);
+                    println!("<{}> (direct) {}", m.sender, text);
+                }
+            }
+            let joined: Vec<String> = report.joined.iter().map(|c| c.to_string()).collect();
+            if json {
+                println!(
+                    "{}",
+                    json!({ "joined": joined, "messages": report.messages, "commits": report.commits })
+                );
+            } else {
+                for c in &joined {
+                    println!("joined channel {c}");
+                }
+                eprintln!(
+                    "{} new message(s), {} commit(s)",
+                    report.messages, report.commits
+                );
+            }
+        }
+        Command::Channel { command } => channel(&home, command).await?,
+        Command::Send {
+            channel,
+            text,
+            file,
+        } => {
+            let mut client = Client::open(&home)?;
+            let row = client.resolve_channel(&channel)?;
+            let body = match (text, file) {
+                (Some(text), _) => text.into_bytes(),
+                (None, Some(path)) => {
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?
+                }
+                (None, None) => anyhow::bail!("give TEXT or --file PATH"),
+            };
+            let id = client.send(row.id, &body).await?;
+            eprintln!("sent {id}");
+        }
+        Command::Read {
+            channel,
+            json,
+            limit,
+        } => {
+            let mut client = Client::open(&home)?;
+            client.sync().await?;
+            let row = client.resolve_channel(&channel)?;
+            for m in client.messages(row.id, limit)? {
+                print_message(&m, json);
+            }
+        }
+        Command::Tail { channel, json } => {
+            let mut client = Client::open(&home)?;
+            let row = client.resolve_channel(&channel)?;
+            let mut seen: std::collections::HashSet<String> = client
+                .messages(row.id, 1000)?
+                .into_iter()
+                .map(|m| m.id)
+                .collect();
+            loop {
+                match client.sync().await {
+                    Ok(_) => {
+                        for m in client.messages(row.id, 1000)? {
+                            if seen.insert(m.id.clone()) {
+                                print_message(&m, json);
+                            }
+                        }
+                    }
+                    // The homeserver may be restarting: keep trying.
+                    Err(e) => eprintln!("kith: {e}"),
+                }
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
                 }
             }
         }
     }
     Ok(())
+}
+
+async fn channel(home: &std::path::Path, command: ChannelCommand) -> anyhow::Result<()> {
+    let mut client = Client::open(home)?;
+    match command {
+        ChannelCommand::Create { name, content_type } => {
+            let id = client.create_channel(&name, &content_type).await?;
+            println!("{id}");
+        }
+        ChannelCommand::Invite { channel, handle } => {
+            client.sync().await?;
+            let row = client.resolve_channel(&channel)?;
+            let n = client.invite(row.id, &handle).await?;
+            eprintln!("added {n} device(s) of {handle}");
+        }
+        ChannelCommand::Remove { channel, handle } => {
+            client.sync().await?;
+            let row = client.resolve_channel(&channel)?;
+            let n = client.remove(row.id, &handle).await?;
+            eprintln!("removed {n} device(s) of {handle}");
+        }
+        ChannelCommand::List { json } => {
+            for c in client.channels()? {
+                let (epoch, members) = match client.channel_state(c.id) {
+                    Ok((epoch, _)) => (
+                        Some(epoch),
+                        client.members(c.id).map(|m| m.len()).unwrap_or(0),
+                    ),
+                    Err(_) => (None, 0),
+                };
+                if json {
+                    println!(
+                        "{}",
+                        json!({ "id": c.id.to_string(), "name": c.name, "content_type": c.content_type,
+                                "active": c.active, "epoch": epoch, "members": members })
+                    );
+                } else {
+                    let state = if c.active { "" } else { " (left)" };
+                    println!(
+                        "{}  {}  {}  {} member(s){}",
+                        c.id, c.name, c.content_type, members, state
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_message(m: &kith_client::MessageRow, json: bool) {
+    let text = String::from_utf8_lossy(&m.body);
+    if json {
+        println!(
+            "{}",
+            json!({ "id": m.id, "seq": m.seq, "sender": m.sender, "sender_device": m.sender_device.to_string(),
+                    "time": m.received_at, "epoch": m.epoch, "text": text })
+        );
+    } else {
+        println!("<{}> {}", m.sender, text);
+    }
 }

@@ -309,4 +309,206 @@ impl Api {
             .await?;
         Ok(())
     }
+
+    /// `POST /v0/channels`.
+    pub async fn create_channel(
+        &self,
+        channel: &str,
+        group_info: &[u8],
+        ratchet_tree: &[u8],
+    ) -> Result<(), ClientError> {
+        let body = json!({ "channel": channel, "group_info": b64(group_info), "ratchet_tree": b64(ratchet_tree) });
+        let _: Value = self
+            .call(reqwest::Method::POST, "/v0/channels", Some(body))
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /v0/channels/{id}/commits`.
+    pub async fn submit_commit(
+        &self,
+        channel: &str,
+        bundle: &CommitBundle,
+    ) -> Result<Accepted, ClientError> {
+        let body = json!({
+            "epoch": bundle.epoch,
+            "commit": b64(&bundle.commit),
+            "welcome": bundle.welcome.as_deref().map(b64),
+            "group_info": b64(&bundle.group_info),
+            "ratchet_tree": bundle.ratchet_tree.as_deref().map(b64),
+        });
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v0/channels/{channel}/commits"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `GET /v0/channels/{id}/commits?from_epoch=N`.
+    pub async fn commits(
+        &self,
+        channel: &str,
+        from_epoch: u64,
+    ) -> Result<Vec<CertifiedCommit>, ClientError> {
+        #[derive(Deserialize)]
+        struct Commits {
+            commits: Vec<CertifiedCommit>,
+        }
+        let c: Commits = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v0/channels/{channel}/commits?from_epoch={from_epoch}"),
+                None,
+            )
+            .await?;
+        Ok(c.commits)
+    }
+
+    /// `GET /v0/channels/{id}/tree?epoch=E`: `(ratchet tree, group info)`.
+    pub async fn tree(&self, channel: &str, epoch: u64) -> Result<(Vec<u8>, Vec<u8>), ClientError> {
+        #[derive(Deserialize)]
+        struct Tree {
+            ratchet_tree: String,
+            group_info: String,
+        }
+        let t: Tree = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v0/channels/{channel}/tree?epoch={epoch}"),
+                None,
+            )
+            .await?;
+        Ok((
+            unb64("ratchet_tree", &t.ratchet_tree)?,
+            unb64("group_info", &t.group_info)?,
+        ))
+    }
+
+    /// `POST /v0/channels/{id}/messages`: returns `(id, seq)`.
+    pub async fn send_message(
+        &self,
+        channel: &str,
+        epoch: u64,
+        message: &[u8],
+    ) -> Result<(String, u64), ClientError> {
+        #[derive(Deserialize)]
+        struct Sent {
+            id: String,
+            seq: u64,
+        }
+        let body = json!({ "epoch": epoch, "message": b64(message) });
+        let s: Sent = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v0/channels/{channel}/messages"),
+                Some(body),
+            )
+            .await?;
+        Ok((s.id, s.seq))
+    }
+
+    /// `GET /v0/channels/{id}/messages?after=SEQ`.
+    pub async fn channel_messages(
+        &self,
+        channel: &str,
+        after: u64,
+    ) -> Result<Vec<StoredMessage>, ClientError> {
+        #[derive(Deserialize)]
+        struct Messages {
+            messages: Vec<StoredMessage>,
+        }
+        let m: Messages = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v0/channels/{channel}/messages?after={after}&limit=500"),
+                None,
+            )
+            .await?;
+        Ok(m.messages)
+    }
+
+    /// `GET /v0/events?after=CURSOR`.
+    pub async fn events(&self, after: u64) -> Result<Vec<Value>, ClientError> {
+        #[derive(Deserialize)]
+        struct Events {
+            events: Vec<Value>,
+        }
+        let e: Events = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v0/events?after={after}&limit=500"),
+                None,
+            )
+            .await?;
+        Ok(e.events)
+    }
+
+    /// `POST /v0/events/ack`.
+    pub async fn ack_events(&self, cursor: u64) -> Result<(), ClientError> {
+        let _: Value = self
+            .call(
+                reqwest::Method::POST,
+                "/v0/events/ack",
+                Some(json!({ "ack": cursor })),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// A commit with what is stored beside it, as submitted.
+#[derive(Debug, Clone)]
+pub struct CommitBundle {
+    /// The epoch the commit applies to.
+    pub epoch: u64,
+    /// The commit (MLSMessage).
+    pub commit: Vec<u8>,
+    /// The Welcome, if it adds devices.
+    pub welcome: Option<Vec<u8>>,
+    /// The GroupInfo of the new epoch.
+    pub group_info: Vec<u8>,
+    /// The ratchet tree of the new epoch.
+    pub ratchet_tree: Option<Vec<u8>>,
+}
+
+/// `POST /v0/channels/{id}/commits` when the commit won its epoch.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Accepted {
+    /// The epoch it applies to.
+    pub epoch: u64,
+    /// The commit hash (hex).
+    pub commit_hash: String,
+    /// The encoded ordering certificate (base64url).
+    pub certificate: String,
+}
+
+/// An accepted commit with its certificate.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CertifiedCommit {
+    /// The epoch it applies to.
+    pub epoch: u64,
+    /// The commit (base64url).
+    pub commit: String,
+    /// The commit hash (hex).
+    pub commit_hash: String,
+    /// The ordering certificate (base64url).
+    pub certificate: String,
+}
+
+/// A channel message as the homeserver stores it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoredMessage {
+    /// Sequence number in the channel.
+    pub seq: u64,
+    /// Message id (hex).
+    pub id: String,
+    /// Epoch it was sent in.
+    pub epoch: u64,
+    /// Sending device (hex).
+    pub sender: String,
+    /// The MLS message (base64url).
+    pub message: String,
+    /// When the server received it.
+    pub received_at: u64,
 }

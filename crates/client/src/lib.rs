@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod channels;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ use kith_proto::{
 };
 
 pub use api::Api;
+pub use channels::SyncReport;
+pub use store::{ChannelRow, MessageRow};
 use store::{Identity, Store};
 
 /// Why a client operation failed.
@@ -394,9 +397,21 @@ impl Client {
     /// and acknowledges what was handled. Envelopes that do not open are
     /// acknowledged too (they can never open) and reported in the log.
     pub async fn sync_inbox(&mut self) -> Result<Vec<DirectMessage>, ClientError> {
+        let mut report = channels::SyncReport::default();
+        self.sync_inbox_into(&mut report).await?;
+        Ok(report.direct)
+    }
+
+    /// Processes the inbox: stores direct messages and joins channels from
+    /// Welcomes. An item is acknowledged (deleted) once handled; one that
+    /// can never be handled (does not open, bad Welcome) is logged and
+    /// deleted too, so it cannot block the queue.
+    pub(crate) async fn sync_inbox_into(
+        &mut self,
+        report: &mut channels::SyncReport,
+    ) -> Result<(), ClientError> {
         let items = self.authed(|api| async move { api.inbox().await }).await?;
         let me = self.device_id();
-        let mut direct = Vec::new();
         for item in items {
             let envelope = api::unb64("envelope", &item.envelope)?;
             match self.inbox_key.open(&me, &envelope) {
@@ -409,12 +424,19 @@ impl Client {
                         &message.body,
                         now_ms(),
                     )?;
-                    direct.push(DirectMessage {
+                    report.direct.push(DirectMessage {
                         sender,
                         sender_device: message.sender,
                         sent_at: message.sent_at,
                         body: message.body,
                     });
+                }
+                Ok(message) if message.kind == InboxKind::Welcome => {
+                    match self.join_from_welcome(&message.body).await {
+                        Ok(channel) => report.joined.push(channel),
+                        Err(e @ ClientError::Unreachable(..)) => return Err(e),
+                        Err(e) => tracing::warn!(id = item.id, "cannot join from a Welcome: {e}"),
+                    }
                 }
                 Ok(message) => {
                     tracing::info!(kind = ?message.kind, "inbox item of a kind this client does not handle yet");
@@ -427,7 +449,7 @@ impl Client {
             self.authed(|api| async move { api.ack_inbox(id).await })
                 .await?;
         }
-        Ok(direct)
+        Ok(())
     }
 
     /// The handle of `device`, from its record, or its id if unknown.

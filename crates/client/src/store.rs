@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use kith_proto::{ChannelId, DeviceId};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::ClientError;
@@ -51,6 +52,41 @@ CREATE TABLE IF NOT EXISTS identity (
     handle TEXT NOT NULL,
     record BLOB NOT NULL,
     token TEXT
+);
+CREATE TABLE IF NOT EXISTS channels (
+    id BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS messages (
+    channel BLOB NOT NULL,
+    id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    sender_device BLOB NOT NULL,
+    sender TEXT NOT NULL,
+    body BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (channel, id)
+);
+CREATE TABLE IF NOT EXISTS future_messages (
+    channel BLOB NOT NULL,
+    id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    sender_device BLOB NOT NULL,
+    message BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (channel, id)
+);
+CREATE TABLE IF NOT EXISTS records (
+    device BLOB PRIMARY KEY,
+    record BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    events_after INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS direct_messages (
     sender TEXT NOT NULL,
@@ -144,6 +180,234 @@ impl Store {
                 body,
                 received_at as i64
             ],
+        )?;
+        Ok(())
+    }
+}
+
+/// A channel this device knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelRow {
+    /// The channel id.
+    pub id: ChannelId,
+    /// Its name.
+    pub name: String,
+    /// Its content type.
+    pub content_type: String,
+    /// Whether this device is still a member.
+    pub active: bool,
+}
+
+/// A received (or sent) channel message, decrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRow {
+    /// The message id (hex).
+    pub id: String,
+    /// The server's sequence number in the channel.
+    pub seq: u64,
+    /// The epoch it was sent in.
+    pub epoch: u64,
+    /// The sending device.
+    pub sender_device: DeviceId,
+    /// The sender's handle (or device id when unknown).
+    pub sender: String,
+    /// The application payload.
+    pub body: Vec<u8>,
+    /// When the homeserver received it.
+    pub received_at: u64,
+}
+
+/// A message of an epoch this device has not reached yet.
+#[derive(Debug, Clone)]
+pub struct FutureMessage {
+    /// The message id.
+    pub id: [u8; 32],
+    /// The server's sequence number.
+    pub seq: u64,
+    /// Its epoch.
+    pub epoch: u64,
+    /// The sending device.
+    pub sender_device: DeviceId,
+    /// The MLS message.
+    pub message: Vec<u8>,
+    /// When the homeserver received it.
+    pub received_at: u64,
+}
+
+fn blob32(v: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
+    v.try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(0, "32-byte id".into(), rusqlite::types::Type::Blob)
+    })
+}
+
+fn blob16(v: Vec<u8>) -> rusqlite::Result<[u8; 16]> {
+    v.try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(0, "16-byte id".into(), rusqlite::types::Type::Blob)
+    })
+}
+
+impl Store {
+    /// Records a channel (or updates its name and state).
+    pub fn save_channel(&self, row: &ChannelRow) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT INTO channels (id, name, content_type, active) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET name = ?2, content_type = ?3, active = ?4",
+            params![
+                &row.id.as_bytes()[..],
+                row.name,
+                row.content_type,
+                row.active
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every channel this device knows, by name.
+    pub fn channels(&self) -> Result<Vec<ChannelRow>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, name, content_type, active FROM channels ORDER BY name, id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ChannelRow {
+                id: ChannelId::from_bytes(blob16(r.get(0)?)?),
+                name: r.get(1)?,
+                content_type: r.get(2)?,
+                active: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a decrypted message (once per id).
+    pub fn save_message(&self, channel: &ChannelId, m: &MessageRow) -> Result<(), ClientError> {
+        let id = hex::decode(&m.id).map_err(|_| ClientError::Store("bad message id".into()))?;
+        self.conn.execute(
+            "INSERT OR IGNORE INTO messages (channel, id, seq, epoch, sender_device, sender, body, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                &channel.as_bytes()[..],
+                id,
+                m.seq as i64,
+                m.epoch as i64,
+                &m.sender_device.as_bytes()[..],
+                m.sender,
+                m.body,
+                m.received_at as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The last `limit` messages of a channel, oldest first.
+    pub fn messages(
+        &self,
+        channel: &ChannelId,
+        limit: usize,
+    ) -> Result<Vec<MessageRow>, ClientError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, seq, epoch, sender_device, sender, body, received_at FROM messages
+             WHERE channel = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![&channel.as_bytes()[..], limit as i64], |r| {
+            Ok(MessageRow {
+                id: hex::encode(r.get::<_, Vec<u8>>(0)?),
+                seq: r.get::<_, i64>(1)? as u64,
+                epoch: r.get::<_, i64>(2)? as u64,
+                sender_device: DeviceId::from_bytes(blob32(r.get(3)?)?),
+                sender: r.get(4)?,
+                body: r.get(5)?,
+                received_at: r.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        let mut out: Vec<MessageRow> = rows.collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Buffers a message for an epoch this device has not reached.
+    pub fn save_future(&self, channel: &ChannelId, m: &FutureMessage) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO future_messages (channel, id, seq, epoch, sender_device, message, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                &channel.as_bytes()[..],
+                &m.id[..],
+                m.seq as i64,
+                m.epoch as i64,
+                &m.sender_device.as_bytes()[..],
+                m.message,
+                m.received_at as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Takes the buffered messages of `channel` with epoch at most `epoch`.
+    pub fn take_future(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+    ) -> Result<Vec<FutureMessage>, ClientError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, seq, epoch, sender_device, message, received_at FROM future_messages
+             WHERE channel = ?1 AND epoch <= ?2 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![&channel.as_bytes()[..], epoch as i64], |r| {
+            Ok(FutureMessage {
+                id: blob32(r.get(0)?)?,
+                seq: r.get::<_, i64>(1)? as u64,
+                epoch: r.get::<_, i64>(2)? as u64,
+                sender_device: DeviceId::from_bytes(blob32(r.get(3)?)?),
+                message: r.get(4)?,
+                received_at: r.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        let out: Vec<FutureMessage> = rows.collect::<Result<_, _>>()?;
+        self.conn.execute(
+            "DELETE FROM future_messages WHERE channel = ?1 AND epoch <= ?2",
+            params![&channel.as_bytes()[..], epoch as i64],
+        )?;
+        Ok(out)
+    }
+
+    /// A cached device record.
+    pub fn record(&self, device: &DeviceId) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT record FROM records WHERE device = ?1",
+                params![&device.as_bytes()[..]],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Caches a device record.
+    pub fn save_record(&self, device: &DeviceId, record: &[u8]) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO records (device, record) VALUES (?1, ?2)",
+            params![&device.as_bytes()[..], record],
+        )?;
+        Ok(())
+    }
+
+    /// The event cursor this device has processed up to.
+    pub fn events_after(&self) -> Result<u64, ClientError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row("SELECT events_after FROM cursor WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+
+    /// Records the processed event cursor.
+    pub fn set_events_after(&self, cursor: u64) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT INTO cursor (id, events_after) VALUES (1, ?1)
+             ON CONFLICT(id) DO UPDATE SET events_after = MAX(events_after, ?1)",
+            params![cursor as i64],
         )?;
         Ok(())
     }

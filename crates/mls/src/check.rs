@@ -51,7 +51,7 @@ pub enum PolicyError {
 pub struct CommitInfo {
     /// The epoch the commit applies to (the group moves to `epoch + 1`).
     pub epoch: u64,
-    /// SHA-256 of the commit's MLSMessage bytes.
+    /// The commit's message id (`kith_proto::sign::message_id`).
     pub commit_hash: [u8; 32],
     /// The committer.
     pub sender: DeviceId,

@@ -1,0 +1,684 @@
+//! Channels: creating them, adding and removing members, sending, and
+//! processing what arrives — commits only with a valid ordering certificate,
+//! messages of a future epoch buffered until the device gets there.
+//!
+//! Everything that changes one channel's MLS state runs through `&mut
+//! Client`, so processing of a channel is serialised.
+
+use kith_mls::{
+    ChannelExtension, ChannelName, ChannelSettings, CommitOutput, ContentType, Incoming, Policy,
+};
+use kith_order::{OrderingCertificateIn, VoterSet};
+use kith_proto::inbox::InboxKind;
+use kith_proto::{ChannelId, DeviceId, DeviceRecord, DeviceRecordIn, Handle, SignaturePublicKey};
+use serde_json::{Value, json};
+
+use crate::api::{CommitBundle, unb64};
+use crate::store::{ChannelRow, FutureMessage, MessageRow};
+use crate::{Client, ClientError, now_ms};
+
+/// How often a commit is retried when other commits keep winning its epoch.
+pub const MAX_COMMIT_ATTEMPTS: usize = 8;
+
+/// What one sync did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Channels joined through Welcomes in the inbox.
+    pub joined: Vec<ChannelId>,
+    /// Channel messages decrypted and stored.
+    pub messages: usize,
+    /// Commits merged.
+    pub commits: usize,
+    /// Direct messages received.
+    pub direct: Vec<crate::DirectMessage>,
+}
+
+/// The body of a Welcome deposited in an invitee's inbox.
+fn welcome_body(channel: ChannelId, epoch: u64, welcome: &[u8]) -> Vec<u8> {
+    json!({ "channel": channel.to_string(), "epoch": epoch, "welcome": crate::api::b64(welcome) })
+        .to_string()
+        .into_bytes()
+}
+
+fn protocol(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Protocol(e.to_string())
+}
+
+fn field<'a>(event: &'a Value, name: &str) -> Result<&'a Value, ClientError> {
+    event
+        .get(name)
+        .ok_or_else(|| protocol(format!("event without `{name}`")))
+}
+
+fn field_str<'a>(event: &'a Value, name: &str) -> Result<&'a str, ClientError> {
+    field(event, name)?
+        .as_str()
+        .ok_or_else(|| protocol(format!("event field `{name}` is not text")))
+}
+
+fn field_u64(event: &Value, name: &str) -> Result<u64, ClientError> {
+    field(event, name)?
+        .as_u64()
+        .ok_or_else(|| protocol(format!("event field `{name}` is not a number")))
+}
+
+fn is_wrong_epoch(e: &ClientError) -> bool {
+    matches!(e, ClientError::Server { status: 409, code, .. } if code == "wrong_epoch")
+}
+
+impl Client {
+    /// Creates a channel named `name` whose payloads are `content_type`,
+    /// with this device as its only member and admin.
+    pub async fn create_channel(
+        &mut self,
+        name: &str,
+        content_type: &str,
+    ) -> Result<ChannelId, ClientError> {
+        let content: ContentType = content_type
+            .parse()
+            .map_err(|e| ClientError::Invalid(format!("content type: {e}")))?;
+        let channel_name: ChannelName = name
+            .parse()
+            .map_err(|e| ClientError::Invalid(format!("channel name: {e}")))?;
+        let policy =
+            Policy::new([self.device_id()]).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let extension = ChannelExtension::new(content, channel_name, policy);
+        let id = ChannelId::random();
+        let (group_info, tree) = {
+            let channel = self
+                .mls
+                .create_channel(id, &ChannelSettings::new(extension))?;
+            (channel.group_info()?, channel.ratchet_tree()?)
+        };
+        let text = id.to_string();
+        self.authed(|api| {
+            let (c, g, t) = (text.clone(), group_info.clone(), tree.clone());
+            async move { api.create_channel(&c, &g, &t).await }
+        })
+        .await?;
+        self.store.save_channel(&ChannelRow {
+            id,
+            name: name.to_owned(),
+            content_type: content_type.to_owned(),
+            active: true,
+        })?;
+        Ok(id)
+    }
+
+    /// The channels this device knows.
+    pub fn channels(&self) -> Result<Vec<ChannelRow>, ClientError> {
+        self.store.channels()
+    }
+
+    /// Finds a channel by id or by name (names must be unambiguous).
+    pub fn resolve_channel(&self, text: &str) -> Result<ChannelRow, ClientError> {
+        let channels = self.store.channels()?;
+        if let Ok(id) = text.parse::<ChannelId>()
+            && let Some(row) = channels.iter().find(|c| c.id == id)
+        {
+            return Ok(row.clone());
+        }
+        let named: Vec<&ChannelRow> = channels.iter().filter(|c| c.name == text).collect();
+        match named.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(ClientError::Invalid(format!(
+                "no channel {text:?} (see `kith channel list`)"
+            ))),
+            _ => Err(ClientError::Invalid(format!(
+                "several channels are named {text:?}: use the channel id"
+            ))),
+        }
+    }
+
+    /// The current epoch of a channel and its epoch authenticator (equal
+    /// on every member that agrees on the channel's history).
+    pub fn channel_state(&self, id: ChannelId) -> Result<(u64, Vec<u8>), ClientError> {
+        let channel = self.mls.channel(id)?;
+        Ok((channel.epoch(), channel.epoch_authenticator()))
+    }
+
+    /// The channel's members.
+    pub fn members(&self, id: ChannelId) -> Result<Vec<DeviceId>, ClientError> {
+        Ok(self.mls.channel(id)?.members())
+    }
+
+    /// Adds every device of `handle` to the channel and sends each its
+    /// Welcome. Returns how many devices were added.
+    pub async fn invite(&mut self, id: ChannelId, handle: &str) -> Result<usize, ClientError> {
+        let target: Handle = handle
+            .parse()
+            .map_err(|e| ClientError::Invalid(format!("handle {handle:?}: {e}")))?;
+        let wanted = target.to_string();
+        let claim = self
+            .authed(|api| {
+                let h = wanted.clone();
+                async move { api.claim_key_packages(&h).await }
+            })
+            .await?;
+        let mut packages: Vec<(DeviceId, Vec<u8>)> = Vec::new();
+        for p in &claim.packages {
+            let device: DeviceId = p.device.parse().map_err(protocol)?;
+            packages.push((device, unb64("package", &p.package)?));
+        }
+        if packages.is_empty() {
+            return Err(ClientError::Invalid(format!(
+                "{target} has no devices with key packages"
+            )));
+        }
+        let outcome = self
+            .commit_with_retry(id, |channel| {
+                let members = channel.members();
+                let fresh: Vec<&Vec<u8>> = packages
+                    .iter()
+                    .filter(|(d, _)| !members.contains(d))
+                    .map(|(_, p)| p)
+                    .collect();
+                if fresh.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(channel.add(&fresh)?))
+            })
+            .await?;
+        let Some((output, epoch)) = outcome else {
+            return Ok(0);
+        };
+        let Some(welcome) = output.welcome.as_deref() else {
+            return Ok(0);
+        };
+        let body = welcome_body(id, epoch + 1, welcome);
+        let records = self.user_devices(&target.to_string()).await?;
+        let mut sent = 0;
+        for record in records
+            .iter()
+            .filter(|r| output.info.added.contains(&r.device_id()))
+        {
+            let envelope = kith_proto::inbox::seal(
+                self.secret_key(),
+                record.device_id(),
+                record.inbox_key(),
+                InboxKind::Welcome,
+                &body,
+                now_ms(),
+            )
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+            let device = record.device_id().to_string();
+            self.authed(|api| {
+                let (d, e) = (device.clone(), envelope.clone());
+                async move { api.deposit(&d, &e).await }
+            })
+            .await?;
+            sent += 1;
+        }
+        Ok(sent)
+    }
+
+    /// Removes every device of `handle` from the channel. Returns how many
+    /// devices were removed.
+    pub async fn remove(&mut self, id: ChannelId, handle: &str) -> Result<usize, ClientError> {
+        let target: Handle = handle
+            .parse()
+            .map_err(|e| ClientError::Invalid(format!("handle {handle:?}: {e}")))?;
+        self.catch_up(id).await?;
+        let mut devices = Vec::new();
+        for member in self.members(id)? {
+            let record = self.member_record(&member).await?;
+            if record.handles().any(|h| h == target) {
+                devices.push(member);
+            }
+        }
+        if devices.is_empty() {
+            return Err(ClientError::Invalid(format!(
+                "{target} is not a member of this channel"
+            )));
+        }
+        let outcome = self
+            .commit_with_retry(id, |channel| {
+                let members = channel.members();
+                let present: Vec<DeviceId> = devices
+                    .iter()
+                    .copied()
+                    .filter(|d| members.contains(d))
+                    .collect();
+                if present.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(channel.remove(&present)?))
+            })
+            .await?;
+        Ok(outcome.map(|(o, _)| o.info.removed.len()).unwrap_or(0))
+    }
+
+    /// Updates this device's own leaf (fresh key material): the commit any
+    /// member may make.
+    pub async fn self_update(&mut self, id: ChannelId) -> Result<u64, ClientError> {
+        let outcome = self
+            .commit_with_retry(id, |channel| Ok(Some(channel.self_update()?)))
+            .await?;
+        Ok(outcome.map(|(_, epoch)| epoch + 1).unwrap_or(0))
+    }
+
+    /// Makes a commit with `intent` and orders it: on `wrong_epoch` the
+    /// pending commit is dropped, the winner processed, and `intent` asked
+    /// again on the new epoch. `intent` returning `None` means there is
+    /// nothing left to do. Returns the merged commit and the epoch it
+    /// applied to.
+    async fn commit_with_retry<F>(
+        &mut self,
+        id: ChannelId,
+        mut intent: F,
+    ) -> Result<Option<(CommitOutput, u64)>, ClientError>
+    where
+        F: FnMut(&mut kith_mls::Channel<'_>) -> Result<Option<CommitOutput>, ClientError>,
+    {
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            self.catch_up(id).await?;
+            let (output, epoch, members) = {
+                let mut channel = self.mls.channel(id)?;
+                if channel.has_pending_commit() {
+                    channel.clear_pending()?;
+                }
+                let epoch = channel.epoch();
+                let members = channel.members();
+                match intent(&mut channel)? {
+                    Some(output) => (output, epoch, members),
+                    None => return Ok(None),
+                }
+            };
+            let bundle = CommitBundle {
+                epoch,
+                commit: output.commit.clone(),
+                welcome: output.welcome.clone(),
+                group_info: output.group_info.clone(),
+                ratchet_tree: Some(output.ratchet_tree.clone()),
+            };
+            let text = id.to_string();
+            let submitted = self
+                .authed(|api| {
+                    let (c, b) = (text.clone(), bundle.clone());
+                    async move { api.submit_commit(&c, &b).await }
+                })
+                .await;
+            match submitted {
+                Ok(accepted) => {
+                    let checked = match self.voter_set(&members).await {
+                        Ok(voters) => {
+                            unb64("certificate", &accepted.certificate).and_then(|cert| {
+                                OrderingCertificateIn::decode(&cert)
+                                    .map_err(protocol)?
+                                    .verify_for(id, epoch, &output.commit, &voters)
+                                    .map_err(|e| {
+                                        protocol(format!(
+                                            "the commit's ordering certificate is invalid: {e}"
+                                        ))
+                                    })
+                            })
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let mut channel = self.mls.channel(id)?;
+                    if let Err(e) = checked {
+                        channel.clear_pending()?;
+                        return Err(e);
+                    }
+                    channel.merge_pending()?;
+                    drop(channel);
+                    self.flush_future(id).await?;
+                    return Ok(Some((output, epoch)));
+                }
+                Err(e) if is_wrong_epoch(&e) => {
+                    tracing::info!(channel = %id, epoch, "another commit won the epoch; retrying");
+                    self.mls.channel(id)?.clear_pending()?;
+                }
+                Err(e) => {
+                    self.mls.channel(id)?.clear_pending()?;
+                    return Err(e);
+                }
+            }
+        }
+        Err(ClientError::Protocol(format!(
+            "gave up after {MAX_COMMIT_ATTEMPTS} attempts: other commits keep winning channel {id}"
+        )))
+    }
+
+    /// Fetches and merges every accepted commit from this device's epoch on.
+    pub async fn catch_up(&mut self, id: ChannelId) -> Result<usize, ClientError> {
+        let mut merged = 0;
+        loop {
+            let epoch = self.mls.channel(id)?.epoch();
+            let text = id.to_string();
+            let commits = self
+                .authed(|api| {
+                    let c = text.clone();
+                    async move { api.commits(&c, epoch).await }
+                })
+                .await?;
+            let mut progressed = false;
+            for commit in commits {
+                let current = self.mls.channel(id)?.epoch();
+                if commit.epoch != current {
+                    continue;
+                }
+                let bytes = unb64("commit", &commit.commit)?;
+                let certificate = unb64("certificate", &commit.certificate)?;
+                self.apply_commit(id, commit.epoch, &bytes, &certificate)
+                    .await?;
+                merged += 1;
+                progressed = true;
+                if !self.mls.channel(id)?.is_active() {
+                    return Ok(merged);
+                }
+            }
+            if !progressed {
+                return Ok(merged);
+            }
+        }
+    }
+
+    /// Verifies a commit's certificate against the voter set this device
+    /// computes from the channel's members, then merges it.
+    async fn apply_commit(
+        &mut self,
+        id: ChannelId,
+        epoch: u64,
+        commit: &[u8],
+        certificate: &[u8],
+    ) -> Result<(), ClientError> {
+        let members = self.mls.channel(id)?.members();
+        let voters = self.voter_set(&members).await?;
+        OrderingCertificateIn::decode(certificate)
+            .map_err(protocol)?
+            .verify_for(id, epoch, commit, &voters)
+            .map_err(|e| protocol(format!("refusing commit for epoch {epoch} of {id}: {e}")))?;
+        let mut channel = self.mls.channel(id)?;
+        match channel.process(commit)? {
+            Incoming::Commit(staged) => {
+                let removed = staged.removes_me();
+                channel.merge_staged(staged)?;
+                if removed {
+                    drop(channel);
+                    if let Ok(mut row) = self.resolve_channel(&id.to_string()) {
+                        row.active = false;
+                        self.store.save_channel(&row)?;
+                    }
+                    return Ok(());
+                }
+            }
+            Incoming::OwnCommit => channel.merge_pending()?,
+            _ => {
+                return Err(protocol(format!(
+                    "epoch {epoch} of {id}: expected a commit"
+                )));
+            }
+        }
+        drop(channel);
+        self.flush_future(id).await
+    }
+
+    /// The servers that order this channel's commits, with the keys each
+    /// may vote with: taken from the sponsorships in the members' own
+    /// records, which their identity keys (the keys in the MLS tree)
+    /// signed, so a homeserver cannot substitute keys.
+    async fn voter_set(&mut self, members: &[DeviceId]) -> Result<VoterSet, ClientError> {
+        let mut voters: Vec<(kith_proto::ServerName, Vec<SignaturePublicKey>)> = Vec::new();
+        for member in members {
+            let record = self.member_record(member).await?;
+            for s in record.sponsorships() {
+                voters.push((s.server().clone(), vec![s.server_key().clone()]));
+            }
+        }
+        Ok(VoterSet::new(voters))
+    }
+
+    /// A member's verified record: from the local cache if it still
+    /// verifies, else from the homeserver.
+    async fn member_record(&mut self, device: &DeviceId) -> Result<DeviceRecord, ClientError> {
+        let now = now_ms();
+        if let Some(bytes) = self.store.record(device)?
+            && let Ok(record) = DeviceRecordIn::decode(&bytes)
+                .map_err(|_| ())
+                .and_then(|r| r.verify(now).map_err(|_| ()))
+            && record.device_id() == *device
+        {
+            return Ok(record);
+        }
+        let text = device.to_string();
+        let bytes = self
+            .authed(|api| {
+                let d = text.clone();
+                async move { api.device_record(&d).await }
+            })
+            .await?;
+        let record = DeviceRecordIn::decode(&bytes)
+            .map_err(protocol)?
+            .verify(now)
+            .map_err(|e| protocol(format!("record of member {device}: {e}")))?;
+        if record.device_id() != *device {
+            return Err(protocol(format!(
+                "the server answered for {device} with another device's record"
+            )));
+        }
+        self.store.save_record(device, &bytes)?;
+        Ok(record)
+    }
+
+    /// The handle to show for `device`.
+    async fn display_sender(&mut self, device: &DeviceId) -> String {
+        match self.member_record(device).await {
+            Ok(record) => record
+                .handles()
+                .next()
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| device.to_string()),
+            Err(_) => device.to_string(),
+        }
+    }
+
+    /// Encrypts `data` for the channel and sends it. Returns the message id.
+    pub async fn send(&mut self, id: ChannelId, data: &[u8]) -> Result<String, ClientError> {
+        self.catch_up(id).await?;
+        let (message, epoch) = {
+            let mut channel = self.mls.channel(id)?;
+            if !channel.is_active() {
+                return Err(ClientError::Invalid(format!(
+                    "this device is no longer a member of {id}"
+                )));
+            }
+            (channel.encrypt(data)?, channel.epoch())
+        };
+        let text = id.to_string();
+        let (message_id, seq) = self
+            .authed(|api| {
+                let (c, m) = (text.clone(), message.clone());
+                async move { api.send_message(&c, epoch, &m).await }
+            })
+            .await?;
+        let me = self.device_id();
+        let handle = self.handle().to_owned();
+        self.store.save_message(
+            &id,
+            &MessageRow {
+                id: message_id.clone(),
+                seq,
+                epoch,
+                sender_device: me,
+                sender: handle,
+                body: data.to_vec(),
+                received_at: now_ms(),
+            },
+        )?;
+        Ok(message_id)
+    }
+
+    /// The last `limit` messages of a channel, from the local store.
+    pub fn messages(&self, id: ChannelId, limit: usize) -> Result<Vec<MessageRow>, ClientError> {
+        self.store.messages(&id, limit)
+    }
+
+    /// Processes the inbox (direct messages, Welcomes) and then every event
+    /// the homeserver holds for this device, acknowledging what was handled.
+    pub async fn sync(&mut self) -> Result<SyncReport, ClientError> {
+        let mut report = SyncReport::default();
+        self.sync_inbox_into(&mut report).await?;
+        loop {
+            let after = self.store.events_after()?;
+            let events = self
+                .authed(|api| async move { api.events(after).await })
+                .await?;
+            let Some(last) = events
+                .last()
+                .and_then(|e| e.get("cursor"))
+                .and_then(Value::as_u64)
+            else {
+                break;
+            };
+            for event in &events {
+                match self.handle_event(event, &mut report).await {
+                    Ok(()) => {}
+                    Err(e @ (ClientError::Unreachable(..) | ClientError::Store(_))) => {
+                        return Err(e);
+                    }
+                    Err(e) => tracing::warn!("skipping an event that cannot be processed: {e}"),
+                }
+            }
+            self.store.set_events_after(last)?;
+            self.authed(|api| async move { api.ack_events(last).await })
+                .await?;
+            if events
+                .iter()
+                .any(|e| e.get("kind").and_then(Value::as_str) == Some("inbox"))
+            {
+                self.sync_inbox_into(&mut report).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn handle_event(
+        &mut self,
+        event: &Value,
+        report: &mut SyncReport,
+    ) -> Result<(), ClientError> {
+        let kind = field_str(event, "kind")?;
+        if kind != "commit" && kind != "message" {
+            return Ok(());
+        }
+        let id: ChannelId = field_str(event, "channel")?.parse().map_err(protocol)?;
+        let Ok(channel) = self.mls.channel(id) else {
+            tracing::debug!(channel = %id, "event for a channel this device has not joined");
+            return Ok(());
+        };
+        let current = channel.epoch();
+        let active = channel.is_active();
+        drop(channel);
+        if !active {
+            return Ok(());
+        }
+        let epoch = field_u64(event, "epoch")?;
+        if kind == "commit" {
+            if epoch > current {
+                report.commits += self.catch_up(id).await?;
+            } else if epoch == current {
+                let commit = unb64("commit", field_str(event, "commit")?)?;
+                let certificate = unb64("certificate", field_str(event, "certificate")?)?;
+                self.apply_commit(id, epoch, &commit, &certificate).await?;
+                report.commits += 1;
+            }
+            return Ok(());
+        }
+        let message = FutureMessage {
+            id: {
+                let mut raw = [0u8; 32];
+                hex::decode_to_slice(field_str(event, "id")?, &mut raw).map_err(protocol)?;
+                raw
+            },
+            seq: field_u64(event, "seq")?,
+            epoch,
+            sender_device: field_str(event, "sender")?.parse().map_err(protocol)?,
+            message: unb64("message", field_str(event, "message")?)?,
+            received_at: field_u64(event, "received_at")?,
+        };
+        if epoch > current {
+            report.commits += self.catch_up(id).await?;
+        }
+        if epoch > self.mls.channel(id)?.epoch() {
+            self.store.save_future(&id, &message)?;
+            return Ok(());
+        }
+        if self.decrypt_and_store(id, &message).await? {
+            report.messages += 1;
+        }
+        Ok(())
+    }
+
+    /// Decrypts a message and stores it; `false` if it was not for us to
+    /// read (our own, or undecryptable — logged).
+    async fn decrypt_and_store(
+        &mut self,
+        id: ChannelId,
+        m: &FutureMessage,
+    ) -> Result<bool, ClientError> {
+        let processed = self.mls.channel(id)?.process(&m.message);
+        match processed {
+            Ok(Incoming::Application { sender, data }) => {
+                let name = self.display_sender(&sender).await;
+                self.store.save_message(
+                    &id,
+                    &MessageRow {
+                        id: hex::encode(m.id),
+                        seq: m.seq,
+                        epoch: m.epoch,
+                        sender_device: sender,
+                        sender: name,
+                        body: data,
+                        received_at: m.received_at,
+                    },
+                )?;
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(e) => {
+                tracing::warn!(channel = %id, epoch = m.epoch, "cannot decrypt message: {e}");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Decrypts buffered messages whose epoch this device has reached.
+    async fn flush_future(&mut self, id: ChannelId) -> Result<(), ClientError> {
+        let epoch = self.mls.channel(id)?.epoch();
+        for m in self.store.take_future(&id, epoch)? {
+            self.decrypt_and_store(id, &m).await?;
+        }
+        Ok(())
+    }
+
+    /// Joins a channel from a Welcome body found in the inbox.
+    pub(crate) async fn join_from_welcome(
+        &mut self,
+        body: &[u8],
+    ) -> Result<ChannelId, ClientError> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| protocol(format!("welcome body: {e}")))?;
+        let id: ChannelId = field_str(&value, "channel")?.parse().map_err(protocol)?;
+        let epoch = field_u64(&value, "epoch")?;
+        let welcome = unb64("welcome", field_str(&value, "welcome")?)?;
+        let text = id.to_string();
+        let (tree, _group_info) = self
+            .authed(|api| {
+                let c = text.clone();
+                async move { api.tree(&c, epoch).await }
+            })
+            .await?;
+        let extension = {
+            let channel = self.mls.join(&welcome, &tree)?;
+            channel.extension().map_err(protocol)?
+        };
+        self.store.save_channel(&ChannelRow {
+            id,
+            name: extension.name.to_string(),
+            content_type: extension.content_type.to_string(),
+            active: true,
+        })?;
+        Ok(id)
+    }
+}
