@@ -137,6 +137,12 @@ impl Client {
         Ok((channel.epoch(), channel.epoch_authenticator()))
     }
 
+    /// How many of this client's commits lost their epoch to another
+    /// commit and were retried.
+    pub fn commit_conflicts(&self) -> u64 {
+        self.commit_conflicts
+    }
+
     /// The channel's members.
     pub fn members(&self, id: ChannelId) -> Result<Vec<DeviceId>, ClientError> {
         Ok(self.mls.channel(id)?.members())
@@ -270,8 +276,12 @@ impl Client {
     where
         F: FnMut(&mut kith_mls::Channel<'_>) -> Result<Option<CommitOutput>, ClientError>,
     {
-        for _ in 0..MAX_COMMIT_ATTEMPTS {
-            self.catch_up(id).await?;
+        // The first attempt is made at the epoch this device is at; only a
+        // lost race makes it fetch what it missed (the protocol's retry).
+        for attempt in 0..MAX_COMMIT_ATTEMPTS {
+            if attempt > 0 {
+                self.catch_up(id).await?;
+            }
             let (output, epoch, members) = {
                 let mut channel = self.mls.channel(id)?;
                 if channel.has_pending_commit() {
@@ -327,6 +337,7 @@ impl Client {
                 }
                 Err(e) if is_wrong_epoch(&e) => {
                     tracing::info!(channel = %id, epoch, "another commit won the epoch; retrying");
+                    self.commit_conflicts += 1;
                     self.mls.channel(id)?.clear_pending()?;
                 }
                 Err(e) => {

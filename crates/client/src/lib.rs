@@ -121,6 +121,7 @@ pub struct Client {
     inbox_key: InboxSecretKey,
     api: Api,
     mls: Device,
+    commit_conflicts: u64,
 }
 
 impl Client {
@@ -206,6 +207,7 @@ impl Client {
             inbox_key,
             api,
             mls,
+            commit_conflicts: 0,
         };
         client.login().await?;
         client.api.publish_record(&record.encode()).await?;
@@ -232,6 +234,7 @@ impl Client {
             inbox_key,
             api,
             mls,
+            commit_conflicts: 0,
         })
     }
 

@@ -81,6 +81,43 @@ impl TestServer {
         &self.data_dir
     }
 
+    /// Stops the server gracefully and starts it again on the same address
+    /// and data directory (with open registration), as an operator's
+    /// restart would.
+    pub async fn restart(self) -> Self {
+        let (url, name, data_dir) = (self.url.clone(), self.name.clone(), self.data_dir.clone());
+        self.stop().await;
+        let addr = url.trim_start_matches("http://").to_owned();
+        let mut listener = None;
+        for _ in 0..100 {
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+        let listener =
+            listener.unwrap_or_else(|| panic!("{addr} did not come free after the stop"));
+        let mut config = Config::new(
+            name.parse().unwrap_or_else(|e| panic!("{name}: {e}")),
+            &data_dir,
+        );
+        config.registration = Registration::Open;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(kith_server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            url,
+            name,
+            data_dir,
+            stop: Some(stop),
+            task,
+        }
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
