@@ -682,6 +682,15 @@ impl Client {
             .await?;
         let extension = {
             let channel = self.mls.join(&welcome, &tree)?;
+            // The Welcome's own group must be the one the inviter named;
+            // otherwise the channel would be stored under a false id.
+            if channel.id() != id || channel.epoch() != epoch {
+                return Err(protocol(format!(
+                    "the Welcome is for {} at epoch {}, not {id} at epoch {epoch}",
+                    channel.id(),
+                    channel.epoch()
+                )));
+            }
             channel.extension().map_err(protocol)?
         };
         self.store.save_channel(&ChannelRow {
