@@ -32,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod channels;
 pub mod config;
 mod error;
 mod keys;
@@ -53,6 +54,13 @@ pub use store::{MemoryStore, SqliteStore, Store, StoreError};
 
 /// The SQLite database's file name inside the data directory.
 pub const DB_FILE: &str = "kith.db";
+
+/// The MLS store of the channels' public states, inside the data directory
+/// (SQLite backend only).
+pub const MLS_DB_FILE: &str = "mls.db";
+
+/// The channels' Raft logs, inside the data directory (SQLite backend only).
+pub const RAFT_DB_FILE: &str = "raft.db";
 
 /// How long `run` waits, after the listener closes, for event streams to
 /// end before it returns anyway.
@@ -89,6 +97,19 @@ pub async fn run(
         }
         Backend::Memory => Arc::new(MemoryStore::new()),
     };
+    let channels = {
+        let server = config.server_name.clone();
+        let store = Arc::clone(&store);
+        let dir = match config.backend {
+            Backend::Sqlite => Some(data_dir.clone()),
+            Backend::Memory => None,
+        };
+        tokio::task::spawn_blocking(move || channels::Channels::open(server, store, dir.as_deref()))
+            .await
+            .map_err(|e| ServerError::Channels(format!("opening channel storage: {e}")))?
+            .map_err(|e| ServerError::Channels(e.to_string()))?
+    };
+    let channels = Arc::new(channels);
     let metrics = metrics::Metrics::new();
     metrics
         .registered_devices
@@ -114,6 +135,7 @@ pub async fn run(
         metrics,
         hub: state::EventHub::default(),
         inbox_limiter,
+        channels: Arc::clone(&channels),
         shutdown: stop_rx,
         tasks: tasks_tx,
     });
@@ -135,6 +157,7 @@ pub async fn run(
     {
         tracing::warn!("event streams did not close in time");
     }
+    channels.shutdown().await;
     tracing::info!("kithd stopped");
     Ok(())
 }
