@@ -454,3 +454,190 @@ async fn a_conversation_with_a_race_a_removal_and_a_restart() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), "mem.example", |c| {
+        c.backend = kith_server::Backend::Memory;
+        c.limits.max_message_bytes = 4096;
+    })
+    .await;
+    let voters = voters(&server).await;
+    let alice = Member::join(&server, "alice").await;
+    let bob = Member::join(&server, "bob").await;
+    let channel = alice
+        .mls
+        .create_channel(ChannelId::random(), &settings(&alice))
+        .unwrap();
+    let id = channel.id();
+    let group_info = b64(&channel.group_info().unwrap());
+    let tree = b64(&channel.ratchet_tree().unwrap());
+    drop(channel);
+
+    // Creation.
+    let no_auth = send(client().post(server.url("/v0/channels")).json(&json!({}))).await;
+    assert_error(&no_auth, StatusCode::UNAUTHORIZED, "unauthorized");
+    for body in [
+        json!({}),
+        json!({"channel": "xyz", "group_info": group_info, "ratchet_tree": tree}),
+        json!({"channel": id.to_string(), "group_info": "!!", "ratchet_tree": tree}),
+        json!({"channel": id.to_string(), "group_info": b64(b"junk"), "ratchet_tree": tree}),
+        json!({"channel": id.to_string(), "group_info": group_info, "ratchet_tree": b64(b"junk")}),
+        json!({"channel": ChannelId::random().to_string(), "group_info": group_info, "ratchet_tree": tree}),
+        json!({"channel": id.to_string(), "group_info": group_info, "ratchet_tree": tree, "extra": 1}),
+    ] {
+        let got = alice.http.post(&server, "/v0/channels", body).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let raw = send(
+        alice
+            .http
+            .authed(alice.http.http.post(server.url("/v0/channels")))
+            .header("content-type", "application/json")
+            .body("{not json"),
+    )
+    .await;
+    assert_error(&raw, StatusCode::BAD_REQUEST, "bad_request");
+    let (status, body) = alice.http.get(&server, "/v0/channels").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"channels": []})));
+    let (status, body) = alice
+        .http
+        .post(
+            &server,
+            "/v0/channels",
+            json!({"channel": id.to_string(), "group_info": group_info, "ratchet_tree": tree}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Commits.
+    let unknown = ChannelId::random();
+    let out = alice.channel(id).add(&[bob.key_package()]).unwrap();
+    let got = alice.post_commit(&server, unknown, 0, &out).await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    let got = bob.post_commit(&server, id, 0, &out).await;
+    assert_error(&got, StatusCode::FORBIDDEN, "not_member");
+    let got = alice.post_commit(&server, id, 5, &out).await;
+    assert_error(&got, StatusCode::CONFLICT, "wrong_epoch");
+    assert_eq!(got.1["current_epoch"], 0);
+    let mut junk = out.clone();
+    junk.commit = b"junk".to_vec();
+    assert_error(
+        &alice.post_commit(&server, id, 0, &junk).await,
+        StatusCode::BAD_REQUEST,
+        "rejected",
+    );
+    let mut wrong_info = out.clone();
+    wrong_info.group_info = unb64(&group_info);
+    assert_error(
+        &alice.post_commit(&server, id, 0, &wrong_info).await,
+        StatusCode::BAD_REQUEST,
+        "rejected",
+    );
+    for body in [
+        json!({"epoch": 0}),
+        json!({"epoch": 0, "commit": "@@", "group_info": group_info}),
+        json!({"epoch": -1, "commit": b64(&out.commit), "group_info": group_info}),
+        json!({"epoch": 0, "commit": b64(&out.commit), "group_info": group_info, "x": 1}),
+    ] {
+        let got = alice
+            .http
+            .post(&server, &format!("/v0/channels/{id}/commits"), body)
+            .await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    // None of that moved the channel; the real commit still goes through.
+    let answer = alice.post_commit(&server, id, 0, &out).await;
+    certified(&voters, id, 0, &out, &answer);
+    alice.channel(id).merge_pending().unwrap();
+    let welcome = out.welcome.clone().unwrap();
+    let (_, tree1) = bob
+        .http
+        .get(&server, &format!("/v0/channels/{id}/tree"))
+        .await;
+    bob.mls
+        .join(&welcome, &unb64(tree1["ratchet_tree"].as_str().unwrap()))
+        .unwrap();
+
+    // A commit submitted by another member than its committer.
+    let update = alice.channel(id).self_update().unwrap();
+    assert_error(
+        &bob.post_commit(&server, id, 1, &update).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let answer = alice.post_commit(&server, id, 1, &update).await;
+    certified(&voters, id, 1, &update, &answer);
+    alice.channel(id).merge_pending().unwrap();
+    bob.catch_up(&server, id, &voters).await;
+
+    // Trees and lists.
+    for (path, status, code) in [
+        ("tree?epoch=99", StatusCode::NOT_FOUND, "not_found"),
+        ("tree?epoch=abc", StatusCode::BAD_REQUEST, "bad_request"),
+        ("commits?limit=x", StatusCode::BAD_REQUEST, "bad_request"),
+        ("messages?after=-3", StatusCode::BAD_REQUEST, "bad_request"),
+    ] {
+        let got = alice
+            .http
+            .get(&server, &format!("/v0/channels/{id}/{path}"))
+            .await;
+        assert_error(&got, status, code);
+    }
+    let got = alice
+        .http
+        .get(&server, &format!("/v0/channels/{unknown}/tree"))
+        .await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    let got = alice.http.get(&server, "/v0/channels/nothex/tree").await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    let (status, page) = bob
+        .http
+        .get(
+            &server,
+            &format!("/v0/channels/{id}/commits?from_epoch=1&limit=1"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["commits"].as_array().unwrap().len(), 1);
+    assert_eq!(page["commits"][0]["epoch"], 1);
+    assert_eq!(page["commits"][0]["welcome"], Value::Null);
+
+    // Messages.
+    let path = format!("/v0/channels/{id}/messages");
+    for (body, status, code) in [
+        (
+            json!({"epoch": 9, "message": b64(b"m")}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            json!({"epoch": 2, "message": ""}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            json!({"epoch": 2, "message": "@"}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (json!({"epoch": 2}), StatusCode::BAD_REQUEST, "bad_request"),
+        (
+            json!({"epoch": 2, "message": b64(&[0u8; 5000])}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+    ] {
+        let got = alice.http.post(&server, &path, body).await;
+        assert_error(&got, status, code);
+    }
+    let (status, msgs) = bob.http.get(&server, &path).await;
+    assert_eq!((status, msgs), (StatusCode::OK, json!({"messages": []})));
+    assert!(bob.events(&server, "message", 0).await.0.is_empty());
+    let (status, sent, _) = alice.post_message(&server, id, b"fine").await;
+    assert_eq!(status, StatusCode::OK, "{sent}");
+    let (texts, _) = receive(&server, &bob, id, 0).await;
+    assert_eq!(texts, vec![b"fine".to_vec()]);
+    server.stop().await;
+}
