@@ -1,6 +1,8 @@
 //! The Kith homeserver: registration and login of devices, the directory of
 //! the device records it sponsors, key packages, device inboxes and the
-//! per-device event stream, over an HTTP + WebSocket client API (`/v0`).
+//! per-device event stream, and channels (MLS groups whose commits it
+//! orders and certifies, and whose messages it stores and fans out), over an
+//! HTTP + WebSocket client API (`/v0`).
 //! The `kithd` binary wraps [`run`].
 //!
 //! The server starts from a function taking a bound listener, a [`Config`]
@@ -26,7 +28,8 @@
 //! ```
 //!
 //! Layout: [`config`] (what `run` takes), [`store`] (the storage trait and
-//! its SQLite and in-memory backends), `api` (the HTTP endpoints), `state`
+//! its SQLite and in-memory backends), `api` (the HTTP endpoints),
+//! `channels` (MLS states, orderers and the commit validator), `state`
 //! (what handlers share, including the event log's `append_event`).
 
 #![forbid(unsafe_code)]

@@ -255,7 +255,7 @@ fn join_members(members: &[DeviceId]) -> Vec<u8> {
 }
 
 fn split_members(bytes: &[u8]) -> Result<Vec<DeviceId>, StoreError> {
-    if bytes.len() % 32 != 0 {
+    if !bytes.len().is_multiple_of(32) {
         return Err(StoreError::Corrupt(
             "member list is not a multiple of 32 bytes".into(),
         ));
