@@ -316,15 +316,13 @@ async fn order_commit(
     device: DeviceId,
     submission: Submission,
 ) -> Result<CommitRow, ApiError> {
+    // Channels are never deleted, so checking before taking the lock keeps
+    // unknown ids from creating slots.
+    channel_row(state, channel).await?;
     let mut slot = state.channels.lock(channel).await;
-    let row = channel_row(state, channel).await?;
     require_member(state, channel, device).await?;
     ready(state, &mut slot, channel).await?;
-    let row = if row.epoch == submission.epoch {
-        row
-    } else {
-        channel_row(state, channel).await?
-    };
+    let row = channel_row(state, channel).await?;
     // The resubmission of an accepted commit (a retry after a lost answer)
     // gets the same answer.
     let epoch = submission.epoch;
@@ -519,6 +517,7 @@ async fn post_message(
             message.len()
         )));
     }
+    channel_row(&state, channel).await?;
     let mut slot = state.channels.lock(channel).await;
     let row = channel_row(&state, channel).await?;
     require_member(&state, channel, device).await?;
