@@ -71,6 +71,8 @@ pub struct Limits {
     pub inbox_deposit_burst: u32,
     /// Most items in one list response.
     pub max_list_items: usize,
+    /// Largest channel message (an MLS PrivateMessage), in bytes.
+    pub max_message_bytes: usize,
 }
 
 impl Default for Limits {
@@ -85,6 +87,7 @@ impl Default for Limits {
             inbox_deposits_per_minute: 60,
             inbox_deposit_burst: 60,
             max_list_items: 500,
+            max_message_bytes: 256 * 1024,
         }
     }
 }

@@ -24,6 +24,9 @@ pub enum ServerError {
     /// The storage backend failed to open.
     #[error("opening storage: {0}")]
     Store(#[from] StoreError),
+    /// The channels' MLS store or Raft log could not be opened.
+    #[error("{0}")]
+    Channels(String),
     /// The HTTP server failed.
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),
@@ -41,6 +44,8 @@ pub struct ApiError {
     pub message: String,
     /// For `rate_limited`: when to retry.
     pub retry_after_ms: Option<u64>,
+    /// For `wrong_epoch`: the channel's current epoch.
+    pub current_epoch: Option<u64>,
 }
 
 impl ApiError {
@@ -51,6 +56,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_ms: None,
+            current_epoch: None,
         }
     }
 
@@ -89,6 +95,23 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
     }
 
+    /// 409 `wrong_epoch`, naming the channel's current epoch.
+    pub fn wrong_epoch(current: u64, message: impl Into<String>) -> Self {
+        let mut e = Self::conflict("wrong_epoch", message);
+        e.current_epoch = Some(current);
+        e
+    }
+
+    /// 403 `not_member`.
+    pub fn not_member(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "not_member", message)
+    }
+
+    /// 400 `rejected`: a commit the channel's rules refuse.
+    pub fn rejected(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "rejected", message)
+    }
+
     /// 500 `internal`: nothing was accepted.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
@@ -100,7 +123,11 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NameTaken(_) => Self::conflict("name_taken", e.to_string()),
             StoreError::DeviceHasOtherName(_) => Self::conflict("conflict", e.to_string()),
-            StoreError::UnknownDevice(_) => Self::not_found(e.to_string()),
+            StoreError::UnknownDevice(_) | StoreError::UnknownChannel(_) => {
+                Self::not_found(e.to_string())
+            }
+            StoreError::ChannelExists(_) => Self::conflict("channel_exists", e.to_string()),
+            StoreError::EpochConflict { current, .. } => Self::wrong_epoch(current, e.to_string()),
             StoreError::TooManyKeyPackages { .. } => Self::conflict("conflict", e.to_string()),
             StoreError::InboxFull { .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "inbox_full", e.to_string())
@@ -118,6 +145,9 @@ impl IntoResponse for ApiError {
         let mut body = serde_json::json!({ "error": self.code, "message": self.message });
         if let (Some(ms), Some(obj)) = (self.retry_after_ms, body.as_object_mut()) {
             obj.insert("retry_after_ms".into(), ms.into());
+        }
+        if let (Some(epoch), Some(obj)) = (self.current_epoch, body.as_object_mut()) {
+            obj.insert("current_epoch".into(), epoch.into());
         }
         let mut response = (self.status, Json(body)).into_response();
         if let Some(ms) = self.retry_after_ms {

@@ -1,6 +1,8 @@
 //! The Kith homeserver: registration and login of devices, the directory of
 //! the device records it sponsors, key packages, device inboxes and the
-//! per-device event stream, over an HTTP + WebSocket client API (`/v0`).
+//! per-device event stream, and channels (MLS groups whose commits it
+//! orders and certifies, and whose messages it stores and fans out), over an
+//! HTTP + WebSocket client API (`/v0`).
 //! The `kithd` binary wraps [`run`].
 //!
 //! The server starts from a function taking a bound listener, a [`Config`]
@@ -26,12 +28,14 @@
 //! ```
 //!
 //! Layout: [`config`] (what `run` takes), [`store`] (the storage trait and
-//! its SQLite and in-memory backends), `api` (the HTTP endpoints), `state`
+//! its SQLite and in-memory backends), `api` (the HTTP endpoints),
+//! `channels` (MLS states, orderers and the commit validator), `state`
 //! (what handlers share, including the event log's `append_event`).
 
 #![forbid(unsafe_code)]
 
 mod api;
+mod channels;
 pub mod config;
 mod error;
 mod keys;
@@ -53,6 +57,13 @@ pub use store::{MemoryStore, SqliteStore, Store, StoreError};
 
 /// The SQLite database's file name inside the data directory.
 pub const DB_FILE: &str = "kith.db";
+
+/// The MLS store of the channels' public states, inside the data directory
+/// (SQLite backend only).
+pub const MLS_DB_FILE: &str = "mls.db";
+
+/// The channels' Raft logs, inside the data directory (SQLite backend only).
+pub const RAFT_DB_FILE: &str = "raft.db";
 
 /// How long `run` waits, after the listener closes, for event streams to
 /// end before it returns anyway.
@@ -89,6 +100,19 @@ pub async fn run(
         }
         Backend::Memory => Arc::new(MemoryStore::new()),
     };
+    let channels = {
+        let server = config.server_name.clone();
+        let store = Arc::clone(&store);
+        let dir = match config.backend {
+            Backend::Sqlite => Some(data_dir.clone()),
+            Backend::Memory => None,
+        };
+        tokio::task::spawn_blocking(move || channels::Channels::open(server, store, dir.as_deref()))
+            .await
+            .map_err(|e| ServerError::Channels(format!("opening channel storage: {e}")))?
+            .map_err(|e| ServerError::Channels(e.to_string()))?
+    };
+    let channels = Arc::new(channels);
     let metrics = metrics::Metrics::new();
     metrics
         .registered_devices
@@ -114,6 +138,7 @@ pub async fn run(
         metrics,
         hub: state::EventHub::default(),
         inbox_limiter,
+        channels: Arc::clone(&channels),
         shutdown: stop_rx,
         tasks: tasks_tx,
     });
@@ -135,6 +160,7 @@ pub async fn run(
     {
         tracing::warn!("event streams did not close in time");
     }
+    channels.shutdown().await;
     tracing::info!("kithd stopped");
     Ok(())
 }

@@ -22,6 +22,9 @@ pub(crate) struct Metrics {
     pub(crate) inbox_deposits: Counter,
     pub(crate) event_streams: Gauge,
     pub(crate) storage_seconds: Histogram,
+    pub(crate) commits_accepted: Counter,
+    pub(crate) commits_rejected: Counter,
+    pub(crate) channel_messages: Counter,
 }
 
 impl Metrics {
@@ -58,8 +61,29 @@ impl Metrics {
             "Time taken by storage operations",
             storage_seconds.clone(),
         );
+        let commits_accepted = Counter::default();
+        registry.register(
+            "commits_accepted",
+            "Channel commits ordered and certified",
+            commits_accepted.clone(),
+        );
+        let commits_rejected = Counter::default();
+        registry.register(
+            "commits_rejected",
+            "Channel commits refused (invalid, or for a wrong epoch)",
+            commits_rejected.clone(),
+        );
+        let channel_messages = Counter::default();
+        registry.register(
+            "channel_messages",
+            "Channel messages accepted",
+            channel_messages.clone(),
+        );
         Self {
             registry,
+            commits_accepted,
+            commits_rejected,
+            channel_messages,
             requests,
             registered_devices,
             inbox_deposits,

@@ -7,8 +7,11 @@
     clippy::indexing_slicing
 )]
 
-use kith_proto::{DeviceId, LocalName};
-use kith_server::store::{Claimed, DeviceRow, Registered, Store, StoreError};
+use kith_proto::{ChannelId, DeviceId, LocalName};
+use kith_server::store::{
+    ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, NewCommit, NewMessage, Registered,
+    Store, StoreError,
+};
 
 fn dev(n: u8) -> DeviceId {
     DeviceId::from_bytes([n; 32])
@@ -191,6 +194,171 @@ fn event_log_and_acks(s: &dyn Store) {
     assert_eq!(s.events(&dev(2), 0, 10).unwrap(), vec![other]);
 }
 
+fn chan(n: u8) -> ChannelId {
+    ChannelId::from_bytes([n; 16])
+}
+
+fn epoch_state(epoch: u64, members: &[u8]) -> EpochState {
+    EpochState {
+        epoch,
+        ratchet_tree: vec![1, epoch as u8],
+        group_info: vec![2, epoch as u8],
+        members: members.iter().map(|n| dev(*n)).collect(),
+    }
+}
+
+fn new_commit(channel: ChannelId, epoch: u64, members: &[u8]) -> NewCommit {
+    NewCommit {
+        channel,
+        commit: CommitRow {
+            epoch,
+            commit: vec![3, epoch as u8],
+            commit_hash: [epoch as u8; 32],
+            welcome: (epoch == 0).then(|| vec![4]),
+            certificate: None,
+        },
+        next: epoch_state(epoch + 1, members),
+        name: format!("name{}", epoch + 1),
+        content_type: "text/plain".into(),
+    }
+}
+
+fn channels_and_commits(s: &dyn Store) {
+    let row = ChannelRow {
+        channel: chan(1),
+        name: "general".into(),
+        content_type: "application/octet-stream".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1])).unwrap();
+    assert!(matches!(
+        s.create_channel(&row, &epoch_state(0, &[2])),
+        Err(StoreError::ChannelExists(_))
+    ));
+    assert_eq!(s.channel(&chan(1)).unwrap(), Some(row.clone()));
+    assert_eq!(s.channel(&chan(2)).unwrap(), None);
+    assert_eq!(s.channels_of(&dev(1)).unwrap(), vec![row.clone()]);
+    assert!(s.channels_of(&dev(2)).unwrap().is_empty());
+    assert!(s.is_member(&chan(1), &dev(1)).unwrap());
+    assert!(!s.is_member(&chan(1), &dev(2)).unwrap());
+
+    // Epoch 0 adds 2 and 3; epoch 1 removes 3.
+    s.store_commit(&new_commit(chan(1), 0, &[1, 2, 3])).unwrap();
+    assert!(matches!(
+        s.store_commit(&new_commit(chan(1), 0, &[1])),
+        Err(StoreError::EpochConflict {
+            current: 1,
+            got: 0,
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.store_commit(&new_commit(chan(9), 0, &[1])),
+        Err(StoreError::UnknownChannel(_))
+    ));
+    s.store_commit(&new_commit(chan(1), 1, &[1, 2])).unwrap();
+    let now = s.channel(&chan(1)).unwrap().unwrap();
+    assert_eq!((now.epoch, now.name.as_str()), (2, "name2"));
+    assert_eq!(now.content_type, "text/plain");
+    assert_eq!(
+        s.epoch_state(&chan(1), 1).unwrap(),
+        Some(epoch_state(1, &[1, 2, 3]))
+    );
+    assert_eq!(
+        s.epoch_state(&chan(1), 2).unwrap(),
+        Some(epoch_state(2, &[1, 2]))
+    );
+    assert_eq!(s.epoch_state(&chan(1), 3).unwrap(), None);
+    assert!(!s.is_member(&chan(1), &dev(3)).unwrap());
+    assert!(s.was_member(&chan(1), &dev(3)).unwrap());
+    assert!(!s.was_member(&chan(1), &dev(4)).unwrap());
+    assert!(s.channels_of(&dev(3)).unwrap().is_empty());
+
+    let commits = s.commits(&chan(1), 0, 10).unwrap();
+    assert_eq!(commits.len(), 2);
+    assert_eq!(commits[0], new_commit(chan(1), 0, &[]).commit);
+    assert_eq!(s.commits(&chan(1), 1, 10).unwrap().len(), 1);
+    assert_eq!(s.commits(&chan(1), 0, 1).unwrap().len(), 1);
+    assert_eq!(s.commit(&chan(1), 1).unwrap().unwrap().epoch, 1);
+    assert_eq!(s.commit(&chan(1), 2).unwrap(), None);
+
+    // Certifying appends one event per member before the commit, once.
+    let events = s
+        .certify_commit(&chan(1), 1, b"cert", "{\"c\":1}", 7)
+        .unwrap()
+        .unwrap();
+    let to: Vec<DeviceId> = events.iter().map(|(d, _)| *d).collect();
+    assert_eq!(to, vec![dev(1), dev(2), dev(3)]);
+    assert_eq!(events[0].1.kind, "commit");
+    assert_eq!(s.events(&dev(3), 0, 10).unwrap().len(), 1);
+    assert_eq!(
+        s.certify_commit(&chan(1), 1, b"other", "{}", 8).unwrap(),
+        None
+    );
+    assert_eq!(
+        s.commit(&chan(1), 1)
+            .unwrap()
+            .unwrap()
+            .certificate
+            .as_deref(),
+        Some(&b"cert"[..])
+    );
+    assert_eq!(s.events(&dev(3), 0, 10).unwrap().len(), 1);
+    assert!(s.certify_commit(&chan(1), 5, b"cert", "{}", 8).is_err());
+}
+
+fn messages_and_their_events(s: &dyn Store) {
+    let row = ChannelRow {
+        channel: chan(1),
+        name: "general".into(),
+        content_type: "text/plain".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1, 2, 3])).unwrap();
+    let payload = |m: &kith_server::store::MessageRow| format!("{{\"seq\":{}}}", m.seq);
+    let message = |n: u8| NewMessage {
+        id: [n; 32],
+        epoch: 0,
+        sender: dev(1),
+        message: vec![n; 3],
+        received_at: 50 + u64::from(n),
+    };
+    let (m1, events) = s.store_message(&chan(1), &message(1), &payload).unwrap();
+    assert_eq!(m1.seq, 1);
+    let to: Vec<DeviceId> = events.iter().map(|(d, _)| *d).collect();
+    assert_eq!(to, vec![dev(2), dev(3)], "everyone but the sender");
+    assert_eq!(events[0].1.payload, "{\"seq\":1}");
+    assert_eq!(events[0].1.kind, "message");
+    // The same id again: the same row, no events.
+    let (again, events) = s.store_message(&chan(1), &message(1), &payload).unwrap();
+    assert_eq!((again, events.len()), (m1.clone(), 0));
+    let (m2, _) = s.store_message(&chan(1), &message(2), &payload).unwrap();
+    assert_eq!(m2.seq, 2);
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 2);
+    assert!(s.events(&dev(1), 0, 10).unwrap().is_empty());
+    assert_eq!(
+        s.messages(&chan(1), 0, 10).unwrap(),
+        vec![m1.clone(), m2.clone()]
+    );
+    assert_eq!(s.messages(&chan(1), 1, 10).unwrap(), vec![m2]);
+    assert_eq!(s.messages(&chan(1), 0, 1).unwrap(), vec![m1]);
+    assert!(s.messages(&chan(2), 0, 10).unwrap().is_empty());
+    assert!(matches!(
+        s.store_message(&chan(2), &message(3), &payload),
+        Err(StoreError::UnknownChannel(_))
+    ));
+    // Sequence numbers are per channel.
+    let other = ChannelRow {
+        channel: chan(2),
+        ..row
+    };
+    s.create_channel(&other, &epoch_state(0, &[1])).unwrap();
+    let (first, events) = s.store_message(&chan(2), &message(1), &payload).unwrap();
+    assert_eq!((first.seq, events.len()), (1, 0));
+}
+
 /// Runs every conformance test against fresh stores from `$make`.
 macro_rules! store_suite {
     ($backend:ident, $make:expr) => {
@@ -232,6 +400,14 @@ macro_rules! store_suite {
             #[test]
             fn event_log_and_acks() {
                 super::event_log_and_acks(make().as_ref());
+            }
+            #[test]
+            fn channels_and_commits() {
+                super::channels_and_commits(make().as_ref());
+            }
+            #[test]
+            fn messages_and_their_events() {
+                super::messages_and_their_events(make().as_ref());
             }
         }
     };

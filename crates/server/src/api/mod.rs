@@ -5,10 +5,11 @@
 //! device ids are 64 hex digits; errors are `{"error", "message"}` with a
 //! 4xx/5xx status ([`ApiError`]); `Authorization: Bearer <token>`.
 //!
-//! The channel, commit and message endpoints (kith-mls / kith-order) plug in
-//! as one more module with its own `routes()`, merged in [`router`], using
-//! [`crate::state::AppState::append_event`] to reach devices' event logs.
+//! Modules: `identity` (registration, login, records), `keypackages`,
+//! `inbox`, `events` (the event log and its WebSocket), `channels`
+//! (channels, commits, trees and messages).
 
+mod channels;
 mod events;
 mod identity;
 mod inbox;
@@ -40,6 +41,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .merge(keypackages::routes())
         .merge(inbox::routes())
         .merge(events::routes())
+        .merge(channels::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -1,12 +1,15 @@
 //! The in-memory backend: for tests and throwaway servers. Nothing survives
 //! the process.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use kith_proto::{DeviceId, LocalName};
+use kith_proto::{ChannelId, DeviceId, LocalName};
 
-use super::{Claimed, DeviceRow, Event, InboxItem, Millis, Registered, Store, StoreError};
+use super::{
+    ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, Event, InboxItem, MessageRow, Millis,
+    NewCommit, NewMessage, Registered, Store, StoreError,
+};
 
 /// A [`Store`] that keeps everything in memory.
 #[derive(Debug, Default)]
@@ -30,6 +33,25 @@ struct State {
     events: HashMap<DeviceId, BTreeMap<u64, Event>>,
     next_cursor: u64,
     acked: HashMap<DeviceId, u64>,
+    channels: BTreeMap<ChannelId, ChannelState>,
+}
+
+#[derive(Debug)]
+struct ChannelState {
+    row: ChannelRow,
+    epochs: BTreeMap<u64, EpochState>,
+    commits: BTreeMap<u64, CommitRow>,
+    ever: BTreeSet<DeviceId>,
+    messages: BTreeMap<u64, MessageRow>,
+    message_ids: HashMap<[u8; 32], u64>,
+}
+
+impl ChannelState {
+    fn current_members(&self) -> &[DeviceId] {
+        self.epochs
+            .get(&self.row.epoch)
+            .map_or(&[], |e| e.members.as_slice())
+    }
 }
 
 impl MemoryStore {
@@ -315,5 +337,218 @@ impl Store for MemoryStore {
 
     fn acked_cursor(&self, device: &DeviceId) -> Result<u64, StoreError> {
         Ok(self.lock()?.acked.get(device).copied().unwrap_or(0))
+    }
+
+    fn create_channel(&self, row: &ChannelRow, state: &EpochState) -> Result<(), StoreError> {
+        let mut s = self.lock()?;
+        if s.channels.contains_key(&row.channel) {
+            return Err(StoreError::ChannelExists(row.channel));
+        }
+        s.channels.insert(
+            row.channel,
+            ChannelState {
+                row: row.clone(),
+                epochs: BTreeMap::from([(state.epoch, state.clone())]),
+                commits: BTreeMap::new(),
+                ever: state.members.iter().copied().collect(),
+                messages: BTreeMap::new(),
+                message_ids: HashMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn channel(&self, channel: &ChannelId) -> Result<Option<ChannelRow>, StoreError> {
+        Ok(self.lock()?.channels.get(channel).map(|c| c.row.clone()))
+    }
+
+    fn channels_of(&self, device: &DeviceId) -> Result<Vec<ChannelRow>, StoreError> {
+        Ok(self
+            .lock()?
+            .channels
+            .values()
+            .filter(|c| c.current_members().contains(device))
+            .map(|c| c.row.clone())
+            .collect())
+    }
+
+    fn is_member(&self, channel: &ChannelId, device: &DeviceId) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()?
+            .channels
+            .get(channel)
+            .is_some_and(|c| c.current_members().contains(device)))
+    }
+
+    fn was_member(&self, channel: &ChannelId, device: &DeviceId) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()?
+            .channels
+            .get(channel)
+            .is_some_and(|c| c.ever.contains(device)))
+    }
+
+    fn epoch_state(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+    ) -> Result<Option<EpochState>, StoreError> {
+        Ok(self
+            .lock()?
+            .channels
+            .get(channel)
+            .and_then(|c| c.epochs.get(&epoch).cloned()))
+    }
+
+    fn store_commit(&self, commit: &NewCommit) -> Result<(), StoreError> {
+        let mut s = self.lock()?;
+        let c = s
+            .channels
+            .get_mut(&commit.channel)
+            .ok_or(StoreError::UnknownChannel(commit.channel))?;
+        let epoch = commit.commit.epoch;
+        if c.row.epoch != epoch || commit.next.epoch != epoch.wrapping_add(1) {
+            return Err(StoreError::EpochConflict {
+                channel: commit.channel,
+                current: c.row.epoch,
+                got: epoch,
+            });
+        }
+        c.commits.insert(epoch, commit.commit.clone());
+        c.epochs.insert(commit.next.epoch, commit.next.clone());
+        c.ever.extend(commit.next.members.iter().copied());
+        c.row.epoch = commit.next.epoch;
+        c.row.name.clone_from(&commit.name);
+        c.row.content_type.clone_from(&commit.content_type);
+        Ok(())
+    }
+
+    fn commit(&self, channel: &ChannelId, epoch: u64) -> Result<Option<CommitRow>, StoreError> {
+        Ok(self
+            .lock()?
+            .channels
+            .get(channel)
+            .and_then(|c| c.commits.get(&epoch).cloned()))
+    }
+
+    fn commits(
+        &self,
+        channel: &ChannelId,
+        from_epoch: u64,
+        limit: usize,
+    ) -> Result<Vec<CommitRow>, StoreError> {
+        Ok(self
+            .lock()?
+            .channels
+            .get(channel)
+            .map(|c| {
+                c.commits
+                    .range(from_epoch..)
+                    .take(limit)
+                    .map(|(_, r)| r.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn certify_commit(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+        certificate: &[u8],
+        payload: &str,
+        now: Millis,
+    ) -> Result<Option<Vec<(DeviceId, Event)>>, StoreError> {
+        let mut s = self.lock()?;
+        let c = s
+            .channels
+            .get_mut(channel)
+            .ok_or(StoreError::UnknownChannel(*channel))?;
+        let recipients = c
+            .epochs
+            .get(&epoch)
+            .map(|e| e.members.clone())
+            .unwrap_or_default();
+        let row = c
+            .commits
+            .get_mut(&epoch)
+            .ok_or_else(|| StoreError::Corrupt(format!("no commit stored for epoch {epoch}")))?;
+        if row.certificate.is_some() {
+            return Ok(None);
+        }
+        row.certificate = Some(certificate.to_vec());
+        let events = recipients
+            .iter()
+            .map(|d| (*d, s.append(d, "commit", payload.to_owned(), now)))
+            .collect();
+        Ok(Some(events))
+    }
+
+    fn store_message(
+        &self,
+        channel: &ChannelId,
+        message: &NewMessage,
+        payload: &dyn Fn(&MessageRow) -> String,
+    ) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError> {
+        let mut s = self.lock()?;
+        let c = s
+            .channels
+            .get_mut(channel)
+            .ok_or(StoreError::UnknownChannel(*channel))?;
+        if let Some(row) = c
+            .message_ids
+            .get(&message.id)
+            .and_then(|seq| c.messages.get(seq))
+        {
+            return Ok((row.clone(), Vec::new()));
+        }
+        let seq = c.messages.keys().next_back().copied().unwrap_or(0) + 1;
+        let row = MessageRow {
+            seq,
+            id: message.id,
+            epoch: message.epoch,
+            sender: message.sender,
+            message: message.message.clone(),
+            received_at: message.received_at,
+        };
+        c.messages.insert(seq, row.clone());
+        c.message_ids.insert(message.id, seq);
+        let recipients: Vec<DeviceId> = c
+            .current_members()
+            .iter()
+            .filter(|d| **d != message.sender)
+            .copied()
+            .collect();
+        let text = payload(&row);
+        let events = recipients
+            .iter()
+            .map(|d| {
+                (
+                    *d,
+                    s.append(d, "message", text.clone(), message.received_at),
+                )
+            })
+            .collect();
+        Ok((row, events))
+    }
+
+    fn messages(
+        &self,
+        channel: &ChannelId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        Ok(self
+            .lock()?
+            .channels
+            .get(channel)
+            .map(|c| {
+                c.messages
+                    .range(after.saturating_add(1)..)
+                    .take(limit)
+                    .map(|(_, r)| r.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }

@@ -8,7 +8,8 @@
 //! way, or the trait can grow an async twin when one is needed.)
 //!
 //! Every method that changes several rows does so in one transaction: an
-//! inbox deposit and its event, a key-package claim, a name and its device.
+//! inbox deposit and its event, a key-package claim, a name and its device,
+//! an accepted commit with its epoch's state, a message and its events.
 
 mod memory;
 mod sqlite;
@@ -16,7 +17,7 @@ mod sqlite;
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
-use kith_proto::{DeviceId, LocalName};
+use kith_proto::{ChannelId, DeviceId, LocalName};
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
@@ -85,6 +86,97 @@ pub enum Claimed {
     Exhausted,
 }
 
+/// A channel as stored: what its current epoch's channel extension says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelRow {
+    /// The channel (MLS group id).
+    pub channel: ChannelId,
+    /// Its display name.
+    pub name: String,
+    /// Its content type.
+    pub content_type: String,
+    /// The current epoch.
+    pub epoch: u64,
+    /// When the channel was created here.
+    pub created_at: Millis,
+}
+
+/// The public state of one epoch of a channel, as joiners fetch it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochState {
+    /// The epoch.
+    pub epoch: u64,
+    /// The ratchet tree (RFC 9420 `RatchetTree`), as the server computed it.
+    pub ratchet_tree: Vec<u8>,
+    /// The GroupInfo (an MLSMessage) a member made for this epoch.
+    pub group_info: Vec<u8>,
+    /// The member devices, in leaf order.
+    pub members: Vec<DeviceId>,
+}
+
+/// An accepted commit, with everything stored with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitRow {
+    /// The epoch the commit applies to (it ends this epoch).
+    pub epoch: u64,
+    /// The commit (an MLSMessage).
+    pub commit: Vec<u8>,
+    /// Its hash (message id).
+    pub commit_hash: [u8; 32],
+    /// The Welcome for devices it adds, if any.
+    pub welcome: Option<Vec<u8>>,
+    /// Its ordering certificate, once assembled (absent only between the
+    /// commit's acceptance and the certificate's storage).
+    pub certificate: Option<Vec<u8>>,
+}
+
+/// An accepted commit to store, with the state of the epoch it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCommit {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The commit (its `epoch` is the one it ends).
+    pub commit: CommitRow,
+    /// The state of epoch `commit.epoch + 1`.
+    pub next: EpochState,
+    /// The channel's name in the new epoch.
+    pub name: String,
+    /// The channel's content type in the new epoch.
+    pub content_type: String,
+}
+
+/// A stored channel message (an MLS PrivateMessage, opaque to the server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRow {
+    /// Per-channel sequence number, increasing from 1.
+    pub seq: u64,
+    /// The message id (`kith_proto::sign::message_id` of the bytes).
+    pub id: [u8; 32],
+    /// The epoch the sender says it was sent in.
+    pub epoch: u64,
+    /// The sending device.
+    pub sender: DeviceId,
+    /// The MLS message.
+    pub message: Vec<u8>,
+    /// When the server accepted it.
+    pub received_at: Millis,
+}
+
+/// A message to store; the store assigns its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The message id (`kith_proto::sign::message_id` of the bytes).
+    pub id: [u8; 32],
+    /// The epoch the sender says it was sent in.
+    pub epoch: u64,
+    /// The sending device.
+    pub sender: DeviceId,
+    /// The MLS message.
+    pub message: Vec<u8>,
+    /// When the server accepted it.
+    pub received_at: Millis,
+}
+
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -110,6 +202,23 @@ pub enum StoreError {
     InboxFull {
         /// The limit.
         limit: usize,
+    },
+    /// A channel with this id exists already.
+    #[error("channel {0} already exists")]
+    ChannelExists(ChannelId),
+    /// The channel is not stored here.
+    #[error("unknown channel {0}")]
+    UnknownChannel(ChannelId),
+    /// A commit does not follow the channel's stored epoch (another commit
+    /// was stored for it, or the channel is elsewhere).
+    #[error("channel {channel} is at epoch {current}; cannot store a commit for epoch {got}")]
+    EpochConflict {
+        /// The channel.
+        channel: ChannelId,
+        /// Its stored epoch.
+        current: u64,
+        /// The commit's epoch.
+        got: u64,
     },
     /// The SQLite backend failed.
     #[error("sqlite: {0}")]
@@ -255,4 +364,82 @@ pub trait Store: Send + Sync + 'static {
 
     /// The device's acked cursor (0 if it never acked).
     fn acked_cursor(&self, device: &DeviceId) -> Result<u64, StoreError>;
+
+    // -- channels -----------------------------------------------------------
+
+    /// Stores a new channel at epoch 0 with its initial state and members,
+    /// in one transaction. Fails with [`StoreError::ChannelExists`] if the
+    /// id is taken.
+    fn create_channel(&self, row: &ChannelRow, state: &EpochState) -> Result<(), StoreError>;
+
+    /// The channel, if stored.
+    fn channel(&self, channel: &ChannelId) -> Result<Option<ChannelRow>, StoreError>;
+
+    /// The channels `device` is currently a member of, by channel id.
+    fn channels_of(&self, device: &DeviceId) -> Result<Vec<ChannelRow>, StoreError>;
+
+    /// Whether `device` is a member of the channel's current epoch.
+    fn is_member(&self, channel: &ChannelId, device: &DeviceId) -> Result<bool, StoreError>;
+
+    /// Whether `device` is or ever was a member of the channel.
+    fn was_member(&self, channel: &ChannelId, device: &DeviceId) -> Result<bool, StoreError>;
+
+    /// The state of one epoch of the channel.
+    fn epoch_state(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+    ) -> Result<Option<EpochState>, StoreError>;
+
+    /// Stores an accepted commit and the state of the epoch it starts, moves
+    /// the channel to that epoch and its members to the new ones, all in
+    /// one transaction. Fails with [`StoreError::EpochConflict`] unless the
+    /// channel is at the commit's epoch.
+    fn store_commit(&self, commit: &NewCommit) -> Result<(), StoreError>;
+
+    /// The accepted commit of `epoch`, if any.
+    fn commit(&self, channel: &ChannelId, epoch: u64) -> Result<Option<CommitRow>, StoreError>;
+
+    /// Up to `limit` accepted commits from `from_epoch` on, by epoch.
+    fn commits(
+        &self,
+        channel: &ChannelId,
+        from_epoch: u64,
+        limit: usize,
+    ) -> Result<Vec<CommitRow>, StoreError>;
+
+    /// Stores the certificate of the accepted commit of `epoch` and, in the
+    /// same transaction, appends a `commit` event with `payload` to every
+    /// member of that epoch (the members before the commit). Returns the
+    /// events, or `None` (changing nothing) if the commit already has a
+    /// certificate. Fails if no commit is stored for `epoch`.
+    fn certify_commit(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+        certificate: &[u8],
+        payload: &str,
+        now: Millis,
+    ) -> Result<Option<Vec<(DeviceId, Event)>>, StoreError>;
+
+    /// Stores a message under the next sequence number of the channel and,
+    /// in the same transaction, appends a `message` event built by
+    /// `payload` to every current member except the sender. A message with
+    /// an id already stored in the channel changes nothing and returns the
+    /// stored row with no events.
+    fn store_message(
+        &self,
+        channel: &ChannelId,
+        message: &NewMessage,
+        payload: &dyn Fn(&MessageRow) -> String,
+    ) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError>;
+
+    /// Up to `limit` messages of the channel with `seq` greater than
+    /// `after`, in order.
+    fn messages(
+        &self,
+        channel: &ChannelId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MessageRow>, StoreError>;
 }

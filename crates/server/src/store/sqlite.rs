@@ -9,13 +9,16 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use kith_proto::{DeviceId, LocalName};
+use kith_proto::{ChannelId, DeviceId, LocalName};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::{Claimed, DeviceRow, Event, InboxItem, Millis, Registered, Store, StoreError};
+use super::{
+    ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, Event, InboxItem, MessageRow, Millis,
+    NewCommit, NewMessage, Registered, Store, StoreError,
+};
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -69,6 +72,53 @@ CREATE TABLE IF NOT EXISTS event_acks (
     device BLOB PRIMARY KEY,
     acked INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS channels (
+    channel BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+-- members: the 32-byte device ids of the epoch's members, concatenated.
+CREATE TABLE IF NOT EXISTS channel_epochs (
+    channel BLOB NOT NULL,
+    epoch INTEGER NOT NULL,
+    ratchet_tree BLOB NOT NULL,
+    group_info BLOB NOT NULL,
+    members BLOB NOT NULL,
+    PRIMARY KEY (channel, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS channel_members (
+    channel BLOB NOT NULL,
+    device BLOB NOT NULL,
+    PRIMARY KEY (channel, device)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS channel_members_by_device ON channel_members(device);
+CREATE TABLE IF NOT EXISTS channel_history (
+    channel BLOB NOT NULL,
+    device BLOB NOT NULL,
+    PRIMARY KEY (channel, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS channel_commits (
+    channel BLOB NOT NULL,
+    epoch INTEGER NOT NULL,
+    commit_msg BLOB NOT NULL,
+    commit_hash BLOB NOT NULL,
+    welcome BLOB,
+    certificate BLOB,
+    PRIMARY KEY (channel, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS channel_messages (
+    channel BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    epoch INTEGER NOT NULL,
+    sender BLOB NOT NULL,
+    message BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (channel, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS channel_messages_by_id ON channel_messages(channel, id);
 ";
 
 /// A [`Store`] in one SQLite database file.
@@ -185,6 +235,157 @@ fn insert_event(
         payload: payload.to_owned(),
         created_at: now,
     })
+}
+
+fn channel_id(bytes: &[u8]) -> Result<ChannelId, StoreError> {
+    let arr: [u8; 16] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("channel id is not 16 bytes".into()))?;
+    Ok(ChannelId::from_bytes(arr))
+}
+
+fn hash32(bytes: &[u8]) -> Result<[u8; 32], StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))
+}
+
+fn join_members(members: &[DeviceId]) -> Vec<u8> {
+    members.iter().flat_map(|d| *d.as_bytes()).collect()
+}
+
+fn split_members(bytes: &[u8]) -> Result<Vec<DeviceId>, StoreError> {
+    if !bytes.len().is_multiple_of(32) {
+        return Err(StoreError::Corrupt(
+            "member list is not a multiple of 32 bytes".into(),
+        ));
+    }
+    bytes.chunks_exact(32).map(device_id).collect()
+}
+
+type RawChannel = (Vec<u8>, String, String, i64, i64);
+
+/// Columns: channel, name, content_type, epoch, created_at.
+fn channel_row(row: &Row<'_>) -> rusqlite::Result<RawChannel> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
+}
+
+fn to_channel_row(
+    (channel, name, content_type, epoch, created_at): RawChannel,
+) -> Result<ChannelRow, StoreError> {
+    Ok(ChannelRow {
+        channel: channel_id(&channel)?,
+        name,
+        content_type,
+        epoch: uint(epoch)?,
+        created_at: uint(created_at)?,
+    })
+}
+
+type RawCommit = (i64, Vec<u8>, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Columns: epoch, commit_msg, commit_hash, welcome, certificate.
+fn commit_row(row: &Row<'_>) -> rusqlite::Result<RawCommit> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
+}
+
+fn to_commit_row(
+    (epoch, commit, hash, welcome, certificate): RawCommit,
+) -> Result<CommitRow, StoreError> {
+    Ok(CommitRow {
+        epoch: uint(epoch)?,
+        commit,
+        commit_hash: hash32(&hash)?,
+        welcome,
+        certificate,
+    })
+}
+
+type RawMessage = (i64, Vec<u8>, i64, Vec<u8>, Vec<u8>, i64);
+
+/// Columns: seq, id, epoch, sender, message, received_at.
+fn message_row(row: &Row<'_>) -> rusqlite::Result<RawMessage> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    ))
+}
+
+fn to_message_row(
+    (seq, id, epoch, sender, message, received_at): RawMessage,
+) -> Result<MessageRow, StoreError> {
+    Ok(MessageRow {
+        seq: uint(seq)?,
+        id: hash32(&id)?,
+        epoch: uint(epoch)?,
+        sender: device_id(&sender)?,
+        message,
+        received_at: uint(received_at)?,
+    })
+}
+
+fn epoch_members(
+    conn: &Connection,
+    channel: &ChannelId,
+    epoch: u64,
+) -> Result<Option<Vec<DeviceId>>, StoreError> {
+    let blob: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT members FROM channel_epochs WHERE channel = ?1 AND epoch = ?2",
+            params![channel.as_bytes(), int(epoch)?],
+            |r| r.get(0),
+        )
+        .optional()?;
+    blob.as_deref().map(split_members).transpose()
+}
+
+fn insert_epoch(
+    conn: &Connection,
+    channel: &ChannelId,
+    state: &EpochState,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO channel_epochs (channel, epoch, ratchet_tree, group_info, members)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            channel.as_bytes(),
+            int(state.epoch)?,
+            state.ratchet_tree,
+            state.group_info,
+            join_members(&state.members)
+        ],
+    )?;
+    conn.execute(
+        "DELETE FROM channel_members WHERE channel = ?1",
+        [channel.as_bytes()],
+    )?;
+    for device in &state.members {
+        conn.execute(
+            "INSERT OR IGNORE INTO channel_members (channel, device) VALUES (?1, ?2)",
+            params![channel.as_bytes(), device.as_bytes()],
+        )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO channel_history (channel, device) VALUES (?1, ?2)",
+            params![channel.as_bytes(), device.as_bytes()],
+        )?;
+    }
+    Ok(())
 }
 
 impl Store for SqliteStore {
@@ -584,5 +785,328 @@ impl Store for SqliteStore {
         .map(uint)
         .transpose()
         .map(Option::unwrap_or_default)
+    }
+
+    fn create_channel(&self, row: &ChannelRow, state: &EpochState) -> Result<(), StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM channels WHERE channel = ?1",
+                [row.channel.as_bytes()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if exists {
+            return Err(StoreError::ChannelExists(row.channel));
+        }
+        tx.execute(
+            "INSERT INTO channels (channel, name, content_type, epoch, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                row.channel.as_bytes(),
+                row.name,
+                row.content_type,
+                int(row.epoch)?,
+                int(row.created_at)?
+            ],
+        )?;
+        insert_epoch(&tx, &row.channel, state)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn channel(&self, channel: &ChannelId) -> Result<Option<ChannelRow>, StoreError> {
+        let conn = self.lock()?;
+        conn.query_row(
+            "SELECT channel, name, content_type, epoch, created_at FROM channels
+             WHERE channel = ?1",
+            [channel.as_bytes()],
+            channel_row,
+        )
+        .optional()?
+        .map(to_channel_row)
+        .transpose()
+    }
+
+    fn channels_of(&self, device: &DeviceId) -> Result<Vec<ChannelRow>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT c.channel, c.name, c.content_type, c.epoch, c.created_at
+             FROM channels c JOIN channel_members m ON m.channel = c.channel
+             WHERE m.device = ?1 ORDER BY c.channel",
+        )?;
+        let rows = stmt
+            .query_map([device.as_bytes()], channel_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(to_channel_row).collect()
+    }
+
+    fn is_member(&self, channel: &ChannelId, device: &DeviceId) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM channel_members WHERE channel = ?1 AND device = ?2",
+                params![channel.as_bytes(), device.as_bytes()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    fn was_member(&self, channel: &ChannelId, device: &DeviceId) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM channel_history WHERE channel = ?1 AND device = ?2",
+                params![channel.as_bytes(), device.as_bytes()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    fn epoch_state(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+    ) -> Result<Option<EpochState>, StoreError> {
+        let conn = self.lock()?;
+        let row: Option<(Vec<u8>, Vec<u8>, Vec<u8>)> = conn
+            .query_row(
+                "SELECT ratchet_tree, group_info, members FROM channel_epochs
+                 WHERE channel = ?1 AND epoch = ?2",
+                params![channel.as_bytes(), int(epoch)?],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        row.map(|(ratchet_tree, group_info, members)| {
+            Ok(EpochState {
+                epoch,
+                ratchet_tree,
+                group_info,
+                members: split_members(&members)?,
+            })
+        })
+        .transpose()
+    }
+
+    fn store_commit(&self, commit: &NewCommit) -> Result<(), StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let channel = &commit.channel;
+        let current: Option<i64> = tx
+            .query_row(
+                "SELECT epoch FROM channels WHERE channel = ?1",
+                [channel.as_bytes()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let current = uint(current.ok_or(StoreError::UnknownChannel(*channel))?)?;
+        let epoch = commit.commit.epoch;
+        if current != epoch || commit.next.epoch != epoch.wrapping_add(1) {
+            return Err(StoreError::EpochConflict {
+                channel: *channel,
+                current,
+                got: epoch,
+            });
+        }
+        tx.execute(
+            "INSERT INTO channel_commits
+               (channel, epoch, commit_msg, commit_hash, welcome, certificate)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                channel.as_bytes(),
+                int(epoch)?,
+                commit.commit.commit,
+                commit.commit.commit_hash.as_slice(),
+                commit.commit.welcome,
+                commit.commit.certificate
+            ],
+        )?;
+        insert_epoch(&tx, channel, &commit.next)?;
+        tx.execute(
+            "UPDATE channels SET epoch = ?2, name = ?3, content_type = ?4 WHERE channel = ?1",
+            params![
+                channel.as_bytes(),
+                int(commit.next.epoch)?,
+                commit.name,
+                commit.content_type
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn commit(&self, channel: &ChannelId, epoch: u64) -> Result<Option<CommitRow>, StoreError> {
+        let conn = self.lock()?;
+        conn.query_row(
+            "SELECT epoch, commit_msg, commit_hash, welcome, certificate FROM channel_commits
+             WHERE channel = ?1 AND epoch = ?2",
+            params![channel.as_bytes(), int(epoch)?],
+            commit_row,
+        )
+        .optional()?
+        .map(to_commit_row)
+        .transpose()
+    }
+
+    fn commits(
+        &self,
+        channel: &ChannelId,
+        from_epoch: u64,
+        limit: usize,
+    ) -> Result<Vec<CommitRow>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT epoch, commit_msg, commit_hash, welcome, certificate FROM channel_commits
+             WHERE channel = ?1 AND epoch >= ?2 ORDER BY epoch LIMIT ?3",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![channel.as_bytes(), int(from_epoch)?, int(limit as u64)?],
+                commit_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(to_commit_row).collect()
+    }
+
+    fn certify_commit(
+        &self,
+        channel: &ChannelId,
+        epoch: u64,
+        certificate: &[u8],
+        payload: &str,
+        now: Millis,
+    ) -> Result<Option<Vec<(DeviceId, Event)>>, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<Option<Vec<u8>>> = tx
+            .query_row(
+                "SELECT certificate FROM channel_commits WHERE channel = ?1 AND epoch = ?2",
+                params![channel.as_bytes(), int(epoch)?],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match existing {
+            None => {
+                return Err(StoreError::Corrupt(format!(
+                    "no commit stored for epoch {epoch}"
+                )));
+            }
+            Some(Some(_)) => return Ok(None),
+            Some(None) => {}
+        }
+        tx.execute(
+            "UPDATE channel_commits SET certificate = ?3 WHERE channel = ?1 AND epoch = ?2",
+            params![channel.as_bytes(), int(epoch)?, certificate],
+        )?;
+        let recipients = epoch_members(&tx, channel, epoch)?.unwrap_or_default();
+        let mut events = Vec::with_capacity(recipients.len());
+        for device in recipients {
+            events.push((device, insert_event(&tx, &device, "commit", payload, now)?));
+        }
+        tx.commit()?;
+        Ok(Some(events))
+    }
+
+    fn store_message(
+        &self,
+        channel: &ChannelId,
+        message: &NewMessage,
+        payload: &dyn Fn(&MessageRow) -> String,
+    ) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let known = tx
+            .query_row(
+                "SELECT 1 FROM channels WHERE channel = ?1",
+                [channel.as_bytes()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if !known {
+            return Err(StoreError::UnknownChannel(*channel));
+        }
+        let existing = tx
+            .query_row(
+                "SELECT seq, id, epoch, sender, message, received_at FROM channel_messages
+                 WHERE channel = ?1 AND id = ?2",
+                params![channel.as_bytes(), message.id.as_slice()],
+                message_row,
+            )
+            .optional()?;
+        if let Some(raw) = existing {
+            return Ok((to_message_row(raw)?, Vec::new()));
+        }
+        let last: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM channel_messages WHERE channel = ?1",
+            [channel.as_bytes()],
+            |r| r.get(0),
+        )?;
+        let row = MessageRow {
+            seq: uint(last)? + 1,
+            id: message.id,
+            epoch: message.epoch,
+            sender: message.sender,
+            message: message.message.clone(),
+            received_at: message.received_at,
+        };
+        tx.execute(
+            "INSERT INTO channel_messages (channel, seq, id, epoch, sender, message, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                channel.as_bytes(),
+                int(row.seq)?,
+                row.id.as_slice(),
+                int(row.epoch)?,
+                row.sender.as_bytes(),
+                row.message,
+                int(row.received_at)?
+            ],
+        )?;
+        let recipients: Vec<Vec<u8>> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT device FROM channel_members WHERE channel = ?1 AND device != ?2",
+            )?;
+            stmt.query_map(
+                params![channel.as_bytes(), message.sender.as_bytes()],
+                |r| r.get(0),
+            )?
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        let text = payload(&row);
+        let mut events = Vec::with_capacity(recipients.len());
+        for raw in recipients {
+            let device = device_id(&raw)?;
+            events.push((
+                device,
+                insert_event(&tx, &device, "message", &text, row.received_at)?,
+            ));
+        }
+        tx.commit()?;
+        Ok((row, events))
+    }
+
+    fn messages(
+        &self,
+        channel: &ChannelId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, id, epoch, sender, message, received_at FROM channel_messages
+             WHERE channel = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![channel.as_bytes(), int(after)?, int(limit as u64)?],
+                message_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(to_message_row).collect()
     }
 }

@@ -1,0 +1,591 @@
+//! Channels, commits and messages: creating a channel from its creator's
+//! GroupInfo and tree, ordering commits through the channel's orderer and
+//! certifying them with this server's vote, serving the tree and GroupInfo
+//! of each epoch, and storing and fanning out application messages.
+//!
+//! Per channel, one lock (the channel's slot) covers ordering a commit and
+//! appending its `commit` events, and storing a message and its `message`
+//! events, so a commit's events come before those of any message of the
+//! epoch it starts.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use kith_mls::{MlsStore, PublicChannel};
+use kith_order::{CommitHash, OrderingCertificate, Outcome, Submission, Submitter, Vote, VoterSet};
+use kith_proto::{ChannelId, DeviceId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiJson, Authed, b64, list_limit, unb64};
+use crate::channels::{Slot, catch_up, lock_mls};
+use crate::error::ApiError;
+use crate::state::{Shared, now_ms};
+use crate::store::{ChannelRow, CommitRow, EpochState, MessageRow, NewMessage};
+
+pub(super) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/v0/channels", get(list_channels).post(create))
+        .route("/v0/channels/{id}/commits", get(list_commits).post(commit))
+        .route("/v0/channels/{id}/tree", get(tree))
+        .route(
+            "/v0/channels/{id}/messages",
+            get(list_messages).post(post_message),
+        )
+}
+
+fn parse_channel(text: &str) -> Result<ChannelId, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a channel id (32 hex digits)")))
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+/// The channel, or 404.
+async fn channel_row(state: &Shared, channel: ChannelId) -> Result<ChannelRow, ApiError> {
+    state
+        .db(move |s| s.channel(&channel))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no channel {channel} here")))
+}
+
+/// 403 `not_member` unless `device` is a current member.
+async fn require_member(
+    state: &Shared,
+    channel: ChannelId,
+    device: DeviceId,
+) -> Result<(), ApiError> {
+    if state.db(move |s| s.is_member(&channel, &device)).await? {
+        Ok(())
+    } else {
+        Err(ApiError::not_member(
+            "this device is not a member of the channel",
+        ))
+    }
+}
+
+fn channel_json(row: &ChannelRow) -> Value {
+    json!({
+        "channel": row.channel.to_string(),
+        "name": row.name,
+        "content_type": row.content_type,
+        "epoch": row.epoch,
+    })
+}
+
+// -- channels -----------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    channel: String,
+    group_info: String,
+    ratchet_tree: String,
+}
+
+#[tracing::instrument(skip_all, fields(device = %device))]
+async fn create(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+    ApiJson(req): ApiJson<CreateRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&req.channel)?;
+    let group_info = unb64("group_info", &req.group_info)?;
+    let ratchet_tree = unb64("ratchet_tree", &req.ratchet_tree)?;
+    // Checked on a scratch store first, so a refused channel leaves nothing.
+    let (row, first) = tokio::task::spawn_blocking(move || {
+        let scratch = MlsStore::in_memory()
+            .map_err(|e| ApiError::internal(format!("scratch MLS store: {e}")))?;
+        let public = PublicChannel::create(&scratch, &group_info, &ratchet_tree)
+            .map_err(|e| ApiError::bad_request(format!("cannot create the channel: {e}")))?;
+        if public.id() != channel {
+            return Err(ApiError::bad_request(format!(
+                "the GroupInfo is for channel {}, not {channel}",
+                public.id()
+            )));
+        }
+        if public.epoch() != 0 {
+            return Err(ApiError::bad_request(format!(
+                "a new channel starts at epoch 0, this GroupInfo is for epoch {}",
+                public.epoch()
+            )));
+        }
+        let members = public.members();
+        if members != [device] {
+            return Err(ApiError::forbidden(
+                "a new channel's only member must be the creating device",
+            ));
+        }
+        let extension = public.extension();
+        let row = ChannelRow {
+            channel,
+            name: extension.name.as_str().to_owned(),
+            content_type: extension.content_type.as_str().to_owned(),
+            epoch: 0,
+            created_at: now_ms(),
+        };
+        let first = EpochState {
+            epoch: 0,
+            ratchet_tree: public
+                .ratchet_tree()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            group_info,
+            members,
+        };
+        Ok((row, first))
+    })
+    .await
+    .map_err(|_| ApiError::internal("channel check failed"))??;
+    let mut slot = state.channels.lock(channel).await;
+    let (r, f) = (row.clone(), first);
+    state.db(move |s| s.create_channel(&r, &f)).await?;
+    // The store holds the channel now; the MLS state and the orderer follow
+    // (and are rebuilt from the store if this fails half-way).
+    let channels = state.channels.clone();
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mls = lock_mls(&channels.mls);
+        catch_up(&mls, store.as_ref(), channel).map(|_| ())
+    })
+    .await
+    .map_err(|_| ApiError::internal("creating the MLS state failed"))?
+    .map_err(|e| {
+        tracing::error!(%channel, error = %e, "creating the MLS state");
+        ApiError::internal("creating the channel's MLS state failed")
+    })?;
+    ready(&state, &mut slot, channel).await?;
+    tracing::info!(%channel, "channel created");
+    Ok(Json(json!({
+        "channel": channel.to_string(),
+        "epoch": 0,
+        "name": row.name,
+        "content_type": row.content_type,
+    })))
+}
+
+#[tracing::instrument(skip_all, fields(device = %device))]
+async fn list_channels(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+) -> Result<Json<Value>, ApiError> {
+    let rows = state.db(move |s| s.channels_of(&device)).await?;
+    let channels: Vec<Value> = rows.iter().map(channel_json).collect();
+    Ok(Json(json!({ "channels": channels })))
+}
+
+// -- commits ------------------------------------------------------------------
+
+/// Starts the channel's orderer if needed and, when it was just started,
+/// certifies a commit the log accepted before a crash but whose
+/// certificate (and events) were not stored.
+async fn ready(state: &Shared, slot: &mut Slot, channel: ChannelId) -> Result<(), ApiError> {
+    let (_, started) = state.channels.orderer(slot, channel).await.map_err(|e| {
+        tracing::error!(%channel, error = %e, "starting the orderer");
+        ApiError::internal("the channel's orderer did not start")
+    })?;
+    if started {
+        let row = channel_row(state, channel).await?;
+        if let Some(last) = row.epoch.checked_sub(1) {
+            certify(state, channel, last).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The server's voter set: itself, with its key.
+fn voter_set(state: &Shared) -> VoterSet {
+    VoterSet::new([(state.config.server_name.clone(), vec![state.key.public()])])
+}
+
+/// Signs this server's vote for the accepted commit of `epoch`, stores the
+/// certificate and appends the `commit` events (once), and returns the
+/// commit with its certificate. Call with the channel's slot held.
+async fn certify(state: &Shared, channel: ChannelId, epoch: u64) -> Result<CommitRow, ApiError> {
+    let mut row = state
+        .db(move |s| s.commit(&channel, epoch))
+        .await?
+        .ok_or_else(|| ApiError::internal(format!("the accepted commit of {epoch} is missing")))?;
+    if row.certificate.is_some() {
+        return Ok(row);
+    }
+    let hash = CommitHash::from_bytes(row.commit_hash);
+    let vote = Vote::sign(
+        &state.key,
+        state.config.server_name.clone(),
+        channel,
+        epoch,
+        hash,
+    );
+    let certificate =
+        OrderingCertificate::assemble(channel, epoch, hash, [vote], &voter_set(state))
+            .map_err(|e| ApiError::internal(format!("assembling the certificate: {e}")))?
+            .encode();
+    let payload = json!({
+        "channel": channel.to_string(),
+        "epoch": epoch,
+        "commit": b64(&row.commit),
+        "commit_hash": hex::encode(row.commit_hash),
+        "certificate": b64(&certificate),
+    })
+    .to_string();
+    let now = now_ms();
+    let cert = certificate.clone();
+    let events = state
+        .db(move |s| s.certify_commit(&channel, epoch, &cert, &payload, now))
+        .await?;
+    if let Some(events) = events {
+        state.metrics.commits_accepted.inc();
+        for (device, event) in events {
+            state.hub.notify(device, event.cursor);
+        }
+    }
+    row.certificate = Some(certificate);
+    Ok(row)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitRequest {
+    epoch: u64,
+    commit: String,
+    #[serde(default)]
+    welcome: Option<String>,
+    group_info: String,
+    #[serde(default)]
+    ratchet_tree: Option<String>,
+}
+
+#[tracing::instrument(skip_all, fields(device = %device, channel = %id))]
+async fn commit(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CommitRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let commit = unb64("commit", &req.commit)?;
+    let welcome = req
+        .welcome
+        .as_deref()
+        .map(|w| unb64("welcome", w))
+        .transpose()?;
+    let group_info = unb64("group_info", &req.group_info)?;
+    let ratchet_tree = req
+        .ratchet_tree
+        .as_deref()
+        .map(|t| unb64("ratchet_tree", t))
+        .transpose()?;
+    let result = order_commit(
+        &state,
+        channel,
+        device,
+        Submission {
+            channel,
+            epoch: req.epoch,
+            commit,
+            welcome,
+            group_info,
+            ratchet_tree,
+            submitter: Submitter {
+                server: state.config.server_name.clone(),
+                device,
+            },
+        },
+    )
+    .await;
+    if let Err(e) = &result
+        && (e.code == "rejected" || e.code == "wrong_epoch" || e.code == "forbidden")
+    {
+        state.metrics.commits_rejected.inc();
+    }
+    let row = result?;
+    Ok(Json(json!({
+        "epoch": row.epoch,
+        "commit_hash": hex::encode(row.commit_hash),
+        "certificate": b64(row.certificate.as_deref().unwrap_or_default()),
+    })))
+}
+
+async fn order_commit(
+    state: &Shared,
+    channel: ChannelId,
+    device: DeviceId,
+    submission: Submission,
+) -> Result<CommitRow, ApiError> {
+    // Channels are never deleted, so checking before taking the lock keeps
+    // unknown ids from creating slots.
+    channel_row(state, channel).await?;
+    let mut slot = state.channels.lock(channel).await;
+    require_member(state, channel, device).await?;
+    ready(state, &mut slot, channel).await?;
+    let row = channel_row(state, channel).await?;
+    // The resubmission of an accepted commit (a retry after a lost answer)
+    // gets the same answer.
+    let epoch = submission.epoch;
+    let hash = *submission.commit_hash().as_bytes();
+    if let Some(stored) = state.db(move |s| s.commit(&channel, epoch)).await?
+        && stored.commit_hash == hash
+    {
+        return certify(state, channel, epoch).await;
+    }
+    if submission.epoch != row.epoch {
+        return Err(ApiError::wrong_epoch(
+            row.epoch,
+            format!(
+                "wrong epoch: the channel is at epoch {}, the commit is for {}",
+                row.epoch, submission.epoch
+            ),
+        ));
+    }
+    precheck(state, channel, device, submission.commit.clone()).await?;
+    let (orderer, _) = state
+        .channels
+        .orderer(&mut slot, channel)
+        .await
+        .map_err(|e| ApiError::internal(format!("the channel's orderer: {e}")))?;
+    let outcome = orderer.submit(submission).await.map_err(|e| {
+        tracing::error!(%channel, error = %e, "ordering a commit");
+        ApiError::internal("ordering the commit failed; it was not accepted")
+    })?;
+    match outcome {
+        Outcome::Accepted { epoch, .. } => {
+            let row = certify(state, channel, epoch).await?;
+            tracing::info!(%channel, epoch, "commit accepted");
+            Ok(row)
+        }
+        Outcome::WrongEpoch { current, .. } => Err(ApiError::wrong_epoch(
+            current,
+            format!("wrong epoch: the channel is at epoch {current}"),
+        )),
+        Outcome::Rejected { reason } => Err(ApiError::rejected(reason)),
+    }
+}
+
+/// Checks the commit against the channel's current MLS state before it
+/// goes into the log: 400 `rejected` if invalid, 403 `forbidden` if another
+/// device made it.
+async fn precheck(
+    state: &Shared,
+    channel: ChannelId,
+    device: DeviceId,
+    commit: Vec<u8>,
+) -> Result<(), ApiError> {
+    let channels = state.channels.clone();
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mls = lock_mls(&channels.mls);
+        let public = catch_up(&mls, store.as_ref(), channel).map_err(|e| {
+            tracing::error!(%channel, error = %e, "catching up the MLS state");
+            ApiError::internal("the channel's MLS state is unavailable")
+        })?;
+        let validated = public
+            .validate_commit(&commit)
+            .map_err(|e| ApiError::rejected(e.to_string()))?;
+        if validated.info().sender != device {
+            return Err(ApiError::forbidden(
+                "the commit was made by another device than the one submitting it",
+            ));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| ApiError::internal("checking the commit failed"))?
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitsQuery {
+    from_epoch: Option<u64>,
+    limit: Option<usize>,
+}
+
+#[tracing::instrument(skip_all, fields(device = %device, channel = %id))]
+async fn list_commits(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+    Path(id): Path<String>,
+    q: Result<Query<CommitsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let q = query(q)?;
+    channel_row(&state, channel).await?;
+    if !state.db(move |s| s.was_member(&channel, &device)).await? {
+        return Err(ApiError::not_member(
+            "this device never was a member of the channel",
+        ));
+    }
+    let from = q.from_epoch.unwrap_or(0);
+    let limit = list_limit(&state, q.limit);
+    let mut rows = state.db(move |s| s.commits(&channel, from, limit)).await?;
+    if rows.iter().any(|r| r.certificate.is_none()) {
+        // Accepted just before a crash: certify it now.
+        let mut slot = state.channels.lock(channel).await;
+        ready(&state, &mut slot, channel).await?;
+        drop(slot);
+        rows = state.db(move |s| s.commits(&channel, from, limit)).await?;
+        rows.retain(|r| r.certificate.is_some());
+    }
+    let commits: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "epoch": r.epoch,
+                "commit": b64(&r.commit),
+                "commit_hash": hex::encode(r.commit_hash),
+                "certificate": b64(r.certificate.as_deref().unwrap_or_default()),
+                "welcome": r.welcome.as_deref().map(b64),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "commits": commits })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TreeQuery {
+    epoch: Option<u64>,
+}
+
+#[tracing::instrument(skip_all, fields(device = %device, channel = %id))]
+async fn tree(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+    Path(id): Path<String>,
+    q: Result<Query<TreeQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let q = query(q)?;
+    let row = channel_row(&state, channel).await?;
+    let epoch = q.epoch.unwrap_or(row.epoch);
+    let epoch_state = state
+        .db(move |s| s.epoch_state(&channel, epoch))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("the channel has no epoch {epoch}")))?;
+    if !epoch_state.members.contains(&device) {
+        return Err(ApiError::not_member(format!(
+            "this device is not a member of epoch {epoch}"
+        )));
+    }
+    Ok(Json(json!({
+        "epoch": epoch,
+        "ratchet_tree": b64(&epoch_state.ratchet_tree),
+        "group_info": b64(&epoch_state.group_info),
+    })))
+}
+
+// -- messages -----------------------------------------------------------------
+
+fn message_json(channel: ChannelId, m: &MessageRow) -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("channel".into(), channel.to_string().into());
+    map.insert("seq".into(), m.seq.into());
+    map.insert("id".into(), hex::encode(m.id).into());
+    map.insert("epoch".into(), m.epoch.into());
+    map.insert("sender".into(), m.sender.to_string().into());
+    map.insert("message".into(), b64(&m.message).into());
+    map.insert("received_at".into(), m.received_at.into());
+    map
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageRequest {
+    epoch: u64,
+    message: String,
+}
+
+#[tracing::instrument(skip_all, fields(device = %device, channel = %id))]
+async fn post_message(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<MessageRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let message = unb64("message", &req.message)?;
+    let limit = state.config.limits.max_message_bytes;
+    if message.is_empty() {
+        return Err(ApiError::bad_request("`message` is empty"));
+    }
+    if message.len() > limit {
+        return Err(ApiError::too_large(format!(
+            "the message is {} bytes; the limit is {limit}",
+            message.len()
+        )));
+    }
+    channel_row(&state, channel).await?;
+    let mut slot = state.channels.lock(channel).await;
+    let row = channel_row(&state, channel).await?;
+    require_member(&state, channel, device).await?;
+    if req.epoch > row.epoch {
+        return Err(ApiError::bad_request(format!(
+            "the message is for epoch {}, the channel is at epoch {}",
+            req.epoch, row.epoch
+        )));
+    }
+    ready(&state, &mut slot, channel).await?;
+    let received_at = now_ms();
+    let new = NewMessage {
+        id: kith_proto::sign::message_id(&message),
+        epoch: req.epoch,
+        sender: device,
+        message,
+        received_at,
+    };
+    let (stored, events) = state
+        .db(move |s| {
+            s.store_message(&channel, &new, &|m| {
+                Value::Object(message_json(channel, m)).to_string()
+            })
+        })
+        .await?;
+    drop(slot);
+    for (to, event) in &events {
+        state.hub.notify(*to, event.cursor);
+    }
+    // A repeated id returns the row stored the first time.
+    if stored.received_at == received_at {
+        state.metrics.channel_messages.inc();
+    }
+    Ok(Json(
+        json!({ "id": hex::encode(stored.id), "seq": stored.seq }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessagesQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+#[tracing::instrument(skip_all, fields(device = %device, channel = %id))]
+async fn list_messages(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+    Path(id): Path<String>,
+    q: Result<Query<MessagesQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let q = query(q)?;
+    channel_row(&state, channel).await?;
+    require_member(&state, channel, device).await?;
+    let after = q.after.unwrap_or(0);
+    let limit = list_limit(&state, q.limit);
+    let rows = state
+        .db(move |s| s.messages(&channel, after, limit))
+        .await?;
+    let messages: Vec<Value> = rows
+        .iter()
+        .map(|m| {
+            let mut map = message_json(channel, m);
+            map.remove("channel");
+            Value::Object(map)
+        })
+        .collect();
+    Ok(Json(json!({ "messages": messages })))
+}

@@ -1,0 +1,643 @@
+//! Channels, commits and messages end to end: real servers on loopback and
+//! real OpenMLS clients (`kith_mls::Device`) driving the HTTP API.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use common::{Device, TestServer, assert_error, b64, client, now_ms, send, unb64};
+use kith_mls::{
+    CIPHERSUITE_V0, Channel, ChannelExtension, ChannelSettings, CommitOutput, ContentType,
+    Incoming, MlsStore, Policy,
+};
+use kith_order::{OrderingCertificateIn, VoterSet};
+use kith_proto::{ChannelId, ServerKeysIn};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A registered device and its MLS state (same identity key).
+struct Member {
+    http: Device,
+    mls: kith_mls::Device,
+}
+
+impl Member {
+    async fn join(server: &TestServer, name: &str) -> Self {
+        let http = Device::join(server, name).await;
+        let mls = kith_mls::Device::new(&http.key, MlsStore::in_memory().unwrap());
+        Self { http, mls }
+    }
+
+    fn key_package(&self) -> Vec<u8> {
+        self.mls
+            .key_packages(1, CIPHERSUITE_V0)
+            .unwrap()
+            .pop()
+            .unwrap()
+    }
+
+    fn channel(&self, id: ChannelId) -> Channel<'_> {
+        self.mls.channel(id).unwrap()
+    }
+
+    async fn post_commit(
+        &self,
+        server: &TestServer,
+        id: ChannelId,
+        epoch: u64,
+        out: &CommitOutput,
+    ) -> (StatusCode, Value) {
+        self.http
+            .post(
+                server,
+                &format!("/v0/channels/{id}/commits"),
+                json!({
+                    "epoch": epoch,
+                    "commit": b64(&out.commit),
+                    "welcome": out.welcome.as_deref().map(b64),
+                    "group_info": b64(&out.group_info),
+                    "ratchet_tree": b64(&out.ratchet_tree),
+                }),
+            )
+            .await
+    }
+
+    async fn post_message(
+        &self,
+        server: &TestServer,
+        id: ChannelId,
+        text: &[u8],
+    ) -> (StatusCode, Value, Vec<u8>) {
+        let mut channel = self.channel(id);
+        let message = channel.encrypt(text).unwrap();
+        let epoch = channel.epoch();
+        let (status, body) = self
+            .http
+            .post(
+                server,
+                &format!("/v0/channels/{id}/messages"),
+                json!({ "epoch": epoch, "message": b64(&message) }),
+            )
+            .await;
+        (status, body, message)
+    }
+
+    /// Events of `kind` after `after`, with the last cursor seen.
+    async fn events(&self, server: &TestServer, kind: &str, after: u64) -> (Vec<Value>, u64) {
+        let (status, body) = self
+            .http
+            .get(server, &format!("/v0/events?after={after}&limit=500"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let next = body["next"].as_u64().unwrap();
+        let events = body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .cloned()
+            .collect();
+        (events, next)
+    }
+
+    /// Fetches commits from `from` on, checks each certificate, processes
+    /// and merges them.
+    async fn catch_up(&self, server: &TestServer, id: ChannelId, voters: &VoterSet) {
+        let from = self.channel(id).epoch();
+        let (status, body) = self
+            .http
+            .get(
+                server,
+                &format!("/v0/channels/{id}/commits?from_epoch={from}"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        for c in body["commits"].as_array().unwrap() {
+            let commit = unb64(c["commit"].as_str().unwrap());
+            let epoch = c["epoch"].as_u64().unwrap();
+            OrderingCertificateIn::decode(&unb64(c["certificate"].as_str().unwrap()))
+                .unwrap()
+                .verify_for(id, epoch, &commit, voters)
+                .unwrap();
+            let mut channel = self.channel(id);
+            match channel.process(&commit).unwrap() {
+                Incoming::Commit(staged) => channel.merge_staged(staged).unwrap(),
+                Incoming::OwnCommit => channel.merge_pending().unwrap(),
+                other => panic!("expected a commit, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// The voter set of a one-server channel: the server with its key.
+async fn voters(server: &TestServer) -> VoterSet {
+    let (status, info) = send(client().get(server.url("/v0/server"))).await;
+    assert_eq!(status, StatusCode::OK);
+    let keys = ServerKeysIn::decode(&unb64(info["server_keys"].as_str().unwrap()))
+        .unwrap()
+        .verify(now_ms())
+        .unwrap();
+    VoterSet::new([(
+        server.name.clone(),
+        keys.keys().iter().map(|k| k.key.clone()).collect(),
+    )])
+}
+
+fn settings(admin: &Member) -> ChannelSettings {
+    ChannelSettings::new(ChannelExtension::new(
+        ContentType::kith_chat_v1(),
+        "general".parse().unwrap(),
+        Policy::new([admin.mls.device_id()]).unwrap(),
+    ))
+}
+
+async fn create(server: &TestServer, who: &Member, channel: &Channel<'_>) -> (StatusCode, Value) {
+    who.http
+        .post(
+            server,
+            "/v0/channels",
+            json!({
+                "channel": channel.id().to_string(),
+                "group_info": b64(&channel.group_info().unwrap()),
+                "ratchet_tree": b64(&channel.ratchet_tree().unwrap()),
+            }),
+        )
+        .await
+}
+
+/// Checks a commit answer's certificate and merges the pending commit.
+fn certified(
+    voters: &VoterSet,
+    id: ChannelId,
+    epoch: u64,
+    out: &CommitOutput,
+    answer: &(StatusCode, Value),
+) {
+    assert_eq!(answer.0, StatusCode::OK, "{}", answer.1);
+    assert_eq!(answer.1["epoch"], epoch);
+    let cert = OrderingCertificateIn::decode(&unb64(answer.1["certificate"].as_str().unwrap()))
+        .unwrap()
+        .verify_for(id, epoch, &out.commit, voters)
+        .unwrap();
+    assert_eq!(
+        answer.1["commit_hash"],
+        hex::encode(cert.commit_hash().as_bytes())
+    );
+}
+
+/// Decrypts the `message` events for `id` a member received since `after`.
+async fn receive(
+    server: &TestServer,
+    member: &Member,
+    id: ChannelId,
+    after: u64,
+) -> (Vec<Vec<u8>>, u64) {
+    let (events, next) = member.events(server, "message", after).await;
+    let mut channel = member.channel(id);
+    let texts = events
+        .iter()
+        .filter(|e| e["channel"] == id.to_string())
+        .map(|e| {
+            let message = unb64(e["message"].as_str().unwrap());
+            match channel.process(&message).unwrap() {
+                Incoming::Application { data, .. } => data,
+                other => panic!("expected application data, got {other:?}"),
+            }
+        })
+        .collect();
+    (texts, next)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_with_a_race_a_removal_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(dir.path(), "chan.example").await;
+    let voters = voters(&server).await;
+    let alice = Member::join(&server, "alice").await;
+    let bob = Member::join(&server, "bob").await;
+    let carol = Member::join(&server, "carol").await;
+    let dave = Member::join(&server, "dave").await;
+
+    // Creation: only by the group's sole member, once.
+    let channel = alice
+        .mls
+        .create_channel(ChannelId::random(), &settings(&alice))
+        .unwrap();
+    let id = channel.id();
+    assert_error(
+        &create(&server, &bob, &channel).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let (status, body) = create(&server, &alice, &channel).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["channel"], id.to_string());
+    assert_eq!(body["epoch"], 0);
+    assert_eq!(body["name"], "general");
+    assert_eq!(body["content_type"], "application/vnd.kith.chat.v1");
+    assert_error(
+        &create(&server, &alice, &channel).await,
+        StatusCode::CONFLICT,
+        "channel_exists",
+    );
+    drop(channel);
+
+    // Alice adds Bob and Carol.
+    let out = alice
+        .channel(id)
+        .add(&[bob.key_package(), carol.key_package()])
+        .unwrap();
+    let answer = alice.post_commit(&server, id, 0, &out).await;
+    certified(&voters, id, 0, &out, &answer);
+    // A retry after a lost answer gets the same answer.
+    let again = alice.post_commit(&server, id, 0, &out).await;
+    assert_eq!(again, answer);
+    alice.channel(id).merge_pending().unwrap();
+
+    // The joiners find the Welcome among the commits and the tree of epoch 1.
+    for joiner in [&bob, &carol] {
+        let (status, body) = joiner
+            .http
+            .get(&server, &format!("/v0/channels/{id}/commits?from_epoch=0"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let welcome = unb64(body["commits"][0]["welcome"].as_str().unwrap());
+        let (status, tree) = joiner
+            .http
+            .get(&server, &format!("/v0/channels/{id}/tree?epoch=1"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{tree}");
+        assert_eq!(tree["epoch"], 1);
+        let joined = joiner
+            .mls
+            .join(&welcome, &unb64(tree["ratchet_tree"].as_str().unwrap()))
+            .unwrap();
+        assert_eq!(joined.epoch(), 1);
+        // Not members of epoch 0; no event for the commit that added them.
+        let (status, _) = joiner
+            .http
+            .get(&server, &format!("/v0/channels/{id}/tree?epoch=0"))
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(joiner.events(&server, "commit", 0).await.0.is_empty());
+    }
+    // Alice, a member before the commit, got its event.
+    let (commits, _) = alice.events(&server, "commit", 0).await;
+    assert_eq!(commits.len(), 1);
+    assert_eq!(commits[0]["channel"], id.to_string());
+    assert_eq!(commits[0]["epoch"], 0);
+    assert_eq!(commits[0]["certificate"], answer.1["certificate"]);
+
+    let (status, list) = bob.http.get(&server, "/v0/channels").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        list["channels"],
+        json!([{"channel": id.to_string(), "name": "general",
+                "content_type": "application/vnd.kith.chat.v1", "epoch": 1}])
+    );
+
+    // Alice speaks; Bob and Carol get the message as events.
+    let (status, sent, message) = alice.post_message(&server, id, b"hello kith").await;
+    assert_eq!(status, StatusCode::OK, "{sent}");
+    assert_eq!(sent["seq"], 1);
+    assert_eq!(
+        sent["id"],
+        hex::encode(kith_proto::sign::message_id(&message))
+    );
+    let (repeat_status, repeat) = alice
+        .http
+        .post(
+            &server,
+            &format!("/v0/channels/{id}/messages"),
+            json!({ "epoch": 1, "message": b64(&message) }),
+        )
+        .await;
+    assert_eq!((repeat_status, &repeat), (StatusCode::OK, &sent));
+    let (texts, bob_cursor) = receive(&server, &bob, id, 0).await;
+    assert_eq!(texts, vec![b"hello kith".to_vec()]);
+    let (texts, mut carol_cursor) = receive(&server, &carol, id, 0).await;
+    assert_eq!(texts, vec![b"hello kith".to_vec()]);
+    assert!(alice.events(&server, "message", 0).await.0.is_empty());
+    let (status, msgs) = bob
+        .http
+        .get(&server, &format!("/v0/channels/{id}/messages?after=0"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(msgs["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(msgs["messages"][0]["sender"], alice.http.id.to_string());
+    assert_eq!(msgs["messages"][0]["message"], b64(&message));
+
+    // Dave is not a member.
+    let got = dave
+        .http
+        .post(
+            &server,
+            &format!("/v0/channels/{id}/messages"),
+            json!({ "epoch": 1, "message": b64(b"not even MLS") }),
+        )
+        .await;
+    assert_error(&got, StatusCode::FORBIDDEN, "not_member");
+    for path in ["commits", "messages", "tree"] {
+        let got = dave
+            .http
+            .get(&server, &format!("/v0/channels/{id}/{path}"))
+            .await;
+        assert_error(&got, StatusCode::FORBIDDEN, "not_member");
+    }
+
+    // Bob and Carol race for epoch 1: one wins, the other is told.
+    let bob_out = bob.channel(id).self_update().unwrap();
+    let carol_out = carol.channel(id).self_update().unwrap();
+    let (bob_answer, carol_answer) = tokio::join!(
+        bob.post_commit(&server, id, 1, &bob_out),
+        carol.post_commit(&server, id, 1, &carol_out)
+    );
+    let ((winner, win_out, win_answer), (loser, lose_answer)) = if bob_answer.0 == StatusCode::OK {
+        ((&bob, &bob_out, bob_answer), (&carol, carol_answer))
+    } else {
+        ((&carol, &carol_out, carol_answer), (&bob, bob_answer))
+    };
+    certified(&voters, id, 1, win_out, &win_answer);
+    winner.channel(id).merge_pending().unwrap();
+    assert_error(&lose_answer, StatusCode::CONFLICT, "wrong_epoch");
+    assert_eq!(lose_answer.1["current_epoch"], 2);
+    loser.channel(id).clear_pending().unwrap();
+    loser.catch_up(&server, id, &voters).await;
+    assert_eq!(loser.channel(id).epoch(), 2);
+    let retry = loser.channel(id).self_update().unwrap();
+    let answer = loser.post_commit(&server, id, 2, &retry).await;
+    certified(&voters, id, 2, &retry, &answer);
+    loser.channel(id).merge_pending().unwrap();
+    winner.catch_up(&server, id, &voters).await;
+    alice.catch_up(&server, id, &voters).await;
+    let auth = alice.channel(id).epoch_authenticator();
+    for m in [&bob, &carol] {
+        assert_eq!(m.channel(id).epoch(), 3);
+        assert_eq!(m.channel(id).epoch_authenticator(), auth);
+    }
+
+    // Restart mid-conversation.
+    server.stop().await;
+    server = TestServer::start(dir.path(), "chan.example").await;
+    let (status, sent, _) = bob.post_message(&server, id, b"after the restart").await;
+    assert_eq!(status, StatusCode::OK, "{sent}");
+    let (texts, _) = receive(&server, &alice, id, 0).await;
+    assert_eq!(texts, vec![b"after the restart".to_vec()]);
+    let (texts, next) = receive(&server, &carol, id, carol_cursor).await;
+    assert_eq!(texts, vec![b"after the restart".to_vec()]);
+    carol_cursor = next;
+
+    // Alice removes Carol; Carol learns it and can no longer post.
+    let out = alice.channel(id).remove(&[carol.mls.device_id()]).unwrap();
+    let answer = alice.post_commit(&server, id, 3, &out).await;
+    certified(&voters, id, 3, &out, &answer);
+    alice.channel(id).merge_pending().unwrap();
+    let (commits, _) = carol.events(&server, "commit", carol_cursor).await;
+    assert_eq!(commits.len(), 1, "the removed member gets the commit");
+    assert_eq!(commits[0]["epoch"], 3);
+    // Still at epoch 3 in her own view, Carol can encrypt, but not post.
+    let (status, body, _) = carol.post_message(&server, id, b"still here?").await;
+    assert_error(&(status, body), StatusCode::FORBIDDEN, "not_member");
+    carol.catch_up(&server, id, &voters).await;
+    assert!(!carol.channel(id).is_active());
+    bob.catch_up(&server, id, &voters).await;
+    assert_eq!(
+        bob.channel(id).epoch_authenticator(),
+        alice.channel(id).epoch_authenticator()
+    );
+    let (status, sent, _) = alice.post_message(&server, id, b"just us").await;
+    assert_eq!(status, StatusCode::OK, "{sent}");
+    let (texts, _) = receive(&server, &bob, id, bob_cursor).await;
+    assert_eq!(texts, vec![b"just us".to_vec()]);
+
+    // One more restart, with the server's MLS state lost (as if it crashed
+    // between storing a commit and merging it): it is rebuilt from the
+    // store. Then the removed member still reads its history.
+    server.stop().await;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.starts_with(kith_server::MLS_DB_FILE) {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    server = TestServer::start(dir.path(), "chan.example").await;
+    let (status, body) = carol
+        .http
+        .get(&server, &format!("/v0/channels/{id}/commits?from_epoch=3"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["commits"].as_array().unwrap().len(), 1);
+    let out = alice.channel(id).self_update().unwrap();
+    let answer = alice.post_commit(&server, id, 4, &out).await;
+    certified(&voters, id, 4, &out, &answer);
+    alice.channel(id).merge_pending().unwrap();
+
+    let (status, metrics) = {
+        let resp = client().get(server.url("/metrics")).send().await.unwrap();
+        (resp.status(), resp.text().await.unwrap())
+    };
+    assert_eq!(status, StatusCode::OK);
+    assert!(metrics.contains("kith_commits_accepted_total"));
+    assert!(metrics.contains("kith_channel_messages_total"));
+    server.stop().await;
+
+    // No plaintext anywhere in the data directory.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        for text in [&b"hello kith"[..], b"after the restart", b"just us"] {
+            assert!(!bytes.windows(text.len()).any(|w| w == text));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), "mem.example", |c| {
+        c.backend = kith_server::Backend::Memory;
+        c.limits.max_message_bytes = 4096;
+    })
+    .await;
+    let voters = voters(&server).await;
+    let alice = Member::join(&server, "alice").await;
+    let bob = Member::join(&server, "bob").await;
+    let channel = alice
+        .mls
+        .create_channel(ChannelId::random(), &settings(&alice))
+        .unwrap();
+    let id = channel.id();
+    let group_info = b64(&channel.group_info().unwrap());
+    let tree = b64(&channel.ratchet_tree().unwrap());
+    drop(channel);
+
+    // Creation.
+    let no_auth = send(client().post(server.url("/v0/channels")).json(&json!({}))).await;
+    assert_error(&no_auth, StatusCode::UNAUTHORIZED, "unauthorized");
+    for body in [
+        json!({}),
+        json!({"channel": "xyz", "group_info": group_info, "ratchet_tree": tree}),
+        json!({"channel": id.to_string(), "group_info": "!!", "ratchet_tree": tree}),
+        json!({"channel": id.to_string(), "group_info": b64(b"junk"), "ratchet_tree": tree}),
+        json!({"channel": id.to_string(), "group_info": group_info, "ratchet_tree": b64(b"junk")}),
+        json!({"channel": ChannelId::random().to_string(), "group_info": group_info, "ratchet_tree": tree}),
+        json!({"channel": id.to_string(), "group_info": group_info, "ratchet_tree": tree, "extra": 1}),
+    ] {
+        let got = alice.http.post(&server, "/v0/channels", body).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let raw = send(
+        alice
+            .http
+            .authed(alice.http.http.post(server.url("/v0/channels")))
+            .header("content-type", "application/json")
+            .body("{not json"),
+    )
+    .await;
+    assert_error(&raw, StatusCode::BAD_REQUEST, "bad_request");
+    let (status, body) = alice.http.get(&server, "/v0/channels").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"channels": []})));
+    let (status, body) = alice
+        .http
+        .post(
+            &server,
+            "/v0/channels",
+            json!({"channel": id.to_string(), "group_info": group_info, "ratchet_tree": tree}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Commits.
+    let unknown = ChannelId::random();
+    let out = alice.channel(id).add(&[bob.key_package()]).unwrap();
+    let got = alice.post_commit(&server, unknown, 0, &out).await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    let got = bob.post_commit(&server, id, 0, &out).await;
+    assert_error(&got, StatusCode::FORBIDDEN, "not_member");
+    let got = alice.post_commit(&server, id, 5, &out).await;
+    assert_error(&got, StatusCode::CONFLICT, "wrong_epoch");
+    assert_eq!(got.1["current_epoch"], 0);
+    let mut junk = out.clone();
+    junk.commit = b"junk".to_vec();
+    assert_error(
+        &alice.post_commit(&server, id, 0, &junk).await,
+        StatusCode::BAD_REQUEST,
+        "rejected",
+    );
+    let mut wrong_info = out.clone();
+    wrong_info.group_info = unb64(&group_info);
+    assert_error(
+        &alice.post_commit(&server, id, 0, &wrong_info).await,
+        StatusCode::BAD_REQUEST,
+        "rejected",
+    );
+    for body in [
+        json!({"epoch": 0}),
+        json!({"epoch": 0, "commit": "@@", "group_info": group_info}),
+        json!({"epoch": -1, "commit": b64(&out.commit), "group_info": group_info}),
+        json!({"epoch": 0, "commit": b64(&out.commit), "group_info": group_info, "x": 1}),
+    ] {
+        let got = alice
+            .http
+            .post(&server, &format!("/v0/channels/{id}/commits"), body)
+            .await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    // None of that moved the channel; the real commit still goes through.
+    let answer = alice.post_commit(&server, id, 0, &out).await;
+    certified(&voters, id, 0, &out, &answer);
+    alice.channel(id).merge_pending().unwrap();
+    let welcome = out.welcome.clone().unwrap();
+    let (_, tree1) = bob
+        .http
+        .get(&server, &format!("/v0/channels/{id}/tree"))
+        .await;
+    bob.mls
+        .join(&welcome, &unb64(tree1["ratchet_tree"].as_str().unwrap()))
+        .unwrap();
+
+    // A commit submitted by another member than its committer.
+    let update = alice.channel(id).self_update().unwrap();
+    assert_error(
+        &bob.post_commit(&server, id, 1, &update).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let answer = alice.post_commit(&server, id, 1, &update).await;
+    certified(&voters, id, 1, &update, &answer);
+    alice.channel(id).merge_pending().unwrap();
+    bob.catch_up(&server, id, &voters).await;
+
+    // Trees and lists.
+    for (path, status, code) in [
+        ("tree?epoch=99", StatusCode::NOT_FOUND, "not_found"),
+        ("tree?epoch=abc", StatusCode::BAD_REQUEST, "bad_request"),
+        ("commits?limit=x", StatusCode::BAD_REQUEST, "bad_request"),
+        ("messages?after=-3", StatusCode::BAD_REQUEST, "bad_request"),
+    ] {
+        let got = alice
+            .http
+            .get(&server, &format!("/v0/channels/{id}/{path}"))
+            .await;
+        assert_error(&got, status, code);
+    }
+    let got = alice
+        .http
+        .get(&server, &format!("/v0/channels/{unknown}/tree"))
+        .await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    let got = alice.http.get(&server, "/v0/channels/nothex/tree").await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    let (status, page) = bob
+        .http
+        .get(
+            &server,
+            &format!("/v0/channels/{id}/commits?from_epoch=1&limit=1"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["commits"].as_array().unwrap().len(), 1);
+    assert_eq!(page["commits"][0]["epoch"], 1);
+    assert_eq!(page["commits"][0]["welcome"], Value::Null);
+
+    // Messages.
+    let path = format!("/v0/channels/{id}/messages");
+    for (body, status, code) in [
+        (
+            json!({"epoch": 9, "message": b64(b"m")}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            json!({"epoch": 2, "message": ""}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            json!({"epoch": 2, "message": "@"}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (json!({"epoch": 2}), StatusCode::BAD_REQUEST, "bad_request"),
+        (
+            json!({"epoch": 2, "message": b64(&[0u8; 5000])}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+    ] {
+        let got = alice.http.post(&server, &path, body).await;
+        assert_error(&got, status, code);
+    }
+    let (status, msgs) = bob.http.get(&server, &path).await;
+    assert_eq!((status, msgs), (StatusCode::OK, json!({"messages": []})));
+    assert!(bob.events(&server, "message", 0).await.0.is_empty());
+    let (status, sent, _) = alice.post_message(&server, id, b"fine").await;
+    assert_eq!(status, StatusCode::OK, "{sent}");
+    let (texts, _) = receive(&server, &bob, id, 0).await;
+    assert_eq!(texts, vec![b"fine".to_vec()]);
+    server.stop().await;
+}
