@@ -1,0 +1,202 @@
+//! Drives the real `kithd` and `kith` binaries as a user would: two people
+//! register, make a channel, talk, and keep talking after the homeserver is
+//! killed with SIGKILL and restarted.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+fn kith_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kith"))
+}
+
+/// `kithd` is built by the same `cargo test --workspace` run (kith-server's
+/// own tests need it) and lands beside `kith`.
+fn kithd_bin() -> PathBuf {
+    let path = kith_bin().with_file_name("kithd");
+    assert!(
+        path.exists(),
+        "{} is missing: run the workspace tests (cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Kithd {
+    child: Child,
+    port: u16,
+    data: PathBuf,
+}
+
+impl Kithd {
+    fn start(data: &Path, port: u16) -> Self {
+        let child = Command::new(kithd_bin())
+            .args(["--data-dir", data.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--server-name", &format!("localhost:{port}")])
+            .arg("--open-registration")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Self {
+            child,
+            port,
+            data: data.to_owned(),
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn wait_ready(&self) {
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("kithd did not start listening on port {}", self.port);
+    }
+
+    /// SIGKILL: no chance to flush anything not already durable.
+    fn kill(mut self) -> (PathBuf, u16) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        (self.data.clone(), self.port)
+    }
+}
+
+impl Drop for Kithd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kith(home: &Path, args: &[&str]) -> Output {
+    Command::new(kith_bin())
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let out = kith(home, args);
+    assert!(
+        out.status.success(),
+        "kith {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn read_texts(home: &Path, channel: &str) -> Vec<(String, String)> {
+    ok(home, &["read", channel, "--json"])
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                v["sender"].as_str().unwrap().to_owned(),
+                v["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_people_talk_through_the_binaries_across_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    let server = Kithd::start(&dir.path().join("data"), free_port());
+    let host = format!("localhost:{}", server.port);
+
+    assert_eq!(
+        ok(
+            &alice,
+            &["register", "--server", &server.url(), "--name", "alice"]
+        )
+        .trim(),
+        format!("alice@{host}")
+    );
+    assert_eq!(
+        ok(
+            &bob,
+            &["register", "--server", &server.url(), "--name", "bob"]
+        )
+        .trim(),
+        format!("bob@{host}")
+    );
+    let who: serde_json::Value = serde_json::from_str(&ok(&alice, &["whoami", "--json"])).unwrap();
+    assert_eq!(who["handle"], format!("alice@{host}"));
+    assert_eq!(who["device"].as_str().unwrap().len(), 64);
+
+    let channel = ok(&alice, &["channel", "create", "general"])
+        .trim()
+        .to_owned();
+    assert_eq!(channel.len(), 32);
+    ok(
+        &alice,
+        &["channel", "invite", "general", &format!("bob@{host}")],
+    );
+    assert!(ok(&bob, &["sync"]).contains(&format!("joined channel {channel}")));
+    let listed: serde_json::Value =
+        serde_json::from_str(ok(&bob, &["channel", "list", "--json"]).trim()).unwrap();
+    assert_eq!(
+        (listed["name"].as_str(), listed["members"].as_u64()),
+        (Some("general"), Some(2))
+    );
+
+    ok(&alice, &["send", "general", "hello bob"]);
+    ok(&bob, &["send", &channel, "hi alice"]);
+    let expected = vec![
+        (format!("alice@{host}"), "hello bob".to_owned()),
+        (format!("bob@{host}"), "hi alice".to_owned()),
+    ];
+    assert_eq!(read_texts(&bob, "general"), expected);
+    assert_eq!(read_texts(&alice, "general"), expected);
+
+    // Kill the homeserver outright mid-conversation, then restart it.
+    ok(&alice, &["send", "general", "just before the crash"]);
+    let (data, port) = server.kill();
+    let failed = kith(&bob, &["read", "general"]);
+    assert!(
+        !failed.status.success(),
+        "reading with the server down must fail"
+    );
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("cannot reach the homeserver"));
+    let _server = Kithd::start(&data, port);
+    ok(&bob, &["send", "general", "after the restart"]);
+    let mut expected = expected;
+    expected.push((format!("alice@{host}"), "just before the crash".to_owned()));
+    expected.push((format!("bob@{host}"), "after the restart".to_owned()));
+    assert_eq!(read_texts(&alice, "general"), expected);
+    assert_eq!(read_texts(&bob, "general"), expected);
+
+    // Mistakes get a clear error and a non-zero exit.
+    let out = kith(&alice, &["send", "no-such-channel", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no channel"));
+    let out = kith(&dir.path().join("nobody"), &["whoami"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not registered"));
+}

@@ -1,0 +1,215 @@
+//! End-to-end encrypted channels on one homeserver, driven through the
+//! client SDK against a real `kithd` running on loopback.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+
+use kith_client::{Client, ClientError};
+use kith_testkit::TestServer;
+
+async fn user(dir: &Path, server: &TestServer, name: &str) -> Client {
+    Client::register(&dir.join(name), server.url(), name, None)
+        .await
+        .unwrap()
+}
+
+fn texts(client: &Client, channel: kith_proto::ChannelId) -> Vec<(String, String)> {
+    client
+        .messages(channel, 100)
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.sender, String::from_utf8(m.body).unwrap()))
+        .collect()
+}
+
+fn pair(sender: &str, text: &str) -> (String, String) {
+    (sender.to_owned(), text.to_owned())
+}
+
+#[tokio::test]
+async fn three_users_talk_and_a_removed_one_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let mut alice = user(dir.path(), &server, "alice").await;
+    let mut bob = user(dir.path(), &server, "bob").await;
+    let mut carol = user(dir.path(), &server, "carol").await;
+
+    let channel = alice.create_channel("general", "text/plain").await.unwrap();
+    assert_eq!(alice.invite(channel, "bob@a.test").await.unwrap(), 1);
+    assert_eq!(alice.invite(channel, "carol@a.test").await.unwrap(), 1);
+    assert_eq!(bob.sync().await.unwrap().joined, vec![channel]);
+    assert_eq!(carol.sync().await.unwrap().joined, vec![channel]);
+    // Bob joined at epoch 1 and must merge the commit that added Carol.
+    let bob_row = bob.resolve_channel("general").unwrap();
+    assert_eq!(
+        (bob_row.id, bob_row.content_type.as_str()),
+        (channel, "text/plain")
+    );
+
+    alice.send(channel, b"hello both").await.unwrap();
+    bob.send(channel, b"hi alice").await.unwrap();
+    carol.send(channel, b"hey").await.unwrap();
+    for client in [&mut alice, &mut bob, &mut carol] {
+        client.sync().await.unwrap();
+    }
+    let expected = vec![
+        pair("alice@a.test", "hello both"),
+        pair("bob@a.test", "hi alice"),
+        pair("carol@a.test", "hey"),
+    ];
+    assert_eq!(texts(&alice, channel), expected);
+    assert_eq!(texts(&bob, channel), expected);
+    assert_eq!(texts(&carol, channel), expected);
+
+    // Everyone agrees on the channel's history.
+    let auth = alice.channel_state(channel).unwrap();
+    assert_eq!(bob.channel_state(channel).unwrap(), auth);
+    assert_eq!(carol.channel_state(channel).unwrap(), auth);
+
+    // Carol is removed; what is said afterwards she cannot read, and she
+    // can no longer send.
+    assert_eq!(alice.remove(channel, "carol@a.test").await.unwrap(), 1);
+    alice.send(channel, b"carol is gone").await.unwrap();
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    assert_eq!(
+        texts(&bob, channel).last().unwrap(),
+        &pair("alice@a.test", "carol is gone")
+    );
+    assert!(
+        !texts(&carol, channel)
+            .iter()
+            .any(|(_, t)| t == "carol is gone")
+    );
+    assert!(!carol.resolve_channel("general").unwrap().active);
+    let err = carol.send(channel, b"still here?").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Invalid(_) | ClientError::Server { status: 403, .. }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        bob.channel_state(channel).unwrap(),
+        alice.channel_state(channel).unwrap()
+    );
+
+    // The homeserver's files never hold a plaintext.
+    server.stop().await;
+    assert_no_plaintext(
+        &dir.path().join("server"),
+        &["hello both", "hi alice", "carol is gone"],
+    );
+}
+
+fn assert_no_plaintext(dir: &Path, needles: &[&str]) {
+    for entry in walk(dir) {
+        let bytes = std::fs::read(&entry).unwrap();
+        for needle in needles {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{} contains the plaintext {needle:?}",
+                entry.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn concurrent_commits_one_wins_the_other_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let mut alice = user(dir.path(), &server, "alice").await;
+    let mut bob = user(dir.path(), &server, "bob").await;
+    let channel = alice
+        .create_channel("race", "application/octet-stream")
+        .await
+        .unwrap();
+    alice.invite(channel, "bob@a.test").await.unwrap();
+    bob.sync().await.unwrap();
+    let (start, _) = bob.channel_state(channel).unwrap();
+
+    // Alice's commit wins the epoch Bob is still at; Bob's commit for the
+    // same epoch is refused, he merges Alice's and retries on the next.
+    let alice_epoch = alice.self_update(channel).await.unwrap();
+    assert_eq!(alice_epoch, start + 1);
+    let bob_epoch = bob.self_update(channel).await.unwrap();
+    assert_eq!(bob_epoch, start + 2);
+    assert_eq!(bob.commit_conflicts(), 1);
+    assert_eq!(alice.commit_conflicts(), 0);
+
+    // Now both race for real, several times over.
+    for _ in 0..3 {
+        let (a, b) = tokio::join!(alice.self_update(channel), bob.self_update(channel));
+        a.unwrap();
+        b.unwrap();
+    }
+    alice.sync().await.unwrap();
+    bob.sync().await.unwrap();
+    let (epoch, auth) = alice.channel_state(channel).unwrap();
+    assert_eq!(epoch, start + 8);
+    assert_eq!(bob.channel_state(channel).unwrap(), (epoch, auth));
+
+    // Messages still flow both ways after the races.
+    alice.send(channel, b"after the race").await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(
+        texts(&bob, channel).last().unwrap(),
+        &pair("alice@a.test", "after the race")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn restart_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let mut alice = user(dir.path(), &server, "alice").await;
+    let mut bob = user(dir.path(), &server, "bob").await;
+    let channel = alice.create_channel("durable", "text/plain").await.unwrap();
+    alice.invite(channel, "bob@a.test").await.unwrap();
+    bob.sync().await.unwrap();
+    alice.send(channel, b"before restart").await.unwrap();
+    // Same data directory, same address: clients resume from their cursors.
+    let server = server.restart().await;
+    bob.sync().await.unwrap();
+    assert_eq!(
+        texts(&bob, channel),
+        vec![pair("alice@a.test", "before restart")]
+    );
+    alice.self_update(channel).await.unwrap();
+    bob.send(channel, b"after restart").await.unwrap();
+    alice.sync().await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(
+        texts(&alice, channel),
+        vec![
+            pair("alice@a.test", "before restart"),
+            pair("bob@a.test", "after restart")
+        ]
+    );
+    assert_eq!(
+        alice.channel_state(channel).unwrap(),
+        bob.channel_state(channel).unwrap()
+    );
+    server.stop().await;
+}
