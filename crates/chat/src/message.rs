@@ -954,6 +954,54 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_messages_fit_the_limit() {
+        // 32-byte name, 255-byte server: the longest handle.
+        let server = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(63),
+        ]
+        .join(".");
+        let handle: Handle = format!("{}@{server}", "n".repeat(32)).parse().unwrap();
+        let text = RichText::new(
+            TextFormat::Markdown,
+            "€".repeat(MAX_TEXT_LEN / 3) + "x",
+            vec![handle; MAX_MENTIONS],
+        )
+        .unwrap();
+        let attachment = Attachment::new(AttachmentFields {
+            file: vec![1; MAX_FILE_REF_LEN],
+            key: vec![2; MAX_FILE_KEY_LEN],
+            sha256: [3; 32],
+            size: u64::MAX,
+            name: "n".repeat(MAX_FILE_NAME_LEN),
+            media_type: format!("a/{}", "b".repeat(MAX_MEDIA_TYPE_LEN - 2)),
+            thumbnail: Some(Thumbnail {
+                media_type: format!("a/{}", "b".repeat(MAX_MEDIA_TYPE_LEN - 2)),
+                data: vec![4; MAX_THUMBNAIL_LEN],
+            }),
+            caption: Some(text.clone()),
+        })
+        .unwrap();
+        let mut full = Text::new(text.clone());
+        full.reply_to = Some(MessageRef([5; 32]));
+        full.thread = Some(MessageRef([6; 32]));
+        for m in [
+            ChatMessage::Attachment(attachment),
+            ChatMessage::Text(full),
+            ChatMessage::Edit(Edit {
+                target: MessageRef([7; 32]),
+                replacement: text,
+            }),
+            ChatMessage::Unknown(Unknown::new(999, vec![8; MAX_UNKNOWN_BODY_LEN]).unwrap()),
+        ] {
+            let bytes = roundtrip(m);
+            assert!(bytes.len() <= MAX_MESSAGE_LEN, "{} bytes", bytes.len());
+        }
+    }
+
+    #[test]
     fn message_ref_text_form() {
         let r = MessageRef::of(b"an MLS message");
         assert_eq!(r.to_string().parse::<MessageRef>().unwrap(), r);
