@@ -19,7 +19,8 @@
 //!
 //! let phone = DeviceId::from_bytes([7; 32]);
 //! let (first, second) = (MessageRef::from_bytes([1; 32]), MessageRef::from_bytes([2; 32]));
-//! let fix = ChatMessage::Edit(Edit { target: first, replacement: RichText::plain("hello, world")? });
+//! let replacement = RichText::plain("hello, world")?;
+//! let fix = ChatMessage::Edit(Edit { target: first, replacement });
 //!
 //! // The edit arrived first; the result is the same.
 //! let entries = [

@@ -501,7 +501,9 @@ fn timeline_json(t: &Timeline<String>) -> Value {
                 Body::Text(r) => json!({ "type": "text", "content": rich_json(r) }),
                 Body::Emote(r) => json!({ "type": "emote", "content": rich_json(r) }),
                 Body::Notice(r) => json!({ "type": "notice", "content": rich_json(r) }),
-                Body::Attachment(a) => json!({ "type": "attachment", "attachment": attachment_json(a) }),
+                Body::Attachment(a) => {
+                    json!({ "type": "attachment", "attachment": attachment_json(a) })
+                }
                 Body::Unsupported { kind } => json!({ "type": "unsupported", "kind": kind }),
                 Body::Undecodable(e) => json!({ "type": "undecodable", "error": category(e) }),
                 Body::Deleted { by } => json!({ "type": "deleted", "by": by }),
@@ -516,13 +518,21 @@ fn timeline_json(t: &Timeline<String>) -> Value {
                 "edited_at": i.edited_at,
                 "reply_to": opt_ref(i.reply_to),
                 "thread": opt_ref(i.thread),
-                "reactions": i.reactions.iter().map(|g| json!({ "key": g.key.as_str(), "users": g.users })).collect::<Vec<_>>(),
+                "reactions": i
+                    .reactions
+                    .iter()
+                    .map(|g| json!({ "key": g.key.as_str(), "users": g.users }))
+                    .collect::<Vec<_>>(),
             })
         })
         .collect();
     json!({
         "items": items,
-        "read_markers": t.read_markers.iter().map(|(u, r)| (u.clone(), json!(r.to_string()))).collect::<serde_json::Map<_, _>>(),
+        "read_markers": t
+            .read_markers
+            .iter()
+            .map(|(u, r)| (u.clone(), json!(r.to_string())))
+            .collect::<serde_json::Map<_, _>>(),
         "pending": t.pending.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
     })
 }
