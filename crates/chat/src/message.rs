@@ -18,7 +18,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use kith_proto::codec::{WireObject, decode};
-use kith_proto::{DecodeError, Handle, PROTOCOL_VERSION};
+use kith_proto::{DecodeError, Handle, IdError, PROTOCOL_VERSION};
 use tls_codec::{DeserializeBytes, TlsDeserializeBytes, TlsSerializeBytes, TlsSize, VLBytes};
 
 /// The channel content type this crate implements.
@@ -156,11 +156,11 @@ impl fmt::Debug for MessageRef {
 }
 
 impl FromStr for MessageRef {
-    type Err = hex::FromHexError;
+    type Err = IdError;
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
+    fn from_str(s: &str) -> Result<Self, IdError> {
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(s, &mut bytes)?;
+        hex::decode_to_slice(s, &mut bytes).map_err(|_| IdError::BadHex(64))?;
         Ok(Self(bytes))
     }
 }
@@ -1006,5 +1006,6 @@ mod tests {
         let r = MessageRef::of(b"an MLS message");
         assert_eq!(r.to_string().parse::<MessageRef>().unwrap(), r);
         assert_eq!(r.to_string().len(), 64);
+        assert_eq!("abc".parse::<MessageRef>(), Err(IdError::BadHex(64)));
     }
 }
