@@ -382,3 +382,19 @@ fn users_are_mutual_links() {
         .unwrap();
     assert_eq!(mallory.devices().len(), 1);
 }
+
+#[test]
+fn non_minimal_length_prefix_is_rejected() {
+    // The same sponsorship with its server name's length written in two
+    // bytes (0x400b) instead of one (0x0b): a second encoding of the same
+    // object must not decode, or signatures would not name one byte string.
+    let device = device_id(&device_key(1));
+    let bytes = sponsorship(device, "alice").encode();
+    assert_eq!(&bytes[..3], &[0, 0, 0x0b]);
+    let mut stretched = vec![0, 0, 0x40, 0x0b];
+    stretched.extend_from_slice(&bytes[3..]);
+    assert!(matches!(
+        SponsorshipIn::decode(&stretched),
+        Err(DecodeError::Malformed { .. })
+    ));
+}
