@@ -46,6 +46,9 @@ pub struct ApiError {
     pub retry_after_ms: Option<u64>,
     /// For `wrong_epoch`: the channel's current epoch.
     pub current_epoch: Option<u64>,
+    /// For `wrong_epoch`: the commit that won the submitted epoch, when
+    /// there is one (`{epoch, commit, commit_hash, certificate}`).
+    pub winner: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -57,6 +60,7 @@ impl ApiError {
             message: message.into(),
             retry_after_ms: None,
             current_epoch: None,
+            winner: None,
         }
     }
 
@@ -148,6 +152,9 @@ impl IntoResponse for ApiError {
         }
         if let (Some(epoch), Some(obj)) = (self.current_epoch, body.as_object_mut()) {
             obj.insert("current_epoch".into(), epoch.into());
+        }
+        if let (Some(winner), Some(obj)) = (self.winner, body.as_object_mut()) {
+            obj.insert("winner".into(), winner);
         }
         let mut response = (self.status, Json(body)).into_response();
         if let Some(ms) = self.retry_after_ms {

@@ -365,6 +365,13 @@ async fn a_conversation_with_a_race_a_removal_and_a_restart() {
     winner.channel(id).merge_pending().unwrap();
     assert_error(&lose_answer, StatusCode::CONFLICT, "wrong_epoch");
     assert_eq!(lose_answer.1["current_epoch"], 2);
+    // The answer carries the winning commit and its certificate.
+    assert_eq!(lose_answer.1["winner"]["epoch"], 1);
+    assert_eq!(lose_answer.1["winner"]["commit"], b64(&win_out.commit));
+    assert_eq!(
+        lose_answer.1["winner"]["certificate"],
+        win_answer.1["certificate"]
+    );
     loser.channel(id).clear_pending().unwrap();
     loser.catch_up(&server, id, &voters).await;
     assert_eq!(loser.channel(id).epoch(), 2);

@@ -333,13 +333,14 @@ async fn order_commit(
         return certify(state, channel, epoch).await;
     }
     if submission.epoch != row.epoch {
-        return Err(ApiError::wrong_epoch(
+        let e = ApiError::wrong_epoch(
             row.epoch,
             format!(
                 "wrong epoch: the channel is at epoch {}, the commit is for {}",
                 row.epoch, submission.epoch
             ),
-        ));
+        );
+        return Err(with_winner(state, channel, submission.epoch, e).await);
     }
     precheck(state, channel, device, submission.commit.clone()).await?;
     let (orderer, _) = state
@@ -357,12 +358,32 @@ async fn order_commit(
             tracing::info!(%channel, epoch, "commit accepted");
             Ok(row)
         }
-        Outcome::WrongEpoch { current, .. } => Err(ApiError::wrong_epoch(
-            current,
-            format!("wrong epoch: the channel is at epoch {current}"),
-        )),
+        Outcome::WrongEpoch { current, .. } => {
+            let e = ApiError::wrong_epoch(
+                current,
+                format!("wrong epoch: the channel is at epoch {current}"),
+            );
+            Err(with_winner(state, channel, epoch, e).await)
+        }
         Outcome::Rejected { reason } => Err(ApiError::rejected(reason)),
     }
+}
+
+/// Adds to a `wrong_epoch` answer the certified commit that won `epoch`,
+/// so the loser can process it without another request. Best effort: the
+/// answer stands without it.
+async fn with_winner(state: &Shared, channel: ChannelId, epoch: u64, mut e: ApiError) -> ApiError {
+    if let Ok(Some(stored)) = state.db(move |s| s.commit(&channel, epoch)).await
+        && let Some(certificate) = stored.certificate.as_deref()
+    {
+        e.winner = Some(json!({
+            "epoch": stored.epoch,
+            "commit": b64(&stored.commit),
+            "commit_hash": hex::encode(stored.commit_hash),
+            "certificate": b64(certificate),
+        }));
+    }
+    e
 }
 
 /// Checks the commit against the channel's current MLS state before it
