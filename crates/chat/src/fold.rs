@@ -182,7 +182,7 @@ pub struct Timeline<U> {
 type ReactionOps<'a, U> = Vec<(&'a Entry<U>, &'a ReactionKey, ReactionOp)>;
 
 /// Folds a set of entries into a timeline. See the module docs and
-/// `docs/chat-notes.md` for the rules.
+/// `docs/spec.md` §17 for the rules.
 pub fn fold<U, P>(entries: &[Entry<U>], policy: &P) -> Timeline<U>
 where
     U: Ord + Clone,

@@ -12,7 +12,7 @@
 //! Bodies use the TLS presentation language as MLS does (RFC 9420 §2.1):
 //! big-endian integers, `optional<T>` as a `uint8` 0/1 then `T`, vectors
 //! with a minimal variable-length prefix. Each body must fill its `body`
-//! exactly. See `docs/chat-notes.md` for every layout.
+//! exactly. See `docs/spec.md` §17 for every layout.
 
 use std::fmt;
 use std::str::FromStr;

@@ -553,7 +553,7 @@ fn generate() -> Value {
     let entries = fold_entries();
     let timeline = fold(&entries, &Moderators::new(MODERATORS.map(String::from)));
     json!({
-        "description": "Kith chat protocol v0 (content type application/vnd.kith.chat.v1). Every 'messages' entry decodes to its 'fields' and re-encodes to the same bytes; every 'invalid' input is rejected with the named error category; folding 'fold.entries' (in any order) with 'fold.moderators' gives 'fold.timeline'. Ids and bytes are lowercase hex. See docs/chat-notes.md.",
+        "description": "Kith chat protocol v0 (content type application/vnd.kith.chat.v1). Every 'messages' entry decodes to its 'fields' and re-encodes to the same bytes; every 'invalid' input is rejected with the named error category; folding 'fold.entries' (in any order) with 'fold.moderators' gives 'fold.timeline'. Ids and bytes are lowercase hex. See docs/spec.md §17.",
         "content_type": kith_chat::CONTENT_TYPE,
         "messages": messages,
         "invalid": invalid,

@@ -7,7 +7,7 @@ use std::fmt;
 /// SHA-256 over the `SignContent` encoding of label `kith-v0 MessageId` and
 /// the encoded commit (MLSMessage).
 ///
-/// Using the MessageId (spec §Common definitions) rather than a bare
+/// Using the MessageId (spec §9.6) rather than a bare
 /// SHA-256 makes the hash in a certificate the same one that names the
 /// commit everywhere else (fan-out dedupe, `winner`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
