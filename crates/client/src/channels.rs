@@ -62,6 +62,16 @@ fn field_u64(event: &Value, name: &str) -> Result<u64, ClientError> {
         .ok_or_else(|| protocol(format!("event field `{name}` is not a number")))
 }
 
+/// Errors after which the same input may well succeed later (the server
+/// or the disk was unavailable): the event must not be acknowledged.
+fn is_retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Unreachable(..) | ClientError::Store(_) => true,
+        ClientError::Server { status, .. } => *status >= 500 || *status == 429 || *status == 401,
+        _ => false,
+    }
+}
+
 fn is_wrong_epoch(e: &ClientError) -> bool {
     matches!(e, ClientError::Server { status: 409, code, .. } if code == "wrong_epoch")
 }
@@ -161,9 +171,19 @@ impl Client {
                 async move { api.claim_key_packages(&h).await }
             })
             .await?;
+        // Only the user's own devices, as their self-signed records say,
+        // may be added: the homeserver hands out key packages and must not
+        // be able to slip in a device of its own.
+        let records = self.user_devices(&target.to_string()).await?;
+        let theirs: Vec<DeviceId> = records.iter().map(DeviceRecord::device_id).collect();
         let mut packages: Vec<(DeviceId, Vec<u8>)> = Vec::new();
         for p in &claim.packages {
             let device: DeviceId = p.device.parse().map_err(protocol)?;
+            if !theirs.contains(&device) {
+                return Err(protocol(format!(
+                    "the server offered a key package of {device}, which is not a device of {target}"
+                )));
+            }
             packages.push((device, unb64("package", &p.package)?));
         }
         if packages.is_empty() {
@@ -182,7 +202,16 @@ impl Client {
                 if fresh.is_empty() {
                     return Ok(None);
                 }
-                Ok(Some(channel.add(&fresh)?))
+                let output = channel.add(&fresh)?;
+                // The key packages' own credentials must name those devices.
+                if let Some(stranger) = output.info.added.iter().find(|d| !theirs.contains(d)) {
+                    let stranger = *stranger;
+                    channel.clear_pending()?;
+                    return Err(protocol(format!(
+                        "a key package offered for {target} belongs to device {stranger}"
+                    )));
+                }
+                Ok(Some(output))
             })
             .await?;
         let Some((output, epoch)) = outcome else {
@@ -192,7 +221,6 @@ impl Client {
             return Ok(0);
         };
         let body = welcome_body(id, epoch + 1, welcome);
-        let records = self.user_devices(&target.to_string()).await?;
         let mut sent = 0;
         for record in records
             .iter()
@@ -279,7 +307,12 @@ impl Client {
         // The first attempt is made at the epoch this device is at; only a
         // lost race makes it fetch what it missed (the protocol's retry).
         for attempt in 0..MAX_COMMIT_ATTEMPTS {
-            if attempt > 0 {
+            // A commit left pending by an earlier call whose answer was lost
+            // may have been accepted: catching up merges it if so (as this
+            // device's own commit); only one the server never took is
+            // dropped.
+            let pending = self.mls.channel(id)?.has_pending_commit();
+            if attempt > 0 || pending {
                 self.catch_up(id).await?;
             }
             let (output, epoch, members) = {
@@ -325,11 +358,12 @@ impl Client {
                         }
                         Err(e) => Err(e),
                     };
+                    // Not merged unless certified. A commit the server
+                    // accepted but cannot certify, or that could not be
+                    // checked yet, stays pending: the next catch-up merges
+                    // it once a valid certificate comes with it.
+                    checked?;
                     let mut channel = self.mls.channel(id)?;
-                    if let Err(e) = checked {
-                        channel.clear_pending()?;
-                        return Err(e);
-                    }
                     channel.merge_pending()?;
                     drop(channel);
                     self.flush_future(id).await?;
@@ -340,10 +374,18 @@ impl Client {
                     self.commit_conflicts += 1;
                     self.mls.channel(id)?.clear_pending()?;
                 }
-                Err(e) => {
+                // Refused (4xx): the commit was not accepted, drop it.
+                Err(
+                    e @ ClientError::Server {
+                        status: 400..=499, ..
+                    },
+                ) => {
                     self.mls.channel(id)?.clear_pending()?;
                     return Err(e);
                 }
+                // Unknown outcome (unreachable, 5xx): keep it pending; the
+                // next operation on the channel learns whether it won.
+                Err(e) => return Err(e),
             }
         }
         Err(ClientError::Protocol(format!(
@@ -486,6 +528,10 @@ impl Client {
 
     /// Encrypts `data` for the channel and sends it. Returns the message id.
     pub async fn send(&mut self, id: ChannelId, data: &[u8]) -> Result<String, ClientError> {
+        // Process what is queued first, in order, so the device moves
+        // through epochs one at a time and can still read every message
+        // sent in the ones it passes.
+        self.sync().await?;
         self.catch_up(id).await?;
         let (message, epoch) = {
             let mut channel = self.mls.channel(id)?;
@@ -542,26 +588,42 @@ impl Client {
             else {
                 break;
             };
+            let mut done = after;
             for event in &events {
-                match self.handle_event(event, &mut report).await {
+                let cursor = event.get("cursor").and_then(Value::as_u64).unwrap_or(done);
+                let result = if event.get("kind").and_then(Value::as_str) == Some("inbox") {
+                    // In order: a Welcome must be processed before the
+                    // channel's later events.
+                    self.sync_inbox_into(&mut report).await
+                } else {
+                    self.handle_event(event, &mut report).await
+                };
+                match result {
                     Ok(()) => {}
-                    Err(e @ (ClientError::Unreachable(..) | ClientError::Store(_))) => {
+                    Err(e) if is_retryable(&e) => {
+                        // Keep what was processed; the rest is fetched again
+                        // next time (at least once, never lost).
+                        self.acknowledge(done).await?;
                         return Err(e);
                     }
-                    Err(e) => tracing::warn!("skipping an event that cannot be processed: {e}"),
+                    Err(e) => tracing::warn!("skipping an event that can never be processed: {e}"),
                 }
+                done = cursor;
             }
-            self.store.set_events_after(last)?;
-            self.authed(|api| async move { api.ack_events(last).await })
-                .await?;
-            if events
-                .iter()
-                .any(|e| e.get("kind").and_then(Value::as_str) == Some("inbox"))
-            {
-                self.sync_inbox_into(&mut report).await?;
-            }
+            self.acknowledge(last).await?;
         }
         Ok(report)
+    }
+
+    /// Records that every event up to `cursor` is processed, locally and at
+    /// the homeserver.
+    async fn acknowledge(&mut self, cursor: u64) -> Result<(), ClientError> {
+        if cursor <= self.store.events_after()? {
+            return Ok(());
+        }
+        self.store.set_events_after(cursor)?;
+        self.authed(|api| async move { api.ack_events(cursor).await })
+            .await
     }
 
     async fn handle_event(
@@ -574,8 +636,30 @@ impl Client {
             return Ok(());
         }
         let id: ChannelId = field_str(event, "channel")?.parse().map_err(protocol)?;
+        let epoch = field_u64(event, "epoch")?;
+        let message = if kind == "message" {
+            Some(FutureMessage {
+                id: {
+                    let mut raw = [0u8; 32];
+                    hex::decode_to_slice(field_str(event, "id")?, &mut raw).map_err(protocol)?;
+                    raw
+                },
+                seq: field_u64(event, "seq")?,
+                epoch,
+                sender_device: field_str(event, "sender")?.parse().map_err(protocol)?,
+                message: unb64("message", field_str(event, "message")?)?,
+                received_at: field_u64(event, "received_at")?,
+            })
+        } else {
+            None
+        };
         let Ok(channel) = self.mls.channel(id) else {
-            tracing::debug!(channel = %id, "event for a channel this device has not joined");
+            // A member's messages can arrive before its Welcome (it is a
+            // member as soon as the commit is accepted): keep them for the
+            // join.
+            if let Some(message) = &message {
+                self.store.save_future(&id, message)?;
+            }
             return Ok(());
         };
         let current = channel.epoch();
@@ -584,8 +668,7 @@ impl Client {
         if !active {
             return Ok(());
         }
-        let epoch = field_u64(event, "epoch")?;
-        if kind == "commit" {
+        let Some(message) = message else {
             if epoch > current {
                 report.commits += self.catch_up(id).await?;
             } else if epoch == current {
@@ -595,24 +678,12 @@ impl Client {
                 report.commits += 1;
             }
             return Ok(());
-        }
-        let message = FutureMessage {
-            id: {
-                let mut raw = [0u8; 32];
-                hex::decode_to_slice(field_str(event, "id")?, &mut raw).map_err(protocol)?;
-                raw
-            },
-            seq: field_u64(event, "seq")?,
-            epoch,
-            sender_device: field_str(event, "sender")?.parse().map_err(protocol)?,
-            message: unb64("message", field_str(event, "message")?)?,
-            received_at: field_u64(event, "received_at")?,
         };
         if epoch > current {
-            report.commits += self.catch_up(id).await?;
-        }
-        if epoch > self.mls.channel(id)?.epoch() {
+            // Buffer first, so a failed catch-up loses nothing; merging the
+            // commits flushes the buffer.
             self.store.save_future(&id, &message)?;
+            report.commits += self.catch_up(id).await?;
             return Ok(());
         }
         if self.decrypt_and_store(id, &message).await? {
@@ -657,8 +728,9 @@ impl Client {
     /// Decrypts buffered messages whose epoch this device has reached.
     async fn flush_future(&mut self, id: ChannelId) -> Result<(), ClientError> {
         let epoch = self.mls.channel(id)?.epoch();
-        for m in self.store.take_future(&id, epoch)? {
+        for m in self.store.future(&id, epoch)? {
             self.decrypt_and_store(id, &m).await?;
+            self.store.drop_future(&id, &m.id)?;
         }
         Ok(())
     }
@@ -699,6 +771,7 @@ impl Client {
             content_type: extension.content_type.to_string(),
             active: true,
         })?;
+        self.flush_future(id).await?;
         Ok(id)
     }
 }

@@ -342,8 +342,9 @@ impl Store {
         Ok(())
     }
 
-    /// Takes the buffered messages of `channel` with epoch at most `epoch`.
-    pub fn take_future(
+    /// The buffered messages of `channel` with epoch at most `epoch`, in
+    /// order. Each stays buffered until [`Store::drop_future`] removes it.
+    pub fn future(
         &self,
         channel: &ChannelId,
         epoch: u64,
@@ -362,12 +363,16 @@ impl Store {
                 received_at: r.get::<_, i64>(5)? as u64,
             })
         })?;
-        let out: Vec<FutureMessage> = rows.collect::<Result<_, _>>()?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes one buffered message, once it is handled.
+    pub fn drop_future(&self, channel: &ChannelId, id: &[u8; 32]) -> Result<(), ClientError> {
         self.conn.execute(
-            "DELETE FROM future_messages WHERE channel = ?1 AND epoch <= ?2",
-            params![&channel.as_bytes()[..], epoch as i64],
+            "DELETE FROM future_messages WHERE channel = ?1 AND id = ?2",
+            params![&channel.as_bytes()[..], &id[..]],
         )?;
-        Ok(out)
+        Ok(())
     }
 
     /// A cached device record.

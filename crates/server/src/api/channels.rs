@@ -179,19 +179,19 @@ async fn list_channels(
 
 // -- commits ------------------------------------------------------------------
 
-/// Starts the channel's orderer if needed and, when it was just started,
-/// certifies a commit the log accepted before a crash but whose
-/// certificate (and events) were not stored.
+/// Starts the channel's orderer if needed, and certifies the latest
+/// accepted commit if its certificate (and events) were not stored — after
+/// a crash, or a failure between accepting and certifying. Without that the
+/// channel would stay at that epoch with nobody able to merge it.
+/// `certify` does nothing for a commit already certified.
 async fn ready(state: &Shared, slot: &mut Slot, channel: ChannelId) -> Result<(), ApiError> {
-    let (_, started) = state.channels.orderer(slot, channel).await.map_err(|e| {
+    state.channels.orderer(slot, channel).await.map_err(|e| {
         tracing::error!(%channel, error = %e, "starting the orderer");
         ApiError::internal("the channel's orderer did not start")
     })?;
-    if started {
-        let row = channel_row(state, channel).await?;
-        if let Some(last) = row.epoch.checked_sub(1) {
-            certify(state, channel, last).await?;
-        }
+    let row = channel_row(state, channel).await?;
+    if let Some(last) = row.epoch.checked_sub(1) {
+        certify(state, channel, last).await?;
     }
     Ok(())
 }
