@@ -34,7 +34,7 @@ fn kithd_bin() -> PathBuf {
 }
 
 fn start(data: &Path, port: u16) -> Child {
-    let child = Command::new(kithd_bin())
+    let mut child = Command::new(kithd_bin())
         .args(["--data-dir", data.to_str().unwrap()])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--server-name", &format!("localhost:{port}")])
@@ -49,6 +49,8 @@ fn start(data: &Path, port: u16) -> Child {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("kithd did not start on port {port}");
 }
 
