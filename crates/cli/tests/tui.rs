@@ -89,6 +89,16 @@ fn bob_reads(bob: &Path, text: &str) {
     panic!("bob never read {text:?}");
 }
 
+/// The id of the message in Bob's #general whose text contains `text`.
+fn message_id(bob: &Path, text: &str) -> String {
+    ok(bob, &["read", "general", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["text"].as_str().is_some_and(|t| t.contains(text)))
+        .and_then(|v| v["id"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no message {text:?}"))
+}
+
 #[test]
 fn the_real_tui_sends_and_shows_messages_across_a_restart() {
     if !tmux_available() {
@@ -145,6 +155,32 @@ fn the_real_tui_sends_and_shows_messages_across_a_restart() {
     tmux.wait_for("<alice> hello from the tui");
     ok(&bob, &["send", "general", &format!("hi @alice@{host}")]);
     tmux.wait_for("<bob> hi @alice@");
+
+    // Reactions, edits and replies show; a mention elsewhere is counted.
+    let hello = message_id(&bob, "hello from the tui");
+    let hi = message_id(&bob, "hi @alice@");
+    ok(&bob, &["react", "general", &hello[..8], "👍"]);
+    tmux.wait_for("👍 1]");
+    ok(
+        &bob,
+        &[
+            "edit",
+            "general",
+            &hi[..8],
+            &format!("hi @alice@{host}, welcome"),
+        ],
+    );
+    tmux.wait_for("welcome (edited)");
+    tmux.type_line(&format!("/reply {} thanks bob", &hi[..6]));
+    bob_reads(&bob, "thanks bob");
+    tmux.wait_for("↳ <bob> hi @alice@");
+    ok(&bob, &["channel", "create", "random"]);
+    ok(
+        &bob,
+        &["channel", "invite", "random", &format!("alice@{host}")],
+    );
+    ok(&bob, &["send", "random", &format!("@alice@{host} lunch?")]);
+    tmux.wait_for("#random 1 @1");
 
     // The homeserver dies under the running TUI, and comes back.
     let (data, port) = server.kill();

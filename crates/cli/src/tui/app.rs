@@ -261,8 +261,14 @@ impl App {
             let first = previous.is_none();
             let mut seen = previous.map(|p| p.seen).unwrap_or_default();
             for item in &snap.timeline.items {
-                let new = seen.insert(item.id);
-                if new && !first && item.sender != self.me && mentions_me(item, &self.me) {
+                if !seen.insert(item.id) || first {
+                    continue;
+                }
+                // A message ends its sender's typing.
+                if let Some(typing) = self.typing.get_mut(&snap.id) {
+                    typing.remove(&item.sender);
+                }
+                if item.sender != self.me && mentions_me(item, &self.me) {
                     actions.push(Action::Bell);
                 }
             }

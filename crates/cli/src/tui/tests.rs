@@ -60,7 +60,7 @@ fn channel(n: u8, name: &str, entries: &[Entry<String>]) -> ChannelSnapshot {
 }
 
 /// A conversation with every kind the timeline shows.
-fn general() -> Vec<Entry<String>> {
+fn general_entries() -> Vec<Entry<String>> {
     let mut reply = Text::new(RichText::plain("sure, after lunch").unwrap());
     reply.reply_to = Some(id(1));
     let mention = Text::new(
@@ -156,7 +156,7 @@ fn alice() -> App {
     let mut app = App::new(ALICE);
     app.now = NOON + 10 * 60_000;
     let actions = app.update(Event::Synced(vec![
-        channel(1, "general", &general()),
+        channel(1, "general", &general_entries()),
         channel(2, "random", &[entry(20, BOB, 0, text("lunch?"))]),
     ]));
     // #general is shown: its unread mention gets a read marker; no bell for
@@ -219,7 +219,11 @@ fn a_failed_sync_shows_in_the_status_line_until_one_works() {
         type_line(&mut app, "still here").last(),
         Some(Action::Send { .. })
     ));
-    app.update(Event::Synced(vec![channel(1, "general", &general())]));
+    app.update(Event::Synced(vec![channel(
+        1,
+        "general",
+        &general_entries(),
+    )]));
     assert_eq!(
         screen(&app, 100, 6)[4].trim_end(),
         "alice@a.test · connected"
@@ -244,7 +248,7 @@ fn a_mention_elsewhere_rings_the_bell_and_counts() {
         )),
     ));
     let actions = app.update(Event::Synced(vec![
-        channel(1, "general", &general()),
+        channel(1, "general", &general_entries()),
         channel(2, "random", &random),
     ]));
     assert_eq!(actions, vec![Action::Bell]);
@@ -419,5 +423,16 @@ fn typing_lapses_and_stops() {
         active: false,
         at: app.now,
     });
+    assert!(app.typing_in(general).is_empty());
+    // A message from the typist ends the typing at once.
+    app.update(Event::Typing {
+        channel: general,
+        who: BOB.into(),
+        active: true,
+        at: app.now,
+    });
+    let mut entries = general_entries();
+    entries.push(entry(30, BOB, 10, text("done typing")));
+    app.update(Event::Synced(vec![channel(1, "general", &entries)]));
     assert!(app.typing_in(general).is_empty());
 }
