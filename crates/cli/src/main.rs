@@ -354,11 +354,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let timeline = client.timeline(row.id)?;
                 let skip = timeline.items.len().saturating_sub(limit);
                 for item in timeline.items.iter().skip(skip) {
-                    if json {
-                        println!("{}", chat::item_json(item));
-                    } else {
-                        println!("{}", chat::item_line(item));
-                    }
+                    print_item(item, json);
                 }
             } else {
                 for m in client.messages(row.id, limit)? {
@@ -369,13 +365,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tail { channel, json } => {
             let mut client = Client::open(&home)?;
             let row = client.resolve_channel(&channel)?;
-            let mut seen: std::collections::HashSet<String> = client
-                .messages(row.id, 1000)?
-                .into_iter()
-                .map(|m| m.id)
-                .collect();
+            let chat = is_chat(&row);
+            // Chat channels print timeline items (edits, deletes and
+            // reactions to items already printed show in `read`).
+            let ids = |client: &Client| -> anyhow::Result<Vec<String>> {
+                Ok(if chat {
+                    client
+                        .timeline(row.id)?
+                        .items
+                        .iter()
+                        .map(|i| i.id.to_string())
+                        .collect()
+                } else {
+                    client
+                        .messages(row.id, 1000)?
+                        .into_iter()
+                        .map(|m| m.id)
+                        .collect()
+                })
+            };
+            let mut seen: std::collections::HashSet<String> = ids(&client)?.into_iter().collect();
             loop {
                 match client.sync().await {
+                    Ok(_) if chat => {
+                        for item in client.timeline(row.id)?.items {
+                            if seen.insert(item.id.to_string()) {
+                                print_item(&item, json);
+                            }
+                        }
+                    }
                     Ok(_) => {
                         for m in client.messages(row.id, 1000)? {
                             if seen.insert(m.id.clone()) {
@@ -468,6 +486,14 @@ async fn channel(home: &std::path::Path, command: ChannelCommand) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+fn print_item(item: &kith_chat::Item<String>, json: bool) {
+    if json {
+        println!("{}", chat::item_json(item));
+    } else {
+        println!("{}", chat::item_line(item));
+    }
 }
 
 fn print_message(m: &kith_client::MessageRow, json: bool) {

@@ -134,6 +134,39 @@ fn chat_commands_and_the_folded_timeline() {
         "{plain}"
     );
 
+    // `tail` prints new timeline items as they arrive.
+    let mut tail = std::process::Command::new(common::kith_bin())
+        .arg("--home")
+        .arg(&bob)
+        .args(["tail", "general", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // No wait needed: "live" is not in Bob's store until tail's own sync.
+    ok(&alice, &["send", "general", "live"]);
+    let line = rx.recv_timeout(std::time::Duration::from_secs(30));
+    let _ = tail.kill();
+    let _ = tail.wait();
+    let item: Value = serde_json::from_str(&line.unwrap()).unwrap();
+    assert_eq!(
+        (item["kind"].as_str(), item["text"].as_str()),
+        (Some("text"), Some("live"))
+    );
+
     // Channels of another content type keep raw bytes and the old output.
     ok(
         &alice,
