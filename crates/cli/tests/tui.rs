@@ -27,6 +27,9 @@ struct Tmux {
 impl Tmux {
     fn run(&self, args: &[&str]) -> Output {
         Command::new("tmux")
+            // CI has no terminal; a detached session does not need one,
+            // but keep tmux from guessing.
+            .env("TERM", "xterm-256color")
             .args(["-L", &self.socket])
             .args(args)
             .output()
