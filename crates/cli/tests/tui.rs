@@ -3,8 +3,8 @@
 //! CLI; Bob's answer shows on Alice's screen; the homeserver is killed and
 //! restarted under the running TUI, which says so and carries on.
 //!
-//! tmux runs on a private socket made for this test, and only that server
-//! is killed at the end.
+//! tmux runs on a private socket in the test's temporary directory, and
+//! only that server is killed at the end.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -21,7 +21,9 @@ use std::time::Duration;
 use common::{Kithd, free_port, kith_bin, ok};
 
 struct Tmux {
-    socket: String,
+    /// The socket of this test's own tmux server, inside its temporary
+    /// directory.
+    socket: std::path::PathBuf,
 }
 
 impl Tmux {
@@ -30,7 +32,8 @@ impl Tmux {
             // CI has no terminal; a detached session does not need one,
             // but keep tmux from guessing.
             .env("TERM", "xterm-256color")
-            .args(["-L", &self.socket])
+            .arg("-S")
+            .arg(&self.socket)
             .args(args)
             .output()
             .unwrap()
@@ -132,7 +135,7 @@ fn the_real_tui_sends_and_shows_messages_across_a_restart() {
     ok(&bob, &["send", "general", "welcome to the terminal"]);
 
     let tmux = Tmux {
-        socket: format!("kith-test-{}", std::process::id()),
+        socket: dir.path().join("tmux.sock"),
     };
     let command = format!("{} --home {} tui", kith_bin().display(), alice.display());
     let started = tmux.run(&[
