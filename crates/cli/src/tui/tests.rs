@@ -436,3 +436,26 @@ fn typing_lapses_and_stops() {
     app.update(Event::Synced(vec![channel(1, "general", &entries)]));
     assert!(app.typing_in(general).is_empty());
 }
+
+#[test]
+fn channels_that_are_not_chat_send_bytes_and_refuse_chat_commands() {
+    let mut app = App::new(ALICE);
+    let mut raw = channel(3, "bytes", &[entry(40, BOB, 0, text("ignored"))]);
+    raw.chat = false;
+    raw.content_type = "application/octet-stream".into();
+    app.update(Event::Synced(vec![raw]));
+    assert_eq!(
+        type_line(&mut app, "plain bytes"),
+        vec![Action::SendRaw {
+            channel: ChannelId::from_bytes([3; 16]),
+            bytes: b"plain bytes".to_vec(),
+        }]
+    );
+    assert!(type_line(&mut app, "/me waves").is_empty());
+    assert_eq!(app.notice.as_deref(), Some("#bytes is not a chat channel"));
+    let top = screen(&app, 120, 5)[0].clone();
+    assert!(
+        top.contains("#bytes (application/octet-stream) · encrypted · 2 can read: alice, bob"),
+        "{top}"
+    );
+}
