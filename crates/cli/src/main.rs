@@ -1,12 +1,17 @@
-//! `kith`: the scriptable Kith command line. Every command that prints
-//! data takes `--json`; errors go to stderr with a non-zero exit code.
+//! `kith`: the scriptable Kith command line and its terminal UI (`kith
+//! tui`). Every command that prints data takes `--json`; errors go to
+//! stderr with a non-zero exit code.
 
 #![forbid(unsafe_code)]
+
+mod chat;
+mod tui;
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use kith_client::chat::is_chat;
 use kith_client::{Client, default_home};
 use serde_json::json;
 
@@ -62,25 +67,79 @@ enum Command {
         #[command(subcommand)]
         command: ChannelCommand,
     },
-    /// Send a message to a channel: TEXT, or the bytes of --file.
+    /// Send a message to a channel: chat text in chat channels (mentions are
+    /// `@name@server` words), else TEXT's bytes or the bytes of --file.
     Send {
         /// Channel id or name.
         channel: String,
         /// The text to send.
         #[arg(required_unless_present = "file", conflicts_with = "file")]
         text: Option<String>,
-        /// Send this file's bytes instead.
+        /// Send this file's bytes instead (channels that are not chat).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// The text is Markdown (chat channels).
+        #[arg(long)]
+        markdown: bool,
+        /// Post in the thread of this message (id or a unique prefix of 6+ hex digits).
+        #[arg(long)]
+        thread: Option<String>,
     },
-    /// Sync, then print a channel's latest messages.
+    /// Reply to a message in a chat channel.
+    Reply {
+        /// Channel id or name.
+        channel: String,
+        /// The message replied to: its id or a unique prefix (6+ hex digits).
+        msg_id: String,
+        /// The text.
+        text: String,
+    },
+    /// Edit one of your messages in a chat channel (the newest edit wins).
+    Edit {
+        /// Channel id or name.
+        channel: String,
+        /// The message to edit: its id or a unique prefix (6+ hex digits).
+        msg_id: String,
+        /// The new text.
+        text: String,
+    },
+    /// Delete a message in a chat channel (yours, or anyone's if you are an admin).
+    Delete {
+        /// Channel id or name.
+        channel: String,
+        /// The message to delete: its id or a unique prefix (6+ hex digits).
+        msg_id: String,
+    },
+    /// React to a message in a chat channel, or take a reaction back.
+    React {
+        /// Channel id or name.
+        channel: String,
+        /// The message: its id or a unique prefix (6+ hex digits).
+        msg_id: String,
+        /// The emoji (or short text).
+        emoji: String,
+        /// Take the reaction back.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Send an action (IRC's /me) to a chat channel.
+    Me {
+        /// Channel id or name.
+        channel: String,
+        /// What you do.
+        text: String,
+    },
+    /// The full-screen terminal client.
+    Tui,
+    /// Sync, then print a channel's latest messages (chat channels: the
+    /// folded timeline, edits, deletes and reactions applied).
     Read {
         /// Channel id or name.
         channel: String,
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
-        /// How many messages.
+        /// How many messages (timeline items in chat channels).
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
@@ -100,8 +159,8 @@ enum ChannelCommand {
     Create {
         /// The channel's name.
         name: String,
-        /// The content type of its messages.
-        #[arg(long = "type", default_value = "text/plain")]
+        /// The content type of its messages (default: Kith chat).
+        #[arg(long = "type", default_value = kith_chat::CONTENT_TYPE)]
         content_type: String,
     },
     /// Add every device of a user to a channel.
@@ -208,9 +267,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             channel,
             text,
             file,
+            markdown,
+            thread,
         } => {
             let mut client = Client::open(&home)?;
             let row = client.resolve_channel(&channel)?;
+            if is_chat(&row) {
+                let Some(text) = text else {
+                    anyhow::bail!(
+                        "{} is a chat channel: attachments need the file repository, which is not built yet",
+                        row.name
+                    );
+                };
+                let thread = match thread {
+                    Some(prefix) => Some(client.resolve_message(row.id, &prefix)?),
+                    None => None,
+                };
+                let message = chat::text(&text, markdown, None, thread)?;
+                let id = client.send_chat(row.id, &message).await?;
+                eprintln!("sent {id}");
+                return Ok(());
+            }
             let body = match (text, file) {
                 (Some(text), _) => text.into_bytes(),
                 (None, Some(path)) => {
@@ -221,6 +298,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = client.send(row.id, &body).await?;
             eprintln!("sent {id}");
         }
+        Command::Reply {
+            channel,
+            msg_id,
+            text,
+        } => {
+            chat_command(&home, &channel, Some(&msg_id), |target| {
+                chat::text(&text, false, target, None)
+            })
+            .await?;
+        }
+        Command::Edit {
+            channel,
+            msg_id,
+            text,
+        } => {
+            chat_command(&home, &channel, Some(&msg_id), |target| {
+                chat::edit(target.context("no target")?, &text)
+            })
+            .await?;
+        }
+        Command::Delete { channel, msg_id } => {
+            chat_command(&home, &channel, Some(&msg_id), |target| {
+                Ok(chat::delete(target.context("no target")?))
+            })
+            .await?;
+        }
+        Command::React {
+            channel,
+            msg_id,
+            emoji,
+            remove,
+        } => {
+            chat_command(&home, &channel, Some(&msg_id), |target| {
+                chat::react(target.context("no target")?, &emoji, remove)
+            })
+            .await?;
+        }
+        Command::Me { channel, text } => {
+            chat_command(&home, &channel, None, |_| chat::emote(&text)).await?;
+        }
+        Command::Tui => {
+            let client = Client::open(&home)?;
+            tui::run(client).await?;
+        }
         Command::Read {
             channel,
             json,
@@ -229,20 +350,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut client = Client::open(&home)?;
             client.sync().await?;
             let row = client.resolve_channel(&channel)?;
-            for m in client.messages(row.id, limit)? {
-                print_message(&m, json);
+            if is_chat(&row) {
+                let timeline = client.timeline(row.id)?;
+                let skip = timeline.items.len().saturating_sub(limit);
+                for item in timeline.items.iter().skip(skip) {
+                    print_item(item, json);
+                }
+            } else {
+                for m in client.messages(row.id, limit)? {
+                    print_message(&m, json);
+                }
             }
         }
         Command::Tail { channel, json } => {
             let mut client = Client::open(&home)?;
             let row = client.resolve_channel(&channel)?;
-            let mut seen: std::collections::HashSet<String> = client
-                .messages(row.id, 1000)?
-                .into_iter()
-                .map(|m| m.id)
-                .collect();
+            let chat = is_chat(&row);
+            // Chat channels print timeline items (edits, deletes and
+            // reactions to items already printed show in `read`).
+            let ids = |client: &Client| -> anyhow::Result<Vec<String>> {
+                Ok(if chat {
+                    client
+                        .timeline(row.id)?
+                        .items
+                        .iter()
+                        .map(|i| i.id.to_string())
+                        .collect()
+                } else {
+                    client
+                        .messages(row.id, 1000)?
+                        .into_iter()
+                        .map(|m| m.id)
+                        .collect()
+                })
+            };
+            let mut seen: std::collections::HashSet<String> = ids(&client)?.into_iter().collect();
             loop {
                 match client.sync().await {
+                    Ok(_) if chat => {
+                        for item in client.timeline(row.id)?.items {
+                            if seen.insert(item.id.to_string()) {
+                                print_item(&item, json);
+                            }
+                        }
+                    }
                     Ok(_) => {
                         for m in client.messages(row.id, 1000)? {
                             if seen.insert(m.id.clone()) {
@@ -260,6 +411,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Syncs, resolves the channel (which must be a chat channel) and the
+/// message named by `msg_id`, then sends what `make` builds.
+async fn chat_command(
+    home: &std::path::Path,
+    channel: &str,
+    msg_id: Option<&str>,
+    make: impl FnOnce(Option<kith_chat::MessageRef>) -> anyhow::Result<kith_chat::ChatMessage>,
+) -> anyhow::Result<()> {
+    let mut client = Client::open(home)?;
+    client.sync().await?;
+    let row = client.resolve_channel(channel)?;
+    if !is_chat(&row) {
+        anyhow::bail!(
+            "{} carries {}, not chat messages (`kith channel create` makes chat channels)",
+            row.name,
+            row.content_type
+        );
+    }
+    let target = match msg_id {
+        Some(prefix) => Some(client.resolve_message(row.id, prefix)?),
+        None => None,
+    };
+    let id = client.send_chat(row.id, &make(target)?).await?;
+    eprintln!("sent {id}");
     Ok(())
 }
 
@@ -308,6 +486,14 @@ async fn channel(home: &std::path::Path, command: ChannelCommand) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+fn print_item(item: &kith_chat::Item<String>, json: bool) {
+    if json {
+        println!("{}", chat::item_json(item));
+    } else {
+        println!("{}", chat::item_line(item));
+    }
 }
 
 fn print_message(m: &kith_client::MessageRow, json: bool) {

@@ -31,6 +31,8 @@ pub struct SyncReport {
     pub commits: usize,
     /// Direct messages received.
     pub direct: Vec<crate::DirectMessage>,
+    /// Typing notifications in chat channels: reported here, never stored.
+    pub typing: Vec<crate::chat::TypingEvent>,
 }
 
 /// The body of a Welcome deposited in an invitee's inbox.
@@ -528,6 +530,17 @@ impl Client {
 
     /// Encrypts `data` for the channel and sends it. Returns the message id.
     pub async fn send(&mut self, id: ChannelId, data: &[u8]) -> Result<String, ClientError> {
+        self.send_payload(id, data, true).await
+    }
+
+    /// Sends `data`, storing it locally only if `keep` (ephemeral payloads
+    /// such as typing notifications are never stored).
+    pub(crate) async fn send_payload(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        keep: bool,
+    ) -> Result<String, ClientError> {
         // Process what is queued first, in order, so the device moves
         // through epochs one at a time and can still read every message
         // sent in the ones it passes.
@@ -549,6 +562,9 @@ impl Client {
                 async move { api.send_message(&c, epoch, &m).await }
             })
             .await?;
+        if !keep {
+            return Ok(message_id);
+        }
         let me = self.device_id();
         let handle = self.handle().to_owned();
         self.store.save_message(
@@ -686,7 +702,7 @@ impl Client {
             report.commits += self.catch_up(id).await?;
             return Ok(());
         }
-        if self.decrypt_and_store(id, &message).await? {
+        if self.decrypt_and_store(id, &message, report).await? {
             report.messages += 1;
         }
         Ok(())
@@ -698,11 +714,25 @@ impl Client {
         &mut self,
         id: ChannelId,
         m: &FutureMessage,
+        report: &mut SyncReport,
     ) -> Result<bool, ClientError> {
         let processed = self.mls.channel(id)?.process(&m.message);
         match processed {
             Ok(Incoming::Application { sender, data }) => {
                 let name = self.display_sender(&sender).await;
+                let chat = self
+                    .resolve_channel(&id.to_string())
+                    .is_ok_and(|row| crate::chat::is_chat(&row));
+                if chat && let Some(typing) = crate::chat::is_ephemeral(&data) {
+                    report.typing.push(crate::chat::TypingEvent {
+                        channel: id,
+                        sender: name,
+                        device: sender,
+                        active: typing.active,
+                        received_at: m.received_at,
+                    });
+                    return Ok(false);
+                }
                 self.store.save_message(
                     &id,
                     &MessageRow {
@@ -728,8 +758,10 @@ impl Client {
     /// Decrypts buffered messages whose epoch this device has reached.
     async fn flush_future(&mut self, id: ChannelId) -> Result<(), ClientError> {
         let epoch = self.mls.channel(id)?.epoch();
+        // Typing that waited for its epoch is stale by now: dropped.
+        let mut ignored = SyncReport::default();
         for m in self.store.future(&id, epoch)? {
-            self.decrypt_and_store(id, &m).await?;
+            self.decrypt_and_store(id, &m, &mut ignored).await?;
             self.store.drop_future(&id, &m.id)?;
         }
         Ok(())

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod channels;
+pub mod chat;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ use kith_proto::{
 
 pub use api::Api;
 pub use channels::SyncReport;
+pub use chat::{ChatTimeline, TypingEvent};
+pub use kith_chat;
 pub use store::{ChannelRow, MessageRow};
 use store::{Identity, Store};
 
