@@ -38,6 +38,8 @@ pub(crate) struct AppState {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Held by every long-lived task; `run` waits until all clones are gone.
     pub(crate) tasks: mpsc::Sender<()>,
+    /// The federation client, key and replay caches, and outbox wake-up.
+    pub(crate) federation: Arc<crate::federation::Federation>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
