@@ -108,6 +108,11 @@ impl From<FederationError> for ApiError {
     fn from(e: FederationError) -> Self {
         match &e {
             FederationError::Blocked(_) => blocked(e.to_string()),
+            FederationError::Status { status, body, .. }
+                if *status == StatusCode::FORBIDDEN && body == "blocked" =>
+            {
+                blocked(e.to_string())
+            }
             FederationError::Status { status, .. } if *status == StatusCode::NOT_FOUND => {
                 ApiError::not_found(e.to_string())
             }
