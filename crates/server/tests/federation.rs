@@ -210,6 +210,9 @@ fn server_key(dir: &Path) -> SecretKey {
     SecretKey::from_seed(seed)
 }
 
+/// What a bad-request case sends and the error code it must get back.
+type Case<'a> = (&'a str, (String, String), Vec<u8>, &'a str);
+
 struct Forge<'a> {
     key: &'a SecretKey,
     origin: &'a str,
@@ -284,7 +287,7 @@ async fn bad_federation_requests_are_refused_and_change_nothing() {
     };
 
     let stranger = SecretKey::generate();
-    let cases: Vec<(&str, (String, String), Vec<u8>, &str)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "signed by a key a.test does not publish",
             Forge {
@@ -465,12 +468,12 @@ async fn blocked_servers_are_refused_both_ways() {
     );
     // A signed request from a.test straight to c.test: 403 blocked.
     let a_key = server_key(cluster.server("a.test").data_dir());
-    let path = format!("/v0/federation/users/carol@c.test");
+    let path = "/v0/federation/users/carol@c.test";
     let request = FederationRequest::new(
         "a.test".parse().unwrap(),
         "c.test".parse().unwrap(),
         "GET",
-        &path,
+        path,
         b"",
         now_ms(),
         [1; 16],

@@ -157,6 +157,12 @@ impl StoppedServer {
     pub fn name(&self) -> String {
         self.config.server_name.to_string()
     }
+
+    /// Its configuration, to change before it starts again (e.g. to block
+    /// a server).
+    pub fn config_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
 }
 
 /// Several named servers that resolve each other's names to their loopback

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use super::{ApiJson, Authed, b64, list_limit, unb64};
 use crate::channels::{Slot, catch_up, lock_mls};
 use crate::error::ApiError;
-use crate::federation::remote::sponsored_only_by_blocked;
+use crate::federation::remote::refuse_added_device;
 use crate::state::{Shared, now_ms};
 use crate::store::{ChannelRow, CommitRow, EpochState, MessageRow, NewMessage};
 
@@ -416,10 +416,8 @@ async fn precheck(
         // Blocking is local policy, checked here and never in the
         // deterministic validator.
         for added in &validated.info().added {
-            if sponsored_only_by_blocked(store.as_ref(), &blocked, added)? {
-                return Err(crate::federation::blocked(format!(
-                    "device {added} is sponsored only by servers this server blocks"
-                )));
+            if let Some(why) = refuse_added_device(store.as_ref(), &blocked, added)? {
+                return Err(crate::federation::blocked(why));
             }
         }
         Ok(())

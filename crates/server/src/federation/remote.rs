@@ -263,18 +263,24 @@ pub(crate) async fn inbox_server(
     Ok(server)
 }
 
-/// Whether a device's record (local or cached) shows it sponsored only by
-/// blocked servers. Unknown devices are not judged here.
-pub(crate) fn sponsored_only_by_blocked(
+/// Why `device` may not be added to a local channel, if it may not: it is
+/// sponsored only by blocked servers (by its local or cached record). When
+/// any server is blocked, a remote device this server has never fetched is
+/// refused too, since its sponsors cannot be known (clients add remote
+/// devices after claiming their key packages through their own server,
+/// which caches the records).
+pub(crate) fn refuse_added_device(
     store: &dyn crate::store::Store,
     blocked: &std::collections::BTreeSet<ServerName>,
     device: &DeviceId,
-) -> Result<bool, crate::store::StoreError> {
+) -> Result<Option<String>, crate::store::StoreError> {
     if blocked.is_empty() || store.device(device)?.is_some() {
-        return Ok(false);
+        return Ok(None);
     }
     let Some(cached) = store.remote_record(device)? else {
-        return Ok(false);
+        return Ok(Some(format!(
+            "device {device} is not known here; fetch its user through this server first"
+        )));
     };
     let servers: Vec<ServerName> = DeviceRecordIn::decode(&cached.record)
         .ok()
@@ -286,5 +292,10 @@ pub(crate) fn sponsored_only_by_blocked(
                 .collect()
         })
         .unwrap_or_else(|| vec![cached.server.clone()]);
-    Ok(!servers.is_empty() && servers.iter().all(|s| blocked.contains(s)))
+    if servers.iter().all(|s| blocked.contains(s)) {
+        return Ok(Some(format!(
+            "device {device} is sponsored only by servers this server blocks"
+        )));
+    }
+    Ok(None)
 }
