@@ -504,3 +504,68 @@ async fn blocked_servers_are_refused_both_ways() {
     );
     cluster.stop().await;
 }
+
+/// Replaces a device's stored record in a stopped server's database, as a
+/// compromised or buggy server might.
+fn overwrite_record(data_dir: &Path, device: &kith_proto::DeviceId, record: &[u8]) {
+    let db = rusqlite::Connection::open(data_dir.join(kith_server::DB_FILE)).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE devices SET record = ?1 WHERE device = ?2",
+            rusqlite::params![record, device.as_bytes().as_slice()],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+}
+
+/// What another server sends is checked: a rolled-back record loses to the
+/// cached newer one, and a sponsorship made with a key the server does not
+/// publish is dropped.
+#[tokio::test]
+async fn remote_records_are_verified_and_never_go_backwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(dir.path(), &["a.test", "b.test"], fast_retries).await;
+    let a = view(&cluster, "a.test");
+    let b = view(&cluster, "b.test");
+    let alice = Device::join(&a, "alice").await;
+    let mut mallory = Device::join(&b, "mallory").await;
+    let first = mallory.record.clone();
+    let lookup = || alice.get(&a, "/v0/users/mallory@b.test");
+    assert_eq!(record_of(&lookup().await.1["records"][0]), first);
+    let second = mallory.next_record(|f| f.display_name = "second".into());
+    assert_eq!(mallory.put_record(&b, &second).await.0, StatusCode::OK);
+    mallory.record = second.clone();
+    assert_eq!(record_of(&lookup().await.1["records"][0]), second);
+
+    // b.test serves the older version again: a.test keeps the newer one.
+    let b_dir = cluster.server("b.test").data_dir().to_owned();
+    let stopped = cluster.take("b.test").stop_keeping().await;
+    overwrite_record(&b_dir, &mallory.id, &first.encode());
+    cluster.put(stopped.start().await);
+    let (status, body) = lookup().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(record_of(&body["records"][0]), second);
+
+    // b.test serves a record whose sponsorship a key it does not publish
+    // signed: dropped, so the user has no valid record.
+    let rogue = SecretKey::generate();
+    let forged_sponsorship = kith_proto::Sponsorship::issue(
+        &rogue,
+        "b.test".parse().unwrap(),
+        "mallory".parse().unwrap(),
+        mallory.id,
+        now_ms(),
+        now_ms() + 3_600_000,
+    );
+    let forged = mallory.next_record(|f| f.sponsorships = vec![forged_sponsorship]);
+    let stopped = cluster.take("b.test").stop_keeping().await;
+    overwrite_record(&b_dir, &mallory.id, &forged.encode());
+    cluster.put(stopped.start().await);
+    let (status, body) = lookup().await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // The device endpoint still serves the last good record it cached.
+    let (status, body) = alice.get(&a, &format!("/v0/devices/{}", mallory.id)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(record_of(&body["record"]), second);
+    cluster.stop().await;
+}
