@@ -23,7 +23,7 @@ pub(crate) mod outbox;
 pub(crate) mod remote;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kith_proto::{FederationRequest, SecretKey, ServerKeys, ServerKeysIn, ServerName};
@@ -366,15 +366,85 @@ pub(crate) fn random_16() -> [u8; 16] {
 }
 
 /// Other servers' verified key lists.
+///
+/// A list is fetched again after an hour, or when a request names a key it
+/// does not hold, but at most every [`MIN_REFETCH_MS`], so that forged
+/// requests cannot make this server hammer another. A failed fetch is
+/// remembered for [`FAILED_FETCH_MS`] for the same reason. Fetches for one
+/// server are serialised; different servers do not wait for each other.
 #[derive(Default)]
 pub(crate) struct KeyCache {
-    lists: tokio::sync::Mutex<HashMap<ServerName, (ServerKeys, u64)>>,
+    lists: Mutex<HashMap<ServerName, CachedKeys>>,
+    fetching: Mutex<HashMap<ServerName, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Fetch a known server's keys again for an unknown key at most this often.
+const MIN_REFETCH_MS: u64 = 30_000;
+/// Do not try a server whose keys could not be fetched again before this.
+const FAILED_FETCH_MS: u64 = 10_000;
+/// Most servers the cache remembers; past this, failures are forgotten
+/// first.
+const MAX_CACHED_SERVERS: usize = 10_000;
+
+#[derive(Clone)]
+struct CachedKeys {
+    keys: Option<ServerKeys>,
+    fetched_at: u64,
+    failed_at: Option<u64>,
+}
+
+enum Lookup {
+    Use(ServerKeys),
+    Failed,
+    Fetch,
 }
 
 impl KeyCache {
-    /// `server`'s key list: the cached one if younger than an hour and
-    /// `want` (if given) is in it, else a fresh one (which replaces the
-    /// cached one only if it is at least as new).
+    fn lock_lists(&self) -> std::sync::MutexGuard<'_, HashMap<ServerName, CachedKeys>> {
+        self.lists
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lookup(
+        &self,
+        server: &ServerName,
+        want: Option<&kith_proto::SignaturePublicKey>,
+        now: u64,
+    ) -> Lookup {
+        let lists = self.lock_lists();
+        let Some(cached) = lists.get(server) else {
+            return Lookup::Fetch;
+        };
+        if let Some(keys) = &cached.keys {
+            let age = now.saturating_sub(cached.fetched_at);
+            let has = want.is_none_or(|k| keys.keys().iter().any(|e| &e.key == k));
+            if age < KEYS_TTL_MS && (has || age < MIN_REFETCH_MS) {
+                return Lookup::Use(keys.clone());
+            }
+        }
+        match cached.failed_at {
+            Some(at) if now.saturating_sub(at) < FAILED_FETCH_MS => match &cached.keys {
+                Some(keys) => Lookup::Use(keys.clone()),
+                None => Lookup::Failed,
+            },
+            _ => Lookup::Fetch,
+        }
+    }
+
+    fn store(&self, server: &ServerName, entry: CachedKeys) {
+        let mut lists = self.lock_lists();
+        if lists.len() >= MAX_CACHED_SERVERS && !lists.contains_key(server) {
+            lists.retain(|_, c| c.keys.is_some());
+            if lists.len() >= MAX_CACHED_SERVERS {
+                return;
+            }
+        }
+        lists.insert(server.clone(), entry);
+    }
+
+    /// `server`'s key list (see the type's docs for when it is fetched). A
+    /// fetched list replaces the cached one only if it is at least as new.
     pub(crate) async fn get(
         &self,
         client: &Client,
@@ -382,33 +452,81 @@ impl KeyCache {
         want: Option<&kith_proto::SignaturePublicKey>,
         now: u64,
     ) -> Result<ServerKeys, FederationError> {
-        // Held across the fetch so that a burst of requests from one new
-        // server fetches its keys once. Fetches are bounded by the client's
-        // timeout.
-        let mut lists = self.lists.lock().await;
-        if let Some((keys, fetched_at)) = lists.get(server) {
-            let fresh = now.saturating_sub(*fetched_at) < KEYS_TTL_MS;
-            let has = want.is_none_or(|k| keys.keys().iter().any(|e| &e.key == k));
-            if fresh && has {
-                return Ok(keys.clone());
-            }
+        let recently_failed = || FederationError::Unreachable {
+            server: server.clone(),
+            why: "its keys could not be fetched a moment ago".into(),
+        };
+        match self.lookup(server, want, now) {
+            Lookup::Use(keys) => return Ok(keys),
+            Lookup::Failed => return Err(recently_failed()),
+            Lookup::Fetch => {}
         }
-        let keys = client.fetch_server_keys(server, now).await?;
-        let newer = lists
-            .get(server)
-            .is_none_or(|(held, _)| keys.published_at() >= held.published_at());
-        if newer {
-            lists.insert(server.clone(), (keys.clone(), now));
-            Ok(keys)
-        } else {
-            // A rolled-back list: keep what we had.
-            lists
-                .get(server)
-                .map(|(held, _)| held.clone())
-                .ok_or_else(|| FederationError::Invalid {
-                    server: server.clone(),
-                    why: "key list vanished".into(),
-                })
+        let gate = {
+            let mut fetching = self
+                .fetching
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(fetching.entry(server.clone()).or_default())
+        };
+        let result = {
+            let _one_fetch = gate.lock().await;
+            // Another request may have fetched while this one waited.
+            match self.lookup(server, want, crate::state::now_ms()) {
+                Lookup::Use(keys) => Ok(keys),
+                Lookup::Failed => Err(recently_failed()),
+                Lookup::Fetch => self.fetch(client, server, now).await,
+            }
+        };
+        let mut fetching = self
+            .fetching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if Arc::strong_count(&gate) <= 2 {
+            fetching.remove(server);
+        }
+        result
+    }
+
+    async fn fetch(
+        &self,
+        client: &Client,
+        server: &ServerName,
+        now: u64,
+    ) -> Result<ServerKeys, FederationError> {
+        let held = self.lock_lists().get(server).cloned();
+        let held_keys = held.as_ref().and_then(|h| h.keys.clone());
+        match client.fetch_server_keys(server, now).await {
+            Ok(keys) => {
+                let newer = held_keys
+                    .as_ref()
+                    .is_none_or(|h| keys.published_at() >= h.published_at());
+                // A rolled-back list is refused: keep what we had.
+                let keys = if newer {
+                    keys
+                } else {
+                    held_keys.unwrap_or(keys)
+                };
+                self.store(
+                    server,
+                    CachedKeys {
+                        keys: Some(keys.clone()),
+                        fetched_at: now,
+                        failed_at: None,
+                    },
+                );
+                Ok(keys)
+            }
+            Err(e) => {
+                self.store(
+                    server,
+                    CachedKeys {
+                        keys: held_keys,
+                        fetched_at: held.map_or(0, |h| h.fetched_at),
+                        failed_at: Some(now),
+                    },
+                );
+                Err(e)
+            }
         }
     }
 }
