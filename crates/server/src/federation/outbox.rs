@@ -3,17 +3,23 @@
 //! to the store before the client hears "accepted", and leaves it only on a
 //! 2xx answer, on a permanent refusal (a 4xx other than 401, 408 and 429),
 //! or when it is older than the configured maximum age; each drop is
-//! logged. Failed sends back off exponentially (base doubling up to a
+//! logged. Destinations are served in parallel, each one's due items in
+//! order; a failed send ends its destination's round (the rest would most
+//! likely fail too). Strict per-channel order, which fan-out will need, is
+//! not kept across retries yet. Failed sends back off exponentially (base doubling up to a
 //! maximum, with jitter). Each send is signed afresh, so a retry is never a
 //! replay; receivers deduplicate by what the body names (inbox deposits by
 //! origin and `deposit_id`).
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kith_proto::ServerName;
 
 use crate::error::ApiError;
 use crate::state::{Shared, now_ms};
+use crate::store::OutboxItem;
 
 /// Items sent per round.
 const BATCH: usize = 32;
@@ -69,15 +75,48 @@ pub(crate) async fn run(state: Shared) {
     }
 }
 
-/// Sends every due item once; returns how long to sleep.
+/// Sends every due item once, destinations in parallel and each
+/// destination's items in order; returns how long to sleep.
 async fn round(state: &Shared) -> Result<Duration, ApiError> {
     let now = now_ms();
     let due = state.db(move |s| s.due_outbox(now, BATCH)).await?;
     let full = due.len() == BATCH;
-    let settings = &state.config.federation;
+    let mut by_destination: BTreeMap<ServerName, Vec<OutboxItem>> = BTreeMap::new();
     for item in due {
+        by_destination
+            .entry(item.destination.clone())
+            .or_default()
+            .push(item);
+    }
+    let mut sends = tokio::task::JoinSet::new();
+    for (_, items) in by_destination {
+        let state = Arc::clone(state);
+        sends.spawn(async move { send_in_order(&state, items).await });
+    }
+    while let Some(done) = sends.join_next().await {
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e.message, "outbox storage failed"),
+            Err(e) => tracing::error!(error = %e, "outbox send task failed"),
+        }
+    }
+    if full {
+        return Ok(Duration::ZERO);
+    }
+    let next = state.db(|s| s.next_outbox_due()).await?;
+    Ok(match next {
+        Some(at) => Duration::from_millis(at.saturating_sub(now_ms())).min(IDLE_POLL),
+        None => IDLE_POLL,
+    })
+}
+
+/// Sends one destination's due items in order, stopping at the first that
+/// must wait (the others would most likely fail too).
+async fn send_in_order(state: &Shared, items: Vec<OutboxItem>) -> Result<(), ApiError> {
+    let settings = &state.config.federation;
+    for item in items {
         if *state.shutdown.borrow() {
-            return Ok(Duration::ZERO);
+            return Ok(());
         }
         let id = item.id;
         let result = state
@@ -105,6 +144,7 @@ async fn round(state: &Shared) -> Result<Duration, ApiError> {
                 state
                     .db(move |s| s.retry_outbox(id, attempts, next))
                     .await?;
+                return Ok(());
             }
             Err(e) => {
                 tracing::warn!(id, destination = %item.destination, path = %item.path, error = %e, "outbox item dropped");
@@ -112,14 +152,7 @@ async fn round(state: &Shared) -> Result<Duration, ApiError> {
             }
         }
     }
-    if full {
-        return Ok(Duration::ZERO);
-    }
-    let next = state.db(|s| s.next_outbox_due()).await?;
-    Ok(match next {
-        Some(at) => Duration::from_millis(at.saturating_sub(now_ms())).min(IDLE_POLL),
-        None => IDLE_POLL,
-    })
+    Ok(())
 }
 
 #[cfg(test)]
