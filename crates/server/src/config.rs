@@ -74,6 +74,9 @@ pub struct Limits {
     pub max_list_items: usize,
     /// Largest channel message (an MLS PrivateMessage), in bytes.
     pub max_message_bytes: usize,
+    /// Inbox deposits one origin server may make per minute (also its
+    /// burst).
+    pub federation_deposits_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -89,6 +92,7 @@ impl Default for Limits {
             inbox_deposit_burst: 60,
             max_list_items: 500,
             max_message_bytes: 256 * 1024,
+            federation_deposits_per_minute: 600,
         }
     }
 }

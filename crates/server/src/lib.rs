@@ -146,6 +146,10 @@ pub async fn run(
         keys: federation::KeyCache::default(),
         replay: federation::ReplayCache::new(now),
         outbox_wake: tokio::sync::Notify::new(),
+        deposit_limiter: state::RateLimiter::new(
+            config.limits.federation_deposits_per_minute,
+            config.limits.federation_deposits_per_minute,
+        ),
     });
     let state = Arc::new(state::AppState {
         config,

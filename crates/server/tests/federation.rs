@@ -569,3 +569,42 @@ async fn remote_records_are_verified_and_never_go_backwards() {
     assert_eq!(record_of(&body["record"]), second);
     cluster.stop().await;
 }
+
+/// Deposits from one origin server are rate limited (429, which the
+/// sender's outbox retries later).
+#[tokio::test]
+async fn deposits_per_origin_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test"], |c| {
+        fast_retries(c);
+        c.limits.federation_deposits_per_minute = 2;
+    })
+    .await;
+    let b = view(&cluster, "b.test");
+    let bob = Device::join(&b, "bob").await;
+    let a_key = server_key(cluster.server("a.test").data_dir());
+    let path = format!("/v0/federation/inbox/{}", bob.id);
+    for n in 0..3u8 {
+        let body = json!({ "deposit_id": hex::encode([n; 16]), "envelope": b64(&[n]) })
+            .to_string()
+            .into_bytes();
+        let headers = Forge {
+            key: &a_key,
+            origin: "a.test",
+            signed_origin: "a.test",
+            destination: "b.test",
+            timestamp: now_ms(),
+            nonce: [n; 16],
+        }
+        .headers("POST", &path, &body);
+        let (status, answer) = raw_post(&b.base, &path, &body, headers).await;
+        if n < 2 {
+            assert_eq!(status, StatusCode::OK, "{answer}");
+        } else {
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+            assert_eq!(answer["error"], "rate_limited");
+        }
+    }
+    assert_eq!(inbox_events(&bob, &b).await.len(), 2);
+    cluster.stop().await;
+}

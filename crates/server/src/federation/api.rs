@@ -109,6 +109,19 @@ async fn deposit(
     if state.db(move |s| s.device(&recipient)).await?.is_none() {
         return Err(ApiError::not_found("no such device is registered here"));
     }
+    if let Err(wait) = state
+        .federation
+        .deposit_limiter
+        .check(signed.origin.clone())
+    {
+        let mut e = ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many inbox deposits from {}; slow down", signed.origin),
+        );
+        e.retry_after_ms = Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        return Err(e);
+    }
     let max_items = state.config.limits.max_inbox_items;
     let received_at = now_ms();
     let origin = signed.origin.clone();

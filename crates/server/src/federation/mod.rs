@@ -597,4 +597,6 @@ pub(crate) struct Federation {
     pub(crate) replay: ReplayCache,
     /// Wakes the outbox task when an item is queued.
     pub(crate) outbox_wake: tokio::sync::Notify,
+    /// Inbox deposits per origin server.
+    pub(crate) deposit_limiter: crate::state::RateLimiter<ServerName>,
 }
