@@ -68,6 +68,9 @@ async fn deposit(
                  (fetch its user first)",
                 )
             })?;
+        if server == state.config.server_name {
+            return Err(ApiError::not_found("no such device is registered here"));
+        }
         remote::not_blocked(&state, &server)?;
         Some(server)
     };
