@@ -44,6 +44,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod federation;
 pub mod ids;
 pub mod inbox;
 pub mod login;
@@ -54,6 +55,7 @@ pub mod sponsorship;
 pub mod user;
 
 pub use codec::{DecodeError, PROTOCOL_VERSION, WireObject};
+pub use federation::{FederationRequest, FederationRequestIn};
 pub use ids::{ChannelId, DeviceId, Handle, IdError, LocalName, ServerName};
 pub use inbox::{InboxError, InboxKind, InboxMessage, InboxSecretKey};
 pub use login::LoginChallenge;

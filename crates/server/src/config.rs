@@ -3,6 +3,7 @@
 //! file (in that order of precedence); the TOML file has the same shape as
 //! [`FileConfig`].
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use kith_proto::ServerName;
@@ -73,6 +74,9 @@ pub struct Limits {
     pub max_list_items: usize,
     /// Largest channel message (an MLS PrivateMessage), in bytes.
     pub max_message_bytes: usize,
+    /// Inbox deposits one origin server may make per minute (also its
+    /// burst).
+    pub federation_deposits_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -88,6 +92,7 @@ impl Default for Limits {
             inbox_deposit_burst: 60,
             max_list_items: 500,
             max_message_bytes: 256 * 1024,
+            federation_deposits_per_minute: 600,
         }
     }
 }
@@ -105,6 +110,74 @@ pub struct Config {
     pub registration: Registration,
     /// Size and rate limits.
     pub limits: Limits,
+    /// Where other servers are: names mapped to base URLs. Names not listed
+    /// resolve to `https://{name}`. A `http://` URL here is the only way
+    /// federation ever uses plain HTTP.
+    pub resolve: BTreeMap<ServerName, String>,
+    /// Servers this one refuses to federate with.
+    pub blocked_servers: BTreeSet<ServerName>,
+    /// Federation timeouts, body limits and outbox retries.
+    pub federation: FederationSettings,
+}
+
+/// Federation timeouts, limits and the outbox's retry schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationSettings {
+    /// Time for one whole outgoing request (connect, send, answer), ms.
+    pub request_timeout_ms: u64,
+    /// Time to connect to another server, ms.
+    pub connect_timeout_ms: u64,
+    /// Largest answer read from another server, bytes.
+    pub max_response_bytes: usize,
+    /// First retry delay of an outbox item, ms; it doubles per attempt.
+    pub retry_base_ms: u64,
+    /// Longest retry delay, ms.
+    pub retry_max_ms: u64,
+    /// Age after which an undelivered outbox item is dropped (and logged), ms.
+    pub outbox_max_age_ms: u64,
+}
+
+impl Default for FederationSettings {
+    fn default() -> Self {
+        Self {
+            request_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            max_response_bytes: 1024 * 1024,
+            retry_base_ms: 1_000,
+            retry_max_ms: 3_600_000,
+            outbox_max_age_ms: 7 * 24 * 3_600_000,
+        }
+    }
+}
+
+/// Checks a resolve-map target: an `http://` or `https://` base URL without
+/// path, query or fragment. Returns it without a trailing `/`.
+pub fn check_base_url(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?}: a base URL starts with http:// or https://"))?;
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "{url:?}: a base URL is scheme://host[:port], with no path, query or user"
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// Parses one `NAME=URL` resolve entry (the `--resolve` and `KITH_RESOLVE`
+/// form).
+pub fn parse_resolve(entry: &str) -> Result<(ServerName, String), String> {
+    let (name, url) = entry
+        .split_once('=')
+        .ok_or_else(|| format!("{entry:?}: expected NAME=URL"))?;
+    let name: ServerName = name
+        .trim()
+        .parse()
+        .map_err(|e| format!("{name:?} is not a server name: {e}"))?;
+    Ok((name, check_base_url(url.trim())?))
 }
 
 impl Config {
@@ -117,6 +190,9 @@ impl Config {
             backend: Backend::Sqlite,
             registration: Registration::Closed,
             limits: Limits::default(),
+            resolve: BTreeMap::new(),
+            blocked_servers: BTreeSet::new(),
+            federation: FederationSettings::default(),
         }
     }
 }
@@ -131,9 +207,18 @@ impl Config {
 /// open_registration = false
 /// registration_token = "s3cret"   # registration by token
 ///
+/// blocked_servers = ["spam.example"]
+///
 /// [limits]
 /// max_body_bytes = 1048576
 /// inbox_deposits_per_minute = 60
+///
+/// [resolve]                       # server name = base URL
+/// "b.test" = "http://127.0.0.1:8002"
+///
+/// [federation]
+/// request_timeout_ms = 10000
+/// retry_max_ms = 3600000
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,4 +237,10 @@ pub struct FileConfig {
     pub registration_token: Option<String>,
     /// See [`Limits`].
     pub limits: Option<Limits>,
+    /// See [`Config::resolve`]: server name to base URL.
+    pub resolve: Option<BTreeMap<String, String>>,
+    /// See [`Config::blocked_servers`].
+    pub blocked_servers: Option<Vec<String>>,
+    /// See [`FederationSettings`].
+    pub federation: Option<FederationSettings>,
 }

@@ -27,6 +27,9 @@ pub enum ServerError {
     /// The channels' MLS store or Raft log could not be opened.
     #[error("{0}")]
     Channels(String),
+    /// The federation client could not be built.
+    #[error("{0}")]
+    Federation(String),
     /// The HTTP server failed.
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),

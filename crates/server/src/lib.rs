@@ -30,7 +30,9 @@
 //! Layout: [`config`] (what `run` takes), [`store`] (the storage trait and
 //! its SQLite and in-memory backends), `api` (the HTTP endpoints),
 //! `channels` (MLS states, orderers and the commit validator), `state`
-//! (what handlers share, including the event log's `append_event`).
+//! (what handlers share, including the event log's `append_event`),
+//! `federation` (signed requests between servers, name resolution, remote
+//! identity, the outbox, blocking).
 
 #![forbid(unsafe_code)]
 
@@ -38,6 +40,7 @@ mod api;
 mod channels;
 pub mod config;
 mod error;
+mod federation;
 mod keys;
 mod metrics;
 mod state;
@@ -50,7 +53,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-pub use config::{Backend, Config, FileConfig, Limits, Registration};
+pub use config::{Backend, Config, FederationSettings, FileConfig, Limits, Registration};
 pub use error::{ApiError, ServerError};
 pub use keys::KEY_FILE;
 pub use store::{MemoryStore, SqliteStore, Store, StoreError};
@@ -130,6 +133,24 @@ pub async fn run(
         data_dir = %data_dir.display(),
         "kithd listening"
     );
+    let client = federation::Client::new(
+        config.server_name.clone(),
+        key.key.clone(),
+        federation::Resolver::new(config.resolve.clone()),
+        config.blocked_servers.clone(),
+        &config.federation,
+    )
+    .map_err(ServerError::Federation)?;
+    let federation = Arc::new(federation::Federation {
+        client,
+        keys: federation::KeyCache::default(),
+        replay: federation::ReplayCache::new(now),
+        outbox_wake: tokio::sync::Notify::new(),
+        deposit_limiter: state::RateLimiter::new(
+            config.limits.federation_deposits_per_minute,
+            config.limits.federation_deposits_per_minute,
+        ),
+    });
     let state = Arc::new(state::AppState {
         config,
         store,
@@ -141,7 +162,9 @@ pub async fn run(
         channels: Arc::clone(&channels),
         shutdown: stop_rx,
         tasks: tasks_tx,
+        federation,
     });
+    let outbox = tokio::spawn(federation::outbox::run(Arc::clone(&state)));
     let app = api::router(Arc::clone(&state));
     drop(state);
     axum::serve(listener, app)
@@ -152,6 +175,9 @@ pub async fn run(
         })
         .await
         .map_err(ServerError::Serve)?;
+    if tokio::time::timeout(STREAM_DRAIN, outbox).await.is_err() {
+        tracing::warn!("the outbox task did not stop in time");
+    }
     // Event streams run detached from the HTTP connections; wait for them to
     // see the shutdown signal and end, so the store is released.
     if tokio::time::timeout(STREAM_DRAIN, tasks_rx.recv())

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use kith_server::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT};
+use kith_server::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, parse_resolve};
 use kith_server::{Config, FileConfig, Registration};
 use tracing_subscriber::EnvFilter;
 
@@ -46,6 +46,20 @@ struct Args {
         hide_env_values = true
     )]
     registration_token: Option<String>,
+    /// Pin a server name to a base URL, e.g. `b.test=http://127.0.0.1:8002`
+    /// (repeatable; KITH_RESOLVE takes a comma-separated list). Only a URL
+    /// given here can be plain http://.
+    #[arg(
+        long,
+        env = "KITH_RESOLVE",
+        value_name = "NAME=URL",
+        value_delimiter = ','
+    )]
+    resolve: Vec<String>,
+    /// Refuse to federate with this server (repeatable; KITH_BLOCK takes a
+    /// comma-separated list).
+    #[arg(long, env = "KITH_BLOCK", value_name = "NAME", value_delimiter = ',')]
+    block: Vec<String>,
 }
 
 fn env_flag(name: &str) -> Result<Option<bool>> {
@@ -114,6 +128,30 @@ fn settings(args: Args) -> Result<(String, Config)> {
     }
     if let Some(limits) = file.limits {
         config.limits = limits;
+    }
+    if let Some(federation) = file.federation {
+        config.federation = federation;
+    }
+    // The file's entries first, so the command line wins for a name in both.
+    for (name, url) in file.resolve.unwrap_or_default() {
+        let (name, url) = parse_resolve(&format!("{name}={url}"))
+            .map_err(|e| anyhow::anyhow!("[resolve] in the config file: {e}"))?;
+        config.resolve.insert(name, url);
+    }
+    for entry in args.resolve.iter().filter(|e| !e.trim().is_empty()) {
+        let (name, url) = parse_resolve(entry).map_err(|e| anyhow::anyhow!("--resolve {e}"))?;
+        config.resolve.insert(name, url);
+    }
+    let blocked = file.blocked_servers.unwrap_or_default();
+    for name in blocked.iter().chain(&args.block) {
+        if name.trim().is_empty() {
+            continue;
+        }
+        let server = name
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("blocked server {name:?}: {e}"))?;
+        config.blocked_servers.insert(server);
     }
     Ok((listen, config))
 }
@@ -206,6 +244,36 @@ mod tests {
         assert_eq!(config.limits.max_envelope_bytes, 256 * 1024);
         let (_, config) = parse(&["--config", path, "--open-registration"]);
         assert_eq!(config.registration, Registration::Open);
+    }
+
+    #[test]
+    fn resolve_and_block_from_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kithd.toml");
+        std::fs::write(
+            &file,
+            "blocked_servers = [\"spam.test\"]\n[resolve]\n\"b.test\" = \"http://127.0.0.1:1\"\n\
+             \"c.test\" = \"https://c.example:8448/\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let (_, config) = parse(&[
+            "--config",
+            path,
+            "--resolve",
+            "b.test=http://127.0.0.1:2",
+            "--block",
+            "evil.test",
+        ]);
+        let b: kith_proto::ServerName = "b.test".parse().unwrap();
+        let c: kith_proto::ServerName = "c.test".parse().unwrap();
+        assert_eq!(config.resolve[&b], "http://127.0.0.1:2");
+        assert_eq!(config.resolve[&c], "https://c.example:8448");
+        assert_eq!(config.blocked_servers.len(), 2);
+        let bad = Args::try_parse_from(["kithd", "--resolve", "b.test=ftp://x"]).unwrap();
+        assert!(settings(bad).is_err());
+        let bad = Args::try_parse_from(["kithd", "--resolve", "b.test"]).unwrap();
+        assert!(settings(bad).is_err());
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub(crate) struct AppState {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Held by every long-lived task; `run` waits until all clones are gone.
     pub(crate) tasks: mpsc::Sender<()>,
+    /// The federation client, key and replay caches, and outbox wake-up.
+    pub(crate) federation: Arc<crate::federation::Federation>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -114,15 +116,16 @@ impl EventHub {
     }
 }
 
-/// A token bucket per device: `burst` requests at once, refilled at
-/// `per_minute`. A rate of 0 turns the limit off.
-pub(crate) struct RateLimiter {
+/// A token bucket per key (a device, or an origin server): `burst`
+/// requests at once, refilled at `per_minute`. A rate of 0 turns the limit
+/// off.
+pub(crate) struct RateLimiter<K = DeviceId> {
     per_minute: u32,
     burst: u32,
-    buckets: Mutex<HashMap<DeviceId, (f64, Instant)>>,
+    buckets: Mutex<HashMap<K, (f64, Instant)>>,
 }
 
-impl RateLimiter {
+impl<K: std::hash::Hash + Eq> RateLimiter<K> {
     pub(crate) fn new(per_minute: u32, burst: u32) -> Self {
         Self {
             per_minute,
@@ -132,7 +135,7 @@ impl RateLimiter {
     }
 
     /// Takes one token for `device`, or says how long until one is there.
-    pub(crate) fn check(&self, device: DeviceId) -> Result<(), Duration> {
+    pub(crate) fn check(&self, device: K) -> Result<(), Duration> {
         if self.per_minute == 0 {
             return Ok(());
         }

@@ -56,7 +56,14 @@ async fn server_info_and_keys() {
 #[tokio::test]
 async fn register_login_publish_and_fetch() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path(), "a.example").await;
+    // Another server's name resolves to a closed loopback port.
+    let server = TestServer::start_with(dir.path(), "a.example", |c| {
+        c.resolve.insert(
+            "elsewhere.example".parse().unwrap(),
+            "http://127.0.0.1:1".into(),
+        );
+    })
+    .await;
     let mut alice = Device::new();
     let (status, body) = alice.register_raw(&server, "Alice", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -116,10 +123,12 @@ async fn register_login_publish_and_fetch() {
         StatusCode::NOT_FOUND,
         "not_found",
     );
+    // Another server's handle is asked of that server (tests/federation.rs);
+    // one that cannot be reached is 502.
     assert_error(
         &send(client().get(server.url("/v0/users/alice@elsewhere.example"))).await,
-        StatusCode::NOT_FOUND,
-        "not_found",
+        StatusCode::BAD_GATEWAY,
+        "remote_unavailable",
     );
     server.stop().await;
 }

@@ -648,3 +648,64 @@ async fn garbage_is_refused_and_changes_nothing() {
     assert_eq!(texts, vec![b"fine".to_vec()]);
     server.stop().await;
 }
+
+/// A channel on a.test may not gain a device sponsored only by a server
+/// a.test blocks; devices of other servers it fetched are fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_servers_device_cannot_be_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster =
+        kith_testkit::Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], |_| {}).await;
+    let view = |c: &kith_testkit::Cluster, n: &str| {
+        TestServer::view(c.server(n).url(), c.server(n).name())
+    };
+    let (mut a, b, c) = (
+        view(&cluster, "a.test"),
+        view(&cluster, "b.test"),
+        view(&cluster, "c.test"),
+    );
+    let mut alice = Member::join(&a, "alice").await;
+    let bob = Member::join(&b, "bob").await;
+    let carol = Member::join(&c, "carol").await;
+    // a.test learns bob's and carol's records, then starts blocking c.test.
+    for handle in ["bob@b.test", "carol@c.test"] {
+        let (status, body) = alice.http.get(&a, &format!("/v0/users/{handle}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let mut stopped = cluster.take("a.test").stop_keeping().await;
+    stopped
+        .config_mut()
+        .blocked_servers
+        .insert("c.test".parse().unwrap());
+    cluster.put(stopped.start().await);
+    a = view(&cluster, "a.test");
+    alice.http.login(&a).await;
+
+    let channel = alice
+        .mls
+        .create_channel(ChannelId::random(), &settings(&alice))
+        .unwrap();
+    let id = channel.id();
+    assert_eq!(create(&a, &alice, &channel).await.0, StatusCode::OK);
+    drop(channel);
+    let out = alice.channel(id).add(&[carol.key_package()]).unwrap();
+    assert_error(
+        &alice.post_commit(&a, id, 0, &out).await,
+        StatusCode::FORBIDDEN,
+        "blocked",
+    );
+    alice.channel(id).clear_pending().unwrap();
+    // A device a.test has never seen is refused while it blocks anyone.
+    let stranger = Member::join(&b, "stranger").await;
+    let out = alice.channel(id).add(&[stranger.key_package()]).unwrap();
+    assert_error(
+        &alice.post_commit(&a, id, 0, &out).await,
+        StatusCode::FORBIDDEN,
+        "blocked",
+    );
+    alice.channel(id).clear_pending().unwrap();
+    let out = alice.channel(id).add(&[bob.key_package()]).unwrap();
+    let (status, body) = alice.post_commit(&a, id, 0, &out).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    cluster.stop().await;
+}

@@ -112,3 +112,99 @@ async fn kithd_serves_and_stops_on_sigterm() {
         "{rest:#?}"
     );
 }
+
+/// Starts `kithd` with `args` and returns it once its log says it listens.
+fn spawn_kithd(dir: &std::path::Path, args: &[&str]) -> (Guard, mpsc::Receiver<String>) {
+    let child = Command::new(env!("CARGO_BIN_EXE_kithd"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .env("KITH_LOG", "info")
+        .env_remove("KITH_CONFIG")
+        .env_remove("KITH_RESOLVE")
+        .env_remove("KITH_BLOCK")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(child);
+    let stderr = guard.0.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("kithd {args:?} did not start"));
+        if line.contains("kithd listening") {
+            return (guard, lines_rx);
+        }
+    }
+}
+
+/// Two `kithd` processes that know each other through `--resolve`: a lookup
+/// of a user of the other server travels as a signed request (checked
+/// against the origin's published keys) and gets that server's answer.
+#[tokio::test]
+async fn two_kithd_processes_federate_through_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    // Free ports, released just before the servers take them.
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let (pa, pb) = (ports[0], ports[1]);
+    let (a_listen, b_listen) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let (a_map, b_map) = (
+        format!("b.test=http://127.0.0.1:{pb}"),
+        format!("a.test=http://127.0.0.1:{pa}"),
+    );
+    let (_a, _) = spawn_kithd(
+        &dir.path().join("a"),
+        &[
+            "--server-name",
+            "a.test",
+            "--listen",
+            &a_listen,
+            "--resolve",
+            &a_map,
+        ],
+    );
+    let (_b, _) = spawn_kithd(
+        &dir.path().join("b"),
+        &[
+            "--server-name",
+            "b.test",
+            "--listen",
+            &b_listen,
+            "--resolve",
+            &b_map,
+        ],
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .no_proxy()
+        .build()
+        .unwrap();
+    let response = http
+        .get(format!("http://{a_listen}/v0/users/nobody@b.test"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap();
+    // b.test checked a.test's signature and answered: no such user (an
+    // unreachable server or a refused signature would be 502).
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"], "not_found");
+}

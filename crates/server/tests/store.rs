@@ -10,7 +10,7 @@
 use kith_proto::{ChannelId, DeviceId, LocalName};
 use kith_server::store::{
     ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, NewCommit, NewMessage, Registered,
-    Store, StoreError,
+    RemoteRecord, Store, StoreError,
 };
 
 fn dev(n: u8) -> DeviceId {
@@ -359,6 +359,107 @@ fn messages_and_their_events(s: &dyn Store) {
     assert_eq!((first.seq, events.len()), (1, 0));
 }
 
+fn server(s: &str) -> kith_proto::ServerName {
+    s.parse().unwrap()
+}
+
+fn remote_records(s: &dyn Store) {
+    assert_eq!(s.remote_record(&dev(1)).unwrap(), None);
+    let mut r = RemoteRecord {
+        device: dev(1),
+        server: server("b.test"),
+        record: vec![1, 2],
+        fetched_at: 10,
+    };
+    s.put_remote_record(&r).unwrap();
+    assert_eq!(s.remote_record(&dev(1)).unwrap(), Some(r.clone()));
+    r.record = vec![3];
+    r.fetched_at = 20;
+    s.put_remote_record(&r).unwrap();
+    assert_eq!(s.remote_record(&dev(1)).unwrap(), Some(r));
+    assert_eq!(s.remote_record(&dev(2)).unwrap(), None);
+}
+
+fn outbox_queue(s: &dyn Store) {
+    assert_eq!(s.next_outbox_due().unwrap(), None);
+    assert!(s.due_outbox(100, 10).unwrap().is_empty());
+    let b = server("b.test");
+    let first = s
+        .enqueue_outbox(&b, "/v0/federation/inbox/x", b"one", 100)
+        .unwrap();
+    let second = s
+        .enqueue_outbox(&server("c.test:8448"), "/p", b"two", 200)
+        .unwrap();
+    assert!(second > first);
+    assert_eq!(s.next_outbox_due().unwrap(), Some(100));
+    let due = s.due_outbox(150, 10).unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(
+        (
+            due[0].id,
+            &due[0].destination,
+            due[0].path.as_str(),
+            due[0].body.as_slice()
+        ),
+        (first, &b, "/v0/federation/inbox/x", &b"one"[..])
+    );
+    assert_eq!(
+        (due[0].attempts, due[0].next_at, due[0].created_at),
+        (0, 100, 100)
+    );
+    s.retry_outbox(first, 1, 500).unwrap();
+    let due = s.due_outbox(300, 10).unwrap();
+    assert_eq!(due.iter().map(|i| i.id).collect::<Vec<_>>(), vec![second]);
+    assert_eq!(s.due_outbox(300, 0).unwrap().len(), 0);
+    let due = s.due_outbox(500, 10).unwrap();
+    assert_eq!(due.len(), 2);
+    assert_eq!(due[0].attempts, 1);
+    assert!(s.remove_outbox(first).unwrap());
+    assert!(!s.remove_outbox(first).unwrap());
+    assert_eq!(s.next_outbox_due().unwrap(), Some(200));
+}
+
+fn remote_deposits_are_deduplicated(s: &dyn Store) {
+    let a = server("a.test");
+    let (id, event) = s
+        .deposit_remote_inbox(&a, &[1; 16], &dev(1), b"env", 5, 10, &|i| {
+            format!("{{\"id\":{}}}", i.id)
+        })
+        .unwrap();
+    let event = event.unwrap();
+    assert_eq!(event.kind, "inbox");
+    assert_eq!(event.payload, format!("{{\"id\":{id}}}"));
+    // The same deposit again: same item, no event, nothing filed.
+    let (again, none) = s
+        .deposit_remote_inbox(&a, &[1; 16], &dev(1), b"env", 6, 10, &|_| "{}".into())
+        .unwrap();
+    assert_eq!((again, none), (id, None));
+    // Another origin may use the same deposit id.
+    let (other, event) = s
+        .deposit_remote_inbox(
+            &server("c.test"),
+            &[1; 16],
+            &dev(1),
+            b"env2",
+            7,
+            10,
+            &|_| "{}".into(),
+        )
+        .unwrap();
+    assert!(other != id && event.is_some());
+    assert_eq!(s.inbox(&dev(1), 0, 10).unwrap().len(), 2);
+    assert_eq!(s.events(&dev(1), 0, 10).unwrap().len(), 2);
+    // A full inbox refuses and records nothing, so a retry can succeed.
+    assert!(matches!(
+        s.deposit_remote_inbox(&a, &[2; 16], &dev(1), b"x", 8, 2, &|_| "{}".into()),
+        Err(StoreError::InboxFull { .. })
+    ));
+    let (_, event) = s
+        .deposit_remote_inbox(&a, &[2; 16], &dev(1), b"x", 9, 10, &|_| "{}".into())
+        .unwrap();
+    assert!(event.is_some());
+}
+
 /// Runs every conformance test against fresh stores from `$make`.
 macro_rules! store_suite {
     ($backend:ident, $make:expr) => {
@@ -406,6 +507,21 @@ macro_rules! store_suite {
                 super::channels_and_commits(make().as_ref());
             }
             #[test]
+            fn remote_records() {
+                super::remote_records(make().as_ref());
+            }
+
+            #[test]
+            fn outbox_queue() {
+                super::outbox_queue(make().as_ref());
+            }
+
+            #[test]
+            fn remote_deposits_are_deduplicated() {
+                super::remote_deposits_are_deduplicated(make().as_ref());
+            }
+
+            #[test]
             fn messages_and_their_events() {
                 super::messages_and_their_events(make().as_ref());
             }
@@ -440,6 +556,11 @@ fn sqlite_survives_reopen() {
     let events = s.events(&dev(1), 0, 10).unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].cursor, cursor);
+    s.enqueue_outbox(&server("b.test"), "/p", b"queued", 8)
+        .unwrap();
+    drop(s);
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    assert_eq!(s.due_outbox(8, 10).unwrap().len(), 1);
     // Cursors keep growing after a restart.
     assert!(s.append_event(&dev(1), "test", "{}", 7).unwrap().cursor > cursor);
 }

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use super::{ApiJson, Authed, b64, list_limit, unb64};
 use crate::channels::{Slot, catch_up, lock_mls};
 use crate::error::ApiError;
+use crate::federation::remote::refuse_added_device;
 use crate::state::{Shared, now_ms};
 use crate::store::{ChannelRow, CommitRow, EpochState, MessageRow, NewMessage};
 
@@ -397,6 +398,7 @@ async fn precheck(
 ) -> Result<(), ApiError> {
     let channels = state.channels.clone();
     let store = state.store.clone();
+    let blocked = state.config.blocked_servers.clone();
     tokio::task::spawn_blocking(move || {
         let mls = lock_mls(&channels.mls);
         let public = catch_up(&mls, store.as_ref(), channel).map_err(|e| {
@@ -410,6 +412,13 @@ async fn precheck(
             return Err(ApiError::forbidden(
                 "the commit was made by another device than the one submitting it",
             ));
+        }
+        // Blocking is local policy, checked here and never in the
+        // deterministic validator.
+        for added in &validated.info().added {
+            if let Some(why) = refuse_added_device(store.as_ref(), &blocked, added)? {
+                return Err(crate::federation::blocked(why));
+            }
         }
         Ok(())
     })

@@ -1,13 +1,14 @@
 //! Server info, registration, login, and the device directory.
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use kith_proto::{
     DeviceId, DeviceRecord, DeviceRecordIn, Handle, LocalName, LoginChallenge, RecordUpdate,
-    RecordUpdateError, SignaturePublicKey, Sponsorship,
+    RecordUpdateError, ServerName, SignaturePublicKey, Sponsorship,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -15,6 +16,7 @@ use serde_json::{Value, json};
 use super::{ApiJson, Authed, b64, parse_device, random_32, token_hash, unb64};
 use crate::config::Registration;
 use crate::error::ApiError;
+use crate::federation::remote;
 use crate::state::{Shared, now_ms};
 use crate::store::{DeviceRow, Registered};
 
@@ -314,23 +316,48 @@ async fn tell_linked_devices(state: &Shared, record: &DeviceRecord) {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceQuery {
+    server: Option<String>,
+}
+
+/// A device registered here, or else one of another server: the one it was
+/// cached from, or `?server=NAME`.
 async fn get_device(
     State(state): State<Shared>,
     Path(device): Path<String>,
+    query: Result<Query<DeviceQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let device = parse_device(&device)?;
-    let row = state
-        .db(move |s| s.device(&device))
-        .await?
-        .ok_or_else(|| ApiError::not_found("no such device is registered here"))?;
-    Ok(Json(json!({ "record": b64(&row.record) })))
+    if let Some(row) = state.db(move |s| s.device(&device)).await? {
+        return Ok(Json(json!({ "record": b64(&row.record) })));
+    }
+    let server = query
+        .server
+        .map(|s| {
+            s.parse::<ServerName>()
+                .map_err(|e| ApiError::bad_request(format!("`server` {s:?}: {e}")))
+        })
+        .transpose()?;
+    if server.as_ref() == Some(&state.config.server_name) {
+        return Err(ApiError::not_found("no such device is registered here"));
+    }
+    let record = remote::device_record(&state, device, server).await?;
+    Ok(Json(json!({ "record": b64(&record) })))
+}
+
+/// Parses a handle (400 `bad_request` if it is not one).
+pub(crate) fn parse_handle(handle: &str) -> Result<Handle, ApiError> {
+    handle
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("{handle:?} is not a handle: {e}")))
 }
 
 /// The local name a handle names on this server.
-pub(super) fn local_name(state: &Shared, handle: &str) -> Result<LocalName, ApiError> {
-    let handle: Handle = handle
-        .parse()
-        .map_err(|e| ApiError::bad_request(format!("{handle:?} is not a handle: {e}")))?;
+pub(crate) fn local_name(state: &Shared, handle: &str) -> Result<LocalName, ApiError> {
+    let handle = parse_handle(handle)?;
     if handle.server() != &state.config.server_name {
         return Err(ApiError::not_found(format!(
             "{handle} is not a user of this server ({})",
@@ -342,7 +369,7 @@ pub(super) fn local_name(state: &Shared, handle: &str) -> Result<LocalName, ApiE
 
 /// The devices registered under `name` whose current record is valid now
 /// and carries this server's sponsorship under that name.
-pub(super) async fn sponsored_devices(
+pub(crate) async fn sponsored_devices(
     state: &Shared,
     name: LocalName,
 ) -> Result<Vec<(DeviceId, Vec<u8>)>, ApiError> {
@@ -370,6 +397,12 @@ async fn get_user(
     State(state): State<Shared>,
     Path(handle): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let parsed = parse_handle(&handle)?;
+    if parsed.server() != &state.config.server_name {
+        let records = remote::user_records(&state, &parsed).await?;
+        let records: Vec<String> = records.iter().map(|r| b64(&r.encode())).collect();
+        return Ok(Json(json!({ "records": records })));
+    }
     let name = local_name(&state, &handle)?;
     let devices = sponsored_devices(&state, name).await?;
     if devices.is_empty() {

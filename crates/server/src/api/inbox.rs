@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::{ApiJson, Authed, b64, list_limit, parse_device, unb64};
 use crate::error::ApiError;
+use crate::federation::{outbox, random_16, remote};
 use crate::state::{Shared, now_ms};
 use crate::store::InboxItem;
 
@@ -22,7 +23,7 @@ pub(super) fn routes() -> Router<Shared> {
 }
 
 /// The JSON form of an item, in listings and in `inbox` events.
-fn item_json(item: &InboxItem) -> serde_json::Map<String, Value> {
+pub(crate) fn item_json(item: &InboxItem) -> serde_json::Map<String, Value> {
     let mut map = serde_json::Map::new();
     map.insert("id".into(), item.id.into());
     map.insert("envelope".into(), b64(&item.envelope).into());
@@ -42,7 +43,7 @@ async fn deposit(
     Authed(sender): Authed,
     Path(target): Path<String>,
     ApiJson(req): ApiJson<DepositRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let recipient = parse_device(&target)?;
     let envelope = unb64("envelope", &req.envelope)?;
     let limit = state.config.limits.max_envelope_bytes;
@@ -55,9 +56,24 @@ async fn deposit(
             envelope.len()
         )));
     }
-    if state.db(move |s| s.device(&recipient)).await?.is_none() {
-        return Err(ApiError::not_found("no such device is registered here"));
-    }
+    let local = state.db(move |s| s.device(&recipient)).await?.is_some();
+    let remote = if local {
+        None
+    } else {
+        let server = remote::inbox_server(&state, recipient)
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "no such device is registered here or known from another server \
+                 (fetch its user first)",
+                )
+            })?;
+        if server == state.config.server_name {
+            return Err(ApiError::not_found("no such device is registered here"));
+        }
+        remote::not_blocked(&state, &server)?;
+        Some(server)
+    };
     if let Err(wait) = state.inbox_limiter.check(sender) {
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -66,6 +82,23 @@ async fn deposit(
         );
         e.retry_after_ms = Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
         return Err(e);
+    }
+    if let Some(server) = remote {
+        // Another server's device: into the outbox, delivered (and
+        // deduplicated by `deposit_id`) over federation.
+        let body = json!({
+            "deposit_id": hex::encode(random_16()),
+            "envelope": b64(&envelope),
+        })
+        .to_string()
+        .into_bytes();
+        let path = format!("/v0/federation/inbox/{recipient}");
+        let id = outbox::enqueue(&state, server.clone(), path, body).await?;
+        tracing::info!(%server, outbox = id, "queued a remote inbox deposit");
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "id": id, "queued": true, "server": server.as_str() })),
+        ));
     }
     let max_items = state.config.limits.max_inbox_items;
     let received_at = now_ms();
@@ -78,7 +111,7 @@ async fn deposit(
         .await?;
     state.metrics.inbox_deposits.inc();
     state.hub.notify(recipient, event.cursor);
-    Ok(Json(json!({ "id": item.id })))
+    Ok((StatusCode::OK, Json(json!({ "id": item.id }))))
 }
 
 #[derive(Deserialize)]

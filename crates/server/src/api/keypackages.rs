@@ -8,7 +8,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::identity::{local_name, sponsored_devices};
+use kith_proto::LocalName;
+
+use super::identity::{parse_handle, sponsored_devices};
 use super::{ApiJson, Authed, b64, unb64};
 use crate::error::ApiError;
 use crate::state::Shared;
@@ -100,12 +102,28 @@ async fn claim(
     Authed(_claimer): Authed,
     ApiJson(req): ApiJson<ClaimRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let name = local_name(&state, &req.handle)?;
-    let devices = sponsored_devices(&state, name).await?;
+    let handle = parse_handle(&req.handle)?;
+    if handle.server() != &state.config.server_name {
+        return crate::federation::remote::claim(&state, &handle)
+            .await
+            .map(Json);
+    }
+    claim_local(&state, &req.handle, handle.name().clone())
+        .await
+        .map(Json)
+}
+
+/// Claims one package per device of the local user `name` (spec §6.5), for
+/// a client here or another server.
+pub(crate) async fn claim_local(
+    state: &Shared,
+    handle: &str,
+    name: LocalName,
+) -> Result<Value, ApiError> {
+    let devices = sponsored_devices(state, name).await?;
     if devices.is_empty() {
         return Err(ApiError::not_found(format!(
-            "{} has no device with a current sponsored record here",
-            req.handle
+            "{handle} has no device with a current sponsored record here"
         )));
     }
     let ids: Vec<_> = devices.into_iter().map(|(d, _)| d).collect();
@@ -144,7 +162,5 @@ async fn claim(
             Claimed::Exhausted => exhausted.push(device.to_string()),
         }
     }
-    Ok(Json(
-        json!({ "packages": packages, "exhausted": exhausted }),
-    ))
+    Ok(json!({ "packages": packages, "exhausted": exhausted }))
 }

@@ -11,9 +11,9 @@
 
 mod channels;
 mod events;
-mod identity;
-mod inbox;
-mod keypackages;
+pub(crate) mod identity;
+pub(crate) mod inbox;
+pub(crate) mod keypackages;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
@@ -42,6 +42,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .merge(inbox::routes())
         .merge(events::routes())
         .merge(channels::routes())
+        .merge(crate::federation::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

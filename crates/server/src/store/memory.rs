@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use kith_proto::{ChannelId, DeviceId, LocalName};
+use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
 
 use super::{
     ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, Event, InboxItem, MessageRow, Millis,
-    NewCommit, NewMessage, Registered, Store, StoreError,
+    NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Store, StoreError,
 };
 
 /// A [`Store`] that keeps everything in memory.
@@ -34,6 +34,10 @@ struct State {
     next_cursor: u64,
     acked: HashMap<DeviceId, u64>,
     channels: BTreeMap<ChannelId, ChannelState>,
+    remote_records: HashMap<DeviceId, RemoteRecord>,
+    outbox: BTreeMap<u64, OutboxItem>,
+    next_outbox_id: u64,
+    remote_deposits: HashMap<(ServerName, [u8; 16]), u64>,
 }
 
 #[derive(Debug)]
@@ -550,5 +554,99 @@ impl Store for MemoryStore {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    fn put_remote_record(&self, row: &RemoteRecord) -> Result<(), StoreError> {
+        self.lock()?.remote_records.insert(row.device, row.clone());
+        Ok(())
+    }
+
+    fn remote_record(&self, device: &DeviceId) -> Result<Option<RemoteRecord>, StoreError> {
+        Ok(self.lock()?.remote_records.get(device).cloned())
+    }
+
+    fn enqueue_outbox(
+        &self,
+        destination: &ServerName,
+        path: &str,
+        body: &[u8],
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let mut s = self.lock()?;
+        s.next_outbox_id += 1;
+        let id = s.next_outbox_id;
+        s.outbox.insert(
+            id,
+            OutboxItem {
+                id,
+                destination: destination.clone(),
+                path: path.to_owned(),
+                body: body.to_vec(),
+                attempts: 0,
+                next_at: now,
+                created_at: now,
+            },
+        );
+        Ok(id)
+    }
+
+    fn due_outbox(&self, now: Millis, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        Ok(self
+            .lock()?
+            .outbox
+            .values()
+            .filter(|i| i.next_at <= now)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn next_outbox_due(&self) -> Result<Option<Millis>, StoreError> {
+        Ok(self.lock()?.outbox.values().map(|i| i.next_at).min())
+    }
+
+    fn retry_outbox(&self, id: u64, attempts: u32, next_at: Millis) -> Result<(), StoreError> {
+        if let Some(item) = self.lock()?.outbox.get_mut(&id) {
+            item.attempts = attempts;
+            item.next_at = next_at;
+        }
+        Ok(())
+    }
+
+    fn remove_outbox(&self, id: u64) -> Result<bool, StoreError> {
+        Ok(self.lock()?.outbox.remove(&id).is_some())
+    }
+
+    fn deposit_remote_inbox(
+        &self,
+        origin: &ServerName,
+        deposit_id: &[u8; 16],
+        recipient: &DeviceId,
+        envelope: &[u8],
+        received_at: Millis,
+        max_items: usize,
+        payload: &dyn Fn(&InboxItem) -> String,
+    ) -> Result<(u64, Option<Event>), StoreError> {
+        let mut s = self.lock()?;
+        let key = (origin.clone(), *deposit_id);
+        if let Some(id) = s.remote_deposits.get(&key) {
+            return Ok((*id, None));
+        }
+        if s.inbox.get(recipient).map_or(0, BTreeMap::len) >= max_items {
+            return Err(StoreError::InboxFull { limit: max_items });
+        }
+        s.next_inbox_id += 1;
+        let item = InboxItem {
+            id: s.next_inbox_id,
+            envelope: envelope.to_vec(),
+            received_at,
+        };
+        s.inbox
+            .entry(*recipient)
+            .or_default()
+            .insert(item.id, item.clone());
+        s.remote_deposits.insert(key, item.id);
+        let event = s.append(recipient, "inbox", payload(&item), received_at);
+        Ok((item.id, Some(event)))
     }
 }

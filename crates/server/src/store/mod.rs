@@ -17,7 +17,7 @@ mod sqlite;
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
-use kith_proto::{ChannelId, DeviceId, LocalName};
+use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
@@ -175,6 +175,38 @@ pub struct NewMessage {
     pub message: Vec<u8>,
     /// When the server accepted it.
     pub received_at: Millis,
+}
+
+/// A device record fetched from another server, as cached here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRecord {
+    /// The device.
+    pub device: DeviceId,
+    /// The server it was fetched from (one that sponsors it).
+    pub server: ServerName,
+    /// The encoded record, verified when it was fetched.
+    pub record: Vec<u8>,
+    /// When it was fetched and verified; it verifies again at that time.
+    pub fetched_at: Millis,
+}
+
+/// A federation request waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    /// Store-assigned id, increasing.
+    pub id: u64,
+    /// The server it goes to.
+    pub destination: ServerName,
+    /// The path and query (a federation endpoint).
+    pub path: String,
+    /// The JSON body of the POST.
+    pub body: Vec<u8>,
+    /// How many sends failed so far.
+    pub attempts: u32,
+    /// Not to be sent before this time.
+    pub next_at: Millis,
+    /// When it was queued.
+    pub created_at: Millis,
 }
 
 /// Why a storage operation failed.
@@ -442,4 +474,52 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: usize,
     ) -> Result<Vec<MessageRow>, StoreError>;
+
+    // -- federation ---------------------------------------------------------
+
+    /// Stores (inserting or replacing) the cached record of a remote device.
+    /// The caller has applied the update rule.
+    fn put_remote_record(&self, row: &RemoteRecord) -> Result<(), StoreError>;
+
+    /// The cached record of a remote device, if any.
+    fn remote_record(&self, device: &DeviceId) -> Result<Option<RemoteRecord>, StoreError>;
+
+    /// Queues a POST of `body` to `path` on `destination`, due at `now`.
+    /// Returns the item's id.
+    fn enqueue_outbox(
+        &self,
+        destination: &ServerName,
+        path: &str,
+        body: &[u8],
+        now: Millis,
+    ) -> Result<u64, StoreError>;
+
+    /// Up to `limit` items due at `now` (`next_at <= now`), oldest first.
+    fn due_outbox(&self, now: Millis, limit: usize) -> Result<Vec<OutboxItem>, StoreError>;
+
+    /// The earliest `next_at` of any queued item.
+    fn next_outbox_due(&self) -> Result<Option<Millis>, StoreError>;
+
+    /// Records a failed send: the item's attempts and next due time.
+    fn retry_outbox(&self, id: u64, attempts: u32, next_at: Millis) -> Result<(), StoreError>;
+
+    /// Removes a delivered (or dropped) item; returns whether it existed.
+    fn remove_outbox(&self, id: u64) -> Result<bool, StoreError>;
+
+    /// Files an envelope that `origin` delivered as deposit `deposit_id`,
+    /// as [`Store::deposit_inbox`] does, unless that deposit was filed
+    /// before: then changes nothing and returns the id of the item filed
+    /// then, with no event. The deduplication record is written in the same
+    /// transaction as the item.
+    #[allow(clippy::too_many_arguments)]
+    fn deposit_remote_inbox(
+        &self,
+        origin: &ServerName,
+        deposit_id: &[u8; 16],
+        recipient: &DeviceId,
+        envelope: &[u8],
+        received_at: Millis,
+        max_items: usize,
+        payload: &dyn Fn(&InboxItem) -> String,
+    ) -> Result<(u64, Option<Event>), StoreError>;
 }

@@ -9,16 +9,16 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use kith_proto::{ChannelId, DeviceId, LocalName};
+use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
     ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, Event, InboxItem, MessageRow, Millis,
-    NewCommit, NewMessage, Registered, Store, StoreError,
+    NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Store, StoreError,
 };
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -119,6 +119,28 @@ CREATE TABLE IF NOT EXISTS channel_messages (
     PRIMARY KEY (channel, seq)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS channel_messages_by_id ON channel_messages(channel, id);
+CREATE TABLE IF NOT EXISTS remote_records (
+    device BLOB PRIMARY KEY,
+    server TEXT NOT NULL,
+    record BLOB NOT NULL,
+    fetched_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body BLOB NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_by_due ON outbox(next_at, id);
+CREATE TABLE IF NOT EXISTS remote_deposits (
+    origin TEXT NOT NULL,
+    deposit_id BLOB NOT NULL,
+    item INTEGER NOT NULL,
+    PRIMARY KEY (origin, deposit_id)
+) WITHOUT ROWID;
 ";
 
 /// A [`Store`] in one SQLite database file.
@@ -234,6 +256,41 @@ fn insert_event(
         kind: kind.to_owned(),
         payload: payload.to_owned(),
         created_at: now,
+    })
+}
+
+fn server_name(text: &str) -> Result<ServerName, StoreError> {
+    ServerName::parse_canonical(text)
+        .map_err(|e| StoreError::Corrupt(format!("server name {text:?}: {e}")))
+}
+
+type RawOutbox = (i64, String, String, Vec<u8>, i64, i64, i64);
+
+/// Columns: id, destination, path, body, attempts, next_at, created_at.
+fn outbox_row(row: &Row<'_>) -> rusqlite::Result<RawOutbox> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+    ))
+}
+
+fn to_outbox_item(
+    (id, destination, path, body, attempts, next_at, created_at): RawOutbox,
+) -> Result<OutboxItem, StoreError> {
+    Ok(OutboxItem {
+        id: uint(id)?,
+        destination: server_name(&destination)?,
+        path,
+        body,
+        attempts: u32::try_from(attempts)
+            .map_err(|_| StoreError::Corrupt(format!("attempts {attempts}")))?,
+        next_at: uint(next_at)?,
+        created_at: uint(created_at)?,
     })
 }
 
@@ -1108,5 +1165,137 @@ impl Store for SqliteStore {
             )?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(to_message_row).collect()
+    }
+
+    fn put_remote_record(&self, row: &RemoteRecord) -> Result<(), StoreError> {
+        let conn = self.lock()?;
+        conn.execute(
+            "INSERT OR REPLACE INTO remote_records (device, server, record, fetched_at)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![
+                row.device.as_bytes(),
+                row.server.as_str(),
+                row.record,
+                int(row.fetched_at)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn remote_record(&self, device: &DeviceId) -> Result<Option<RemoteRecord>, StoreError> {
+        let conn = self.lock()?;
+        let raw: Option<(String, Vec<u8>, i64)> = conn
+            .query_row(
+                "SELECT server, record, fetched_at FROM remote_records WHERE device = ?1",
+                [device.as_bytes()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        raw.map(|(server, record, fetched_at)| {
+            Ok(RemoteRecord {
+                device: *device,
+                server: server_name(&server)?,
+                record,
+                fetched_at: uint(fetched_at)?,
+            })
+        })
+        .transpose()
+    }
+
+    fn enqueue_outbox(
+        &self,
+        destination: &ServerName,
+        path: &str,
+        body: &[u8],
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let conn = self.lock()?;
+        conn.execute(
+            "INSERT INTO outbox (destination, path, body, attempts, next_at, created_at)
+             VALUES (?1, ?2, ?3, 0, ?4, ?4)",
+            params![destination.as_str(), path, body, int(now)?],
+        )?;
+        uint(conn.last_insert_rowid())
+    }
+
+    fn due_outbox(&self, now: Millis, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, destination, path, body, attempts, next_at, created_at FROM outbox
+             WHERE next_at <= ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![int(now)?, int(limit as u64)?], outbox_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(to_outbox_item).collect()
+    }
+
+    fn next_outbox_due(&self) -> Result<Option<Millis>, StoreError> {
+        let conn = self.lock()?;
+        let next: Option<i64> =
+            conn.query_row("SELECT MIN(next_at) FROM outbox", [], |r| r.get(0))?;
+        next.map(uint).transpose()
+    }
+
+    fn retry_outbox(&self, id: u64, attempts: u32, next_at: Millis) -> Result<(), StoreError> {
+        let conn = self.lock()?;
+        conn.execute(
+            "UPDATE outbox SET attempts = ?2, next_at = ?3 WHERE id = ?1",
+            params![int(id)?, i64::from(attempts), int(next_at)?],
+        )?;
+        Ok(())
+    }
+
+    fn remove_outbox(&self, id: u64) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        Ok(conn.execute("DELETE FROM outbox WHERE id = ?1", [int(id)?])? == 1)
+    }
+
+    fn deposit_remote_inbox(
+        &self,
+        origin: &ServerName,
+        deposit_id: &[u8; 16],
+        recipient: &DeviceId,
+        envelope: &[u8],
+        received_at: Millis,
+        max_items: usize,
+        payload: &dyn Fn(&InboxItem) -> String,
+    ) -> Result<(u64, Option<Event>), StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let seen: Option<i64> = tx
+            .query_row(
+                "SELECT item FROM remote_deposits WHERE origin = ?1 AND deposit_id = ?2",
+                params![origin.as_str(), deposit_id.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(item) = seen {
+            return Ok((uint(item)?, None));
+        }
+        let held = uint(tx.query_row(
+            "SELECT COUNT(*) FROM inbox WHERE device = ?1",
+            [recipient.as_bytes()],
+            |r| r.get(0),
+        )?)? as usize;
+        if held >= max_items {
+            return Err(StoreError::InboxFull { limit: max_items });
+        }
+        tx.execute(
+            "INSERT INTO inbox (device, envelope, received_at) VALUES (?1, ?2, ?3)",
+            params![recipient.as_bytes(), envelope, int(received_at)?],
+        )?;
+        let item = InboxItem {
+            id: uint(tx.last_insert_rowid())?,
+            envelope: envelope.to_vec(),
+            received_at,
+        };
+        tx.execute(
+            "INSERT INTO remote_deposits (origin, deposit_id, item) VALUES (?1, ?2, ?3)",
+            params![origin.as_str(), deposit_id.as_slice(), int(item.id)?],
+        )?;
+        let event = insert_event(&tx, recipient, "inbox", &payload(&item), received_at)?;
+        tx.commit()?;
+        Ok((item.id, Some(event)))
     }
 }

@@ -70,6 +70,18 @@ impl TestServer {
         }
     }
 
+    /// A handle on a server started elsewhere (a testkit cluster), for the
+    /// device helpers; stopping it is its owner's job.
+    pub fn view(base: &str, name: &str) -> Self {
+        Self {
+            base: base.to_owned(),
+            name: name.parse().unwrap(),
+            data_dir: PathBuf::new(),
+            stop: None,
+            task: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
