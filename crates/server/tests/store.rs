@@ -376,8 +376,14 @@ fn remote_records(s: &dyn Store) {
     r.record = vec![3];
     r.fetched_at = 20;
     s.put_remote_record(&r).unwrap();
-    assert_eq!(s.remote_record(&dev(1)).unwrap(), Some(r));
+    assert_eq!(s.remote_record(&dev(1)).unwrap(), Some(r.clone()));
     assert_eq!(s.remote_record(&dev(2)).unwrap(), None);
+    assert_eq!(s.remote_records_from(&r.server).unwrap(), vec![r.clone()]);
+    assert_eq!(
+        s.remote_records_from(&"elsewhere.test".parse().unwrap())
+            .unwrap(),
+        vec![]
+    );
 }
 
 fn outbox_queue(s: &dyn Store) {

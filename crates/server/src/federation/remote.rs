@@ -124,7 +124,26 @@ pub(crate) async fn user_records(
     let server = handle.server();
     not_blocked(state, server)?;
     let path = format!("/v0/federation/users/{handle}");
-    let answer = state.federation.client.get(server, &path).await?;
+    let answer = match state
+        .federation
+        .client
+        .get(server, &path)
+        .await
+        .map_err(ApiError::from)
+    {
+        Ok(answer) => answer,
+        // The server is down: the records cached from it still tell who
+        // the user's devices are (deposits to them wait in the outbox).
+        Err(e) if e.code == "remote_unavailable" => {
+            let cached = cached_user_records(state, handle).await?;
+            if cached.is_empty() {
+                return Err(e);
+            }
+            tracing::info!(%handle, error = %e.message, "serving cached remote records");
+            return Ok(cached);
+        }
+        Err(e) => return Err(e),
+    };
     let answer: RecordsAnswer =
         serde_json::from_slice(&answer.body).map_err(|e| bad_remote(server, e))?;
     let mut records = Vec::new();
@@ -151,6 +170,21 @@ pub(crate) async fn user_records(
         )));
     }
     Ok(records)
+}
+
+/// The cached records of `handle`'s devices that still verify now.
+async fn cached_user_records(
+    state: &Shared,
+    handle: &Handle,
+) -> Result<Vec<DeviceRecord>, ApiError> {
+    let server = handle.server().clone();
+    let rows = state.db(move |s| s.remote_records_from(&server)).await?;
+    let now = crate::state::now_ms();
+    Ok(rows
+        .iter()
+        .filter_map(|row| DeviceRecordIn::decode(&row.record).ok()?.verify(now).ok())
+        .filter(|record| record.handles().any(|h| &h == handle))
+        .collect())
 }
 
 /// The record of `device`, not registered here: refreshed from the server

@@ -561,6 +561,16 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn remote_records_from(&self, server: &ServerName) -> Result<Vec<RemoteRecord>, StoreError> {
+        Ok(self
+            .lock()?
+            .remote_records
+            .values()
+            .filter(|r| &r.server == server)
+            .cloned()
+            .collect())
+    }
+
     fn remote_record(&self, device: &DeviceId) -> Result<Option<RemoteRecord>, StoreError> {
         Ok(self.lock()?.remote_records.get(device).cloned())
     }

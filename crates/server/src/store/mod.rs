@@ -484,6 +484,9 @@ pub trait Store: Send + Sync + 'static {
     /// The cached record of a remote device, if any.
     fn remote_record(&self, device: &DeviceId) -> Result<Option<RemoteRecord>, StoreError>;
 
+    /// Every cached record fetched from `server`, by device id.
+    fn remote_records_from(&self, server: &ServerName) -> Result<Vec<RemoteRecord>, StoreError>;
+
     /// Queues a POST of `body` to `path` on `destination`, due at `now`.
     /// Returns the item's id.
     fn enqueue_outbox(

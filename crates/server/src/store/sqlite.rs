@@ -1182,6 +1182,33 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn remote_records_from(&self, server: &ServerName) -> Result<Vec<RemoteRecord>, StoreError> {
+        let conn = self.lock()?;
+        let rows = conn
+            .prepare(
+                "SELECT device, record, fetched_at FROM remote_records
+                 WHERE server = ?1 ORDER BY device",
+            )?
+            .query_map([server.as_str()], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(device, record, fetched_at)| {
+                Ok(RemoteRecord {
+                    device: device_id(&device)?,
+                    server: server.clone(),
+                    record,
+                    fetched_at: uint(fetched_at)?,
+                })
+            })
+            .collect()
+    }
+
     fn remote_record(&self, device: &DeviceId) -> Result<Option<RemoteRecord>, StoreError> {
         let conn = self.lock()?;
         let raw: Option<(String, Vec<u8>, i64)> = conn
