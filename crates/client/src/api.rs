@@ -385,17 +385,18 @@ impl Api {
         ))
     }
 
-    /// `POST /v0/channels/{id}/messages`: returns `(id, seq)`.
+    /// `POST /v0/channels/{id}/messages`: returns `(id, seq, received_at)`.
     pub async fn send_message(
         &self,
         channel: &str,
         epoch: u64,
         message: &[u8],
-    ) -> Result<(String, u64), ClientError> {
+    ) -> Result<(String, u64, u64), ClientError> {
         #[derive(Deserialize)]
         struct Sent {
             id: String,
             seq: u64,
+            received_at: u64,
         }
         let body = json!({ "epoch": epoch, "message": b64(message) });
         let s: Sent = self
@@ -405,7 +406,7 @@ impl Api {
                 Some(body),
             )
             .await?;
-        Ok((s.id, s.seq))
+        Ok((s.id, s.seq, s.received_at))
     }
 
     /// `GET /v0/channels/{id}/messages?after=SEQ`.

@@ -556,7 +556,7 @@ impl Client {
             (channel.encrypt(data)?, channel.epoch())
         };
         let text = id.to_string();
-        let (message_id, seq) = self
+        let (message_id, seq, received_at) = self
             .authed(|api| {
                 let (c, m) = (text.clone(), message.clone());
                 async move { api.send_message(&c, epoch, &m).await }
@@ -576,7 +576,9 @@ impl Client {
                 sender_device: me,
                 sender: handle,
                 body: data.to_vec(),
-                received_at: now_ms(),
+                // The server's time, as every other member stores it, so
+                // all devices order the timeline alike.
+                received_at,
             },
         )?;
         Ok(message_id)

@@ -582,7 +582,7 @@ async fn post_message(
         state.metrics.channel_messages.inc();
     }
     Ok(Json(
-        json!({ "id": hex::encode(stored.id), "seq": stored.seq }),
+        json!({ "id": hex::encode(stored.id), "seq": stored.seq, "received_at": stored.received_at }),
     ))
 }
 
