@@ -386,7 +386,10 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
                 "{overhead} bytes over a {mls_size}-byte MLS message ({} byte body)",
                 body.len()
             ),
-            ratio: format!("{:.3} of MLS size", overhead as f64 / mls_size.max(1) as f64),
+            ratio: format!(
+                "{:.3} of MLS size",
+                overhead as f64 / mls_size.max(1) as f64
+            ),
             detail: json!({ "overhead_bytes": overhead, "mls_message_bytes": mls_size, "body_bytes": body.len() }),
         },
     ])
@@ -406,7 +409,9 @@ fn main() -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "smoke": args.smoke, "seconds_per_scenario": limits.time.as_secs(), "scenarios": out }))?
+            serde_json::to_string_pretty(
+                &json!({ "smoke": args.smoke, "seconds_per_scenario": limits.time.as_secs(), "scenarios": out })
+            )?
         );
     } else {
         println!(
