@@ -1,0 +1,429 @@
+//! `kith-bench`: an end-to-end benchmark of Kith on one machine (issue 6).
+//!
+//! Starts real homeservers in-process on loopback (`kith-testkit`, SQLite in
+//! a temporary directory) and real `kith-client` devices, runs each scenario
+//! bounded in time (`--seconds`) and in count, and prints one table (or
+//! `--json`). Every figure comes with its ratio to the floor (raw OpenMLS
+//! encrypt + decrypt) measured in the same run: the machine is shared and
+//! noisy, so only ratios compare across runs. No figure is asserted.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kith_client::Client;
+use kith_mls::{
+    CIPHERSUITE_V0, ChannelExtension, ChannelSettings, ContentType, Device, Incoming, MlsStore,
+    Policy, PublicChannel,
+};
+use kith_proto::{ChannelId, SecretKey};
+use kith_testkit::TestServer;
+use serde_json::{Value, json};
+
+/// The payload size of every application message.
+const PAYLOAD: usize = 1024;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kith-bench",
+    about = "End-to-end benchmark of Kith (one homeserver, loopback)"
+)]
+struct Args {
+    /// Time bound of each scenario, in seconds.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Tiny counts and at most one second per scenario: checks that the
+    /// benchmark runs, measures nothing meaningful.
+    #[arg(long)]
+    smoke: bool,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Count bounds per scenario (each loop also stops at the time bound).
+struct Limits {
+    time: Duration,
+    floor_msgs: usize,
+    delivery_msgs: usize,
+    fanout_members: usize,
+    fanout_msgs: usize,
+    commits: usize,
+    idle_channels: usize,
+}
+
+impl Limits {
+    fn new(args: &Args) -> Self {
+        if args.smoke {
+            Self {
+                time: Duration::from_secs(args.seconds.clamp(1, 1)),
+                floor_msgs: 200,
+                delivery_msgs: 20,
+                fanout_members: 3,
+                fanout_msgs: 5,
+                commits: 5,
+                idle_channels: 5,
+            }
+        } else {
+            Self {
+                time: Duration::from_secs(args.seconds.max(1)),
+                floor_msgs: 2_000_000,
+                delivery_msgs: 200_000,
+                fanout_members: 10,
+                fanout_msgs: 100_000,
+                commits: 100_000,
+                idle_channels: 100,
+            }
+        }
+    }
+}
+
+/// One line of the result table.
+struct Row {
+    scenario: &'static str,
+    figure: String,
+    ratio: String,
+    detail: Value,
+}
+
+fn payload() -> Vec<u8> {
+    (0..PAYLOAD).map(|i| (i % 251) as u8).collect()
+}
+
+/// The `q` quantile (0..=1) of `samples`, sorted in place, in milliseconds.
+fn quantile_ms(samples: &mut [Duration], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_unstable();
+    let last = samples.len() - 1;
+    let i = ((last as f64) * q).round() as usize;
+    samples
+        .get(i.min(last))
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn rate(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// Resident memory of this process, from `/proc/self/status`, in KiB.
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Floor: raw OpenMLS encrypt + decrypt between two in-memory devices.
+/// Returns (msgs/s, MLS message size of one 1 KiB payload, count).
+fn floor(limits: &Limits) -> Result<(f64, usize, usize)> {
+    let alice = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
+    let bob = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
+    let server_store = MlsStore::in_memory()?;
+    let settings = ChannelSettings::new(ChannelExtension::new(
+        ContentType::octet_stream(),
+        "floor".parse()?,
+        Policy::new([alice.device_id()])?,
+    ));
+    let mut channel = alice.create_channel(ChannelId::random(), &settings)?;
+    let mut public = PublicChannel::create(
+        &server_store,
+        &channel.group_info()?,
+        &channel.ratchet_tree()?,
+    )?;
+    let out = channel.add(&bob.key_packages(1, CIPHERSUITE_V0)?)?;
+    let validated = public.validate_commit(&out.commit)?;
+    public.apply(validated)?;
+    channel.merge_pending()?;
+    let mut bobs = bob.join(&out.welcome.unwrap_or_default(), &out.ratchet_tree)?;
+
+    let data = payload();
+    let mut size = 0;
+    let mut count = 0;
+    let start = Instant::now();
+    while count < limits.floor_msgs && start.elapsed() < limits.time {
+        let message = channel.encrypt(&data)?;
+        size = message.len();
+        match bobs.process(&message)? {
+            Incoming::Application { data: got, .. } if got.len() == PAYLOAD => {}
+            other => anyhow::bail!("floor: unexpected {other:?}"),
+        }
+        count += 1;
+    }
+    Ok((rate(count, start.elapsed()), size, count))
+}
+
+async fn register(dir: &Path, server: &TestServer, name: &str) -> Result<Client> {
+    Client::register(&dir.join(name), server.url(), name, None)
+        .await
+        .with_context(|| format!("registering {name}"))
+}
+
+/// A channel made by `owner` with every one of `members` invited and joined.
+async fn channel_with(owner: &mut Client, members: &mut [Client], name: &str) -> Result<ChannelId> {
+    let id = owner
+        .create_channel(name, "application/octet-stream")
+        .await?;
+    for member in members.iter_mut() {
+        let handle = member.handle().to_owned();
+        owner.invite(id, &handle).await?;
+        member.sync().await?;
+    }
+    // Earlier members process the later additions.
+    for member in members.iter_mut() {
+        member.sync().await?;
+    }
+    Ok(id)
+}
+
+struct Delivery {
+    sent: usize,
+    received: usize,
+    elapsed: Duration,
+    send_latency: Vec<Duration>,
+}
+
+/// One sender sends 1 KiB messages for the time bound while `receivers`
+/// sync concurrently (same task, interleaved at await points); ends when
+/// every receiver has every message or a grace period runs out.
+async fn deliver(
+    sender: &mut Client,
+    receivers: &mut [Client],
+    channel: ChannelId,
+    max_msgs: usize,
+    time: Duration,
+) -> Result<Delivery> {
+    let data = payload();
+    let done = std::cell::Cell::new(None::<usize>);
+    let start = Instant::now();
+    let send = async {
+        let mut latency = Vec::new();
+        let mut sent = 0;
+        while sent < max_msgs && start.elapsed() < time {
+            let t = Instant::now();
+            sender.send(channel, &data).await?;
+            latency.push(t.elapsed());
+            sent += 1;
+        }
+        done.set(Some(sent));
+        anyhow::Ok(latency)
+    };
+    let grace = time + Duration::from_secs(30);
+    let receive = async {
+        let mut received = 0usize;
+        // Bounded in count too: one message per sync at worst, plus slack.
+        let mut rounds = 0usize;
+        loop {
+            rounds += 1;
+            let mut progressed = 0;
+            for r in receivers.iter_mut() {
+                progressed += r.sync().await?.messages;
+            }
+            received += progressed;
+            let target = done.get().map(|sent| sent * receivers.len());
+            if target.is_some_and(|t| received >= t)
+                || start.elapsed() > grace
+                || rounds > max_msgs.saturating_mul(2) + 1000
+            {
+                break;
+            }
+            if progressed == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        anyhow::Ok((received, start.elapsed()))
+    };
+    let (latency, received) = tokio::join!(send, receive);
+    let send_latency = latency?;
+    let (received, elapsed) = received?;
+    Ok(Delivery {
+        sent: send_latency.len(),
+        received,
+        elapsed,
+        send_latency,
+    })
+}
+
+#[allow(clippy::too_many_lines)]
+async fn run(limits: &Limits) -> Result<Vec<Row>> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+
+    // 5. Footprint first, while the process holds as little as it will.
+    let rss_before = rss_kib().unwrap_or(0);
+    let server = TestServer::start(&dir.join("server"), "a.test").await;
+    // Let it settle and answer once.
+    let mut owner = register(dir, &server, "owner").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_server = rss_kib().unwrap_or(0);
+    let mut made = 0;
+    let start = Instant::now();
+    while made < limits.idle_channels && start.elapsed() < limits.time * 6 {
+        owner
+            .create_channel(&format!("idle{made}"), "application/octet-stream")
+            .await?;
+        made += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_channels = rss_kib().unwrap_or(0);
+    let per_channel_kib = rss_channels.saturating_sub(rss_server) as f64 / made.max(1) as f64;
+
+    // 1. Floor.
+    let (floor_rate, mls_size, floor_count) = floor(limits)?;
+    let floor_ms = 1000.0 / floor_rate.max(1e-9);
+
+    // 2. 1:1 delivery.
+    let mut alice = register(dir, &server, "alice").await?;
+    let bob = register(dir, &server, "bob").await?;
+    let mut receivers = vec![bob];
+    let one = channel_with(&mut alice, &mut receivers, "direct").await?;
+    let mut d = deliver(
+        &mut alice,
+        &mut receivers,
+        one,
+        limits.delivery_msgs,
+        limits.time,
+    )
+    .await?;
+    let one_rate = rate(d.received, d.elapsed);
+    let one_p50 = quantile_ms(&mut d.send_latency, 0.5);
+    let one_p99 = quantile_ms(&mut d.send_latency, 0.99);
+
+    // 4. Certified commit latency (self_update on the 1:1 channel).
+    let mut commit_latency = Vec::new();
+    let start = Instant::now();
+    while commit_latency.len() < limits.commits && start.elapsed() < limits.time {
+        let t = Instant::now();
+        alice.self_update(one).await?;
+        commit_latency.push(t.elapsed());
+    }
+    let commit_elapsed = start.elapsed();
+    let commits = commit_latency.len();
+    let commit_rate = rate(commits, commit_elapsed);
+    let commit_p50 = quantile_ms(&mut commit_latency, 0.5);
+    let commit_p99 = quantile_ms(&mut commit_latency, 0.99);
+
+    // 3. Fan-out to N member devices.
+    let mut fan_sender = register(dir, &server, "fan").await?;
+    let mut members = Vec::new();
+    for i in 0..limits.fanout_members {
+        members.push(register(dir, &server, &format!("member{i}")).await?);
+    }
+    let fan = channel_with(&mut fan_sender, &mut members, "fanout").await?;
+    let f = deliver(
+        &mut fan_sender,
+        &mut members,
+        fan,
+        limits.fanout_msgs,
+        limits.time,
+    )
+    .await?;
+    let fan_rate = rate(f.received, f.elapsed);
+
+    // 6. Wire: the JSON body `Api::send_message` posts, above the MLS message.
+    let mls_message = vec![0u8; mls_size];
+    let body = json!({ "epoch": 1u64, "message": kith_client::api::b64(&mls_message) }).to_string();
+    let overhead = body.len().saturating_sub(mls_size);
+
+    server.stop().await;
+
+    let members_n = limits.fanout_members;
+    Ok(vec![
+        Row {
+            scenario: "1. floor: OpenMLS encrypt+decrypt 1 KiB",
+            figure: format!("{floor_rate:.0} msgs/s ({floor_ms:.3} ms/msg)"),
+            ratio: "1.00".into(),
+            detail: json!({ "msgs_per_s": floor_rate, "ms_per_msg": floor_ms, "count": floor_count, "mls_message_bytes": mls_size }),
+        },
+        Row {
+            scenario: "2. 1:1 delivery, 1 server, durable ack",
+            figure: format!(
+                "{one_rate:.0} msgs/s; send p50 {one_p50:.2} ms, p99 {one_p99:.2} ms ({} sent, {} received)",
+                d.sent, d.received
+            ),
+            ratio: format!("{:.4} of floor rate", one_rate / floor_rate),
+            detail: json!({ "msgs_per_s": one_rate, "send_p50_ms": one_p50, "send_p99_ms": one_p99, "sent": d.sent, "received": d.received, "ratio_to_floor": one_rate / floor_rate }),
+        },
+        Row {
+            scenario: "3. fan-out to member devices, end to end",
+            figure: format!(
+                "{fan_rate:.0} deliveries/s to {members_n} devices ({} sent, {} delivered)",
+                f.sent, f.received
+            ),
+            ratio: format!("{:.4} of floor rate", fan_rate / floor_rate),
+            detail: json!({ "members": members_n, "deliveries_per_s": fan_rate, "sent": f.sent, "delivered": f.received, "ratio_to_floor": fan_rate / floor_rate }),
+        },
+        Row {
+            scenario: "4. certified commit (self_update), 1 server",
+            figure: format!(
+                "p50 {commit_p50:.2} ms, p99 {commit_p99:.2} ms; {commit_rate:.0} commits/s ({commits})"
+            ),
+            ratio: format!("p50 = {:.0} x floor msg", commit_p50 / floor_ms),
+            detail: json!({ "p50_ms": commit_p50, "p99_ms": commit_p99, "commits_per_s": commit_rate, "commits": commits, "p50_in_floor_msgs": commit_p50 / floor_ms }),
+        },
+        Row {
+            scenario: "5. footprint (in-process: server + client)",
+            figure: format!(
+                "RSS {:.1} MiB before, {:.1} MiB with idle server + 1 client, {:.1} MiB after {made} channels ({per_channel_kib:.1} KiB/channel)",
+                mib(rss_before),
+                mib(rss_server),
+                mib(rss_channels)
+            ),
+            ratio: "n/a (memory)".into(),
+            detail: json!({ "rss_before_kib": rss_before, "rss_idle_server_kib": rss_server, "rss_after_channels_kib": rss_channels, "channels": made, "kib_per_channel": per_channel_kib }),
+        },
+        Row {
+            scenario: "6. wire: JSON body above the MLS message",
+            figure: format!(
+                "{overhead} bytes over a {mls_size}-byte MLS message ({} byte body)",
+                body.len()
+            ),
+            ratio: format!(
+                "{:.3} of MLS size",
+                overhead as f64 / mls_size.max(1) as f64
+            ),
+            detail: json!({ "overhead_bytes": overhead, "mls_message_bytes": mls_size, "body_bytes": body.len() }),
+        },
+    ])
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let limits = Limits::new(&args);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let rows = runtime.block_on(run(&limits))?;
+    if args.json {
+        let out: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({ "scenario": r.scenario, "figure": r.figure, "ratio": r.ratio, "detail": r.detail }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({ "smoke": args.smoke, "seconds_per_scenario": limits.time.as_secs(), "scenarios": out })
+            )?
+        );
+    } else {
+        println!(
+            "kith-bench ({}; {} s per scenario; payload {PAYLOAD} B)\n",
+            if args.smoke { "smoke" } else { "normal" },
+            limits.time.as_secs()
+        );
+        println!("| scenario | figure | ratio to floor |");
+        println!("|---|---|---|");
+        for r in &rows {
+            println!("| {} | {} | {} |", r.scenario, r.figure, r.ratio);
+        }
+    }
+    Ok(())
+}
