@@ -324,17 +324,20 @@ impl<'s> PublicChannel<'s> {
         Ok(())
     }
 
-    /// Checks a commit (an MLSMessage) against the current state: it must be
-    /// a PublicMessage for this channel and this epoch, verify under a
-    /// member's key, follow the channel policy, and bind every new leaf to
-    /// its DeviceId. Nothing is changed; [`Self::apply`] merges it.
-    pub fn validate_commit(&self, commit: &[u8]) -> Result<ValidatedCommit, ServerError> {
-        let message = parse_handshake(commit)?;
+    /// Parses a handshake and checks that it is for this channel, of the
+    /// expected kind (else `wrong_kind`), and for the current epoch.
+    fn current_handshake(
+        &self,
+        bytes: &[u8],
+        kind: ContentType,
+        wrong_kind: ServerError,
+    ) -> Result<ProtocolMessage, ServerError> {
+        let message = parse_handshake(bytes)?;
         if message.group_id().as_slice() != self.id.as_bytes() {
             return Err(ServerError::WrongChannel);
         }
-        if message.content_type() != ContentType::Commit {
-            return Err(ServerError::NotACommit);
+        if message.content_type() != kind {
+            return Err(wrong_kind);
         }
         let got = message.epoch().as_u64();
         if got != self.epoch() {
@@ -343,6 +346,16 @@ impl<'s> PublicChannel<'s> {
                 got,
             });
         }
+        Ok(message)
+    }
+
+    /// Checks a commit (an MLSMessage) against the current state: it must be
+    /// a PublicMessage for this channel and this epoch, verify under a
+    /// member's key, follow the channel policy, and bind every new leaf to
+    /// its DeviceId. Nothing is changed; [`Self::apply`] merges it.
+    pub fn validate_commit(&self, commit: &[u8]) -> Result<ValidatedCommit, ServerError> {
+        let message =
+            self.current_handshake(commit, ContentType::Commit, ServerError::NotACommit)?;
         let processed = self
             .group
             .process_message(self.store.crypto(), message)
@@ -380,20 +393,8 @@ impl<'s> PublicChannel<'s> {
     /// stores it, so that commits may include it by reference. Returns the
     /// proposing device.
     pub fn add_proposal(&mut self, proposal: &[u8]) -> Result<DeviceId, ServerError> {
-        let message = parse_handshake(proposal)?;
-        if message.group_id().as_slice() != self.id.as_bytes() {
-            return Err(ServerError::WrongChannel);
-        }
-        if message.content_type() != ContentType::Proposal {
-            return Err(ServerError::NotAProposal);
-        }
-        let got = message.epoch().as_u64();
-        if got != self.epoch() {
-            return Err(ServerError::WrongEpoch {
-                current: self.epoch(),
-                got,
-            });
-        }
+        let message =
+            self.current_handshake(proposal, ContentType::Proposal, ServerError::NotAProposal)?;
         let processed = self
             .group
             .process_message(self.store.crypto(), message)

@@ -259,6 +259,34 @@ fn insert_event(
     })
 }
 
+/// Queues an inbox item for `recipient` unless its inbox already holds
+/// `max_items`. Local and federated deposits share it.
+fn insert_inbox_item(
+    conn: &Connection,
+    recipient: &DeviceId,
+    envelope: &[u8],
+    received_at: Millis,
+    max_items: usize,
+) -> Result<InboxItem, StoreError> {
+    let held = uint(conn.query_row(
+        "SELECT COUNT(*) FROM inbox WHERE device = ?1",
+        [recipient.as_bytes()],
+        |r| r.get(0),
+    )?)? as usize;
+    if held >= max_items {
+        return Err(StoreError::InboxFull { limit: max_items });
+    }
+    conn.execute(
+        "INSERT INTO inbox (device, envelope, received_at) VALUES (?1, ?2, ?3)",
+        params![recipient.as_bytes(), envelope, int(received_at)?],
+    )?;
+    Ok(InboxItem {
+        id: uint(conn.last_insert_rowid())?,
+        envelope: envelope.to_vec(),
+        received_at,
+    })
+}
+
 fn server_name(text: &str) -> Result<ServerName, StoreError> {
     ServerName::parse_canonical(text)
         .map_err(|e| StoreError::Corrupt(format!("server name {text:?}: {e}")))
@@ -709,23 +737,7 @@ impl Store for SqliteStore {
     ) -> Result<(InboxItem, Event), StoreError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let held = uint(tx.query_row(
-            "SELECT COUNT(*) FROM inbox WHERE device = ?1",
-            [recipient.as_bytes()],
-            |r| r.get(0),
-        )?)? as usize;
-        if held >= max_items {
-            return Err(StoreError::InboxFull { limit: max_items });
-        }
-        tx.execute(
-            "INSERT INTO inbox (device, envelope, received_at) VALUES (?1, ?2, ?3)",
-            params![recipient.as_bytes(), envelope, int(received_at)?],
-        )?;
-        let item = InboxItem {
-            id: uint(tx.last_insert_rowid())?,
-            envelope: envelope.to_vec(),
-            received_at,
-        };
+        let item = insert_inbox_item(&tx, recipient, envelope, received_at, max_items)?;
         let event = insert_event(&tx, recipient, "inbox", &payload(&item), received_at)?;
         tx.commit()?;
         Ok((item, event))
@@ -1300,23 +1312,7 @@ impl Store for SqliteStore {
         if let Some(item) = seen {
             return Ok((uint(item)?, None));
         }
-        let held = uint(tx.query_row(
-            "SELECT COUNT(*) FROM inbox WHERE device = ?1",
-            [recipient.as_bytes()],
-            |r| r.get(0),
-        )?)? as usize;
-        if held >= max_items {
-            return Err(StoreError::InboxFull { limit: max_items });
-        }
-        tx.execute(
-            "INSERT INTO inbox (device, envelope, received_at) VALUES (?1, ?2, ?3)",
-            params![recipient.as_bytes(), envelope, int(received_at)?],
-        )?;
-        let item = InboxItem {
-            id: uint(tx.last_insert_rowid())?,
-            envelope: envelope.to_vec(),
-            received_at,
-        };
+        let item = insert_inbox_item(&tx, recipient, envelope, received_at, max_items)?;
         tx.execute(
             "INSERT INTO remote_deposits (origin, deposit_id, item) VALUES (?1, ?2, ?3)",
             params![origin.as_str(), deposit_id.as_slice(), int(item.id)?],
