@@ -66,10 +66,12 @@ fn field_u64(event: &Value, name: &str) -> Result<u64, ClientError> {
 
 /// Errors after which the same input may well succeed later (the server
 /// or the disk was unavailable): the event must not be acknowledged.
-fn is_retryable(e: &ClientError) -> bool {
+pub(crate) fn is_retryable(e: &ClientError) -> bool {
     match e {
         ClientError::Unreachable(..) | ClientError::Store(_) => true,
-        ClientError::Server { status, .. } => *status >= 500 || *status == 429 || *status == 401,
+        ClientError::Server { status, code, .. } => {
+            *status >= 500 || *status == 429 || *status == 401 || code == "not_yet"
+        }
         _ => false,
     }
 }

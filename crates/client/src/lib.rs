@@ -440,7 +440,9 @@ impl Client {
                 Ok(message) if message.kind == InboxKind::Welcome => {
                     match self.join_from_welcome(&message.body).await {
                         Ok(channel) => report.joined.push(channel),
-                        Err(e @ ClientError::Unreachable(..)) => return Err(e),
+                        // The channel may not have reached this homeserver yet
+                        // (its ordering group is adding it): keep the Welcome.
+                        Err(e) if channels::is_retryable(&e) => return Err(e),
                         Err(e) => tracing::warn!(id = item.id, "cannot join from a Welcome: {e}"),
                     }
                 }

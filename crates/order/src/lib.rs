@@ -40,6 +40,7 @@
 //!     group_info: b"group info".to_vec(),
 //!     ratchet_tree: None,
 //!     submitter: Submitter { server: a.clone(), device: DeviceId::from_bytes([1; 32]) },
+//!     records: vec![],
 //! };
 //! let Outcome::Accepted { epoch, commit_hash } = order.apply(submission, &mut AcceptAll) else {
 //!     panic!("a valid commit for the current epoch wins");

@@ -45,6 +45,16 @@ pub struct Submission {
     pub ratchet_tree: Option<Vec<u8>>,
     /// Who submitted it.
     pub submitter: Submitter,
+    /// The device records (encoded `DeviceRecord`s) of the devices the
+    /// commit adds, so that every server of the channel learns which
+    /// servers sponsor its members from the log itself. Absent from the
+    /// JSON when empty.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "crate::serde_ids::list_bytes"
+    )]
+    pub records: Vec<Vec<u8>>,
 }
 
 impl Submission {
@@ -277,6 +287,7 @@ mod tests {
                 server: "a.test".parse().unwrap_or_else(|e| panic!("{e}")),
                 device: DeviceId::from_bytes([2; 32]),
             },
+            records: Vec::new(),
         }
     }
 

@@ -79,3 +79,23 @@ pub(crate) mod opt_bytes {
             .transpose()
     }
 }
+
+/// Lists of byte strings, each as lowercase hex.
+pub(crate) mod list_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error, ser::SerializeSeq};
+
+    pub(crate) fn serialize<S: Serializer>(list: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(list.len()))?;
+        for bytes in list {
+            seq.serialize_element(&hex::encode(bytes))?;
+        }
+        seq.end()
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .into_iter()
+            .map(|text| hex::decode(text).map_err(D::Error::custom))
+            .collect()
+    }
+}

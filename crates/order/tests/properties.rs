@@ -47,6 +47,7 @@ fn submission() -> impl Strategy<Value = Submission> {
                 server: format!("s{server}.test").parse().unwrap(),
                 device: DeviceId::from_bytes([server; 32]),
             },
+            records: Vec::new(),
         }
     })
 }

@@ -39,6 +39,7 @@ fn submission(epoch: u64, commit: &str) -> Submission {
             server: server(0),
             device: DeviceId::from_bytes([1; 32]),
         },
+        records: Vec::new(),
     }
 }
 

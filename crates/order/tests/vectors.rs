@@ -157,6 +157,7 @@ fn apply_log() -> Vec<Outcome> {
                     server: "a.example".parse().unwrap(),
                     device: DeviceId::from_bytes([0; 32]),
                 },
+                records: Vec::new(),
             };
             order.apply(s, &mut validator)
         })

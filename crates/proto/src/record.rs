@@ -245,6 +245,15 @@ impl DeviceRecordIn {
         decode(bytes)
     }
 
+    /// [`verify`](Self::verify) at the record's own `updated_at`: every
+    /// signature and rule, with sponsorships checked as of when the record
+    /// was made. Deterministic (no clock), for checks every server must
+    /// answer alike, such as a channel's commit validator.
+    pub fn verify_as_of_update(self) -> Result<DeviceRecord, RecordError> {
+        let at = self.tbs.updated_at;
+        self.verify(at)
+    }
+
     /// Checks everything a record promises, at time `now` (ms since the Unix
     /// epoch): the identity key, the signature, the field limits, and every
     /// sponsorship (each must be for this device, unexpired, and signed by

@@ -1,7 +1,8 @@
 //! Channels on this homeserver: the server's MLS view of each channel
 //! (`PublicChannel` in one `MlsStore`), the commit validator the ordering
-//! state machine calls, and each channel's orderer (a single-node openraft
-//! group from `kith-order`), started lazily and stopped on shutdown.
+//! state machine calls, and each channel's orderer (its node of the
+//! channel's openraft group from `kith-order`, talking to the other
+//! servers' nodes over federation), started lazily and stopped on shutdown.
 //!
 //! The server [`Store`] is the truth about accepted commits. The validator
 //! writes each accepted commit with the state of the epoch it starts in one
@@ -12,17 +13,26 @@
 //! - a crash between the store write and the MLS write leaves the MLS state
 //!   behind the store, and [`catch_up`] re-applies the stored commits before
 //!   the next validation.
+//!
+//! Every accepted commit is also announced on a queue that the certifier
+//! task reads (`api::channels::certify_accepted`): each server of a channel
+//! collects the votes for the commits its log accepted on its own, so a
+//! server that was down certifies (and delivers) what it missed when it
+//! returns.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use kith_mls::{MlsStore, PublicChannel};
-use kith_order::raft::{MemLogStore, Router, SqliteLogStore};
+use kith_order::raft::{MemLogStore, SqliteLogStore};
 use kith_order::{ChannelOrder, ChannelOrderer, CommitValidator, OrderConfig, Submission};
-use kith_proto::{ChannelId, ServerName};
+use kith_proto::{ChannelId, DeviceId, DeviceRecordIn, ServerName};
+use tokio::sync::mpsc;
 
-use crate::store::{CommitRow, EpochState, NewCommit, Store};
+use crate::federation::Federation;
+use crate::federation::raft::FederationNetwork;
+use crate::store::{CommitRow, EpochState, NewCommit, RemoteRecord, Store};
 
 /// How long a restarted orderer may take to replay its log.
 const REPLAY_WAIT: Duration = Duration::from_secs(30);
@@ -39,6 +49,10 @@ pub(crate) fn lock_mls(mls: &Mutex<MlsStore>) -> MutexGuard<'_, MlsStore> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Where channels' Raft logs live.
 enum RaftLogs {
     /// One SQLite database (`raft.db`) shared by every channel's log.
@@ -47,22 +61,34 @@ enum RaftLogs {
     Memory,
 }
 
-/// One channel's slot: its lock (held across ordering a commit and
-/// appending its events, and across storing a message and its events) and
-/// its orderer once started.
-#[derive(Default)]
-pub(crate) struct Slot {
-    orderer: Option<ChannelOrderer<Validator>>,
+/// A running orderer.
+pub(crate) type Orderer = Arc<ChannelOrderer<Validator>>;
+
+/// A commit this server's log accepted: (channel, epoch).
+pub(crate) type Accepted = (ChannelId, u64);
+
+type Gates = Mutex<HashMap<ChannelId, Arc<tokio::sync::Mutex<()>>>>;
+
+fn gate(gates: &Gates, channel: ChannelId) -> Arc<tokio::sync::Mutex<()>> {
+    Arc::clone(lock(gates).entry(channel).or_default())
 }
 
-/// Every channel's slot, the MLS store and the Raft logs.
+/// Every channel's lock and orderer, the MLS store and the Raft logs.
 pub(crate) struct Channels {
     server: ServerName,
     store: Arc<dyn Store>,
     pub(crate) mls: SharedMls,
     logs: RaftLogs,
-    router: Router,
-    slots: Mutex<HashMap<ChannelId, Arc<tokio::sync::Mutex<Slot>>>>,
+    order_config: OrderConfig,
+    federation: OnceLock<Arc<Federation>>,
+    starting: Gates,
+    /// Serialises membership changes per channel.
+    membership: Gates,
+    /// The epoch whose servers each channel's Raft membership last matched.
+    membership_epochs: Mutex<HashMap<ChannelId, u64>>,
+    orderers: Mutex<HashMap<ChannelId, Orderer>>,
+    accepted_tx: mpsc::UnboundedSender<Accepted>,
+    accepted_rx: Mutex<Option<mpsc::UnboundedReceiver<Accepted>>>,
 }
 
 /// Why the channel machinery could not be opened or started.
@@ -83,6 +109,7 @@ impl Channels {
         server: ServerName,
         store: Arc<dyn Store>,
         data_dir: Option<&std::path::Path>,
+        order_config: OrderConfig,
     ) -> Result<Self, ChannelsError> {
         let (mls, logs) = match data_dir {
             Some(dir) => {
@@ -94,104 +121,139 @@ impl Channels {
             }
             None => (MlsStore::in_memory()?, RaftLogs::Memory),
         };
+        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
         Ok(Self {
             server,
             store,
             mls: Arc::new(Mutex::new(mls)),
             logs,
-            router: Router::new(),
-            slots: Mutex::new(HashMap::new()),
+            order_config,
+            federation: OnceLock::new(),
+            starting: Mutex::new(HashMap::new()),
+            membership: Mutex::new(HashMap::new()),
+            membership_epochs: Mutex::new(HashMap::new()),
+            orderers: Mutex::new(HashMap::new()),
+            accepted_tx,
+            accepted_rx: Mutex::new(Some(accepted_rx)),
         })
     }
 
-    /// The channel's slot, locked. Callers hold it while they order a
-    /// commit or store a message, and while they append the events.
-    pub(crate) async fn lock(&self, channel: ChannelId) -> tokio::sync::OwnedMutexGuard<Slot> {
-        let slot = {
-            let mut slots = self
-                .slots
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            Arc::clone(slots.entry(channel).or_default())
-        };
-        slot.lock_owned().await
+    /// Gives the orderers their transport. Call once, before serving.
+    pub(crate) fn set_federation(&self, federation: Arc<Federation>) {
+        let _ = self.federation.set(federation);
+    }
+
+    /// The queue of accepted commits, for the certifier task (once).
+    pub(crate) fn take_accepted(&self) -> Option<mpsc::UnboundedReceiver<Accepted>> {
+        lock(&self.accepted_rx).take()
+    }
+
+    /// The lock that serialises the channel's membership changes.
+    pub(crate) fn membership_gate(&self, channel: ChannelId) -> Arc<tokio::sync::Mutex<()>> {
+        gate(&self.membership, channel)
+    }
+
+    /// The epoch whose servers the channel's Raft membership last matched.
+    pub(crate) fn membership_checked(&self, channel: ChannelId) -> Option<u64> {
+        lock(&self.membership_epochs).get(&channel).copied()
+    }
+
+    /// Records that the Raft membership matches the servers of `epoch`.
+    pub(crate) fn set_membership_checked(&self, channel: ChannelId, epoch: u64) {
+        lock(&self.membership_epochs).insert(channel, epoch);
+    }
+
+    /// The channel's orderer if it is running.
+    pub(crate) fn running(&self, channel: ChannelId) -> Option<Orderer> {
+        lock(&self.orderers).get(&channel).cloned()
     }
 
     /// The channel's orderer, started (and its log replayed) if it was not
-    /// running. Returns whether it was started now.
-    pub(crate) async fn orderer<'a>(
-        &self,
-        slot: &'a mut Slot,
-        channel: ChannelId,
-    ) -> Result<(&'a ChannelOrderer<Validator>, bool), String> {
-        let started = slot.orderer.is_none();
-        if started {
-            let validator = Validator {
-                channel,
-                store: Arc::clone(&self.store),
-                mls: Arc::clone(&self.mls),
-            };
-            let order = ChannelOrder::new(channel, 0);
-            let config = OrderConfig::default();
-            let network = self.router.network(channel);
-            let orderer = match &self.logs {
-                RaftLogs::Sqlite(db) => {
-                    let log = SqliteLogStore::with_connection(Arc::clone(db), channel)
-                        .map_err(|e| e.to_string())?;
-                    ChannelOrderer::start_single_with(
-                        &config,
-                        self.server.clone(),
-                        order,
-                        validator,
-                        log,
-                        network,
-                    )
-                    .await
-                }
-                RaftLogs::Memory => {
-                    ChannelOrderer::start_single_with(
-                        &config,
-                        self.server.clone(),
-                        order,
-                        validator,
-                        MemLogStore::new(),
-                        network,
-                    )
-                    .await
-                }
-            }
-            .map_err(|e| e.to_string())?;
-            // A restarted node replays its log; wait until it has, so the
-            // store holds every commit the log accepted.
-            if let Some(last) = orderer.last_log_index() {
-                orderer
-                    .wait_applied(last, REPLAY_WAIT)
-                    .await
+    /// running. `alone`: form a new group with this server as its only
+    /// voter if the log is empty (the channel was just created here);
+    /// otherwise a node with an empty log waits for a leader to add it.
+    pub(crate) async fn orderer(&self, channel: ChannelId, alone: bool) -> Result<Orderer, String> {
+        if let Some(orderer) = self.running(channel) {
+            return Ok(orderer);
+        }
+        let start = gate(&self.starting, channel);
+        let _starting = start.lock().await;
+        if let Some(orderer) = self.running(channel) {
+            return Ok(orderer);
+        }
+        let federation = self
+            .federation
+            .get()
+            .ok_or("the federation transport is not set")?;
+        let validator = Validator {
+            channel,
+            store: Arc::clone(&self.store),
+            mls: Arc::clone(&self.mls),
+            accepted: self.accepted_tx.clone(),
+        };
+        let order = ChannelOrder::new(channel, 0);
+        let config = &self.order_config;
+        let network = FederationNetwork::new(Arc::clone(federation), channel);
+        let server = self.server.clone();
+        let orderer = match (&self.logs, alone) {
+            (RaftLogs::Sqlite(db), alone) => {
+                let log = SqliteLogStore::with_connection(Arc::clone(db), channel)
                     .map_err(|e| e.to_string())?;
+                if alone {
+                    ChannelOrderer::start_single_with(
+                        config, server, order, validator, log, network,
+                    )
+                    .await
+                } else {
+                    ChannelOrderer::start_member(config, server, order, validator, log, network)
+                        .await
+                }
             }
-            tracing::debug!(%channel, "orderer started");
-            slot.orderer = Some(orderer);
+            (RaftLogs::Memory, true) => {
+                ChannelOrderer::start_single_with(
+                    config,
+                    server,
+                    order,
+                    validator,
+                    MemLogStore::new(),
+                    network,
+                )
+                .await
+            }
+            (RaftLogs::Memory, false) => {
+                ChannelOrderer::start_member(
+                    config,
+                    server,
+                    order,
+                    validator,
+                    MemLogStore::new(),
+                    network,
+                )
+                .await
+            }
         }
-        match slot.orderer.as_ref() {
-            Some(orderer) => Ok((orderer, started)),
-            None => Err("the orderer did not start".into()),
+        .map_err(|e| e.to_string())?;
+        // A restarted node replays its log; wait until it has, so the
+        // store holds every commit the log accepted.
+        if let Some(last) = orderer.last_log_index()
+            && orderer.membership().0.len() <= 1
+        {
+            orderer
+                .wait_applied(last, REPLAY_WAIT)
+                .await
+                .map_err(|e| e.to_string())?;
         }
+        tracing::debug!(%channel, "orderer started");
+        let orderer = Arc::new(orderer);
+        lock(&self.orderers).insert(channel, Arc::clone(&orderer));
+        Ok(orderer)
     }
 
     /// Stops every running orderer (their logs keep what was written).
     pub(crate) async fn shutdown(&self) {
-        let slots: Vec<_> = self
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
-        for slot in slots {
-            let mut slot = slot.lock().await;
-            if let Some(orderer) = slot.orderer.take()
-                && let Err(e) = orderer.shutdown().await
-            {
+        let orderers: Vec<Orderer> = lock(&self.orderers).drain().map(|(_, o)| o).collect();
+        for orderer in orderers {
+            if let Err(e) = orderer.shutdown().await {
                 tracing::warn!(error = %e, "stopping an orderer");
             }
         }
@@ -250,13 +312,21 @@ pub(crate) struct Validator {
     channel: ChannelId,
     store: Arc<dyn Store>,
     mls: SharedMls,
+    accepted: mpsc::UnboundedSender<Accepted>,
 }
 
 impl CommitValidator for Validator {
     fn validate(&mut self, submission: &Submission) -> Result<(), String> {
         let result = self.check_and_store(submission);
-        if let Err(reason) = &result {
-            tracing::debug!(channel = %self.channel, epoch = submission.epoch, %reason, "commit refused");
+        match &result {
+            Ok(()) => {
+                // The certifier may be gone during shutdown; nothing is lost,
+                // `ready` certifies on the next start.
+                let _ = self.accepted.send((self.channel, submission.epoch));
+            }
+            Err(reason) => {
+                tracing::debug!(channel = %self.channel, epoch = submission.epoch, %reason, "commit refused");
+            }
         }
         result
     }
@@ -299,6 +369,7 @@ impl Validator {
                 submission.submitter.device
             ));
         }
+        check_records(&validated.info().added, &submission.records)?;
         // The new epoch's state, computed on a scratch copy built from the
         // stored state of this epoch, so that a GroupInfo that does not
         // match leaves the real state untouched.
@@ -318,6 +389,7 @@ impl Validator {
                 content_type: next.content_type,
             })
             .map_err(|e| e.to_string())?;
+        cache_records(self.store.as_ref(), &submission.records);
         // The store now holds the commit; if merging fails here, the next
         // catch-up re-applies it.
         if let Err(e) = public.apply(validated) {
@@ -356,4 +428,71 @@ fn next_epoch(current: &EpochState, submission: &Submission) -> Result<NextEpoch
         name: extension.name.as_str().to_owned(),
         content_type: extension.content_type.as_str().to_owned(),
     })
+}
+
+/// The deterministic check of a submission's `records`: exactly one record
+/// for each added device, each verifying as of its own `updated_at`, and
+/// nothing else.
+fn check_records(added: &[DeviceId], records: &[Vec<u8>]) -> Result<(), String> {
+    if records.len() != added.len() {
+        return Err(format!(
+            "the commit adds {} devices and carries {} records",
+            added.len(),
+            records.len()
+        ));
+    }
+    for device in added {
+        let found = records.iter().any(|bytes| {
+            DeviceRecordIn::decode(bytes)
+                .ok()
+                .and_then(|r| r.verify_as_of_update().ok())
+                .is_some_and(|r| r.device_id() == *device && !r.sponsorships().is_empty())
+        });
+        if !found {
+            return Err(format!(
+                "the submission lacks a valid, sponsored record of the added device {device}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Remembers the records of a channel's new members that are not
+/// registered here, so that this server's clients can fetch them (to
+/// compute voters and show names) and this server can find the servers
+/// that sponsor the channel's members. A cache: failures are logged only.
+pub(crate) fn cache_records(store: &dyn Store, records: &[Vec<u8>]) {
+    for bytes in records {
+        let Some(record) = DeviceRecordIn::decode(bytes)
+            .ok()
+            .and_then(|r| r.verify_as_of_update().ok())
+        else {
+            continue;
+        };
+        let device = record.device_id();
+        if matches!(store.device(&device), Ok(Some(_))) {
+            continue;
+        }
+        let newer = match store.remote_record(&device) {
+            Ok(Some(cached)) => DeviceRecordIn::decode(&cached.record)
+                .ok()
+                .and_then(|c| c.verify_as_of_update().ok())
+                .is_none_or(|c| record.sequence() > c.sequence()),
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        let Some(server) = record.sponsorships().first().map(|s| s.server().clone()) else {
+            continue;
+        };
+        if newer
+            && let Err(e) = store.put_remote_record(&RemoteRecord {
+                device,
+                server,
+                record: bytes.clone(),
+                fetched_at: record.updated_at(),
+            })
+        {
+            tracing::warn!(%device, error = %e, "caching a member's record");
+        }
+    }
 }

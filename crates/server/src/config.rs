@@ -136,6 +136,12 @@ pub struct FederationSettings {
     pub retry_max_ms: u64,
     /// Age after which an undelivered outbox item is dropped (and logged), ms.
     pub outbox_max_age_ms: u64,
+    /// Raft heartbeat interval of channels shared with other servers, ms.
+    pub raft_heartbeat_ms: u64,
+    /// Shortest Raft election timeout, ms.
+    pub raft_election_min_ms: u64,
+    /// Longest Raft election timeout, ms.
+    pub raft_election_max_ms: u64,
 }
 
 impl Default for FederationSettings {
@@ -145,8 +151,11 @@ impl Default for FederationSettings {
             connect_timeout_ms: 5_000,
             max_response_bytes: 1024 * 1024,
             retry_base_ms: 1_000,
-            retry_max_ms: 3_600_000,
+            retry_max_ms: 300_000,
             outbox_max_age_ms: 7 * 24 * 3_600_000,
+            raft_heartbeat_ms: 1_000,
+            raft_election_min_ms: 3_000,
+            raft_election_max_ms: 6_000,
         }
     }
 }
@@ -181,6 +190,15 @@ pub fn parse_resolve(entry: &str) -> Result<(ServerName, String), String> {
 }
 
 impl Config {
+    /// The Raft timers of channels' ordering groups.
+    pub fn order_config(&self) -> kith_order::OrderConfig {
+        kith_order::OrderConfig {
+            heartbeat_ms: self.federation.raft_heartbeat_ms,
+            election_timeout_min_ms: self.federation.raft_election_min_ms,
+            election_timeout_max_ms: self.federation.raft_election_max_ms,
+        }
+    }
+
     /// A configuration with default limits, SQLite in `data_dir`, and
     /// registration closed.
     pub fn new(server_name: ServerName, data_dir: impl Into<PathBuf>) -> Self {
@@ -218,7 +236,10 @@ impl Config {
 ///
 /// [federation]
 /// request_timeout_ms = 10000
-/// retry_max_ms = 3600000
+/// retry_max_ms = 300000
+/// raft_heartbeat_ms = 1000        # channels shared with other servers
+/// raft_election_min_ms = 3000
+/// raft_election_max_ms = 6000
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -119,6 +119,17 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "rejected", message)
     }
 
+    /// 503 `ordering_unavailable`: the channel's ordering group cannot
+    /// order now (no leader reachable: a majority of its servers may be
+    /// down); nothing was accepted, the client may retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ordering_unavailable",
+            message,
+        )
+    }
+
     /// 500 `internal`: nothing was accepted.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)

@@ -43,6 +43,7 @@ mod error;
 mod federation;
 mod keys;
 mod metrics;
+mod ordering;
 mod state;
 pub mod store;
 
@@ -110,10 +111,13 @@ pub async fn run(
             Backend::Sqlite => Some(data_dir.clone()),
             Backend::Memory => None,
         };
-        tokio::task::spawn_blocking(move || channels::Channels::open(server, store, dir.as_deref()))
-            .await
-            .map_err(|e| ServerError::Channels(format!("opening channel storage: {e}")))?
-            .map_err(|e| ServerError::Channels(e.to_string()))?
+        let order_config = config.order_config();
+        tokio::task::spawn_blocking(move || {
+            channels::Channels::open(server, store, dir.as_deref(), order_config)
+        })
+        .await
+        .map_err(|e| ServerError::Channels(format!("opening channel storage: {e}")))?
+        .map_err(|e| ServerError::Channels(e.to_string()))?
     };
     let channels = Arc::new(channels);
     let metrics = metrics::Metrics::new();
@@ -151,6 +155,8 @@ pub async fn run(
             config.limits.federation_deposits_per_minute,
         ),
     });
+    channels.set_federation(Arc::clone(&federation));
+    let accepted = channels.take_accepted();
     let state = Arc::new(state::AppState {
         config,
         store,
@@ -165,6 +171,9 @@ pub async fn run(
         federation,
     });
     let outbox = tokio::spawn(federation::outbox::run(Arc::clone(&state)));
+    if let Some(accepted) = accepted {
+        tokio::spawn(ordering::run_certifier(Arc::clone(&state), accepted));
+    }
     let app = api::router(Arc::clone(&state));
     drop(state);
     axum::serve(listener, app)

@@ -581,7 +581,7 @@ async fn garbage_is_refused_and_changes_nothing() {
 
     // Trees and lists.
     for (path, status, code) in [
-        ("tree?epoch=99", StatusCode::NOT_FOUND, "not_found"),
+        ("tree?epoch=99", StatusCode::NOT_FOUND, "not_yet"),
         ("tree?epoch=abc", StatusCode::BAD_REQUEST, "bad_request"),
         ("commits?limit=x", StatusCode::BAD_REQUEST, "bad_request"),
         ("messages?after=-3", StatusCode::BAD_REQUEST, "bad_request"),

@@ -283,15 +283,19 @@ fn channels_and_commits(s: &dyn Store) {
     assert_eq!(s.commit(&chan(1), 1).unwrap().unwrap().epoch, 1);
     assert_eq!(s.commit(&chan(1), 2).unwrap(), None);
 
-    // Certifying appends one event per member before the commit, once.
+    // Certifying appends one event per member registered here (3 is
+    // another server's device) before the commit, once.
+    s.register(&crate::row(1, "one")).unwrap();
+    s.register(&crate::row(2, "two")).unwrap();
     let events = s
         .certify_commit(&chan(1), 1, b"cert", "{\"c\":1}", 7)
         .unwrap()
         .unwrap();
     let to: Vec<DeviceId> = events.iter().map(|(d, _)| *d).collect();
-    assert_eq!(to, vec![dev(1), dev(2), dev(3)]);
+    assert_eq!(to, vec![dev(1), dev(2)]);
     assert_eq!(events[0].1.kind, "commit");
-    assert_eq!(s.events(&dev(3), 0, 10).unwrap().len(), 1);
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 1);
+    assert!(s.events(&dev(3), 0, 10).unwrap().is_empty());
     assert_eq!(
         s.certify_commit(&chan(1), 1, b"other", "{}", 8).unwrap(),
         None
@@ -304,7 +308,7 @@ fn channels_and_commits(s: &dyn Store) {
             .as_deref(),
         Some(&b"cert"[..])
     );
-    assert_eq!(s.events(&dev(3), 0, 10).unwrap().len(), 1);
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 1);
     assert!(s.certify_commit(&chan(1), 5, b"cert", "{}", 8).is_err());
 }
 
@@ -316,7 +320,12 @@ fn messages_and_their_events(s: &dyn Store) {
         epoch: 0,
         created_at: 100,
     };
-    s.create_channel(&row, &epoch_state(0, &[1, 2, 3])).unwrap();
+    s.create_channel(&row, &epoch_state(0, &[1, 2, 3, 4]))
+        .unwrap();
+    // 4 is another server's device: no events for it here.
+    for (n, local) in [(1, "one"), (2, "two"), (3, "three")] {
+        s.register(&crate::row(n, local)).unwrap();
+    }
     let payload = |m: &kith_server::store::MessageRow| format!("{{\"seq\":{}}}", m.seq);
     let message = |n: u8| NewMessage {
         id: [n; 32],

@@ -23,7 +23,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kith_server::{Config, Registration, ServerError};
+pub use kith_server::Config;
+use kith_server::{Registration, ServerError};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

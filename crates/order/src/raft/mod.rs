@@ -43,6 +43,7 @@
 //!         group_info: vec![],
 //!         ratchet_tree: None,
 //!         submitter: Submitter { server, device: DeviceId::from_bytes([2; 32]) },
+//!         records: vec![],
 //!     })
 //!     .await?;
 //! assert!(matches!(outcome, Outcome::Accepted { epoch: 0, .. }));
@@ -331,6 +332,85 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
         orderer.initialize([server]).await?;
         orderer.lead_alone().await?;
         Ok(orderer)
+    }
+
+    /// Starts this server's node of a group that may already have peers:
+    /// after a restart, or on a server that joins as a learner. A node
+    /// whose log says it is the only voter leads at once, without ticks,
+    /// like [`start_single_with`](Self::start_single_with); a node of a
+    /// group with peers runs its timers; a node with an empty log waits for
+    /// a leader to add it.
+    pub async fn start_member<LS, N>(
+        config: &OrderConfig,
+        server: ServerName,
+        order: ChannelOrder,
+        validator: V,
+        log_store: LS,
+        network: N,
+    ) -> Result<Self, OrderError>
+    where
+        LS: RaftLogStorage<TypeConfig>,
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        let orderer = Self::start_with(
+            config,
+            false,
+            server.clone(),
+            order,
+            validator,
+            log_store,
+            network,
+        )
+        .await?;
+        let nodes = orderer.membership_nodes();
+        if nodes.len() == 1 && nodes.contains(&orderer.node) {
+            orderer.lead_alone().await?;
+        } else {
+            orderer.tick_if_shared();
+        }
+        Ok(orderer)
+    }
+
+    /// Turns the Raft timers on once the group has a member besides this
+    /// node (a group started alone runs without them). Cheap; call it
+    /// whenever the membership may have changed.
+    pub fn tick_if_shared(&self) {
+        let shared = self.membership_nodes().iter().any(|n| *n != self.node);
+        if shared {
+            self.raft.runtime_config().tick(true);
+        }
+    }
+
+    /// The group's voters and learners as this node's log has them, by
+    /// server name.
+    pub fn membership(&self) -> (BTreeSet<ServerName>, BTreeSet<ServerName>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let config = &metrics.membership_config;
+        let voters: BTreeSet<NodeId> = config.voter_ids().collect();
+        let mut voter_names = BTreeSet::new();
+        let mut learner_names = BTreeSet::new();
+        for (id, node) in config.nodes() {
+            let Ok(name) = ServerName::parse_canonical(&node.addr) else {
+                continue;
+            };
+            if voters.contains(id) {
+                voter_names.insert(name);
+            } else {
+                learner_names.insert(name);
+            }
+        }
+        (voter_names, learner_names)
+    }
+
+    /// The current leader's server name, as this node knows it.
+    pub fn leader_server(&self) -> Option<ServerName> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        metrics
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .and_then(|(_, node)| ServerName::parse_canonical(&node.addr).ok())
     }
 
     /// Waits until this sole voter leads. Without ticks nothing would

@@ -1,27 +1,28 @@
 //! Channels, commits and messages: creating a channel from its creator's
-//! GroupInfo and tree, ordering commits through the channel's orderer and
-//! certifying them with this server's vote, serving the tree and GroupInfo
+//! GroupInfo and tree, ordering commits through the channel's ordering group
+//! and certifying them (`crate::ordering`), serving the tree and GroupInfo
 //! of each epoch, and storing and fanning out application messages.
 //!
-//! Per channel, one lock (the channel's slot) covers ordering a commit and
-//! appending its `commit` events, and storing a message and its `message`
-//! events, so a commit's events come before those of any message of the
-//! epoch it starts.
+//! A message of epoch *e* is stored only once the commit that started *e*
+//! is certified here, so a commit's events come before those of any message
+//! of the epoch it starts.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use kith_mls::{MlsStore, PublicChannel};
-use kith_order::{CommitHash, OrderingCertificate, Outcome, Submission, Submitter, Vote, VoterSet};
+use kith_order::{Outcome, Submission, Submitter};
 use kith_proto::{ChannelId, DeviceId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiJson, Authed, b64, list_limit, unb64};
-use crate::channels::{Slot, catch_up, lock_mls};
+use crate::channels::{catch_up, lock_mls};
 use crate::error::ApiError;
+use crate::federation::channels::record_bytes;
 use crate::federation::remote::refuse_added_device;
+use crate::ordering::{certify, fan_out, order};
 use crate::state::{Shared, now_ms};
 use crate::store::{ChannelRow, CommitRow, EpochState, MessageRow, NewMessage};
 
@@ -141,7 +142,6 @@ async fn create(
     })
     .await
     .map_err(|_| ApiError::internal("channel check failed"))??;
-    let mut slot = state.channels.lock(channel).await;
     let (r, f) = (row.clone(), first);
     state.db(move |s| s.create_channel(&r, &f)).await?;
     // The store holds the channel now; the MLS state and the orderer follow
@@ -158,7 +158,10 @@ async fn create(
         tracing::error!(%channel, error = %e, "creating the MLS state");
         ApiError::internal("creating the channel's MLS state failed")
     })?;
-    ready(&state, &mut slot, channel).await?;
+    state.channels.orderer(channel, true).await.map_err(|e| {
+        tracing::error!(%channel, error = %e, "starting the orderer");
+        ApiError::internal("the channel's orderer did not start")
+    })?;
     tracing::info!(%channel, "channel created");
     Ok(Json(json!({
         "channel": channel.to_string(),
@@ -185,8 +188,8 @@ async fn list_channels(
 /// a crash, or a failure between accepting and certifying. Without that the
 /// channel would stay at that epoch with nobody able to merge it.
 /// `certify` does nothing for a commit already certified.
-async fn ready(state: &Shared, slot: &mut Slot, channel: ChannelId) -> Result<(), ApiError> {
-    state.channels.orderer(slot, channel).await.map_err(|e| {
+async fn ready(state: &Shared, channel: ChannelId) -> Result<(), ApiError> {
+    state.channels.orderer(channel, false).await.map_err(|e| {
         tracing::error!(%channel, error = %e, "starting the orderer");
         ApiError::internal("the channel's orderer did not start")
     })?;
@@ -195,57 +198,6 @@ async fn ready(state: &Shared, slot: &mut Slot, channel: ChannelId) -> Result<()
         certify(state, channel, last).await?;
     }
     Ok(())
-}
-
-/// The server's voter set: itself, with its key.
-fn voter_set(state: &Shared) -> VoterSet {
-    VoterSet::new([(state.config.server_name.clone(), vec![state.key.public()])])
-}
-
-/// Signs this server's vote for the accepted commit of `epoch`, stores the
-/// certificate and appends the `commit` events (once), and returns the
-/// commit with its certificate. Call with the channel's slot held.
-async fn certify(state: &Shared, channel: ChannelId, epoch: u64) -> Result<CommitRow, ApiError> {
-    let mut row = state
-        .db(move |s| s.commit(&channel, epoch))
-        .await?
-        .ok_or_else(|| ApiError::internal(format!("the accepted commit of {epoch} is missing")))?;
-    if row.certificate.is_some() {
-        return Ok(row);
-    }
-    let hash = CommitHash::from_bytes(row.commit_hash);
-    let vote = Vote::sign(
-        &state.key,
-        state.config.server_name.clone(),
-        channel,
-        epoch,
-        hash,
-    );
-    let certificate =
-        OrderingCertificate::assemble(channel, epoch, hash, [vote], &voter_set(state))
-            .map_err(|e| ApiError::internal(format!("assembling the certificate: {e}")))?
-            .encode();
-    let payload = json!({
-        "channel": channel.to_string(),
-        "epoch": epoch,
-        "commit": b64(&row.commit),
-        "commit_hash": hex::encode(row.commit_hash),
-        "certificate": b64(&certificate),
-    })
-    .to_string();
-    let now = now_ms();
-    let cert = certificate.clone();
-    let events = state
-        .db(move |s| s.certify_commit(&channel, epoch, &cert, &payload, now))
-        .await?;
-    if let Some(events) = events {
-        state.metrics.commits_accepted.inc();
-        for (device, event) in events {
-            state.hub.notify(device, event.cursor);
-        }
-    }
-    row.certificate = Some(certificate);
-    Ok(row)
 }
 
 #[derive(Deserialize)]
@@ -295,6 +247,7 @@ async fn commit(
                 server: state.config.server_name.clone(),
                 device,
             },
+            records: Vec::new(),
         },
     )
     .await;
@@ -315,15 +268,11 @@ async fn order_commit(
     state: &Shared,
     channel: ChannelId,
     device: DeviceId,
-    submission: Submission,
+    mut submission: Submission,
 ) -> Result<CommitRow, ApiError> {
-    // Channels are never deleted, so checking before taking the lock keeps
-    // unknown ids from creating slots.
-    channel_row(state, channel).await?;
-    let mut slot = state.channels.lock(channel).await;
-    require_member(state, channel, device).await?;
-    ready(state, &mut slot, channel).await?;
     let row = channel_row(state, channel).await?;
+    require_member(state, channel, device).await?;
+    ready(state, channel).await?;
     // The resubmission of an accepted commit (a retry after a lost answer)
     // gets the same answer.
     let epoch = submission.epoch;
@@ -333,6 +282,7 @@ async fn order_commit(
     {
         return certify(state, channel, epoch).await;
     }
+    let row = channel_row(state, channel).await.unwrap_or(row);
     if submission.epoch != row.epoch {
         let e = ApiError::wrong_epoch(
             row.epoch,
@@ -343,17 +293,29 @@ async fn order_commit(
         );
         return Err(with_winner(state, channel, submission.epoch, e).await);
     }
-    precheck(state, channel, device, submission.commit.clone()).await?;
-    let (orderer, _) = state
-        .channels
-        .orderer(&mut slot, channel)
-        .await
-        .map_err(|e| ApiError::internal(format!("the channel's orderer: {e}")))?;
-    let outcome = orderer.submit(submission).await.map_err(|e| {
-        tracing::error!(%channel, error = %e, "ordering a commit");
-        ApiError::internal("ordering the commit failed; it was not accepted")
-    })?;
-    match outcome {
+    let added = precheck(state, channel, device, submission.commit.clone()).await?;
+    // Every server of the channel learns who sponsors the new members from
+    // the log itself: the records travel with the commit.
+    submission.records = state
+        .db(move |s| {
+            let mut records = Vec::with_capacity(added.len());
+            for d in &added {
+                match record_bytes(s, d)? {
+                    Some(r) => records.push(Ok(r)),
+                    None => records.push(Err(*d)),
+                }
+            }
+            Ok(records)
+        })
+        .await?
+        .into_iter()
+        .collect::<Result<Vec<_>, DeviceId>>()
+        .map_err(|d| {
+            ApiError::bad_request(format!(
+                "device {d} is not known here; look its user up through this server first"
+            ))
+        })?;
+    match order(state, submission).await? {
         Outcome::Accepted { epoch, .. } => {
             let row = certify(state, channel, epoch).await?;
             tracing::info!(%channel, epoch, "commit accepted");
@@ -364,6 +326,12 @@ async fn order_commit(
                 current,
                 format!("wrong epoch: the channel is at epoch {current}"),
             );
+            // The winner may still be on its way to this server's log.
+            if let Some(winner_epoch) = current.checked_sub(1)
+                && winner_epoch >= epoch
+            {
+                let _ = certify(state, channel, epoch).await;
+            }
             Err(with_winner(state, channel, epoch, e).await)
         }
         Outcome::Rejected { reason } => Err(ApiError::rejected(reason)),
@@ -389,13 +357,13 @@ async fn with_winner(state: &Shared, channel: ChannelId, epoch: u64, mut e: ApiE
 
 /// Checks the commit against the channel's current MLS state before it
 /// goes into the log: 400 `rejected` if invalid, 403 `forbidden` if another
-/// device made it.
+/// device made it. Returns the devices it adds.
 async fn precheck(
     state: &Shared,
     channel: ChannelId,
     device: DeviceId,
     commit: Vec<u8>,
-) -> Result<(), ApiError> {
+) -> Result<Vec<DeviceId>, ApiError> {
     let channels = state.channels.clone();
     let store = state.store.clone();
     let blocked = state.config.blocked_servers.clone();
@@ -420,7 +388,7 @@ async fn precheck(
                 return Err(crate::federation::blocked(why));
             }
         }
-        Ok(())
+        Ok(validated.info().added.clone())
     })
     .await
     .map_err(|_| ApiError::internal("checking the commit failed"))?
@@ -452,10 +420,11 @@ async fn list_commits(
     let limit = list_limit(&state, q.limit);
     let mut rows = state.db(move |s| s.commits(&channel, from, limit)).await?;
     if rows.iter().any(|r| r.certificate.is_none()) {
-        // Accepted just before a crash: certify it now.
-        let mut slot = state.channels.lock(channel).await;
-        ready(&state, &mut slot, channel).await?;
-        drop(slot);
+        // Accepted just before a crash, or certification still under way:
+        // certify it now.
+        if let Err(e) = ready(&state, channel).await {
+            tracing::info!(%channel, "certifying for a listing: {}", e.message);
+        }
         rows = state.db(move |s| s.commits(&channel, from, limit)).await?;
         rows.retain(|r| r.certificate.is_some());
     }
@@ -489,8 +458,25 @@ async fn tree(
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
     let q = query(q)?;
-    let row = channel_row(&state, channel).await?;
+    let not_yet = |what: String| ApiError::new(reqwest::StatusCode::NOT_FOUND, "not_yet", what);
+    let row = match (channel_row(&state, channel).await, q.epoch) {
+        (Ok(row), _) => row,
+        // Invited through another server: this one learns the channel when
+        // its ordering group adds it, which may take a moment.
+        (Err(e), Some(_)) if e.code == "not_found" => {
+            return Err(not_yet(format!(
+                "channel {channel} has not reached this server yet; try again shortly"
+            )));
+        }
+        (Err(e), _) => return Err(e),
+    };
     let epoch = q.epoch.unwrap_or(row.epoch);
+    if epoch > row.epoch {
+        return Err(not_yet(format!(
+            "this server has reached epoch {} of the channel, not {epoch} yet",
+            row.epoch
+        )));
+    }
     let epoch_state = state
         .db(move |s| s.epoch_state(&channel, epoch))
         .await?
@@ -509,7 +495,7 @@ async fn tree(
 
 // -- messages -----------------------------------------------------------------
 
-fn message_json(channel: ChannelId, m: &MessageRow) -> serde_json::Map<String, Value> {
+pub(crate) fn message_json(channel: ChannelId, m: &MessageRow) -> serde_json::Map<String, Value> {
     let mut map = serde_json::Map::new();
     map.insert("channel".into(), channel.to_string().into());
     map.insert("seq".into(), m.seq.into());
@@ -547,8 +533,6 @@ async fn post_message(
             message.len()
         )));
     }
-    channel_row(&state, channel).await?;
-    let mut slot = state.channels.lock(channel).await;
     let row = channel_row(&state, channel).await?;
     require_member(&state, channel, device).await?;
     if req.epoch > row.epoch {
@@ -557,7 +541,10 @@ async fn post_message(
             req.epoch, row.epoch
         )));
     }
-    ready(&state, &mut slot, channel).await?;
+    // The commit that started the message's epoch is delivered first.
+    if let Some(previous) = req.epoch.checked_sub(1) {
+        certify(&state, channel, previous).await?;
+    }
     let received_at = now_ms();
     let new = NewMessage {
         id: kith_proto::sign::message_id(&message),
@@ -573,14 +560,16 @@ async fn post_message(
             })
         })
         .await?;
-    drop(slot);
     for (to, event) in &events {
         state.hub.notify(*to, event.cursor);
     }
-    // A repeated id returns the row stored the first time.
+    // A repeated id returns the row stored the first time (and queues it
+    // again for the other servers, which deduplicate: a retry after a lost
+    // answer cannot leave it unsent).
     if stored.received_at == received_at {
         state.metrics.channel_messages.inc();
     }
+    fan_out(&state, channel, &stored).await?;
     Ok(Json(
         json!({ "id": hex::encode(stored.id), "seq": stored.seq, "received_at": stored.received_at }),
     ))

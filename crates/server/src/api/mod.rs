@@ -9,7 +9,7 @@
 //! `inbox`, `events` (the event log and its WebSocket), `channels`
 //! (channels, commits, trees and messages).
 
-mod channels;
+pub(crate) mod channels;
 mod events;
 pub(crate) mod identity;
 pub(crate) mod inbox;

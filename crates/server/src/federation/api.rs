@@ -29,6 +29,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route("/v0/federation/devices/{device}", get(device))
         .route("/v0/federation/keypackages/claim", post(claim))
         .route("/v0/federation/inbox/{device}", post(deposit))
+        .merge(super::channels::routes())
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(signed: &Signed) -> Result<T, ApiError> {

@@ -19,7 +19,9 @@
 
 mod api;
 mod auth;
+pub(crate) mod channels;
 pub(crate) mod outbox;
+pub(crate) mod raft;
 pub(crate) mod remote;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

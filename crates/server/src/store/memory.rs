@@ -468,7 +468,9 @@ impl Store for MemoryStore {
             .channels
             .get_mut(channel)
             .ok_or(StoreError::UnknownChannel(*channel))?;
-        let recipients = c
+        // Events go to the members registered here; the others are other
+        // servers' to notify.
+        let recipients: Vec<DeviceId> = c
             .epochs
             .get(&epoch)
             .map(|e| e.members.clone())
@@ -481,6 +483,10 @@ impl Store for MemoryStore {
             return Ok(None);
         }
         row.certificate = Some(certificate.to_vec());
+        let recipients: Vec<DeviceId> = recipients
+            .into_iter()
+            .filter(|d| s.devices.contains_key(d))
+            .collect();
         let events = recipients
             .iter()
             .map(|d| (*d, s.append(d, "commit", payload.to_owned(), now)))
@@ -522,6 +528,10 @@ impl Store for MemoryStore {
             .iter()
             .filter(|d| **d != message.sender)
             .copied()
+            .collect();
+        let recipients: Vec<DeviceId> = recipients
+            .into_iter()
+            .filter(|d| s.devices.contains_key(d))
             .collect();
         let text = payload(&row);
         let events = recipients

@@ -425,6 +425,18 @@ fn to_message_row(
     })
 }
 
+/// Whether `device` is registered here.
+fn is_local(conn: &Connection, device: &DeviceId) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM devices WHERE device = ?1",
+            [device.as_bytes()],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
 fn epoch_members(
     conn: &Connection,
     channel: &ChannelId,
@@ -1071,7 +1083,10 @@ impl Store for SqliteStore {
             "UPDATE channel_commits SET certificate = ?3 WHERE channel = ?1 AND epoch = ?2",
             params![channel.as_bytes(), int(epoch)?, certificate],
         )?;
-        let recipients = epoch_members(&tx, channel, epoch)?.unwrap_or_default();
+        // Events go to the members registered here; the others are other
+        // servers' to notify.
+        let mut recipients = epoch_members(&tx, channel, epoch)?.unwrap_or_default();
+        recipients.retain(|d| is_local(&tx, d).unwrap_or(false));
         let mut events = Vec::with_capacity(recipients.len());
         for device in recipients {
             events.push((device, insert_event(&tx, &device, "commit", payload, now)?));
@@ -1138,7 +1153,8 @@ impl Store for SqliteStore {
         )?;
         let recipients: Vec<Vec<u8>> = {
             let mut stmt = tx.prepare_cached(
-                "SELECT device FROM channel_members WHERE channel = ?1 AND device != ?2",
+                "SELECT m.device FROM channel_members m JOIN devices d ON d.device = m.device
+                 WHERE m.channel = ?1 AND m.device != ?2",
             )?;
             stmt.query_map(
                 params![channel.as_bytes(), message.sender.as_bytes()],

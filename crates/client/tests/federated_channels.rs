@@ -1,0 +1,120 @@
+//! Channels whose members are on several homeservers (federation part 2):
+//! the channel's ordering group is the set of servers that sponsor its
+//! members, commits are ordered by Raft among them and certified by a
+//! majority of their votes, and messages fan out between them. Real
+//! `kithd` servers on loopback, driven through the client SDK.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use kith_client::{Client, ClientError};
+use kith_proto::ChannelId;
+use kith_testkit::Cluster;
+
+/// Faster Raft timers than the defaults, so elections after a kill take
+/// about a second instead of several.
+fn quick(config: &mut kith_testkit::Config) {
+    config.federation.raft_heartbeat_ms = 150;
+    config.federation.raft_election_min_ms = 600;
+    config.federation.raft_election_max_ms = 1200;
+    config.federation.retry_base_ms = 200;
+    config.federation.retry_max_ms = 2_000;
+}
+
+async fn user(dir: &Path, cluster: &Cluster, server: &str, name: &str) -> Client {
+    Client::register(&dir.join(name), cluster.server(server).url(), name, None)
+        .await
+        .unwrap()
+}
+
+fn texts(client: &Client, channel: ChannelId) -> Vec<String> {
+    let mut texts: Vec<String> = client
+        .messages(channel, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|m| String::from_utf8(m.body).unwrap())
+        .collect();
+    texts.sort();
+    texts
+}
+
+/// Syncs until `done` holds, at most ~30 s.
+async fn sync_until(client: &mut Client, what: &str, done: impl Fn(&Client) -> bool) {
+    for _ in 0..300 {
+        match client.sync().await {
+            Ok(_) | Err(ClientError::Unreachable(..)) | Err(ClientError::Server { .. }) => {}
+            Err(e) => panic!("{what}: sync failed: {e}"),
+        }
+        if done(client) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not reached");
+}
+
+async fn join(client: &mut Client, channel: ChannelId) {
+    sync_until(client, "joining", |c| c.channel_state(channel).is_ok()).await;
+}
+
+fn has_all(client: &Client, channel: ChannelId, wanted: &[&str]) -> bool {
+    let got = texts(client, channel);
+    wanted.iter().all(|w| got.iter().any(|g| g == w))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_on_three_servers_share_a_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], quick).await;
+    let mut alice = user(dir.path(), &cluster, "a.test", "alice").await;
+    let mut bob = user(dir.path(), &cluster, "b.test", "bob").await;
+    let mut carol = user(dir.path(), &cluster, "c.test", "carol").await;
+
+    let channel = alice.create_channel("general", "text/plain").await.unwrap();
+    assert_eq!(alice.invite(channel, "bob@b.test").await.unwrap(), 1);
+    join(&mut bob, channel).await;
+    assert_eq!(alice.invite(channel, "carol@c.test").await.unwrap(), 1);
+    join(&mut carol, channel).await;
+    // Bob, on b.test, updates his keys: his commit is forwarded to the
+    // leader and certified by a majority of a, b and c.
+    bob.self_update(channel).await.unwrap();
+    for (client, name) in [(&mut alice, "alice"), (&mut carol, "carol")] {
+        sync_until(client, name, |c| c.channel_state(channel).unwrap().0 == 3).await;
+    }
+
+    alice.send(channel, b"hello from a").await.unwrap();
+    bob.send(channel, b"hello from b").await.unwrap();
+    carol.send(channel, b"hello from c").await.unwrap();
+    let all = ["hello from a", "hello from b", "hello from c"];
+    for (client, name) in [
+        (&mut alice, "alice"),
+        (&mut bob, "bob"),
+        (&mut carol, "carol"),
+    ] {
+        sync_until(client, name, |c| has_all(c, channel, &all)).await;
+    }
+
+    // Alice removes Carol; Carol cannot read what follows.
+    assert_eq!(alice.remove(channel, "carol@c.test").await.unwrap(), 1);
+    alice.send(channel, b"carol is gone").await.unwrap();
+    sync_until(&mut bob, "bob after the removal", |c| {
+        has_all(c, channel, &["carol is gone"])
+    })
+    .await;
+    for _ in 0..5 {
+        let _ = carol.sync().await;
+    }
+    assert!(!texts(&carol, channel).iter().any(|t| t == "carol is gone"));
+
+    let (epoch_a, auth_a) = alice.channel_state(channel).unwrap();
+    let (epoch_b, auth_b) = bob.channel_state(channel).unwrap();
+    assert_eq!(epoch_a, epoch_b);
+    assert_eq!(auth_a, auth_b, "alice and bob disagree on the group state");
+    cluster.stop().await;
+}

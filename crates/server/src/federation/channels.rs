@@ -1,0 +1,360 @@
+//! What the servers of a channel ask each other (spec §10.8, §11.3):
+//!
+//! - `GET /v0/federation/channels/{id}/genesis` → `{"group_info", "ratchet_tree",
+//!   "records": [b64]}`: the channel's epoch-0 state and its creator's record, for
+//!   a server that joins the channel's Raft group (only to servers in the
+//!   answering server's Raft membership of the channel);
+//! - `POST /v0/federation/channels/{id}/submit`, a `Submission` (the Raft log
+//!   entry's JSON) → `{"outcome": "accepted", "epoch", "commit_hash"}`,
+//!   `{"outcome": "wrong_epoch", "current"}`, `{"outcome": "rejected", "reason"}`
+//!   or `{"outcome": "not_leader", "leader"?}`: a commit forwarded to the
+//!   channel's Raft leader by the committer's homeserver (its `submitter.server`);
+//! - `POST /v0/federation/channels/{id}/votes` `{"epoch", "commit_hash"}` →
+//!   `{"vote": b64}`: this server's `Vote` for the commit its own log accepted
+//!   for that epoch, once it has applied it (409 `another_commit` if its log
+//!   accepted another, 503 `not_yet` if it has not got that far within a few
+//!   seconds);
+//! - `POST /v0/federation/channels/{id}/messages` `{"messages": [{"epoch",
+//!   "sender", "message"}]}` → `{"stored": n}`: application messages fanned
+//!   out by the sender's homeserver, deduplicated by MessageId.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kith_mls::{MlsStore, PublicChannel};
+use kith_order::{CommitHash, Outcome, Submission, Vote};
+use kith_proto::{ChannelId, DeviceId, DeviceRecordIn, ServerName};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Signed;
+use crate::api::{b64, unb64};
+use crate::channels::{cache_records, catch_up, lock_mls};
+use crate::error::ApiError;
+use crate::ordering::{Ordered, deliver_remote_messages, order_local};
+use crate::state::{Shared, now_ms};
+use crate::store::{ChannelRow, EpochState};
+
+/// How long a voter waits for its own log to reach the epoch it is asked
+/// to vote for.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
+/// Most messages in one fan-out request.
+pub(crate) const MAX_FANOUT_BATCH: usize = 100;
+
+pub(crate) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/v0/federation/channels/{id}/genesis", get(genesis))
+        .route("/v0/federation/channels/{id}/submit", post(submit))
+        .route("/v0/federation/channels/{id}/votes", post(vote))
+        .route("/v0/federation/channels/{id}/messages", post(messages))
+        .route("/v0/federation/raft/{id}/{kind}", post(super::raft::rpc))
+}
+
+fn parse_channel(text: &str) -> Result<ChannelId, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a channel id (32 hex digits)")))
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(signed: &Signed) -> Result<T, ApiError> {
+    serde_json::from_slice(&signed.body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not the expected JSON: {e}")))
+}
+
+/// 403 unless `origin` is in this server's Raft membership of `channel`.
+async fn require_peer(
+    state: &Shared,
+    channel: ChannelId,
+    origin: &ServerName,
+) -> Result<(), ApiError> {
+    if state.db(move |s| s.channel(&channel)).await?.is_none() {
+        return Err(ApiError::not_found(format!("no channel {channel} here")));
+    }
+    let orderer = state
+        .channels
+        .orderer(channel, false)
+        .await
+        .map_err(|e| ApiError::internal(format!("the channel's orderer: {e}")))?;
+    let (voters, learners) = orderer.membership();
+    if voters.contains(origin) || learners.contains(origin) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "{origin} is not a server of channel {channel}"
+        )))
+    }
+}
+
+/// The encoded record of `device`: its own if registered here, else the
+/// cached one.
+pub(crate) fn record_bytes(
+    store: &dyn crate::store::Store,
+    device: &DeviceId,
+) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+    if let Some(row) = store.device(device)? {
+        return Ok(Some(row.record));
+    }
+    Ok(store.remote_record(device)?.map(|r| r.record))
+}
+
+#[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
+async fn genesis(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    signed: Signed,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    require_peer(&state, channel, &signed.origin).await?;
+    let first = state
+        .db(move |s| s.epoch_state(&channel, 0))
+        .await?
+        .ok_or_else(|| ApiError::not_found("the channel's epoch 0 is not kept here"))?;
+    let members = first.members.clone();
+    let records = state
+        .db(move |s| {
+            let mut out = Vec::new();
+            for m in &members {
+                if let Some(r) = record_bytes(s, m)? {
+                    out.push(b64(&r));
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+    Ok(Json(json!({
+        "group_info": b64(&first.group_info),
+        "ratchet_tree": b64(&first.ratchet_tree),
+        "records": records,
+    })))
+}
+
+#[derive(Deserialize)]
+struct GenesisAnswer {
+    group_info: String,
+    ratchet_tree: String,
+    #[serde(default)]
+    records: Vec<String>,
+}
+
+/// Makes `channel` known here from its genesis, fetched from `from` (a
+/// member of its group that is adding this server): the epoch-0 state is
+/// checked like a channel created by a client (§6.7), then the Raft log
+/// replays every commit since through the validator.
+pub(crate) async fn join(
+    state: &Shared,
+    channel: ChannelId,
+    from: &ServerName,
+) -> Result<(), ApiError> {
+    let path = format!("/v0/federation/channels/{channel}/genesis");
+    let answer = state.federation.client.get(from, &path).await?;
+    let answer: GenesisAnswer = serde_json::from_slice(&answer.body).map_err(|e| {
+        ApiError::new(
+            reqwest::StatusCode::BAD_GATEWAY,
+            "remote_invalid",
+            format!("{from} sent an invalid genesis: {e}"),
+        )
+    })?;
+    let group_info = unb64("group_info", &answer.group_info)?;
+    let ratchet_tree = unb64("ratchet_tree", &answer.ratchet_tree)?;
+    let records = answer
+        .records
+        .iter()
+        .map(|r| unb64("records", r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (row, first) = tokio::task::spawn_blocking(move || {
+        let scratch = MlsStore::in_memory()
+            .map_err(|e| ApiError::internal(format!("scratch MLS store: {e}")))?;
+        let public = PublicChannel::create(&scratch, &group_info, &ratchet_tree)
+            .map_err(|e| ApiError::bad_request(format!("the genesis does not check: {e}")))?;
+        if public.id() != channel || public.epoch() != 0 || public.members().len() != 1 {
+            return Err(ApiError::bad_request(
+                "the genesis is not epoch 0 of this channel with one member",
+            ));
+        }
+        let extension = public.extension();
+        let row = ChannelRow {
+            channel,
+            name: extension.name.as_str().to_owned(),
+            content_type: extension.content_type.as_str().to_owned(),
+            epoch: 0,
+            created_at: now_ms(),
+        };
+        let first = EpochState {
+            epoch: 0,
+            ratchet_tree: public
+                .ratchet_tree()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            group_info,
+            members: public.members(),
+        };
+        Ok((row, first))
+    })
+    .await
+    .map_err(|_| ApiError::internal("checking the genesis failed"))??;
+    let creator = first.members.first().copied();
+    let creator_ok = records.iter().any(|bytes| {
+        DeviceRecordIn::decode(bytes)
+            .ok()
+            .and_then(|r| r.verify_as_of_update().ok())
+            .is_some_and(|r| Some(r.device_id()) == creator)
+    });
+    if !creator_ok {
+        return Err(ApiError::bad_request(
+            "the genesis lacks its creator's record",
+        ));
+    }
+    let store = state.store.clone();
+    let channels = state.channels.clone();
+    tokio::task::spawn_blocking(move || {
+        if store.channel(&channel)?.is_none() {
+            store.create_channel(&row, &first)?;
+        }
+        cache_records(store.as_ref(), &records);
+        let mls = lock_mls(&channels.mls);
+        catch_up(&mls, store.as_ref(), channel)
+            .map(|_| ())
+            .map_err(crate::store::StoreError::Corrupt)
+    })
+    .await
+    .map_err(|_| ApiError::internal("storing the genesis failed"))??;
+    tracing::info!(%channel, %from, "joined a channel's ordering group");
+    Ok(())
+}
+
+#[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
+async fn submit(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    signed: Signed,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let submission: Submission = json_body(&signed)?;
+    if submission.channel != channel {
+        return Err(ApiError::bad_request(
+            "the submission is for another channel",
+        ));
+    }
+    if submission.submitter.server != signed.origin {
+        return Err(ApiError::forbidden(
+            "a server may only forward its own devices' commits",
+        ));
+    }
+    require_peer(&state, channel, &signed.origin).await?;
+    let answer = match order_local(&state, submission).await? {
+        Ordered::Outcome(Outcome::Accepted { epoch, commit_hash }) => json!({
+            "outcome": "accepted",
+            "epoch": epoch,
+            "commit_hash": commit_hash.to_string(),
+        }),
+        Ordered::Outcome(Outcome::WrongEpoch { current, .. }) => {
+            json!({ "outcome": "wrong_epoch", "current": current })
+        }
+        Ordered::Outcome(Outcome::Rejected { reason }) => {
+            json!({ "outcome": "rejected", "reason": reason })
+        }
+        Ordered::NotLeader(leader) => json!({
+            "outcome": "not_leader",
+            "leader": leader.map(|l| l.as_str().to_owned()),
+        }),
+    };
+    Ok(Json(answer))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoteRequest {
+    epoch: u64,
+    commit_hash: String,
+}
+
+#[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
+async fn vote(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    signed: Signed,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let req: VoteRequest = json_body(&signed)?;
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(&req.commit_hash, &mut hash)
+        .map_err(|_| ApiError::bad_request("`commit_hash` is not 64 hex digits"))?;
+    if state.db(move |s| s.channel(&channel)).await?.is_none() {
+        return Err(ApiError::not_found(format!("no channel {channel} here")));
+    }
+    // Make sure this server's node runs, so its log can get there.
+    state
+        .channels
+        .orderer(channel, false)
+        .await
+        .map_err(|e| ApiError::internal(format!("the channel's orderer: {e}")))?;
+    let epoch = req.epoch;
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    let stored = loop {
+        if let Some(row) = state.db(move |s| s.commit(&channel, epoch)).await? {
+            break row;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::new(
+                reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                "not_yet",
+                format!("this server's log has not accepted a commit for epoch {epoch} yet"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if stored.commit_hash != hash {
+        return Err(ApiError::conflict(
+            "another_commit",
+            format!("this server's log accepted another commit for epoch {epoch}"),
+        ));
+    }
+    let vote = Vote::sign(
+        &state.key,
+        state.config.server_name.clone(),
+        channel,
+        epoch,
+        CommitHash::from_bytes(hash),
+    );
+    Ok(Json(json!({ "vote": b64(&vote.encode()) })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FanOut {
+    messages: Vec<FannedMessage>,
+}
+
+/// One application message as fanned out between servers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FannedMessage {
+    pub(crate) epoch: u64,
+    pub(crate) sender: String,
+    pub(crate) message: String,
+}
+
+#[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
+async fn messages(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    signed: Signed,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let req: FanOut = json_body(&signed)?;
+    if req.messages.is_empty() || req.messages.len() > MAX_FANOUT_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "a fan-out carries 1 to {MAX_FANOUT_BATCH} messages"
+        )));
+    }
+    if state.db(move |s| s.channel(&channel)).await?.is_none() {
+        // This server has not joined the channel's group yet: try later.
+        return Err(ApiError::new(
+            reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            "not_yet",
+            format!("channel {channel} is not known here yet"),
+        ));
+    }
+    let stored = deliver_remote_messages(&state, channel, &signed.origin, req.messages).await?;
+    Ok(Json(json!({ "stored": stored })))
+}

@@ -1,0 +1,589 @@
+//! Ordering and certifying commits among a channel's servers (spec §10.8)
+//! and delivering application messages between them (§11.3).
+//!
+//! - [`order`]: a commit from a local device goes to the channel's Raft
+//!   leader: this server's own node if it leads, else forwarded to the
+//!   leader (`POST /v0/federation/channels/{id}/submit`), retried while an
+//!   election runs, 503 `ordering_unavailable` when no leader answers.
+//! - [`order_local`]: what the leader does with a submission: first make the
+//!   Raft membership match the servers that sponsor the current members
+//!   ([`ensure_membership`]), then append it.
+//! - [`certify`]: every server of a channel certifies each commit its own
+//!   log accepted by collecting the votes of the voters of the epoch the
+//!   commit ends (its own, and `POST .../votes` to the others) until they
+//!   make a certificate, then stores it and appends the `commit` events of
+//!   its local members. The certifier task runs it for every accepted
+//!   commit; the client API runs it before answering.
+//! - [`fan_out`] and [`deliver_remote_messages`]: messages go from the
+//!   sender's server to the other servers of the channel through the
+//!   durable outbox; a receiving server stores a message only after it has
+//!   certified the commit that started the message's epoch.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kith_order::{
+    CommitHash, OrderError, OrderingCertificate, Outcome, Submission, Vote, VoteCollector, VoteIn,
+    VoterSet,
+};
+use kith_proto::{ChannelId, DeviceId, DeviceRecordIn, ServerName, SignaturePublicKey};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::api::{b64, unb64};
+use crate::channels::{Accepted, Orderer};
+use crate::error::ApiError;
+use crate::federation::channels::{FannedMessage, MAX_FANOUT_BATCH, record_bytes};
+use crate::state::{Shared, now_ms};
+use crate::store::{CommitRow, MessageRow, NewMessage, Store, StoreError};
+
+/// How long the leader waits for a submission to commit.
+const SUBMIT_WAIT: Duration = Duration::from_secs(15);
+/// How long a server keeps trying to reach a leader for a submission.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(20);
+/// How long the leader waits for new servers to join the Raft group.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(15);
+/// How long votes are collected.
+const VOTE_WAIT: Duration = Duration::from_secs(10);
+/// How long a server waits for its own log to accept a commit it is told
+/// about (by the leader's answer, or a message of the next epoch).
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+/// Attempts of the certifier for one commit (backing off from 0.5 s).
+const CERTIFY_ATTEMPTS: u32 = 8;
+
+fn internal(what: &str) -> impl Fn(String) -> ApiError + '_ {
+    move |e| {
+        tracing::error!(error = %e, "{what}");
+        ApiError::internal(format!("{what} failed"))
+    }
+}
+
+/// What the local node made of a submission.
+pub(crate) enum Ordered {
+    /// It applied it.
+    Outcome(Outcome),
+    /// It is not the leader; the leader it knows, if any.
+    NotLeader(Option<ServerName>),
+}
+
+/// Orders `submission` if this server's node leads the channel's group.
+pub(crate) async fn order_local(
+    state: &Shared,
+    submission: Submission,
+) -> Result<Ordered, ApiError> {
+    let channel = submission.channel;
+    let orderer = state
+        .channels
+        .orderer(channel, false)
+        .await
+        .map_err(internal("starting the channel's orderer"))?;
+    if !orderer.is_leader() {
+        return Ok(Ordered::NotLeader(orderer.leader_server()));
+    }
+    ensure_membership(state, &orderer, channel).await?;
+    match tokio::time::timeout(SUBMIT_WAIT, orderer.submit(submission)).await {
+        Err(_) => Err(ApiError::unavailable(
+            "the channel's ordering group did not commit the submission in time (a majority \
+             of its servers may be down); it may still be ordered later, and resubmitting \
+             the same commit is safe",
+        )),
+        Ok(Err(OrderError::NotLeader { leader_server, .. })) => {
+            Ok(Ordered::NotLeader(leader_server))
+        }
+        Ok(Err(e)) => Err(internal("ordering the commit")(e.to_string())),
+        Ok(Ok(outcome)) => Ok(Ordered::Outcome(outcome)),
+    }
+}
+
+/// Orders `submission` through the channel's leader, wherever it is.
+pub(crate) async fn order(state: &Shared, submission: Submission) -> Result<Outcome, ApiError> {
+    let me = state.config.server_name.clone();
+    let deadline = tokio::time::Instant::now() + FORWARD_DEADLINE;
+    loop {
+        let last_error = match order_local(state, submission.clone()).await? {
+            Ordered::Outcome(outcome) => return Ok(outcome),
+            Ordered::NotLeader(Some(leader)) if leader != me => {
+                match forward(state, &leader, &submission).await {
+                    Ok(Some(outcome)) => return Ok(outcome),
+                    Ok(None) => format!("{leader} is no longer the leader"),
+                    Err(e) => {
+                        tracing::info!(%leader, error = %e.message, "forwarding a commit to the leader");
+                        e.message
+                    }
+                }
+            }
+            Ordered::NotLeader(_) => "an election is under way".to_owned(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::unavailable(format!(
+                "no leader of the channel's ordering group could order the commit ({last_error}); \
+                 a majority of its servers may be down. Resubmitting the same commit is safe"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[derive(Deserialize)]
+struct SubmitAnswer {
+    outcome: String,
+    epoch: Option<u64>,
+    commit_hash: Option<String>,
+    current: Option<u64>,
+    reason: Option<String>,
+}
+
+/// Forwards a submission to `leader`; `None` if it says it does not lead.
+async fn forward(
+    state: &Shared,
+    leader: &ServerName,
+    submission: &Submission,
+) -> Result<Option<Outcome>, ApiError> {
+    let body = serde_json::to_vec(submission)
+        .map_err(|e| ApiError::internal(format!("encoding the submission: {e}")))?;
+    let path = format!("/v0/federation/channels/{}/submit", submission.channel);
+    let answer = state.federation.client.post(leader, &path, body).await?;
+    let invalid = |why: &str| {
+        ApiError::new(
+            reqwest::StatusCode::BAD_GATEWAY,
+            "remote_invalid",
+            format!("{leader} answered a forwarded commit wrongly: {why}"),
+        )
+    };
+    let a: SubmitAnswer =
+        serde_json::from_slice(&answer.body).map_err(|e| invalid(&e.to_string()))?;
+    Ok(Some(match a.outcome.as_str() {
+        "accepted" => {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(a.commit_hash.unwrap_or_default(), &mut hash)
+                .map_err(|_| invalid("bad commit_hash"))?;
+            Outcome::Accepted {
+                epoch: a.epoch.ok_or_else(|| invalid("no epoch"))?,
+                commit_hash: CommitHash::from_bytes(hash),
+            }
+        }
+        "wrong_epoch" => Outcome::WrongEpoch {
+            current: a.current.ok_or_else(|| invalid("no current epoch"))?,
+            winner: None,
+        },
+        "rejected" => Outcome::Rejected {
+            reason: a.reason.unwrap_or_default(),
+        },
+        "not_leader" => return Ok(None),
+        other => return Err(invalid(&format!("unknown outcome {other:?}"))),
+    }))
+}
+
+/// The sponsorships of `members` as (server, key) pairs, from the records
+/// this server holds (its own devices' and cached remote ones), each
+/// verified at `now`. Members without a valid record contribute nothing.
+fn sponsors(
+    store: &dyn Store,
+    members: &[DeviceId],
+    now: u64,
+) -> Result<Vec<(ServerName, SignaturePublicKey)>, StoreError> {
+    let mut out = Vec::new();
+    for member in members {
+        let Some(bytes) = record_bytes(store, member)? else {
+            tracing::warn!(%member, "no record of a channel member");
+            continue;
+        };
+        let record = DeviceRecordIn::decode(&bytes)
+            .ok()
+            .and_then(|r| r.verify(now).ok())
+            .filter(|r| r.device_id() == *member);
+        let Some(record) = record else {
+            tracing::warn!(%member, "a channel member's record does not verify now");
+            continue;
+        };
+        for s in record.sponsorships() {
+            out.push((s.server().clone(), s.server_key().clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// The voter set of `epoch` (the servers sponsoring its members, with
+/// their accepted keys), as clients compute it (§10.2).
+async fn voter_set(state: &Shared, channel: ChannelId, epoch: u64) -> Result<VoterSet, ApiError> {
+    let now = now_ms();
+    state
+        .db(move |s| {
+            let members = s
+                .epoch_state(&channel, epoch)?
+                .map(|e| e.members)
+                .unwrap_or_default();
+            Ok(VoterSet::new(
+                sponsors(s, &members, now)?
+                    .into_iter()
+                    .map(|(server, key)| (server, vec![key])),
+            ))
+        })
+        .await
+}
+
+/// The servers of the channel at its current epoch.
+async fn current_servers(
+    state: &Shared,
+    channel: ChannelId,
+) -> Result<(u64, BTreeSet<ServerName>), ApiError> {
+    let now = now_ms();
+    state
+        .db(move |s| {
+            let Some(row) = s.channel(&channel)? else {
+                return Ok((0, BTreeSet::new()));
+            };
+            let members = s
+                .epoch_state(&channel, row.epoch)?
+                .map(|e| e.members)
+                .unwrap_or_default();
+            let servers = sponsors(s, &members, now)?
+                .into_iter()
+                .map(|(server, _)| server)
+                .collect();
+            Ok((row.epoch, servers))
+        })
+        .await
+}
+
+/// On the leader: makes the Raft voters exactly the servers that sponsor
+/// the members of the channel's current epoch (new servers first join as
+/// learners and catch up), before the next commit is ordered.
+pub(crate) async fn ensure_membership(
+    state: &Shared,
+    orderer: &Orderer,
+    channel: ChannelId,
+) -> Result<(), ApiError> {
+    let gate = state.channels.membership_gate(channel);
+    let _changing = gate.lock().await;
+    let (epoch, servers) = current_servers(state, channel).await?;
+    if state.channels.membership_checked(channel) == Some(epoch) {
+        return Ok(());
+    }
+    if servers.is_empty() {
+        return Err(ApiError::internal(
+            "no server sponsoring the channel's members is known",
+        ));
+    }
+    let (voters, learners) = orderer.membership();
+    if voters != servers || !learners.is_empty() {
+        tracing::info!(%channel, epoch, ?servers, "changing the ordering group");
+        match tokio::time::timeout(
+            MEMBERSHIP_WAIT,
+            orderer.set_members(&servers, &BTreeSet::new()),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(ApiError::unavailable(format!(
+                    "the channel's ordering group is changing to {} and not all of them \
+                     answered in time",
+                    servers
+                        .iter()
+                        .map(ServerName::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(ApiError::unavailable(format!(
+                    "changing the channel's ordering group: {e}"
+                )));
+            }
+            Ok(Ok(())) => {}
+        }
+    }
+    state.channels.set_membership_checked(channel, epoch);
+    Ok(())
+}
+
+/// Waits until this server's log has accepted a commit for `epoch`.
+async fn wait_for_commit(
+    state: &Shared,
+    channel: ChannelId,
+    epoch: u64,
+) -> Result<CommitRow, ApiError> {
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    loop {
+        if let Some(row) = state.db(move |s| s.commit(&channel, epoch)).await? {
+            return Ok(row);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::unavailable(format!(
+                "this server has not received the commit of epoch {epoch} from the channel's \
+                 ordering group yet"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Asks `server` for its vote on `hash` winning `epoch`.
+async fn request_vote(
+    state: Shared,
+    server: ServerName,
+    channel: ChannelId,
+    epoch: u64,
+    hash: CommitHash,
+) -> Result<Vote, String> {
+    let body = json!({ "epoch": epoch, "commit_hash": hash.to_string() }).to_string();
+    let path = format!("/v0/federation/channels/{channel}/votes");
+    let answer = state
+        .federation
+        .client
+        .post(&server, &path, body.into_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let value: Value = serde_json::from_slice(&answer.body).map_err(|e| e.to_string())?;
+    let text = value
+        .get("vote")
+        .and_then(Value::as_str)
+        .ok_or("no vote in the answer")?;
+    let bytes = unb64("vote", text).map_err(|e| e.message)?;
+    let vote = VoteIn::decode(&bytes)
+        .map_err(|e| e.to_string())?
+        .verify()
+        .map_err(|e| e.to_string())?;
+    if vote.server() != &server {
+        return Err(format!("{server} sent a vote by {}", vote.server()));
+    }
+    Ok(vote)
+}
+
+/// Certifies the commit this server's log accepted for `epoch` (see the
+/// module docs) and returns it with its certificate. Does nothing more for
+/// a commit already certified here.
+pub(crate) async fn certify(
+    state: &Shared,
+    channel: ChannelId,
+    epoch: u64,
+) -> Result<CommitRow, ApiError> {
+    let row = wait_for_commit(state, channel, epoch).await?;
+    if row.certificate.is_some() {
+        return Ok(row);
+    }
+    let voters = voter_set(state, channel, epoch).await?;
+    let hash = CommitHash::from_bytes(row.commit_hash);
+    let me = state.config.server_name.clone();
+    let mut collector = VoteCollector::new(channel, epoch, hash, voters.clone());
+    let mut certificate = None;
+    if voters.contains(&me) {
+        let own = Vote::sign(&state.key, me.clone(), channel, epoch, hash);
+        certificate = collector
+            .add(own)
+            .map_err(|e| ApiError::internal(format!("this server's own vote: {e}")))?;
+    }
+    if certificate.is_none() {
+        let mut asks = tokio::task::JoinSet::new();
+        for server in voters.servers().filter(|s| **s != me) {
+            asks.spawn(request_vote(
+                Arc::clone(state),
+                server.clone(),
+                channel,
+                epoch,
+                hash,
+            ));
+        }
+        let collected = tokio::time::timeout(VOTE_WAIT, async {
+            while let Some(joined) = asks.join_next().await {
+                match joined {
+                    Ok(Ok(vote)) => match collector.add(vote) {
+                        Ok(Some(c)) => return Some(c),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(%channel, epoch, "a refused vote: {e}"),
+                    },
+                    Ok(Err(e)) => tracing::info!(%channel, epoch, "no vote: {e}"),
+                    Err(_) => {}
+                }
+            }
+            None
+        })
+        .await;
+        asks.abort_all();
+        certificate = collected.ok().flatten();
+    }
+    let Some(certificate) = certificate else {
+        return Err(ApiError::unavailable(format!(
+            "only {} of the {} votes a certificate of epoch {epoch} needs arrived; a majority \
+             of the channel's servers may be down",
+            collector.count(),
+            voters.quorum()
+        )));
+    };
+    store_certificate(state, channel, row, &certificate).await
+}
+
+/// Stores a certificate and appends the `commit` events for the local
+/// members of the epoch the commit ends (once).
+async fn store_certificate(
+    state: &Shared,
+    channel: ChannelId,
+    mut row: CommitRow,
+    certificate: &OrderingCertificate,
+) -> Result<CommitRow, ApiError> {
+    let epoch = row.epoch;
+    let certificate = certificate.encode();
+    let payload = json!({
+        "channel": channel.to_string(),
+        "epoch": epoch,
+        "commit": b64(&row.commit),
+        "commit_hash": hex::encode(row.commit_hash),
+        "certificate": b64(&certificate),
+    })
+    .to_string();
+    let now = now_ms();
+    let cert = certificate.clone();
+    let events = state
+        .db(move |s| s.certify_commit(&channel, epoch, &cert, &payload, now))
+        .await?;
+    if let Some(events) = events {
+        state.metrics.commits_accepted.inc();
+        for (device, event) in events {
+            state.hub.notify(device, event.cursor);
+        }
+        tracing::info!(%channel, epoch, "commit certified");
+    }
+    row.certificate = Some(certificate);
+    Ok(row)
+}
+
+/// Certifies every commit this server's log accepts, in the background,
+/// until the queue closes or the server shuts down; the leader then brings
+/// the Raft membership up to date, so new servers join at once.
+pub(crate) async fn run_certifier(state: Shared, mut accepted: mpsc::UnboundedReceiver<Accepted>) {
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.changed() => break,
+            next = accepted.recv() => next,
+        };
+        let Some((channel, epoch)) = next else { break };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(500);
+            for attempt in 1..=CERTIFY_ATTEMPTS {
+                if *state.shutdown.borrow() {
+                    return;
+                }
+                match certify(&state, channel, epoch).await {
+                    Ok(_) => break,
+                    Err(e) if attempt == CERTIFY_ATTEMPTS => {
+                        tracing::warn!(%channel, epoch, "giving up certifying for now: {}", e.message);
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(delay).await;
+                        delay = delay.saturating_mul(2);
+                    }
+                }
+            }
+            if let Some(orderer) = state.channels.running(channel)
+                && orderer.is_leader()
+                && let Err(e) = ensure_membership(&state, &orderer, channel).await
+            {
+                tracing::info!(%channel, "membership not updated yet: {}", e.message);
+            }
+        });
+    }
+}
+
+/// Queues `message` (stored here) for every other server of the channel.
+pub(crate) async fn fan_out(
+    state: &Shared,
+    channel: ChannelId,
+    message: &MessageRow,
+) -> Result<(), ApiError> {
+    let (_, servers) = current_servers(state, channel).await?;
+    let me = &state.config.server_name;
+    let body = json!({
+        "messages": [{
+            "epoch": message.epoch,
+            "sender": message.sender.to_string(),
+            "message": b64(&message.message),
+        }]
+    })
+    .to_string()
+    .into_bytes();
+    let path = format!("/v0/federation/channels/{channel}/messages");
+    for server in servers.into_iter().filter(|s| s != me) {
+        crate::federation::outbox::enqueue(state, server, path.clone(), body.clone()).await?;
+    }
+    Ok(())
+}
+
+/// Stores messages fanned out by `origin` and appends their events for the
+/// local members; returns how many were new. Each message's epoch must
+/// have been reached here (its starting commit certified first), its
+/// sender must be a member of that epoch, and `origin` must sponsor it.
+pub(crate) async fn deliver_remote_messages(
+    state: &Shared,
+    channel: ChannelId,
+    origin: &ServerName,
+    messages: Vec<FannedMessage>,
+) -> Result<usize, ApiError> {
+    debug_assert!(messages.len() <= MAX_FANOUT_BATCH);
+    let limit = state.config.limits.max_message_bytes;
+    let mut stored = 0;
+    for m in messages {
+        let sender: DeviceId = m
+            .sender
+            .parse()
+            .map_err(|_| ApiError::bad_request("`sender` is not a device id"))?;
+        let message = unb64("message", &m.message)?;
+        if message.is_empty() || message.len() > limit {
+            return Err(ApiError::bad_request(format!(
+                "a message must be 1 to {limit} bytes"
+            )));
+        }
+        let epoch = m.epoch;
+        if let Some(previous) = epoch.checked_sub(1) {
+            certify(state, channel, previous).await?;
+        }
+        let origin_c = origin.clone();
+        let now = now_ms();
+        let check = state
+            .db(move |s| {
+                let Some(epoch_state) = s.epoch_state(&channel, epoch)? else {
+                    return Ok(Some(format!("the channel has no epoch {epoch} here")));
+                };
+                if !epoch_state.members.contains(&sender) {
+                    return Ok(Some(format!("{sender} is not a member of epoch {epoch}")));
+                }
+                let sponsored = sponsors(s, &[sender], now)?
+                    .iter()
+                    .any(|(server, _)| *server == origin_c);
+                if !sponsored {
+                    return Ok(Some(format!("{origin_c} does not sponsor {sender}")));
+                }
+                Ok(None)
+            })
+            .await?;
+        if let Some(why) = check {
+            return Err(ApiError::forbidden(why));
+        }
+        let received_at = now_ms();
+        let new = NewMessage {
+            id: kith_proto::sign::message_id(&message),
+            epoch,
+            sender,
+            message,
+            received_at,
+        };
+        let (row, events) = state
+            .db(move |s| {
+                s.store_message(&channel, &new, &|m| {
+                    Value::Object(crate::api::channels::message_json(channel, m)).to_string()
+                })
+            })
+            .await?;
+        for (to, event) in &events {
+            state.hub.notify(*to, event.cursor);
+        }
+        if row.received_at == received_at {
+            stored += 1;
+            state.metrics.channel_messages.inc();
+        }
+    }
+    Ok(stored)
+}
