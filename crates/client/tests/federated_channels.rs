@@ -118,3 +118,134 @@ async fn users_on_three_servers_share_a_channel() {
     assert_eq!(auth_a, auth_b, "alice and bob disagree on the group state");
     cluster.stop().await;
 }
+
+/// Alice on a.test creates a channel and adds Bob (b.test) and Carol
+/// (c.test); returns once both joined.
+async fn three_server_channel(
+    dir: &Path,
+    cluster: &Cluster,
+) -> (Client, Client, Client, ChannelId) {
+    let mut alice = user(dir, cluster, "a.test", "alice").await;
+    let mut bob = user(dir, cluster, "b.test", "bob").await;
+    let mut carol = user(dir, cluster, "c.test", "carol").await;
+    let channel = alice.create_channel("general", "text/plain").await.unwrap();
+    assert_eq!(alice.invite(channel, "bob@b.test").await.unwrap(), 1);
+    join(&mut bob, channel).await;
+    assert_eq!(alice.invite(channel, "carol@c.test").await.unwrap(), 1);
+    join(&mut carol, channel).await;
+    sync_until(&mut bob, "bob sees carol's add", |c| {
+        c.channel_state(channel).unwrap().0 == 2
+    })
+    .await;
+    (alice, bob, carol, channel)
+}
+
+/// Syncs everyone until they are all at the same epoch, then checks they
+/// agree on the group state.
+async fn converge(clients: &mut [&mut Client], channel: ChannelId) {
+    for _ in 0..300 {
+        for client in clients.iter_mut() {
+            let _ = client.sync().await;
+            let _ = client.catch_up(channel).await;
+        }
+        let states: Vec<(u64, Vec<u8>)> = clients
+            .iter()
+            .map(|c| c.channel_state(channel).unwrap())
+            .collect();
+        if states.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let states: Vec<u64> = clients
+        .iter()
+        .map(|c| c.channel_state(channel).unwrap().0)
+        .collect();
+    panic!("the devices did not converge: epochs {states:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conflicting_commits_from_three_servers_never_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], quick).await;
+    let (mut alice, mut bob, mut carol, channel) = three_server_channel(dir.path(), &cluster).await;
+    let start = alice.channel_state(channel).unwrap().0;
+    const ROUNDS: u64 = 4;
+    for round in 0..ROUNDS {
+        // Each device commits for the same epoch at once; the ordering
+        // group lets exactly one win, the others retry on the next epoch.
+        let (a, b, c) = tokio::join!(
+            alice.self_update(channel),
+            bob.self_update(channel),
+            carol.self_update(channel)
+        );
+        for (who, result) in [("alice", a), ("bob", b), ("carol", c)] {
+            result.unwrap_or_else(|e| panic!("round {round}: {who}'s commit failed: {e}"));
+        }
+    }
+    converge(&mut [&mut alice, &mut bob, &mut carol], channel).await;
+    let (epoch, _) = alice.channel_state(channel).unwrap();
+    // Every commit of every round was merged exactly once, by everyone.
+    assert_eq!(epoch, start + 3 * ROUNDS);
+    let conflicts = alice.commit_conflicts() + bob.commit_conflicts() + carol.commit_conflicts();
+    assert!(conflicts > 0, "the test never made two commits race");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_server_down_the_others_go_on_two_down_commits_stall_then_all_converge() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], quick).await;
+    let (mut alice, mut bob, mut carol, channel) = three_server_channel(dir.path(), &cluster).await;
+
+    // c.test goes down: a and b are a majority of the ordering group.
+    let c = cluster.take("c.test").stop_keeping().await;
+    alice.self_update(channel).await.unwrap();
+    alice.send(channel, b"while c is down").await.unwrap();
+    bob.send(channel, b"b here too").await.unwrap();
+    sync_until(&mut bob, "bob during c's outage", |c| {
+        has_all(c, channel, &["while c is down"])
+    })
+    .await;
+    sync_until(&mut alice, "alice during c's outage", |c| {
+        has_all(c, channel, &["b here too"])
+    })
+    .await;
+
+    // b.test goes down too: no majority, commits stall with a clear error
+    // and nothing is merged; messages are still accepted and kept.
+    let b = cluster.take("b.test").stop_keeping().await;
+    let before = alice.channel_state(channel).unwrap();
+    match alice.self_update(channel).await {
+        Err(ClientError::Server {
+            status: 503, code, ..
+        }) => {
+            assert_eq!(code, "ordering_unavailable");
+        }
+        other => panic!("a commit without a majority must fail clearly, got {other:?}"),
+    }
+    assert_eq!(alice.channel_state(channel).unwrap(), before);
+    alice
+        .send(channel, b"while b and c are down")
+        .await
+        .unwrap();
+
+    // Both return: every device converges, and every message acknowledged
+    // during the outages arrives.
+    cluster.put(b.start().await);
+    cluster.put(c.start().await);
+    converge(&mut [&mut alice, &mut bob, &mut carol], channel).await;
+    let all = ["while c is down", "b here too", "while b and c are down"];
+    sync_until(&mut bob, "bob after the outage", |c| {
+        has_all(c, channel, &all)
+    })
+    .await;
+    sync_until(&mut carol, "carol after the outage", |c| {
+        has_all(c, channel, &all)
+    })
+    .await;
+    // And the channel works again for commits from every server.
+    carol.self_update(channel).await.unwrap();
+    converge(&mut [&mut alice, &mut bob, &mut carol], channel).await;
+    cluster.stop().await;
+}

@@ -293,7 +293,12 @@ async fn order_commit(
         );
         return Err(with_winner(state, channel, submission.epoch, e).await);
     }
-    let added = precheck(state, channel, device, submission.commit.clone()).await?;
+    let added = match precheck(state, channel, device, epoch, submission.commit.clone()).await {
+        Err(e) if e.code == "wrong_epoch" => {
+            return Err(with_winner(state, channel, epoch, e).await);
+        }
+        other => other?,
+    };
     // Every server of the channel learns who sponsors the new members from
     // the log itself: the records travel with the commit.
     submission.records = state
@@ -362,6 +367,7 @@ async fn precheck(
     state: &Shared,
     channel: ChannelId,
     device: DeviceId,
+    epoch: u64,
     commit: Vec<u8>,
 ) -> Result<Vec<DeviceId>, ApiError> {
     let channels = state.channels.clone();
@@ -373,6 +379,17 @@ async fn precheck(
             tracing::error!(%channel, error = %e, "catching up the MLS state");
             ApiError::internal("the channel's MLS state is unavailable")
         })?;
+        // Another server's commit may have won the epoch since the caller
+        // looked: that is a lost race, not an invalid commit.
+        if public.epoch() != epoch {
+            return Err(ApiError::wrong_epoch(
+                public.epoch(),
+                format!(
+                    "wrong epoch: the channel is at epoch {}, the commit is for {epoch}",
+                    public.epoch()
+                ),
+            ));
+        }
         let validated = public
             .validate_commit(&commit)
             .map_err(|e| ApiError::rejected(e.to_string()))?;
