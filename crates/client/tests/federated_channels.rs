@@ -249,3 +249,34 @@ async fn one_server_down_the_others_go_on_two_down_commits_stall_then_all_conver
     converge(&mut [&mut alice, &mut bob, &mut carol], channel).await;
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blocked_servers_user_cannot_be_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], |config| {
+        quick(config);
+        if config.server_name.as_str() == "a.test" {
+            config.blocked_servers.insert("c.test".parse().unwrap());
+        }
+    })
+    .await;
+    let mut alice = user(dir.path(), &cluster, "a.test", "alice").await;
+    let mut bob = user(dir.path(), &cluster, "b.test", "bob").await;
+    let _carol = user(dir.path(), &cluster, "c.test", "carol").await;
+    let channel = alice.create_channel("no-c", "text/plain").await.unwrap();
+    match alice.invite(channel, "carol@c.test").await {
+        Err(ClientError::Server {
+            status: 403, code, ..
+        }) => assert_eq!(code, "blocked"),
+        other => panic!("inviting a blocked server's user must fail, got {other:?}"),
+    }
+    assert_eq!(
+        alice.channel_state(channel).unwrap().0,
+        0,
+        "nothing changed"
+    );
+    // Others are still welcome.
+    assert_eq!(alice.invite(channel, "bob@b.test").await.unwrap(), 1);
+    join(&mut bob, channel).await;
+    cluster.stop().await;
+}

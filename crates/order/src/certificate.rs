@@ -78,6 +78,15 @@ pub struct VoteSig {
 }
 
 impl VoteSig {
+    /// The vote without the fields a certificate holds itself.
+    pub fn of(vote: &Vote) -> Self {
+        Self {
+            server: vote.server().clone(),
+            server_key: vote.server_key().clone(),
+            signature: VLBytes::new(vote.signature().to_vec()),
+        }
+    }
+
     /// The voting server.
     pub fn server(&self) -> &ServerName {
         &self.server
@@ -196,6 +205,26 @@ impl OrderingCertificateIn {
     /// Decodes a certificate.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         decode(bytes)
+    }
+
+    /// The votes it carries (not yet verified).
+    pub fn votes(&self) -> &[VoteSig] {
+        &self.votes
+    }
+
+    /// The same claim with other votes, unchecked: what a lying server
+    /// could send. For tests and tools; honest servers use
+    /// [`OrderingCertificate::assemble`].
+    pub fn with_votes(&self, votes: Vec<VoteSig>) -> Self {
+        Self {
+            votes,
+            ..self.clone()
+        }
+    }
+
+    /// The encoded certificate.
+    pub fn encode(&self) -> Vec<u8> {
+        kith_proto::codec::encode(self)
     }
 
     /// The channel it claims to be for (not yet verified).

@@ -241,6 +241,25 @@ async fn submit(
         ));
     }
     require_peer(&state, channel, &signed.origin).await?;
+    // Blocking is this server's policy: as leader it does not let a commit
+    // bring a blocked server's devices (and so that server) into the group.
+    let blocked = &state.config.blocked_servers;
+    for bytes in &submission.records {
+        if let Some(record) = DeviceRecordIn::decode(bytes)
+            .ok()
+            .and_then(|r| r.verify_as_of_update().ok())
+            && !record.sponsorships().is_empty()
+            && record
+                .sponsorships()
+                .iter()
+                .all(|s| blocked.contains(s.server()))
+        {
+            return Err(super::blocked(format!(
+                "the commit adds {}, sponsored only by servers this server blocks",
+                record.device_id()
+            )));
+        }
+    }
     let answer = match order_local(&state, submission).await? {
         Ordered::Outcome(Outcome::Accepted { epoch, commit_hash }) => json!({
             "outcome": "accepted",
