@@ -9,7 +9,7 @@
 //! epoch it starts.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use kith_mls::{MlsStore, PublicChannel};
@@ -18,7 +18,7 @@ use kith_proto::{ChannelId, DeviceId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiJson, Authed, b64, list_limit, unb64};
+use super::{ApiJson, ApiPath, Authed, b64, list_limit, unb64};
 use crate::channels::{Slot, catch_up, lock_mls};
 use crate::error::ApiError;
 use crate::federation::remote::refuse_added_device;
@@ -264,7 +264,7 @@ struct CommitRequest {
 async fn commit(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -437,7 +437,7 @@ struct CommitsQuery {
 async fn list_commits(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Result<Query<CommitsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -484,7 +484,7 @@ struct TreeQuery {
 async fn tree(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Result<Query<TreeQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -532,7 +532,7 @@ struct MessageRequest {
 async fn post_message(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<MessageRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -597,7 +597,7 @@ struct MessagesQuery {
 async fn list_messages(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Result<Query<MessagesQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
