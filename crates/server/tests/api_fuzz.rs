@@ -1792,11 +1792,79 @@ async fn random_and_mutated_bodies_are_refused_or_harmless() {
         }
         f.assert_alive(post.name).await;
     }
+    event_stream_frames(&f, &mut rng).await;
     for ((endpoint, status, code), n) in &seen {
         println!("{endpoint}: {status} {code} x{n}");
     }
 
     f.finish(&before).await;
+}
+
+/// What the event stream accepts from clients.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckFrame {
+    ack: u64,
+}
+
+/// Random and mutated frames on erin's event stream (she has nothing to
+/// ack): every text frame that is not `{"ack": cursor}` gets an error frame
+/// and the stream stays open; binary frames are ignored.
+async fn event_stream_frames(f: &Fixture, rng: &mut Rng) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    let mut request = f.b.ws_url("/v0/events/ws").into_client_request().unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", f.erin.token.as_ref().unwrap())
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let valid = br#"{"ack":1}"#;
+    let mut errors_due = 0;
+    for i in 0..RANDOM_BODIES + MUTATIONS / 2 {
+        let bytes = if i < RANDOM_BODIES {
+            rng.body()
+        } else {
+            mutate(rng, valid)
+        };
+        if i % 5 == 0 {
+            ws.send(Message::Binary(bytes.into())).await.unwrap();
+            continue;
+        }
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        if serde_json::from_str::<AckFrame>(&text)
+            .map(|frame| frame.ack)
+            .is_err()
+        {
+            errors_due += 1;
+        }
+        ws.send(Message::Text(text.into())).await.unwrap();
+    }
+    // One more bad frame: its error is the last frame to come.
+    ws.send(Message::Text("end".into())).await.unwrap();
+    errors_due += 1;
+    while errors_due > 0 {
+        let frame = tokio::time::timeout(common::TIMEOUT, ws.next())
+            .await
+            .expect("the error frames arrive")
+            .expect("the stream stays open")
+            .unwrap();
+        match frame {
+            Message::Text(text) => {
+                let error: Value = serde_json::from_str(text.as_str()).unwrap();
+                assert_eq!(error["error"], "bad_request", "{error}");
+                assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+                errors_due -= 1;
+            }
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+    ws.close(None).await.unwrap();
 }
 
 #[test]
