@@ -476,6 +476,40 @@ fn remote_deposits_are_deduplicated(s: &dyn Store) {
 }
 
 /// Runs every conformance test against fresh stores from `$make`.
+/// Cursors, ids and epochs come from clients as u64; those past what the
+/// backend can store find nothing rather than failing.
+fn lookups_past_i64_find_nothing(s: &dyn Store) {
+    let row = ChannelRow {
+        channel: chan(1),
+        name: "general".into(),
+        content_type: "text/plain".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1])).unwrap();
+    let message = NewMessage {
+        id: [1; 32],
+        epoch: 0,
+        sender: dev(1),
+        message: vec![1; 3],
+        received_at: 50,
+    };
+    s.store_message(&chan(1), &message, &|m| format!("{{\"seq\":{}}}", m.seq))
+        .unwrap();
+    s.deposit_inbox(&dev(1), b"one", 10, 2, &|i| format!("{{\"id\":{}}}", i.id))
+        .unwrap();
+    for big in [1 << 63, u64::MAX] {
+        assert!(s.inbox(&dev(1), big, 10).unwrap().is_empty());
+        assert!(!s.delete_inbox(&dev(1), big).unwrap());
+        assert!(s.events(&dev(1), big, 10).unwrap().is_empty());
+        assert_eq!(s.epoch_state(&chan(1), big).unwrap(), None);
+        assert_eq!(s.commit(&chan(1), big).unwrap(), None);
+        assert!(s.commits(&chan(1), big, 10).unwrap().is_empty());
+        assert!(s.messages(&chan(1), big, 10).unwrap().is_empty());
+    }
+    assert_eq!(s.inbox(&dev(1), 0, 10).unwrap().len(), 1);
+}
+
 macro_rules! store_suite {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -539,6 +573,11 @@ macro_rules! store_suite {
             #[test]
             fn messages_and_their_events() {
                 super::messages_and_their_events(make().as_ref());
+            }
+
+            #[test]
+            fn lookups_past_i64_find_nothing() {
+                super::lookups_past_i64_find_nothing(make().as_ref());
             }
         }
     };

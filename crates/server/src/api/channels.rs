@@ -8,7 +8,7 @@
 //! of the epoch it starts.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use kith_mls::{MlsStore, PublicChannel};
@@ -17,7 +17,7 @@ use kith_proto::{ChannelId, DeviceId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiJson, Authed, b64, list_limit, unb64};
+use super::{ApiJson, ApiPath, Authed, b64, list_limit, unb64};
 use crate::channels::{catch_up, lock_mls};
 use crate::error::ApiError;
 use crate::federation::channels::record_bytes;
@@ -216,7 +216,7 @@ struct CommitRequest {
 async fn commit(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -422,7 +422,7 @@ struct CommitsQuery {
 async fn list_commits(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Result<Query<CommitsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -470,7 +470,7 @@ struct TreeQuery {
 async fn tree(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Result<Query<TreeQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -535,7 +535,7 @@ struct MessageRequest {
 async fn post_message(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<MessageRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -603,7 +603,7 @@ struct MessagesQuery {
 async fn list_messages(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Result<Query<MessagesQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;

@@ -1,7 +1,7 @@
 //! Server info, registration, login, and the device directory.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
@@ -13,7 +13,7 @@ use kith_proto::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiJson, Authed, b64, parse_device, random_32, token_hash, unb64};
+use super::{ApiJson, ApiPath, Authed, b64, parse_device, random_32, token_hash, unb64};
 use crate::config::Registration;
 use crate::error::ApiError;
 use crate::federation::remote;
@@ -326,7 +326,7 @@ struct DeviceQuery {
 /// cached from, or `?server=NAME`.
 async fn get_device(
     State(state): State<Shared>,
-    Path(device): Path<String>,
+    ApiPath(device): ApiPath<String>,
     query: Result<Query<DeviceQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -395,7 +395,7 @@ pub(crate) async fn sponsored_devices(
 
 async fn get_user(
     State(state): State<Shared>,
-    Path(handle): Path<String>,
+    ApiPath(handle): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let parsed = parse_handle(&handle)?;
     if parsed.server() != &state.config.server_name {

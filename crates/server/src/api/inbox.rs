@@ -3,14 +3,14 @@
 //! in the recipient's event log as an `inbox` event.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiJson, Authed, b64, list_limit, parse_device, unb64};
+use super::{ApiJson, ApiPath, Authed, b64, list_limit, parse_device, unb64};
 use crate::error::ApiError;
 use crate::federation::{outbox, random_16, remote};
 use crate::state::{Shared, now_ms};
@@ -41,7 +41,7 @@ struct DepositRequest {
 async fn deposit(
     State(state): State<Shared>,
     Authed(sender): Authed,
-    Path(target): Path<String>,
+    ApiPath(target): ApiPath<String>,
     ApiJson(req): ApiJson<DepositRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let recipient = parse_device(&target)?;
@@ -137,7 +137,7 @@ async fn list(
 async fn delete(
     State(state): State<Shared>,
     Authed(device): Authed,
-    Path(target): Path<String>,
+    ApiPath(target): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let id: u64 = target
         .parse()

@@ -16,7 +16,7 @@ pub(crate) mod inbox;
 pub(crate) mod keypackages;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{StatusCode, header, request::Parts};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -115,6 +115,26 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
         ApiError::too_large("the request body is over the server's size limit")
     } else {
         ApiError::bad_request(rejection.body_text())
+    }
+}
+
+/// A path parameter whose rejection is an [`ApiError`] like every other
+/// answer (axum's own is plain text): 400 `bad_request`, for instance for
+/// a percent-encoded parameter that is not UTF-8.
+pub(crate) struct ApiPath<T>(pub(crate) T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) if rejection.status().is_server_error() => {
+                tracing::error!(error = %rejection.body_text(), "path parameters");
+                Err(ApiError::internal("the route's path parameters are wrong"))
+            }
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
     }
 }
 

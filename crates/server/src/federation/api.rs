@@ -9,7 +9,7 @@
 //! - `POST /v0/federation/inbox/{device}` `{"deposit_id": hex16, "envelope": b64}`
 //!   → `{"id": n, "duplicate": bool}`
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -19,7 +19,7 @@ use super::Signed;
 use crate::api::identity::{local_name, sponsored_devices};
 use crate::api::inbox::item_json;
 use crate::api::keypackages::claim_local;
-use crate::api::{b64, parse_device, unb64};
+use crate::api::{ApiPath, b64, parse_device, unb64};
 use crate::error::ApiError;
 use crate::state::{Shared, now_ms};
 
@@ -40,7 +40,7 @@ fn json_body<T: serde::de::DeserializeOwned>(signed: &Signed) -> Result<T, ApiEr
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, %handle))]
 async fn user(
     State(state): State<Shared>,
-    Path(handle): Path<String>,
+    ApiPath(handle): ApiPath<String>,
     signed: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let name = local_name(&state, &handle)?;
@@ -57,7 +57,7 @@ async fn user(
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, %device))]
 async fn device(
     State(state): State<Shared>,
-    Path(device): Path<String>,
+    ApiPath(device): ApiPath<String>,
     signed: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let device = parse_device(&device)?;
@@ -91,7 +91,7 @@ pub(crate) struct DepositRequest {
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, recipient = %target))]
 async fn deposit(
     State(state): State<Shared>,
-    Path(target): Path<String>,
+    ApiPath(target): ApiPath<String>,
     signed: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let recipient = parse_device(&target)?;

@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kith_mls::{MlsStore, PublicChannel};
@@ -30,7 +30,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::Signed;
-use crate::api::{b64, unb64};
+use crate::api::{ApiPath, b64, unb64};
 use crate::channels::{cache_records, catch_up, lock_mls};
 use crate::error::ApiError;
 use crate::ordering::{Ordered, deliver_remote_messages, order_local};
@@ -101,7 +101,7 @@ pub(crate) fn record_bytes(
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
 async fn genesis(
     State(state): State<Shared>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     signed: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -225,7 +225,7 @@ pub(crate) async fn join(
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
 async fn submit(
     State(state): State<Shared>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     signed: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -290,7 +290,7 @@ struct VoteRequest {
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
 async fn vote(
     State(state): State<Shared>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     signed: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;
@@ -356,7 +356,7 @@ pub(crate) struct FannedMessage {
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
 async fn messages(
     State(state): State<Shared>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     signed: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(&id)?;

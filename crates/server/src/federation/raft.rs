@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use kith_order::raft::{NodeId, TypeConfig};
 use kith_proto::{ChannelId, ServerName};
 use openraft::BasicNode;
@@ -31,6 +31,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{Federation, FederationError, Signed};
+use crate::api::ApiPath;
 use crate::error::ApiError;
 use crate::state::Shared;
 
@@ -175,7 +176,7 @@ fn answer<T: Serialize>(value: T) -> Result<Json<Value>, ApiError> {
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, %id, %kind))]
 pub(crate) async fn rpc(
     State(state): State<Shared>,
-    Path((id, kind)): Path<(String, String)>,
+    ApiPath((id, kind)): ApiPath<(String, String)>,
     signed: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let channel: ChannelId = id

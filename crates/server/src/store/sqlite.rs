@@ -187,6 +187,13 @@ fn int(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{v} does not fit in SQLite")))
 }
 
+/// A lookup key or lower bound: ids, cursors and epochs count up from 1 or
+/// 0 and stay far below `i64::MAX`, so a larger value (which a client may
+/// send) is clamped and matches nothing, rather than being an error.
+fn int_key(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 fn uint(v: i64) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative value {v}")))
 }
@@ -768,7 +775,7 @@ impl Store for SqliteStore {
         )?;
         let rows = stmt
             .query_map(
-                params![device.as_bytes(), int(after)?, int(limit as u64)?],
+                params![device.as_bytes(), int_key(after), int(limit as u64)?],
                 |r| Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get::<_, i64>(2)?)),
             )?
             .collect::<Result<Vec<_>, _>>()?;
@@ -787,7 +794,7 @@ impl Store for SqliteStore {
         let conn = self.lock()?;
         let changed = conn.execute(
             "DELETE FROM inbox WHERE device = ?1 AND id = ?2",
-            params![device.as_bytes(), int(id)?],
+            params![device.as_bytes(), int_key(id)],
         )?;
         Ok(changed > 0)
     }
@@ -816,7 +823,7 @@ impl Store for SqliteStore {
         )?;
         let rows = stmt
             .query_map(
-                params![device.as_bytes(), int(after)?, int(limit as u64)?],
+                params![device.as_bytes(), int_key(after), int(limit as u64)?],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )?
             .collect::<Result<Vec<_>, _>>()?;
@@ -958,7 +965,7 @@ impl Store for SqliteStore {
             .query_row(
                 "SELECT ratchet_tree, group_info, members FROM channel_epochs
                  WHERE channel = ?1 AND epoch = ?2",
-                params![channel.as_bytes(), int(epoch)?],
+                params![channel.as_bytes(), int_key(epoch)],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
@@ -1025,7 +1032,7 @@ impl Store for SqliteStore {
         conn.query_row(
             "SELECT epoch, commit_msg, commit_hash, welcome, certificate FROM channel_commits
              WHERE channel = ?1 AND epoch = ?2",
-            params![channel.as_bytes(), int(epoch)?],
+            params![channel.as_bytes(), int_key(epoch)],
             commit_row,
         )
         .optional()?
@@ -1046,7 +1053,7 @@ impl Store for SqliteStore {
         )?;
         let rows = stmt
             .query_map(
-                params![channel.as_bytes(), int(from_epoch)?, int(limit as u64)?],
+                params![channel.as_bytes(), int_key(from_epoch), int(limit as u64)?],
                 commit_row,
             )?
             .collect::<Result<Vec<_>, _>>()?;
@@ -1188,7 +1195,7 @@ impl Store for SqliteStore {
         )?;
         let rows = stmt
             .query_map(
-                params![channel.as_bytes(), int(after)?, int(limit as u64)?],
+                params![channel.as_bytes(), int_key(after), int(limit as u64)?],
                 message_row,
             )?
             .collect::<Result<Vec<_>, _>>()?;
