@@ -70,6 +70,7 @@ fn has_all(client: &Client, channel: ChannelId, wanted: &[&str]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn users_on_three_servers_share_a_channel() {
+    kith_testkit::trace_from_env();
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], quick).await;
     let mut alice = user(dir.path(), &cluster, "a.test", "alice").await;
@@ -166,6 +167,7 @@ async fn converge(clients: &mut [&mut Client], channel: ChannelId) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conflicting_commits_from_three_servers_never_fork() {
+    kith_testkit::trace_from_env();
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], quick).await;
     let (mut alice, mut bob, mut carol, channel) = three_server_channel(dir.path(), &cluster).await;
@@ -194,6 +196,7 @@ async fn conflicting_commits_from_three_servers_never_fork() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_server_down_the_others_go_on_two_down_commits_stall_then_all_converge() {
+    kith_testkit::trace_from_env();
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], quick).await;
     let (mut alice, mut bob, mut carol, channel) = three_server_channel(dir.path(), &cluster).await;
@@ -252,6 +255,7 @@ async fn one_server_down_the_others_go_on_two_down_commits_stall_then_all_conver
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blocked_servers_user_cannot_be_added() {
+    kith_testkit::trace_from_env();
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], |config| {
         quick(config);

@@ -231,3 +231,15 @@ impl Cluster {
         }
     }
 }
+
+/// Sends the servers' logs to the test output when `RUST_LOG` is set (for
+/// example `RUST_LOG=kith_server=debug cargo test ... -- --nocapture`);
+/// does nothing otherwise, or when a subscriber is already installed.
+pub fn trace_from_env() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
