@@ -187,15 +187,22 @@ pub(crate) async fn rpc(
     }
     let known = state.db(move |s| s.channel(&channel)).await?.is_some();
     if !known {
-        if kind != "append" {
+        // One join at a time: openraft resends an append that timed out
+        // while the first was still fetching the genesis.
+        let gate = state.channels.membership_gate(channel);
+        let _joining = gate.lock().await;
+        let known = state.db(move |s| s.channel(&channel)).await?.is_some();
+        if !known && kind != "append" {
             return Err(ApiError::not_found(format!("no channel {channel} here")));
         }
-        tokio::time::timeout(
-            JOIN_WAIT,
-            super::channels::join(&state, channel, &signed.origin),
-        )
-        .await
-        .map_err(|_| ApiError::unavailable("joining the channel took too long"))??;
+        if !known {
+            tokio::time::timeout(
+                JOIN_WAIT,
+                super::channels::join(&state, channel, &signed.origin),
+            )
+            .await
+            .map_err(|_| ApiError::unavailable("joining the channel took too long"))??;
+        }
     }
     let orderer = state
         .channels
