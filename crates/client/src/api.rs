@@ -206,6 +206,22 @@ impl Api {
         Ok(s.token)
     }
 
+    /// `POST /v0/devices/self/sponsorship`: a fresh sponsorship's bytes.
+    pub async fn renew_sponsorship(&self) -> Result<Vec<u8>, ClientError> {
+        #[derive(Deserialize)]
+        struct Renewed {
+            sponsorship: String,
+        }
+        let r: Renewed = self
+            .call(
+                reqwest::Method::POST,
+                "/v0/devices/self/sponsorship",
+                Some(json!({})),
+            )
+            .await?;
+        unb64("sponsorship", &r.sponsorship)
+    }
+
     /// `PUT /v0/devices/self`: returns `newer` or `unchanged`.
     pub async fn publish_record(&self, record: &[u8]) -> Result<String, ClientError> {
         #[derive(Deserialize)]

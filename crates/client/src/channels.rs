@@ -595,6 +595,9 @@ impl Client {
     /// the homeserver holds for this device, acknowledging what was handled.
     pub async fn sync(&mut self) -> Result<SyncReport, ClientError> {
         let mut report = SyncReport::default();
+        if let Err(e) = self.renew_sponsorship(false).await {
+            tracing::warn!("renewing this device's sponsorship: {e}");
+        }
         self.sync_inbox_into(&mut report).await?;
         loop {
             let after = self.store.events_after()?;

@@ -264,6 +264,77 @@ impl Client {
         Ok(())
     }
 
+    /// This device's current record, as last published.
+    pub fn record(&self) -> Result<DeviceRecord, ClientError> {
+        DeviceRecordIn::decode(&self.identity.record)
+            .map_err(|e| ClientError::Store(format!("stored record: {e}")))?
+            .verify_as_of_update()
+            .map_err(|e| ClientError::Store(format!("stored record: {e}")))
+    }
+
+    /// Renews the home server's sponsorship of this device when less than a
+    /// third of its lifetime is left (or always, with `force`): asks for a
+    /// fresh one, signs the next version of the record with it and
+    /// publishes it. Without this, a record whose sponsorship expired no
+    /// longer verifies and nobody can add or verify this device. Returns
+    /// whether it renewed. `sync` calls it.
+    pub async fn renew_sponsorship(&mut self, force: bool) -> Result<bool, ClientError> {
+        let record = self.record()?;
+        let server: ServerName = self
+            .identity
+            .server_name
+            .parse()
+            .map_err(|e| ClientError::Store(format!("stored server name: {e}")))?;
+        let now = now_ms();
+        let due = record
+            .sponsorships()
+            .iter()
+            .filter(|s| s.server() == &server)
+            .all(|s| {
+                let lifetime = s.expires_at().saturating_sub(s.issued_at());
+                s.expires_at().saturating_sub(now) < lifetime / 3
+            });
+        if !due && !force {
+            return Ok(false);
+        }
+        let bytes = self
+            .authed(|api| async move { api.renew_sponsorship().await })
+            .await?;
+        let device = self.device_id();
+        let fresh = SponsorshipIn::decode(&bytes)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .verify(&device, now_ms())
+            .map_err(|e| {
+                ClientError::Protocol(format!("the renewed sponsorship is invalid: {e}"))
+            })?;
+        if fresh.server() != &server {
+            return Err(ClientError::Protocol(format!(
+                "{server} sponsored this device as {}",
+                fresh.server()
+            )));
+        }
+        let mut fields = record.fields();
+        fields.sequence += 1;
+        fields.sponsorships.retain(|s| s.server() != &server);
+        fields.sponsorships.insert(0, fresh);
+        fields.updated_at = now_ms().max(fields.updated_at);
+        let next = DeviceRecord::sign(&self.key, fields, now_ms())
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let encoded = next.encode();
+        self.authed(|api| {
+            let r = encoded.clone();
+            async move { api.publish_record(&r).await }
+        })
+        .await?;
+        self.identity.record = encoded;
+        self.store.save_identity(&self.identity)?;
+        tracing::info!(
+            sequence = next.sequence(),
+            "renewed this device's sponsorship"
+        );
+        Ok(true)
+    }
+
     /// Runs `op`, logging in again once if the session has expired.
     async fn authed<T, F, Fut>(&mut self, op: F) -> Result<T, ClientError>
     where

@@ -77,6 +77,9 @@ pub struct Limits {
     /// Inbox deposits one origin server may make per minute (also its
     /// burst).
     pub federation_deposits_per_minute: u32,
+    /// How long the sponsorships this server issues are valid, ms (devices
+    /// renew theirs when a third of this is left).
+    pub sponsorship_ms: u64,
 }
 
 impl Default for Limits {
@@ -93,6 +96,7 @@ impl Default for Limits {
             max_list_items: 500,
             max_message_bytes: 256 * 1024,
             federation_deposits_per_minute: 600,
+            sponsorship_ms: 365 * 24 * 3600 * 1000,
         }
     }
 }

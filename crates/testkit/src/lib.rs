@@ -23,8 +23,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use kith_server::Config;
-use kith_server::{Registration, ServerError};
+use kith_server::ServerError;
+pub use kith_server::{Config, Registration};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

@@ -21,7 +21,6 @@ use crate::state::{Shared, now_ms};
 use crate::store::{DeviceRow, Registered};
 
 /// How long a sponsorship issued at registration is valid: one year.
-const SPONSORSHIP_MS: u64 = 365 * 24 * 3600 * 1000;
 /// How long a login challenge may be answered: five minutes.
 const CHALLENGE_MS: u64 = 5 * 60 * 1000;
 /// How many unanswered challenges one device may have.
@@ -37,6 +36,7 @@ pub(super) fn routes() -> Router<Shared> {
         .route("/v0/login/challenge", post(login_challenge))
         .route("/v0/login", post(login))
         .route("/v0/devices/self", put(put_record))
+        .route("/v0/devices/self/sponsorship", post(renew_sponsorship))
         .route("/v0/devices/{device}", get(get_device))
         .route("/v0/users/{handle}", get(get_user))
 }
@@ -128,7 +128,34 @@ async fn register(
         name,
         device,
         now,
-        now.saturating_add(SPONSORSHIP_MS),
+        now.saturating_add(state.config.limits.sponsorship_ms),
+    );
+    Ok(Json(json!({
+        "handle": sponsorship.handle().to_string(),
+        "sponsorship": b64(&sponsorship.encode()),
+    })))
+}
+
+/// `POST /v0/devices/self/sponsorship`: a fresh sponsorship of the logged-in
+/// device under its name, for the device to put into a new version of its
+/// record before the old sponsorship expires.
+#[tracing::instrument(skip_all, fields(device = %device))]
+async fn renew_sponsorship(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+) -> Result<Json<Value>, ApiError> {
+    let row = state
+        .db(move |s| s.device(&device))
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("the device is not registered here"))?;
+    let now = now_ms();
+    let sponsorship = Sponsorship::issue(
+        &state.key,
+        state.config.server_name.clone(),
+        row.name,
+        device,
+        now,
+        now.saturating_add(state.config.limits.sponsorship_ms),
     );
     Ok(Json(json!({
         "handle": sponsorship.handle().to_string(),
