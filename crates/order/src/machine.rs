@@ -78,6 +78,17 @@ pub trait CommitValidator {
     /// `Ok` accepts the commit; `Err(reason)` rejects it with `reason`.
     fn validate(&mut self, submission: &Submission) -> Result<(), String>;
 
+    /// Whether the last `Err` from [`validate`](Self::validate) was not a
+    /// verdict on the commit but a failure of the validator's own machinery
+    /// (its storage was unavailable, say), which another server would not
+    /// have had. Then the Raft state machine does not record a rejection,
+    /// which would make this server's state differ from the others': it
+    /// stops the node with a storage error, and the entry is applied again
+    /// when the node restarts from its log. Taking the failure clears it.
+    fn take_failure(&mut self) -> Option<String> {
+        None
+    }
+
     /// Resets the validator's own state to match `order`, when a Raft
     /// snapshot replaces the log up to `order.current_epoch()` (the latest
     /// accepted submission carries the GroupInfo and ratchet tree to rebuild

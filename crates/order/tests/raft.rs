@@ -468,3 +468,69 @@ async fn a_single_server_group_grows() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// A validator whose storage is down for its first `outages` calls: it
+/// cannot decide, and says so through `take_failure`.
+struct Flaky {
+    outages: usize,
+    failure: Option<String>,
+}
+
+impl kith_order::CommitValidator for Flaky {
+    fn validate(&mut self, _: &Submission) -> Result<(), String> {
+        if self.outages > 0 {
+            self.outages -= 1;
+            self.failure = Some("storage unavailable".into());
+            return Err("storage unavailable".into());
+        }
+        Ok(())
+    }
+
+    fn take_failure(&mut self) -> Option<String> {
+        self.failure.take()
+    }
+}
+
+#[tokio::test]
+async fn a_validator_that_cannot_decide_stops_the_node_instead_of_rejecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("order.sqlite");
+    let start = |outages| {
+        let path = path.clone();
+        async move {
+            ChannelOrderer::start_single_with(
+                &fast(),
+                server(0),
+                ChannelOrder::new(channel(), 0),
+                Flaky {
+                    outages,
+                    failure: None,
+                },
+                SqliteLogStore::open(&path, channel()).unwrap(),
+                Router::new().network(channel()),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let orderer = start(1).await;
+    // No outcome is recorded for the entry: the node stops.
+    let outcome = orderer.submit(submission(0, "first")).await;
+    assert!(
+        matches!(outcome, Err(OrderError::Stopped(_))),
+        "a storage failure became a verdict: {outcome:?}"
+    );
+    let _ = orderer.shutdown().await;
+    drop(orderer);
+
+    // Restarted with its storage back, the node applies the same entry
+    // again and accepts it, as every other server would have.
+    let orderer = start(0).await;
+    let last = orderer.last_log_index().unwrap();
+    orderer
+        .wait_applied(last, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(orderer.order().await.current_epoch(), 1);
+    orderer.shutdown().await.unwrap();
+}

@@ -190,6 +190,7 @@ impl Channels {
             store: Arc::clone(&self.store),
             mls: Arc::clone(&self.mls),
             accepted: self.accepted_tx.clone(),
+            failure: None,
         };
         let order = ChannelOrder::new(channel, 0);
         let config = &self.order_config;
@@ -247,6 +248,17 @@ impl Channels {
         let orderer = Arc::new(orderer);
         lock(&self.orderers).insert(channel, Arc::clone(&orderer));
         Ok(orderer)
+    }
+
+    /// Drops a channel's orderer whose Raft node stopped (say, its
+    /// validator could not reach storage), so the next request starts it
+    /// again from its log.
+    pub(crate) async fn forget(&self, channel: ChannelId) {
+        let orderer = lock(&self.orderers).remove(&channel);
+        if let Some(orderer) = orderer {
+            tracing::warn!(%channel, "restarting the channel's orderer on next use");
+            let _ = orderer.shutdown().await;
+        }
     }
 
     /// Stops every running orderer (their logs keep what was written).
@@ -313,51 +325,79 @@ pub(crate) struct Validator {
     store: Arc<dyn Store>,
     mls: SharedMls,
     accepted: mpsc::UnboundedSender<Accepted>,
+    /// A failure of this server's machinery during the last validation.
+    failure: Option<String>,
+}
+
+/// Why the validator did not accept a commit.
+enum Refusal {
+    /// A verdict on the commit, the same on every server.
+    Reject(String),
+    /// This server could not decide (storage, a state it cannot rebuild).
+    Fail(String),
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Refusal::Reject(reason)
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> Refusal {
+    Refusal::Fail(e.to_string())
 }
 
 impl CommitValidator for Validator {
     fn validate(&mut self, submission: &Submission) -> Result<(), String> {
-        let result = self.check_and_store(submission);
-        match &result {
+        match self.check_and_store(submission) {
             Ok(()) => {
                 // The certifier may be gone during shutdown; nothing is lost,
                 // `ready` certifies on the next start.
                 let _ = self.accepted.send((self.channel, submission.epoch));
+                Ok(())
             }
-            Err(reason) => {
+            Err(Refusal::Reject(reason)) => {
                 tracing::debug!(channel = %self.channel, epoch = submission.epoch, %reason, "commit refused");
+                Err(reason)
+            }
+            Err(Refusal::Fail(why)) => {
+                tracing::error!(channel = %self.channel, epoch = submission.epoch, %why, "cannot validate a commit; stopping the channel's orderer");
+                self.failure = Some(why.clone());
+                Err(why)
             }
         }
-        result
+    }
+
+    fn take_failure(&mut self) -> Option<String> {
+        self.failure.take()
     }
 }
 
 impl Validator {
-    fn check_and_store(&self, submission: &Submission) -> Result<(), String> {
+    fn check_and_store(&self, submission: &Submission) -> Result<(), Refusal> {
         let channel = self.channel;
         let epoch = submission.epoch;
         let hash = submission.commit_hash();
         // Replaying the log after a restart: the store already decided.
-        if let Some(stored) = self
-            .store
-            .commit(&channel, epoch)
-            .map_err(|e| e.to_string())?
-        {
+        if let Some(stored) = self.store.commit(&channel, epoch).map_err(fail)? {
             return if stored.commit_hash == *hash.as_bytes() {
                 Ok(())
             } else {
-                Err(format!("another commit won epoch {epoch}"))
+                Err(format!("another commit won epoch {epoch}").into())
             };
         }
         let current = self
             .store
             .epoch_state(&channel, epoch)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("wrong epoch: the channel has no state for epoch {epoch}"))?;
+            .map_err(fail)?
+            .ok_or_else(|| fail(format!("the store has no state for epoch {epoch}")))?;
         let mls = lock_mls(&self.mls);
-        let mut public = catch_up(&mls, self.store.as_ref(), channel)?;
+        let mut public = catch_up(&mls, self.store.as_ref(), channel).map_err(fail)?;
         if public.epoch() != epoch {
-            return Err(format!("wrong epoch: current = {}", public.epoch()));
+            return Err(fail(format!(
+                "the MLS state is at epoch {}, the log at {epoch}",
+                public.epoch()
+            )));
         }
         let validated = public
             .validate_commit(&submission.commit)
@@ -367,7 +407,8 @@ impl Validator {
                 "the commit is by {}, not by the submitting device {}",
                 validated.info().sender,
                 submission.submitter.device
-            ));
+            )
+            .into());
         }
         check_records(&validated.info().added, &submission.records)?;
         // The new epoch's state, computed on a scratch copy built from the
@@ -388,7 +429,7 @@ impl Validator {
                 name: next.name,
                 content_type: next.content_type,
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(fail)?;
         cache_records(self.store.as_ref(), &submission.records);
         // The store now holds the commit; if merging fails here, the next
         // catch-up re-applies it.
@@ -406,10 +447,10 @@ struct NextEpoch {
     content_type: String,
 }
 
-fn next_epoch(current: &EpochState, submission: &Submission) -> Result<NextEpoch, String> {
-    let scratch = MlsStore::in_memory().map_err(|e| e.to_string())?;
+fn next_epoch(current: &EpochState, submission: &Submission) -> Result<NextEpoch, Refusal> {
+    let scratch = MlsStore::in_memory().map_err(fail)?;
     let mut public = PublicChannel::create(&scratch, &current.group_info, &current.ratchet_tree)
-        .map_err(|e| format!("rebuilding epoch {}: {e}", current.epoch))?;
+        .map_err(|e| fail(format!("rebuilding epoch {}: {e}", current.epoch)))?;
     let validated = public
         .validate_commit(&submission.commit)
         .map_err(|e| e.to_string())?;
@@ -421,7 +462,7 @@ fn next_epoch(current: &EpochState, submission: &Submission) -> Result<NextEpoch
     Ok(NextEpoch {
         state: EpochState {
             epoch: public.epoch(),
-            ratchet_tree: public.ratchet_tree().map_err(|e| e.to_string())?,
+            ratchet_tree: public.ratchet_tree().map_err(fail)?,
             group_info: submission.group_info.clone(),
             members: public.members(),
         },

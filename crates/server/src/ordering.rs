@@ -92,6 +92,13 @@ pub(crate) async fn order_local(
         Ok(Err(OrderError::NotLeader { leader_server, .. })) => {
             Ok(Ordered::NotLeader(leader_server))
         }
+        Ok(Err(e @ OrderError::Stopped(_))) => {
+            state.channels.forget(channel).await;
+            Err(ApiError::unavailable(format!(
+                "the channel's orderer stopped ({e}); it restarts from its log on the next \
+                 request, and resubmitting the same commit is safe"
+            )))
+        }
         Ok(Err(e)) => Err(internal("ordering the commit")(e.to_string())),
         Ok(Ok(outcome)) => Ok(Ordered::Outcome(outcome)),
     }

@@ -120,17 +120,25 @@ impl<V: CommitValidator + Send + 'static> RaftStateMachine<TypeConfig> for Order
         let state = &mut *guard;
         let mut outcomes = Vec::new();
         for entry in entries {
-            state.last_applied = Some(entry.log_id);
+            let log_id = entry.log_id;
             match entry.payload {
                 EntryPayload::Blank => outcomes.push(None),
                 EntryPayload::Normal(submission) => {
-                    outcomes.push(Some(state.order.apply(submission, &mut state.validator)));
+                    let outcome = state.order.apply(submission, &mut state.validator);
+                    if let Some(failure) = state.validator.take_failure() {
+                        // Not a verdict: stop rather than record a rejection
+                        // other servers would not make (see `take_failure`).
+                        let e = std::io::Error::other(failure);
+                        return Err(StorageIOError::write_state_machine(&e).into());
+                    }
+                    outcomes.push(Some(outcome));
                 }
                 EntryPayload::Membership(membership) => {
-                    state.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    state.membership = StoredMembership::new(Some(log_id), membership);
                     outcomes.push(None);
                 }
             }
+            state.last_applied = Some(log_id);
         }
         Ok(outcomes)
     }
