@@ -86,6 +86,9 @@ pub(crate) struct Channels {
     membership: Gates,
     /// The epoch whose servers each channel's Raft membership last matched.
     membership_epochs: Mutex<HashMap<ChannelId, u64>>,
+    /// The servers sponsoring each channel's members, by epoch (fan-out
+    /// asks for them on every message).
+    servers: Mutex<HashMap<ChannelId, (u64, std::collections::BTreeSet<ServerName>)>>,
     orderers: Mutex<HashMap<ChannelId, Orderer>>,
     accepted_tx: mpsc::UnboundedSender<Accepted>,
     accepted_rx: Mutex<Option<mpsc::UnboundedReceiver<Accepted>>>,
@@ -132,6 +135,7 @@ impl Channels {
             starting: Mutex::new(HashMap::new()),
             membership: Mutex::new(HashMap::new()),
             membership_epochs: Mutex::new(HashMap::new()),
+            servers: Mutex::new(HashMap::new()),
             orderers: Mutex::new(HashMap::new()),
             accepted_tx,
             accepted_rx: Mutex::new(Some(accepted_rx)),
@@ -156,6 +160,28 @@ impl Channels {
     /// The epoch whose servers the channel's Raft membership last matched.
     pub(crate) fn membership_checked(&self, channel: ChannelId) -> Option<u64> {
         lock(&self.membership_epochs).get(&channel).copied()
+    }
+
+    /// The servers of the channel at `epoch`, if computed before.
+    pub(crate) fn cached_servers(
+        &self,
+        channel: ChannelId,
+        epoch: u64,
+    ) -> Option<std::collections::BTreeSet<ServerName>> {
+        lock(&self.servers)
+            .get(&channel)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Remembers the servers of the channel at `epoch`.
+    pub(crate) fn cache_servers(
+        &self,
+        channel: ChannelId,
+        epoch: u64,
+        servers: std::collections::BTreeSet<ServerName>,
+    ) {
+        lock(&self.servers).insert(channel, (epoch, servers));
     }
 
     /// Records that the Raft membership matches the servers of `epoch`.

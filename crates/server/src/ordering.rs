@@ -237,22 +237,29 @@ async fn current_servers(
     channel: ChannelId,
 ) -> Result<(u64, BTreeSet<ServerName>), ApiError> {
     let now = now_ms();
-    state
+    let Some(row) = state.db(move |s| s.channel(&channel)).await? else {
+        return Ok((0, BTreeSet::new()));
+    };
+    let epoch = row.epoch;
+    if let Some(servers) = state.channels.cached_servers(channel, epoch) {
+        return Ok((epoch, servers));
+    }
+    let servers: BTreeSet<ServerName> = state
         .db(move |s| {
-            let Some(row) = s.channel(&channel)? else {
-                return Ok((0, BTreeSet::new()));
-            };
             let members = s
-                .epoch_state(&channel, row.epoch)?
+                .epoch_state(&channel, epoch)?
                 .map(|e| e.members)
                 .unwrap_or_default();
-            let servers = sponsors(s, &members, now)?
+            Ok(sponsors(s, &members, now)?
                 .into_iter()
                 .map(|(server, _)| server)
-                .collect();
-            Ok((row.epoch, servers))
+                .collect())
         })
-        .await
+        .await?;
+    state
+        .channels
+        .cache_servers(channel, epoch, servers.clone());
+    Ok((epoch, servers))
 }
 
 /// On the leader: makes the Raft voters exactly the servers that sponsor
