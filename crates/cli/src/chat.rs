@@ -195,6 +195,24 @@ pub(crate) fn item_line(item: &Item<String>) -> String {
     line
 }
 
+/// What to tell the user after leaving `#name`.
+pub(crate) fn leave_notice(name: &str, outcome: &kith_client::LeaveOutcome) -> String {
+    if !outcome.requested {
+        format!("left #{name} (this device was no longer a member)")
+    } else if outcome.admins == 0 {
+        format!(
+            "left #{name}: no other admin is a member, so nobody can remove this device; \
+             it no longer reads or sends here"
+        )
+    } else {
+        format!(
+            "left #{name}: asked its admins to remove this device ({} admin device(s) will \
+             when they next sync)",
+            outcome.admins
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kith_client::chat::is_chat;
 use kith_client::{Client, default_home};
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[derive(Parser)]
 #[command(
@@ -62,7 +62,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Channels: create, invite, remove, list.
+    /// Channels: create, invite, remove, leave, list.
     Channel {
         #[command(subcommand)]
         command: ChannelCommand,
@@ -177,6 +177,12 @@ enum ChannelCommand {
         /// The user, name@server.
         handle: String,
     },
+    /// Leave a channel: ask its admins to remove this device (spec §9.5).
+    /// The channel is marked left at once; its history is kept.
+    Leave {
+        /// Channel id or name.
+        channel: String,
+    },
     /// List the channels this device knows.
     List {
         /// Print JSON.
@@ -247,14 +253,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             let joined: Vec<String> = report.joined.iter().map(|c| c.to_string()).collect();
+            let removed: Vec<Value> = report
+                .removed_on_request
+                .iter()
+                .map(|(c, d)| json!({ "channel": c.to_string(), "device": d.to_string() }))
+                .collect();
             if json {
                 println!(
                     "{}",
-                    json!({ "joined": joined, "messages": report.messages, "commits": report.commits })
+                    json!({ "joined": joined, "messages": report.messages, "commits": report.commits,
+                            "removed_on_request": removed })
                 );
             } else {
                 for c in &joined {
                     println!("joined channel {c}");
+                }
+                for (c, d) in &report.removed_on_request {
+                    println!("removed device {d} from channel {c}: it asked to leave");
                 }
                 eprintln!(
                     "{} new message(s), {} commit(s)",
@@ -459,6 +474,11 @@ async fn channel(home: &std::path::Path, command: ChannelCommand) -> anyhow::Res
             let row = client.resolve_channel(&channel)?;
             let n = client.remove(row.id, &handle).await?;
             eprintln!("removed {n} device(s) of {handle}");
+        }
+        ChannelCommand::Leave { channel } => {
+            let row = client.resolve_channel(&channel)?;
+            let outcome = client.leave(row.id).await?;
+            eprintln!("{}", chat::leave_notice(&row.name, &outcome));
         }
         ChannelCommand::List { json } => {
             for c in client.channels()? {

@@ -187,3 +187,68 @@ fn chat_commands_and_the_folded_timeline() {
     let out = kith(&alice, &["react", "raw", &hello[..8], "x"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not chat messages"));
 }
+
+#[test]
+fn kith_channel_leave_asks_the_admin_to_remove_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    let server = Kithd::start(&dir.path().join("data"), free_port());
+    let host = format!("localhost:{}", server.port);
+    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
+        ok(
+            home,
+            &["register", "--server", &server.url(), "--name", name],
+        );
+    }
+    ok(&alice, &["channel", "create", "general"]);
+    ok(
+        &alice,
+        &["channel", "invite", "general", &format!("bob@{host}")],
+    );
+    ok(&bob, &["sync"]);
+    ok(&alice, &["send", "general", "before"]);
+    let texts = |home: &Path| -> Vec<String> {
+        timeline(home, "general")
+            .iter()
+            .map(|i| i["text"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(texts(&bob), ["before"]);
+
+    // The only admin may not leave while Bob remains.
+    let out = kith(&alice, &["channel", "leave", "general"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only admin"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = kith(&bob, &["channel", "leave", "general"]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("left #general: asked its admins"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value =
+        serde_json::from_str(ok(&bob, &["channel", "list", "--json"]).trim()).unwrap();
+    assert_eq!(listed["active"], false);
+    assert!(ok(&bob, &["channel", "list"]).contains("(left)"));
+    let out = kith(&bob, &["send", "general", "one more"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no longer a member"));
+
+    // Alice's next sync removes Bob's device.
+    let who: Value = serde_json::from_str(&ok(&bob, &["whoami", "--json"])).unwrap();
+    let report: Value = serde_json::from_str(ok(&alice, &["sync", "--json"]).trim()).unwrap();
+    assert_eq!(report["removed_on_request"][0]["device"], who["device"]);
+    let listed: Value =
+        serde_json::from_str(ok(&alice, &["channel", "list", "--json"]).trim()).unwrap();
+    assert_eq!(listed["members"], 1);
+
+    // Bob keeps his history and reads nothing new.
+    ok(&alice, &["send", "general", "after"]);
+    assert_eq!(texts(&alice), ["before", "after"]);
+    assert_eq!(texts(&bob), ["before"]);
+}

@@ -33,6 +33,20 @@ pub struct SyncReport {
     pub direct: Vec<crate::DirectMessage>,
     /// Typing notifications in chat channels: reported here, never stored.
     pub typing: Vec<crate::chat::TypingEvent>,
+    /// Members this (admin) device removed because they asked to leave.
+    pub removed_on_request: Vec<(ChannelId, DeviceId)>,
+}
+
+/// What [`Client::leave`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaveOutcome {
+    /// Whether a leave request went out (false when the device was no
+    /// longer a member anyway).
+    pub requested: bool,
+    /// How many other admin devices are members and will commit this
+    /// device's removal when their clients next sync. Zero means nobody
+    /// can: the device stays an MLS member that no longer reads (§9.5).
+    pub admins: usize,
 }
 
 /// The body of a Welcome deposited in an invitee's inbox.
@@ -284,6 +298,89 @@ impl Client {
             })
             .await?;
         Ok(outcome.map(|(o, _)| o.info.removed.len()).unwrap_or(0))
+    }
+
+    /// Leaves a channel (spec §9.5): sends a leave request (an application
+    /// message with an empty payload and AAD `kith-leave-v0`) and marks the
+    /// channel left here, so this device stops sending and reading but
+    /// keeps its history. The channel's admins commit the removal when
+    /// their clients next sync; until then this device is still an MLS
+    /// member. The only admin of a channel with other members is refused:
+    /// nobody could remove it.
+    pub async fn leave(&mut self, id: ChannelId) -> Result<LeaveOutcome, ClientError> {
+        let mut row = self.resolve_channel(&id.to_string())?;
+        if !row.active {
+            return Err(ClientError::Invalid(format!(
+                "this device has already left #{}",
+                row.name
+            )));
+        }
+        self.sync().await?;
+        self.catch_up(id).await?;
+        let me = self.device_id();
+        let (active, members, admins) = {
+            let channel = self.mls.channel(id)?;
+            let extension = channel.extension().map_err(protocol)?;
+            let members = channel.members();
+            let admins = members
+                .iter()
+                .filter(|d| **d != me && extension.policy.is_admin(d))
+                .count();
+            (channel.is_active(), members, admins)
+        };
+        if active {
+            let others = members.iter().filter(|d| **d != me).count();
+            if admins == 0 && others > 0 && self.channel_admins(id)?.contains(&me) {
+                return Err(ClientError::Invalid(format!(
+                    "this device is the only admin of #{} and {others} other member(s) remain: \
+                     nobody could commit its removal, so it cannot leave; remove the others \
+                     first",
+                    row.name
+                )));
+            }
+            self.send_with_aad(id, &[], kith_mls::LEAVE_REQUEST_AAD, false)
+                .await?;
+        }
+        row.active = false;
+        self.store.save_channel(&row)?;
+        Ok(LeaveOutcome {
+            requested: active,
+            admins: if active { admins } else { 0 },
+        })
+    }
+
+    /// Commits the removal of every member whose leave request this device
+    /// recorded (it is an admin). A member already gone needs nothing.
+    async fn honor_leave_requests(&mut self, report: &mut SyncReport) -> Result<(), ClientError> {
+        for (id, device) in self.store.leave_requests()? {
+            let still_here = self
+                .resolve_channel(&id.to_string())
+                .is_ok_and(|row| row.active)
+                && self.mls.channel(id).is_ok_and(|c| c.is_active());
+            let me = self.device_id();
+            let admin = still_here && self.channel_admins(id).is_ok_and(|a| a.contains(&me));
+            if admin {
+                let outcome = self
+                    .commit_with_retry(id, |channel| {
+                        if !channel.members().contains(&device) {
+                            return Ok(None);
+                        }
+                        Ok(Some(channel.remove(&[device])?))
+                    })
+                    .await;
+                match outcome {
+                    Ok(Some(_)) => report.removed_on_request.push((id, device)),
+                    Ok(None) => {}
+                    // Kept: the next sync tries again.
+                    Err(e) if is_retryable(&e) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(channel = %id, %device, "cannot honor a leave request: {e}");
+                    }
+                }
+            }
+            self.store.drop_leave_request(&id, &device)?;
+        }
+        Ok(())
     }
 
     /// Updates this device's own leaf (fresh key material): the commit any
@@ -543,6 +640,26 @@ impl Client {
         data: &[u8],
         keep: bool,
     ) -> Result<String, ClientError> {
+        self.send_with_aad(id, data, &[], keep).await
+    }
+
+    /// Sends `data` with MLS `authenticated_data` `aad` (empty for every
+    /// application payload; only control messages carry AAD).
+    async fn send_with_aad(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        aad: &[u8],
+        keep: bool,
+    ) -> Result<String, ClientError> {
+        if let Ok(row) = self.resolve_channel(&id.to_string())
+            && !row.active
+        {
+            return Err(ClientError::Invalid(format!(
+                "this device is no longer a member of #{}",
+                row.name
+            )));
+        }
         // Process what is queued first, in order, so the device moves
         // through epochs one at a time and can still read every message
         // sent in the ones it passes.
@@ -555,7 +672,7 @@ impl Client {
                     "this device is no longer a member of {id}"
                 )));
             }
-            (channel.encrypt(data)?, channel.epoch())
+            (channel.encrypt_with_aad(data, aad)?, channel.epoch())
         };
         let text = id.to_string();
         let (message_id, seq, received_at) = self
@@ -635,6 +752,7 @@ impl Client {
             }
             self.acknowledge(last).await?;
         }
+        self.honor_leave_requests(&mut report).await?;
         Ok(report)
     }
 
@@ -723,13 +841,30 @@ impl Client {
         m: &FutureMessage,
         report: &mut SyncReport,
     ) -> Result<bool, ClientError> {
+        let row = self.resolve_channel(&id.to_string()).ok();
+        if row.as_ref().is_some_and(|r| !r.active) {
+            // Left (or removed): nothing more is read.
+            return Ok(false);
+        }
         let processed = self.mls.channel(id)?.process(&m.message);
+        if let Ok(incoming) = &processed
+            && let Some(leaver) = incoming.leave_request()
+        {
+            // Only admins act on it, and only ever for its MLS sender.
+            let me = self.device_id();
+            if self.channel_admins(id).is_ok_and(|a| a.contains(&me)) {
+                self.store.save_leave_request(&id, &leaver)?;
+            }
+            return Ok(false);
+        }
         match processed {
-            Ok(Incoming::Application { sender, data }) => {
+            Ok(Incoming::Application { aad, .. }) if !aad.is_empty() => {
+                tracing::warn!(channel = %id, "dropping a message with unknown authenticated data");
+                Ok(false)
+            }
+            Ok(Incoming::Application { sender, data, .. }) => {
                 let name = self.display_sender(&sender).await;
-                let chat = self
-                    .resolve_channel(&id.to_string())
-                    .is_ok_and(|row| crate::chat::is_chat(&row));
+                let chat = row.is_some_and(|row| crate::chat::is_chat(&row));
                 if chat && let Some(typing) = crate::chat::is_ephemeral(&data) {
                     report.typing.push(crate::chat::TypingEvent {
                         channel: id,

@@ -27,7 +27,7 @@ use kith_proto::{
 };
 
 pub use api::Api;
-pub use channels::SyncReport;
+pub use channels::{LeaveOutcome, SyncReport};
 pub use chat::{ChatTimeline, TypingEvent};
 pub use kith_chat;
 pub use store::{ChannelRow, MessageRow};

@@ -80,6 +80,11 @@ CREATE TABLE IF NOT EXISTS future_messages (
     received_at INTEGER NOT NULL,
     PRIMARY KEY (channel, id)
 );
+CREATE TABLE IF NOT EXISTS leave_requests (
+    channel BLOB NOT NULL,
+    device BLOB NOT NULL,
+    PRIMARY KEY (channel, device)
+);
 CREATE TABLE IF NOT EXISTS records (
     device BLOB PRIMARY KEY,
     record BLOB NOT NULL
@@ -194,7 +199,10 @@ pub struct ChannelRow {
     pub name: String,
     /// Its content type.
     pub content_type: String,
-    /// Whether this device is still a member.
+    /// Whether this device is still a member: false once a commit removed
+    /// it, or once it sent a leave request (it then stops sending and
+    /// reading, keeps its history, and processes commits until the one
+    /// that removes it).
     pub active: bool,
 }
 
@@ -371,6 +379,46 @@ impl Store {
         self.conn.execute(
             "DELETE FROM future_messages WHERE channel = ?1 AND id = ?2",
             params![&channel.as_bytes()[..], &id[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Records a member's leave request for this (admin) device to honor.
+    pub fn save_leave_request(
+        &self,
+        channel: &ChannelId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO leave_requests (channel, device) VALUES (?1, ?2)",
+            params![&channel.as_bytes()[..], &device.as_bytes()[..]],
+        )?;
+        Ok(())
+    }
+
+    /// The leave requests not honored yet, in the order they arrived.
+    pub fn leave_requests(&self) -> Result<Vec<(ChannelId, DeviceId)>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT channel, device FROM leave_requests ORDER BY rowid")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                ChannelId::from_bytes(blob16(r.get(0)?)?),
+                DeviceId::from_bytes(blob32(r.get(1)?)?),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets a leave request, once it is honored (or moot).
+    pub fn drop_leave_request(
+        &self,
+        channel: &ChannelId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
+        self.conn.execute(
+            "DELETE FROM leave_requests WHERE channel = ?1 AND device = ?2",
+            params![&channel.as_bytes()[..], &device.as_bytes()[..]],
         )?;
         Ok(())
     }

@@ -48,6 +48,12 @@ pub const MAXIMUM_FORWARD_DISTANCE: u32 = 1000;
 /// The largest MLS message this crate parses, in bytes.
 pub const MAX_MESSAGE_LEN: usize = 4 * 1024 * 1024;
 
+/// The MLS `authenticated_data` of a **leave request** (spec §9.5): an
+/// application message with this AAD and an empty payload asks the
+/// channel's admins to remove its sender. Ordinary application messages
+/// have empty AAD, so applications never see a leave request.
+pub const LEAVE_REQUEST_AAD: &[u8] = b"kith-leave-v0";
+
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -239,6 +245,10 @@ pub enum Incoming {
         sender: DeviceId,
         /// The payload.
         data: Vec<u8>,
+        /// The message's MLS `authenticated_data`, as the sender set it
+        /// (authenticated by MLS): empty for ordinary messages,
+        /// [`LEAVE_REQUEST_AAD`] for a leave request.
+        aad: Vec<u8>,
     },
     /// A commit by another member, staged: merge it with
     /// [`Channel::merge_staged`] once its ordering certificate checks.
@@ -255,6 +265,23 @@ pub enum Incoming {
         /// The proposing device.
         sender: DeviceId,
     },
+}
+
+impl Incoming {
+    /// The device asking to leave, if this is a leave request (spec §9.5):
+    /// application data with an empty payload and `authenticated_data`
+    /// exactly [`LEAVE_REQUEST_AAD`]. The device is always the MLS sender,
+    /// so a member can only ever ask for its own removal.
+    pub fn leave_request(&self) -> Option<DeviceId> {
+        match self {
+            Incoming::Application { sender, data, aad }
+                if data.is_empty() && aad.as_slice() == LEAVE_REQUEST_AAD =>
+            {
+                Some(*sender)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A device: its identity and its MLS state.
@@ -698,11 +725,30 @@ impl<'d> Channel<'d> {
     /// Encrypts application data as a PrivateMessage (an MLSMessage). The
     /// payload is exactly `data`: Kith adds no framing.
     pub fn encrypt(&mut self, data: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        self.encrypt_with_aad(data, &[])
+    }
+
+    /// Encrypts application data with MLS `authenticated_data` `aad`
+    /// (sent in the clear, authenticated by the signature and the AEAD).
+    /// Kith uses it only for control messages such as
+    /// [`Channel::leave_request`].
+    pub fn encrypt_with_aad(&mut self, data: &[u8], aad: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        self.group.set_aad(aad.to_vec());
         let message = self
             .group
-            .create_message(self.store(), &self.device.signer, data)
-            .map_err(mls("encrypting"))?;
-        serialize(&message, "application message")
+            .create_message(self.store(), &self.device.signer, data);
+        // OpenMLS clears the AAD only when it made a message: never let it
+        // stick to the next one.
+        self.group.set_aad(Vec::new());
+        serialize(&message.map_err(mls("encrypting"))?, "application message")
+    }
+
+    /// A leave request (spec §9.5): an application message with an empty
+    /// payload and `authenticated_data` [`LEAVE_REQUEST_AAD`], which asks
+    /// the channel's admins to commit this device's removal (MLS forbids a
+    /// member to commit its own).
+    pub fn leave_request(&mut self) -> Result<Vec<u8>, DeviceError> {
+        self.encrypt_with_aad(&[], LEAVE_REQUEST_AAD)
     }
 
     /// Processes an incoming MLSMessage of this channel.
@@ -731,10 +777,12 @@ impl<'d> Channel<'d> {
             .map_err(mls("processing a message"))?;
         let sender = processed.sender().clone();
         let credential = processed.credential().clone();
+        let aad = processed.aad().to_vec();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => Ok(Incoming::Application {
                 sender: credential_device_id(&credential)?,
                 data: app.into_bytes(),
+                aad,
             }),
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let extension = self.extension()?;

@@ -39,7 +39,7 @@
 //! let mut bobs = bob.join(&out.welcome.unwrap_or_default(), &out.ratchet_tree)?;
 //! let message = channel.encrypt(b"hello")?;
 //! match bobs.process(&message)? {
-//!     Incoming::Application { sender, data } => {
+//!     Incoming::Application { sender, data, .. } => {
 //!         assert_eq!((sender, data.as_slice()), (alice.device_id(), &b"hello"[..]));
 //!     }
 //!     other => panic!("unexpected {other:?}"),
@@ -59,7 +59,7 @@ pub mod storage;
 pub use check::{CommitInfo, PolicyError, commit_hash};
 pub use device::{
     CIPHERSUITE_V0, Channel, ChannelSettings, CommitOutput, Device, DeviceError, Incoming,
-    MAX_PAST_EPOCHS, StagedChannelCommit,
+    LEAVE_REQUEST_AAD, MAX_PAST_EPOCHS, StagedChannelCommit,
 };
 pub use extension::{
     ChannelExtension, ChannelName, ContentType, ExtensionError, KITH_CHANNEL_EXTENSION_TYPE, Policy,

@@ -11,7 +11,7 @@
 mod common;
 
 use common::*;
-use kith_mls::{Incoming, MlsStore, PublicChannel, ServerError};
+use kith_mls::{Incoming, LEAVE_REQUEST_AAD, MlsStore, PublicChannel, ServerError};
 use openmls::prelude::WireFormat;
 
 #[test]
@@ -210,6 +210,93 @@ fn a_member_may_leave_by_proposal() {
         Incoming::Commit(staged) => assert!(staged.removes_me()),
         other => panic!("expected a commit, got {other:?}"),
     }
+}
+
+/// Where a PrivateMessage's `authenticated_data` starts in an MLSMessage:
+/// version (2), wire format (2), group id (1 + 16), epoch (8), content type
+/// (1); then the AAD's length (one byte when short) and its bytes.
+const AAD_LEN_AT: usize = 2 + 2 + 1 + 16 + 8 + 1;
+
+fn with_aad(message: &[u8], aad: &[u8]) -> Vec<u8> {
+    let old = usize::from(message[AAD_LEN_AT]);
+    assert!(old < 64 && aad.len() < 64, "one-byte lengths only");
+    let mut out = message[..AAD_LEN_AT].to_vec();
+    out.push(u8::try_from(aad.len()).unwrap());
+    out.extend_from_slice(aad);
+    out.extend_from_slice(&message[AAD_LEN_AT + 1 + old..]);
+    out
+}
+
+#[test]
+fn a_leave_request_names_its_own_sender_and_its_aad_is_authenticated() {
+    let (a, b, c) = (device(), device(), device());
+    let server_store = MlsStore::in_memory().unwrap();
+    let mut ca = a
+        .create_channel(new_channel_id(), &settings(&[a.device_id()]))
+        .unwrap();
+    let mut server = PublicChannel::create(
+        &server_store,
+        &ca.group_info().unwrap(),
+        &ca.ratchet_tree().unwrap(),
+    )
+    .unwrap();
+    let out = ca.add(&[key_package(&b), key_package(&c)]).unwrap();
+    order(&mut server, &mut ca, &out);
+    let welcome = out.welcome.as_ref().unwrap();
+    let mut cb = b.join(welcome, &out.ratchet_tree).unwrap();
+    let mut cc = c.join(welcome, &out.ratchet_tree).unwrap();
+
+    // The wire bytes are exactly: empty payload, AAD `kith-leave-v0`.
+    let request = cb.leave_request().unwrap();
+    assert_eq!(wire_format(&request), WireFormat::PrivateMessage);
+    assert_eq!(usize::from(request[AAD_LEN_AT]), LEAVE_REQUEST_AAD.len());
+    assert_eq!(
+        &request[AAD_LEN_AT + 1..AAD_LEN_AT + 1 + LEAVE_REQUEST_AAD.len()],
+        b"kith-leave-v0"
+    );
+    let incoming = ca.process(&request).unwrap();
+    assert_eq!(incoming.leave_request(), Some(b.device_id()));
+    match incoming {
+        Incoming::Application { sender, data, aad } => {
+            assert_eq!((sender, data.as_slice()), (b.device_id(), &b""[..]));
+            assert_eq!(aad, b"kith-leave-v0");
+        }
+        other => panic!("expected application data, got {other:?}"),
+    }
+
+    // The AAD does not stick to the next message: it is ordinary.
+    let after = cb.encrypt(b"still here").unwrap();
+    assert_eq!(after[AAD_LEN_AT], 0);
+    let incoming = ca.process(&after).unwrap();
+    assert_eq!(incoming.leave_request(), None);
+    assert_eq!(
+        cc.process(&request).unwrap().leave_request(),
+        Some(b.device_id())
+    );
+    assert_eq!(receive(&mut cc, &after).1, b"still here");
+
+    // Neither an empty ordinary message nor a payload with the leave AAD is
+    // a leave request.
+    let empty = cc.encrypt(b"").unwrap();
+    assert_eq!(ca.process(&empty).unwrap().leave_request(), None);
+    let odd = cc.encrypt_with_aad(b"x", LEAVE_REQUEST_AAD).unwrap();
+    assert_eq!(ca.process(&odd).unwrap().leave_request(), None);
+
+    // A server (or anyone on the path) cannot turn C's message into a leave
+    // request, nor strip the AAD from B's: the AAD is signed and is AEAD
+    // associated data, so the changed message does not decrypt.
+    let ordinary = cc.encrypt(b"").unwrap();
+    let forged = with_aad(&ordinary, LEAVE_REQUEST_AAD);
+    assert!(ca.process(&forged).is_err());
+    let request = cb.leave_request().unwrap();
+    let stripped = with_aad(&request, b"");
+    assert!(ca.process(&stripped).is_err());
+    // The untouched originals still decrypt afterwards.
+    assert_eq!(
+        ca.process(&request).unwrap().leave_request(),
+        Some(b.device_id())
+    );
+    assert_eq!(ca.process(&ordinary).unwrap().leave_request(), None);
 }
 
 #[test]

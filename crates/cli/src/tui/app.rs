@@ -125,6 +125,11 @@ pub(crate) enum Action {
         /// The user.
         handle: String,
     },
+    /// Leave a channel: send a leave request and mark it left.
+    Leave {
+        /// The channel.
+        channel: ChannelId,
+    },
     /// Ring the terminal bell.
     Bell,
     /// Leave the program.
@@ -162,11 +167,6 @@ pub(crate) struct App {
 pub(crate) const HELP: &str = "/create NAME · /invite HANDLE · /remove HANDLE · /me TEXT · /reply ID TEXT · \
 /edit ID TEXT · /delete ID · /react ID EMOJI · /leave · /quit · Tab completes nicks · \
 Ctrl-N/Ctrl-P switch channel · PgUp/PgDn scroll";
-
-/// What `/leave` answers until Kith can leave a channel.
-pub(crate) const LEAVE_UNSUPPORTED: &str = "/leave is not supported yet: MLS does not let a member \
-commit its own removal and homeservers do not relay removal proposals in v0; ask an admin to \
-/remove you";
 
 impl App {
     /// A fresh app for the user `me`.
@@ -291,6 +291,11 @@ impl App {
     fn count_unread(&mut self) {
         let me = self.me.clone();
         for c in &mut self.channels {
+            if !c.snap.active {
+                // Left: it can no longer be marked read, so nothing counts.
+                (c.unread, c.mentions) = (0, 0);
+                continue;
+            }
             let items = &c.snap.timeline.items;
             let start = c
                 .snap
@@ -467,7 +472,16 @@ impl App {
                 vec![Action::Quit]
             }
             "help" => self.tell(HELP),
-            "leave" | "part" => self.tell(LEAVE_UNSUPPORTED),
+            "leave" | "part" => {
+                let Some(c) = self.current() else {
+                    return self.tell("no channel to leave");
+                };
+                if !c.snap.active {
+                    let text = format!("you are no longer a member of #{}", c.snap.name);
+                    return self.tell(&text);
+                }
+                vec![Action::Leave { channel: c.snap.id }]
+            }
             "create" if !rest.is_empty() => vec![Action::Create {
                 name: rest.to_owned(),
             }],
@@ -535,6 +549,10 @@ impl App {
         let Some(c) = self.current() else {
             return self.tell("no channel: /create one first");
         };
+        if !c.snap.active {
+            let text = format!("you are no longer a member of #{}", c.snap.name);
+            return self.tell(&text);
+        }
         if c.snap.chat {
             self.chat(|_| chat::text(text, false, None, None))
         } else {
@@ -551,6 +569,10 @@ impl App {
         };
         if !c.snap.chat {
             let text = format!("#{} is not a chat channel", c.snap.name);
+            return self.tell(&text);
+        }
+        if !c.snap.active {
+            let text = format!("you are no longer a member of #{}", c.snap.name);
             return self.tell(&text);
         }
         let channel = c.snap.id;

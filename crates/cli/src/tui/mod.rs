@@ -183,6 +183,17 @@ async fn perform(app: &mut App, client: &mut Client, actions: Vec<Action>) {
                 .await
                 .map(|n| format!("removed {n} device(s) of {handle}"))
                 .map_err(|e| e.to_string()),
+            Action::Leave { channel } => {
+                let name = client
+                    .resolve_channel(&channel.to_string())
+                    .map(|row| row.name)
+                    .unwrap_or_else(|_| channel.to_string());
+                client
+                    .leave(channel)
+                    .await
+                    .map(|outcome| crate::chat::leave_notice(&name, &outcome))
+                    .map_err(|e| e.to_string())
+            }
         };
         queue.extend(app.update(Event::Done(result)));
         if refresh {

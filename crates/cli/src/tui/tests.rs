@@ -17,7 +17,7 @@ use kith_proto::{ChannelId, DeviceId};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 
-use super::app::{Action, App, ChannelSnapshot, Event, LEAVE_UNSUPPORTED};
+use super::app::{Action, App, ChannelSnapshot, Event};
 use super::ui::render;
 
 const ALICE: &str = "alice@a.test";
@@ -374,8 +374,14 @@ fn slash_commands() {
     );
     assert!(sent(&type_line(&mut app, "/delete ffffff")).is_empty());
     assert!(app.notice.as_deref().unwrap().contains("no message ffffff"));
-    assert!(type_line(&mut app, "/leave").is_empty());
-    assert_eq!(app.notice.as_deref(), Some(LEAVE_UNSUPPORTED));
+    assert_eq!(
+        type_line(&mut app, "/leave"),
+        vec![Action::Leave { channel: general }]
+    );
+    assert_eq!(
+        type_line(&mut app, "/part"),
+        vec![Action::Leave { channel: general }]
+    );
     assert!(type_line(&mut app, "/frobnicate").is_empty());
     assert!(app.notice.as_deref().unwrap().contains("unknown command"));
     assert_eq!(type_line(&mut app, "/quit"), vec![Action::Quit]);
@@ -457,5 +463,73 @@ fn channels_that_are_not_chat_send_bytes_and_refuse_chat_commands() {
     assert!(
         top.contains("#bytes (application/octet-stream) · encrypted · 2 can read: alice, bob"),
         "{top}"
+    );
+}
+
+#[test]
+fn leave_marks_the_channel_left_and_stops_sending() {
+    let mut app = alice();
+    let general = ChannelId::from_bytes([1; 16]);
+    assert_eq!(
+        type_line(&mut app, "/leave"),
+        vec![Action::Leave { channel: general }]
+    );
+    // What the loop does with the action: the client's answer, then the
+    // store as it is now (the channel marked left, its history kept).
+    let outcome = kith_client::LeaveOutcome {
+        requested: true,
+        admins: 1,
+    };
+    let notice = crate::chat::leave_notice("general", &outcome);
+    app.update(Event::Done(Ok(notice)));
+    let mut left = channel(1, "general", &general_entries());
+    left.active = false;
+    let actions = app.update(Event::Refreshed(vec![
+        left.clone(),
+        channel(2, "random", &[entry(20, BOB, 0, text("lunch?"))]),
+    ]));
+    assert!(actions.is_empty(), "{actions:?}");
+    assert_screen(
+        &app,
+        120,
+        &[
+            "┌Channels──────────────┐┌ #general · you are no longer a member ───────────────────────────────────────────────────────┐",
+            "│>#general left        ││12:00 010101 <alice> ship it today?                                                           │",
+            "│ #random 1 e2e:2      ││              ↳ <alice> ship it today?                                                        │",
+            "│                      ││12:01 020202 <bob> sure, after lunch                                                          │",
+            "│                      ││12:02 030303 <bob> typo here (edited)                                                         │",
+            "│                      ││             [+1 1]                                                                           │",
+            "│                      ││12:05 060606 <bob> [deleted by alice]                                                         │",
+            "│                      ││12:07 080808 * alice waves                                                                    │",
+            "│                      ││12:09 0a0a0a <bob> @alice@a.test look                                                         │",
+            "└──────────────────────┘└──────────────────────────────────────────────────────────────────────────────────────────────┘",
+            "alice@a.test · connected │ left #general: asked its admins to remove this device (1 admin device(s) will when they next",
+            "[#general]",
+        ],
+    );
+    // Nothing more goes out to a left channel: no typing, no text, no
+    // chat command, no second leave request.
+    assert!(type_line(&mut app, "anyone there?").is_empty());
+    assert_eq!(
+        app.notice.as_deref(),
+        Some("you are no longer a member of #general")
+    );
+    assert!(type_line(&mut app, "/me waves").is_empty());
+    assert!(type_line(&mut app, "/leave").is_empty());
+    assert_eq!(
+        app.notice.as_deref(),
+        Some("you are no longer a member of #general")
+    );
+    // New messages in the left channel are neither marked read nor rung.
+    let mut later = general_entries();
+    later.push(entry(11, BOB, 10, text("@alice@a.test bye?")));
+    left.timeline = fold(&later, &Moderators::new([ALICE.to_owned()]));
+    let actions = app.update(Event::Synced(vec![
+        left,
+        channel(2, "random", &[entry(20, BOB, 0, text("lunch?"))]),
+    ]));
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Send { .. })),
+        "{actions:?}"
     );
 }

@@ -56,7 +56,10 @@ pub fn deliver_commit(member: &mut Channel<'_>, commit: &[u8]) {
 /// A member decrypts an application message.
 pub fn receive(member: &mut Channel<'_>, message: &[u8]) -> (DeviceId, Vec<u8>) {
     match member.process(message).unwrap() {
-        Incoming::Application { sender, data } => (sender, data),
+        Incoming::Application { sender, data, aad } => {
+            assert!(aad.is_empty(), "ordinary messages carry no AAD");
+            (sender, data)
+        }
         other => panic!("expected application data, got {other:?}"),
     }
 }
