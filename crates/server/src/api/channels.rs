@@ -32,11 +32,11 @@ pub(super) fn routes() -> Router<Shared> {
         .route("/v0/channels/{id}/tree", get(tree))
         .route(
             "/v0/channels/{id}/messages",
-            get(list_messages).post(post_message),
+            get(list_messages).post(super::binary::post_message),
         )
 }
 
-fn parse_channel(text: &str) -> Result<ChannelId, ApiError> {
+pub(super) fn parse_channel(text: &str) -> Result<ChannelId, ApiError> {
     text.parse()
         .map_err(|_| ApiError::bad_request(format!("{text:?} is not a channel id (32 hex digits)")))
 }
@@ -47,7 +47,10 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 }
 
 /// The channel, or 404.
-async fn channel_row(state: &Shared, channel: ChannelId) -> Result<ChannelRow, ApiError> {
+pub(super) async fn channel_row(
+    state: &Shared,
+    channel: ChannelId,
+) -> Result<ChannelRow, ApiError> {
     state
         .db(move |s| s.channel(&channel))
         .await?
@@ -55,7 +58,7 @@ async fn channel_row(state: &Shared, channel: ChannelId) -> Result<ChannelRow, A
 }
 
 /// 403 `not_member` unless `device` is a current member.
-async fn require_member(
+pub(super) async fn require_member(
     state: &Shared,
     channel: ChannelId,
     device: DeviceId,
@@ -185,7 +188,11 @@ async fn list_channels(
 /// a crash, or a failure between accepting and certifying. Without that the
 /// channel would stay at that epoch with nobody able to merge it.
 /// `certify` does nothing for a commit already certified.
-async fn ready(state: &Shared, slot: &mut Slot, channel: ChannelId) -> Result<(), ApiError> {
+pub(super) async fn ready(
+    state: &Shared,
+    slot: &mut Slot,
+    channel: ChannelId,
+) -> Result<(), ApiError> {
     state.channels.orderer(slot, channel).await.map_err(|e| {
         tracing::error!(%channel, error = %e, "starting the orderer");
         ApiError::internal("the channel's orderer did not start")
@@ -509,7 +516,7 @@ async fn tree(
 
 // -- messages -----------------------------------------------------------------
 
-fn message_json(channel: ChannelId, m: &MessageRow) -> serde_json::Map<String, Value> {
+pub(super) fn message_json(channel: ChannelId, m: &MessageRow) -> serde_json::Map<String, Value> {
     let mut map = serde_json::Map::new();
     map.insert("channel".into(), channel.to_string().into());
     map.insert("seq".into(), m.seq.into());
@@ -523,13 +530,13 @@ fn message_json(channel: ChannelId, m: &MessageRow) -> serde_json::Map<String, V
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MessageRequest {
+pub(super) struct MessageRequest {
     epoch: u64,
     message: String,
 }
 
 #[tracing::instrument(skip_all, fields(device = %device, channel = %id))]
-async fn post_message(
+pub(super) async fn post_message(
     State(state): State<Shared>,
     Authed(device): Authed,
     Path(id): Path<String>,
