@@ -308,6 +308,40 @@ fn channels_and_commits(s: &dyn Store) {
     assert!(s.certify_commit(&chan(1), 5, b"cert", "{}", 8).is_err());
 }
 
+/// The deferred form stores what `store_message` stores; once its token
+/// is waited for, the message is there, and a repeat is deduplicated.
+fn deferred_messages_match(s: &dyn Store) {
+    let row = ChannelRow {
+        channel: chan(2),
+        name: "general".into(),
+        content_type: "text/plain".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1, 2])).unwrap();
+    let payload = |m: &kith_server::store::MessageRow| format!("{{\"seq\":{}}}", m.seq);
+    let message = NewMessage {
+        id: [9; 32],
+        epoch: 0,
+        sender: dev(1),
+        message: vec![9; 3],
+        received_at: 70,
+    };
+    let (stored, events, token) = s
+        .store_message_deferred(&chan(2), &message, &payload)
+        .unwrap();
+    s.wait_durable(token).unwrap();
+    assert_eq!(stored.seq, 1);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, dev(2));
+    assert_eq!(s.messages(&chan(2), 0, 10).unwrap(), vec![stored.clone()]);
+    let (again, events, token) = s
+        .store_message_deferred(&chan(2), &message, &payload)
+        .unwrap();
+    s.wait_durable(token).unwrap();
+    assert_eq!((again, events.len()), (stored, 0));
+}
+
 fn messages_and_their_events(s: &dyn Store) {
     let row = ChannelRow {
         channel: chan(1),
@@ -530,6 +564,11 @@ macro_rules! store_suite {
             #[test]
             fn messages_and_their_events() {
                 super::messages_and_their_events(make().as_ref());
+            }
+
+            #[test]
+            fn deferred_messages_match() {
+                super::deferred_messages_match(make().as_ref());
             }
         }
     };

@@ -116,14 +116,20 @@ async fn accept(
         message,
         received_at,
     };
-    let (stored, events) = state
+    // Committed under the channel's lock, which fixes the message's place
+    // after every commit event of its epoch; the disk sync is waited for
+    // after the lock is released, so the next message of the channel can
+    // share it (group commit). Nobody hears of the message before it is
+    // on disk: not the sender, not the members (reads wait for it too).
+    let (stored, events, token) = state
         .db(move |s| {
-            s.store_message(&channel, &new, &|m| {
+            s.store_message_deferred(&channel, &new, &|m| {
                 Value::Object(channels::message_json(channel, m)).to_string()
             })
         })
         .await?;
     drop(slot);
+    state.db(move |s| s.wait_durable(token)).await?;
     for (to, event) in &events {
         state.hub.notify(*to, event.cursor);
     }

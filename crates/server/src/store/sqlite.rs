@@ -16,8 +16,9 @@ use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, Event, InboxItem, MessageRow, Millis,
-    NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Store, StoreError,
+    ChannelRow, Claimed, CommitRow, DeferredMessage, DeviceRow, EpochState, Event, InboxItem,
+    MessageRow, Millis, NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Store,
+    StoreError,
 };
 
 /// The schema version this code writes (`PRAGMA user_version`).
@@ -336,6 +337,17 @@ impl std::ops::DerefMut for Conn<'_> {
     }
 }
 
+impl Conn<'_> {
+    /// Unlocks without waiting for the disk; returns the generation to
+    /// pass to [`GroupCommit::wait`] before anyone is told of the writes.
+    fn release(mut self) -> u64 {
+        match self.guard.take() {
+            Some(guard) => self.sync.ticket(guard.total_changes()),
+            None => 0,
+        }
+    }
+}
+
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         let Some(guard) = self.guard.take() else {
@@ -345,6 +357,86 @@ impl Drop for Conn<'_> {
         drop(guard);
         self.sync.wait(ticket);
     }
+}
+
+/// Stores a message and its events in one transaction (see
+/// [`Store::store_message`]).
+fn insert_message(
+    conn: &mut Connection,
+    channel: &ChannelId,
+    message: &NewMessage,
+    payload: &dyn Fn(&MessageRow) -> String,
+) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let known = tx
+        .query_row(
+            "SELECT 1 FROM channels WHERE channel = ?1",
+            [channel.as_bytes()],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !known {
+        return Err(StoreError::UnknownChannel(*channel));
+    }
+    let existing = tx
+        .query_row(
+            "SELECT seq, id, epoch, sender, message, received_at FROM channel_messages
+             WHERE channel = ?1 AND id = ?2",
+            params![channel.as_bytes(), message.id.as_slice()],
+            message_row,
+        )
+        .optional()?;
+    if let Some(raw) = existing {
+        return Ok((to_message_row(raw)?, Vec::new()));
+    }
+    let last: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(seq), 0) FROM channel_messages WHERE channel = ?1",
+        [channel.as_bytes()],
+        |r| r.get(0),
+    )?;
+    let row = MessageRow {
+        seq: uint(last)? + 1,
+        id: message.id,
+        epoch: message.epoch,
+        sender: message.sender,
+        message: message.message.clone(),
+        received_at: message.received_at,
+    };
+    tx.execute(
+        "INSERT INTO channel_messages (channel, seq, id, epoch, sender, message, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            channel.as_bytes(),
+            int(row.seq)?,
+            row.id.as_slice(),
+            int(row.epoch)?,
+            row.sender.as_bytes(),
+            row.message,
+            int(row.received_at)?
+        ],
+    )?;
+    let recipients: Vec<Vec<u8>> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT device FROM channel_members WHERE channel = ?1 AND device != ?2",
+        )?;
+        stmt.query_map(
+            params![channel.as_bytes(), message.sender.as_bytes()],
+            |r| r.get(0),
+        )?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    let text = payload(&row);
+    let mut events = Vec::with_capacity(recipients.len());
+    for raw in recipients {
+        let device = device_id(&raw)?;
+        events.push((
+            device,
+            insert_event(&tx, &device, "message", &text, row.received_at)?,
+        ));
+    }
+    tx.commit()?;
+    Ok((row, events))
 }
 
 fn int(v: u64) -> Result<i64, StoreError> {
@@ -1251,76 +1343,24 @@ impl Store for SqliteStore {
         payload: &dyn Fn(&MessageRow) -> String,
     ) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError> {
         let mut conn = self.lock()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let known = tx
-            .query_row(
-                "SELECT 1 FROM channels WHERE channel = ?1",
-                [channel.as_bytes()],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        if !known {
-            return Err(StoreError::UnknownChannel(*channel));
-        }
-        let existing = tx
-            .query_row(
-                "SELECT seq, id, epoch, sender, message, received_at FROM channel_messages
-                 WHERE channel = ?1 AND id = ?2",
-                params![channel.as_bytes(), message.id.as_slice()],
-                message_row,
-            )
-            .optional()?;
-        if let Some(raw) = existing {
-            return Ok((to_message_row(raw)?, Vec::new()));
-        }
-        let last: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(seq), 0) FROM channel_messages WHERE channel = ?1",
-            [channel.as_bytes()],
-            |r| r.get(0),
-        )?;
-        let row = MessageRow {
-            seq: uint(last)? + 1,
-            id: message.id,
-            epoch: message.epoch,
-            sender: message.sender,
-            message: message.message.clone(),
-            received_at: message.received_at,
-        };
-        tx.execute(
-            "INSERT INTO channel_messages (channel, seq, id, epoch, sender, message, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                channel.as_bytes(),
-                int(row.seq)?,
-                row.id.as_slice(),
-                int(row.epoch)?,
-                row.sender.as_bytes(),
-                row.message,
-                int(row.received_at)?
-            ],
-        )?;
-        let recipients: Vec<Vec<u8>> = {
-            let mut stmt = tx.prepare_cached(
-                "SELECT device FROM channel_members WHERE channel = ?1 AND device != ?2",
-            )?;
-            stmt.query_map(
-                params![channel.as_bytes(), message.sender.as_bytes()],
-                |r| r.get(0),
-            )?
-            .collect::<Result<Vec<_>, _>>()?
-        };
-        let text = payload(&row);
-        let mut events = Vec::with_capacity(recipients.len());
-        for raw in recipients {
-            let device = device_id(&raw)?;
-            events.push((
-                device,
-                insert_event(&tx, &device, "message", &text, row.received_at)?,
-            ));
-        }
-        tx.commit()?;
-        Ok((row, events))
+        insert_message(&mut conn, channel, message, payload)
+    }
+
+    fn store_message_deferred(
+        &self,
+        channel: &ChannelId,
+        message: &NewMessage,
+        payload: &dyn Fn(&MessageRow) -> String,
+    ) -> Result<DeferredMessage, StoreError> {
+        let mut conn = self.lock()?;
+        let stored = insert_message(&mut conn, channel, message, payload);
+        let token = conn.release();
+        stored.map(|(row, events)| (row, events, token))
+    }
+
+    fn wait_durable(&self, token: u64) -> Result<(), StoreError> {
+        self.sync.wait(token);
+        Ok(())
     }
 
     fn messages(
