@@ -9,6 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use kith_proto::events::{EventFrame, OCTET_STREAM, decode_frames};
+
 use crate::ClientError;
 
 /// Encodes bytes for a JSON field.
@@ -108,17 +110,44 @@ impl Api {
         body: Option<Value>,
     ) -> Result<T, ClientError> {
         let mut request = self.http.request(method, format!("{}{}", self.base, path));
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
         if let Some(body) = body {
             request = request.json(&body);
+        }
+        let bytes = self.fetch(request).await?;
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes)
+            .map_err(|e| ClientError::Protocol(format!("unexpected answer to {path}: {e}")))
+    }
+
+    /// Sends `request` (with the session token, if any) and returns the
+    /// body of a 2xx answer, or the server's error.
+    async fn fetch(&self, request: reqwest::RequestBuilder) -> Result<Vec<u8>, ClientError> {
+        self.fetch_typed(request).await.map(|(_, body)| body)
+    }
+
+    /// As [`Api::fetch`], with whether the answer is
+    /// `application/octet-stream`.
+    async fn fetch_typed(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<(bool, Vec<u8>), ClientError> {
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
         }
         let response = request
             .send()
             .await
             .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
         let status = response.status();
+        let binary = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(';').next().map(str::trim) == Some(OCTET_STREAM));
         let bytes = response
             .bytes()
             .await
@@ -137,13 +166,7 @@ impl Api {
                 message,
             });
         }
-        let bytes = if bytes.is_empty() {
-            &b"null"[..]
-        } else {
-            &bytes[..]
-        };
-        serde_json::from_slice(bytes)
-            .map_err(|e| ClientError::Protocol(format!("unexpected answer to {path}: {e}")))
+        Ok((binary, bytes.to_vec()))
     }
 
     /// `GET /v0/server`.
@@ -423,6 +446,69 @@ impl Api {
             )
             .await?;
         Ok((s.id, s.seq, s.received_at))
+    }
+
+    /// `POST /v0/channels/{id}/messages?epoch=E` with the MLS message as an
+    /// `application/octet-stream` body (spec §6.7): returns `(id, seq,
+    /// received_at)`. The server refuses with 409 `wrong_epoch` unless
+    /// `epoch` is the channel's current epoch.
+    pub async fn send_message_binary(
+        &self,
+        channel: &str,
+        epoch: u64,
+        message: &[u8],
+    ) -> Result<(String, u64, u64), ClientError> {
+        #[derive(Deserialize)]
+        struct Sent {
+            id: String,
+            seq: u64,
+            received_at: u64,
+        }
+        let path = format!("/v0/channels/{channel}/messages?epoch={epoch}");
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, OCTET_STREAM)
+            .body(message.to_vec());
+        let bytes = self.fetch(request).await?;
+        let s: Sent = serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("unexpected answer to {path}: {e}")))?;
+        Ok((s.id, s.seq, s.received_at))
+    }
+
+    /// `GET /v0/events?after=CURSOR` with `Accept: application/octet-stream`
+    /// (spec §6.8): the events as binary frames. A server (or proxy) that
+    /// answers in JSON instead is understood too: its events come back as
+    /// JSON frames.
+    pub async fn events_binary(&self, after: u64) -> Result<Vec<EventFrame>, ClientError> {
+        #[derive(Deserialize)]
+        struct Events {
+            events: Vec<Value>,
+        }
+        let request = self
+            .http
+            .get(format!("{}/v0/events?after={after}&limit=500", self.base))
+            .header(reqwest::header::ACCEPT, OCTET_STREAM);
+        let (binary, bytes) = self.fetch_typed(request).await?;
+        if binary {
+            return decode_frames(&bytes).map_err(|e| {
+                ClientError::Protocol(format!("the server sent undecodable events: {e}"))
+            });
+        }
+        let e: Events = serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("unexpected answer to /v0/events: {e}")))?;
+        e.events
+            .into_iter()
+            .map(|event| {
+                let cursor = event.get("cursor").and_then(Value::as_u64).ok_or_else(|| {
+                    ClientError::Protocol("an event without a numeric `cursor`".into())
+                })?;
+                Ok(EventFrame::Json {
+                    cursor,
+                    json: event.to_string(),
+                })
+            })
+            .collect()
     }
 
     /// `GET /v0/channels/{id}/messages?after=SEQ`.

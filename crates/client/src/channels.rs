@@ -9,6 +9,7 @@ use kith_mls::{
     ChannelExtension, ChannelName, ChannelSettings, CommitOutput, ContentType, Incoming, Policy,
 };
 use kith_order::{OrderingCertificateIn, VoterSet};
+use kith_proto::events::{EventFrame, MessageEvent};
 use kith_proto::inbox::InboxKind;
 use kith_proto::{ChannelId, DeviceId, DeviceRecord, DeviceRecordIn, Handle, SignaturePublicKey};
 use serde_json::{Value, json};
@@ -19,6 +20,13 @@ use crate::{Client, ClientError, now_ms};
 
 /// How often a commit is retried when other commits keep winning its epoch.
 pub const MAX_COMMIT_ATTEMPTS: usize = 8;
+
+/// How often a message is encrypted again when the channel keeps moving to
+/// a new epoch before it is accepted.
+pub const MAX_SEND_ATTEMPTS: usize = 8;
+
+/// How many messages [`Client::send_many`] has in flight at once.
+pub const MAX_IN_FLIGHT: usize = 8;
 
 /// What one sync did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -76,6 +84,20 @@ fn field_u64(event: &Value, name: &str) -> Result<u64, ClientError> {
     field(event, name)?
         .as_u64()
         .ok_or_else(|| protocol(format!("event field `{name}` is not a number")))
+}
+
+/// A binary `message` event as the message it carries; its id is the
+/// MessageId of the bytes (spec §9.6), which the binary form leaves out.
+fn message_of(event: MessageEvent) -> (ChannelId, FutureMessage) {
+    let message = FutureMessage {
+        id: kith_proto::sign::message_id(&event.message),
+        seq: event.seq,
+        epoch: event.epoch,
+        sender_device: event.sender,
+        message: event.message,
+        received_at: event.received_at,
+    };
+    (event.channel, message)
 }
 
 /// Errors after which the same input may well succeed later (the server
@@ -660,27 +682,44 @@ impl Client {
                 row.name
             )));
         }
-        // Process what is queued first, in order, so the device moves
-        // through epochs one at a time and can still read every message
-        // sent in the ones it passes.
-        self.sync().await?;
-        self.catch_up(id).await?;
-        let (message, epoch) = {
-            let mut channel = self.mls.channel(id)?;
-            if !channel.is_active() {
-                return Err(ClientError::Invalid(format!(
-                    "this device is no longer a member of {id}"
-                )));
-            }
-            (channel.encrypt_with_aad(data, aad)?, channel.epoch())
-        };
         let text = id.to_string();
-        let (message_id, seq, received_at) = self
-            .authed(|api| {
-                let (c, m) = (text.clone(), message.clone());
-                async move { api.send_message(&c, epoch, &m).await }
-            })
-            .await?;
+        let mut attempt = 0;
+        let (message_id, seq, received_at, epoch) = loop {
+            // The first attempt goes out at the epoch this device is at:
+            // the binary path refuses any but the channel's current epoch
+            // (409 `wrong_epoch`), so a device that is behind learns it from
+            // the answer and never sends at a stale epoch. Only then (or with
+            // a commit of its own pending) does it process what is queued,
+            // in order, so that it moves through epochs one at a time and
+            // can still read every message sent in the ones it passes.
+            if attempt > 0 || self.mls.channel(id)?.has_pending_commit() {
+                self.sync().await?;
+                self.catch_up(id).await?;
+            }
+            attempt += 1;
+            let (message, epoch) = {
+                let mut channel = self.mls.channel(id)?;
+                if !channel.is_active() {
+                    return Err(ClientError::Invalid(format!(
+                        "this device is no longer a member of {id}"
+                    )));
+                }
+                (channel.encrypt_with_aad(data, aad)?, channel.epoch())
+            };
+            let sent = self
+                .authed(|api| {
+                    let (c, m) = (text.clone(), message.clone());
+                    async move { api.send_message_binary(&c, epoch, &m).await }
+                })
+                .await;
+            match sent {
+                Ok((message_id, seq, received_at)) => break (message_id, seq, received_at, epoch),
+                Err(e) if is_wrong_epoch(&e) && attempt < MAX_SEND_ATTEMPTS => {
+                    tracing::debug!(channel = %id, epoch, "behind the channel's epoch; catching up");
+                }
+                Err(e) => return Err(e),
+            }
+        };
         if !keep {
             return Ok(message_id);
         }
@@ -703,6 +742,98 @@ impl Client {
         Ok(message_id)
     }
 
+    /// Sends several payloads at once: encrypted in order at the current
+    /// epoch, posted concurrently (each acknowledged on its own, durably),
+    /// and stored here in one transaction. Members may receive them in
+    /// another order than `payloads`; at most [`MAX_IN_FLIGHT`] go at once,
+    /// well within the sender ratchet's out-of-order tolerance (16, spec
+    /// §9.7). Returns the message ids in the order of `payloads`. On an
+    /// error, the messages accepted before it are still stored here.
+    pub async fn send_many(
+        &mut self,
+        id: ChannelId,
+        payloads: &[&[u8]],
+    ) -> Result<Vec<String>, ClientError> {
+        if payloads.len() > MAX_IN_FLIGHT {
+            return Err(ClientError::Invalid(format!(
+                "at most {MAX_IN_FLIGHT} messages go at once, not {}",
+                payloads.len()
+            )));
+        }
+        let text = id.to_string();
+        let mut sent: Vec<Option<MessageRow>> = vec![None; payloads.len()];
+        let mut failure = None;
+        for attempt in 0..MAX_SEND_ATTEMPTS {
+            let waiting: Vec<usize> = (0..payloads.len())
+                .filter(|i| sent.get(*i).is_some_and(Option::is_none))
+                .collect();
+            if waiting.is_empty() || failure.is_some() {
+                break;
+            }
+            // As in `send_payload`: catch up only when the server said this
+            // device is behind, or with a commit of its own pending.
+            if attempt > 0 || self.mls.channel(id)?.has_pending_commit() {
+                self.sync().await?;
+                self.catch_up(id).await?;
+            }
+            let mut posts = tokio::task::JoinSet::new();
+            {
+                let mut channel = self.mls.channel(id)?;
+                if !channel.is_active() {
+                    return Err(ClientError::Invalid(format!(
+                        "this device is no longer a member of {id}"
+                    )));
+                }
+                let epoch = channel.epoch();
+                for i in waiting {
+                    let Some(data) = payloads.get(i) else {
+                        continue;
+                    };
+                    let message = channel.encrypt(data)?;
+                    let (api, c) = (self.api.clone(), text.clone());
+                    posts.spawn(async move {
+                        (i, epoch, api.send_message_binary(&c, epoch, &message).await)
+                    });
+                }
+            }
+            let (me, handle) = (self.device_id(), self.handle().to_owned());
+            while let Some(joined) = posts.join_next().await {
+                let (i, epoch, result) = joined
+                    .map_err(|e| ClientError::Protocol(format!("a send task failed: {e}")))?;
+                match result {
+                    Ok((message_id, seq, received_at)) => {
+                        if let (Some(slot), Some(data)) = (sent.get_mut(i), payloads.get(i)) {
+                            *slot = Some(MessageRow {
+                                id: message_id,
+                                seq,
+                                epoch,
+                                sender_device: me,
+                                sender: handle.clone(),
+                                body: data.to_vec(),
+                                received_at,
+                            });
+                        }
+                    }
+                    // Sent again on the next round, at the new epoch.
+                    Err(e) if is_wrong_epoch(&e) => {}
+                    Err(ClientError::Server { status: 401, .. }) => self.login().await?,
+                    Err(e) => failure = Some(e),
+                }
+            }
+        }
+        let rows: Vec<MessageRow> = sent.iter().flatten().cloned().collect();
+        self.store.save_messages(&id, &rows)?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if rows.len() < payloads.len() {
+            return Err(ClientError::Protocol(format!(
+                "gave up after {MAX_SEND_ATTEMPTS} attempts: channel {id} keeps moving to new epochs"
+            )));
+        }
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+
     /// The last `limit` messages of a channel, from the local store.
     pub fn messages(&self, id: ChannelId, limit: usize) -> Result<Vec<MessageRow>, ClientError> {
         self.store.messages(&id, limit)
@@ -718,25 +849,28 @@ impl Client {
         self.sync_inbox_into(&mut report).await?;
         loop {
             let after = self.store.events_after()?;
-            let events = self
-                .authed(|api| async move { api.events(after).await })
+            let frames = self
+                .authed(|api| async move { api.events_binary(after).await })
                 .await?;
-            let Some(last) = events
-                .last()
-                .and_then(|e| e.get("cursor"))
-                .and_then(Value::as_u64)
-            else {
+            let Some(last) = frames.last().map(EventFrame::cursor) else {
                 break;
             };
             let mut done = after;
-            for event in &events {
-                let cursor = event.get("cursor").and_then(Value::as_u64).unwrap_or(done);
-                let result = if event.get("kind").and_then(Value::as_str) == Some("inbox") {
-                    // In order: a Welcome must be processed before the
-                    // channel's later events.
-                    self.sync_inbox_into(&mut report).await
-                } else {
-                    self.handle_event(event, &mut report).await
+            for frame in frames {
+                let cursor = frame.cursor();
+                let result = match frame {
+                    EventFrame::Message { event, .. } => {
+                        self.handle_message(message_of(event), &mut report).await
+                    }
+                    EventFrame::Json { json, .. } => match serde_json::from_str::<Value>(&json) {
+                        // In order: a Welcome must be processed before the
+                        // channel's later events.
+                        Ok(event) if event.get("kind").and_then(Value::as_str) == Some("inbox") => {
+                            self.sync_inbox_into(&mut report).await
+                        }
+                        Ok(event) => self.handle_event(&event, &mut report).await,
+                        Err(e) => Err(protocol(format!("an event that is not JSON: {e}"))),
+                    },
                 };
                 match result {
                     Ok(()) => {}
@@ -778,8 +912,8 @@ impl Client {
         }
         let id: ChannelId = field_str(event, "channel")?.parse().map_err(protocol)?;
         let epoch = field_u64(event, "epoch")?;
-        let message = if kind == "message" {
-            Some(FutureMessage {
+        if kind == "message" {
+            let message = FutureMessage {
                 id: {
                     let mut raw = [0u8; 32];
                     hex::decode_to_slice(field_str(event, "id")?, &mut raw).map_err(protocol)?;
@@ -790,17 +924,10 @@ impl Client {
                 sender_device: field_str(event, "sender")?.parse().map_err(protocol)?,
                 message: unb64("message", field_str(event, "message")?)?,
                 received_at: field_u64(event, "received_at")?,
-            })
-        } else {
-            None
-        };
+            };
+            return self.handle_message((id, message), report).await;
+        }
         let Ok(channel) = self.mls.channel(id) else {
-            // A member's messages can arrive before its Welcome (it is a
-            // member as soon as the commit is accepted): keep them for the
-            // join.
-            if let Some(message) = &message {
-                self.store.save_future(&id, message)?;
-            }
             return Ok(());
         };
         let current = channel.epoch();
@@ -809,17 +936,38 @@ impl Client {
         if !active {
             return Ok(());
         }
-        let Some(message) = message else {
-            if epoch > current {
-                report.commits += self.catch_up(id).await?;
-            } else if epoch == current {
-                let commit = unb64("commit", field_str(event, "commit")?)?;
-                let certificate = unb64("certificate", field_str(event, "certificate")?)?;
-                self.apply_commit(id, epoch, &commit, &certificate).await?;
-                report.commits += 1;
-            }
+        if epoch > current {
+            report.commits += self.catch_up(id).await?;
+        } else if epoch == current {
+            let commit = unb64("commit", field_str(event, "commit")?)?;
+            let certificate = unb64("certificate", field_str(event, "certificate")?)?;
+            self.apply_commit(id, epoch, &commit, &certificate).await?;
+            report.commits += 1;
+        }
+        Ok(())
+    }
+
+    /// A `message` event: decrypted and stored, or kept until this device
+    /// reaches its epoch (or joins the channel).
+    async fn handle_message(
+        &mut self,
+        (id, message): (ChannelId, FutureMessage),
+        report: &mut SyncReport,
+    ) -> Result<(), ClientError> {
+        let epoch = message.epoch;
+        let Ok(channel) = self.mls.channel(id) else {
+            // A member's messages can arrive before its Welcome (it is a
+            // member as soon as the commit is accepted): keep them for the
+            // join.
+            self.store.save_future(&id, &message)?;
             return Ok(());
         };
+        let current = channel.epoch();
+        let active = channel.is_active();
+        drop(channel);
+        if !active {
+            return Ok(());
+        }
         if epoch > current {
             // Buffer first, so a failed catch-up loses nothing; merging the
             // commits flushes the buffer.

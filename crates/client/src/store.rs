@@ -288,21 +288,20 @@ impl Store {
 
     /// Stores a decrypted message (once per id).
     pub fn save_message(&self, channel: &ChannelId, m: &MessageRow) -> Result<(), ClientError> {
-        let id = hex::decode(&m.id).map_err(|_| ClientError::Store("bad message id".into()))?;
-        self.conn.execute(
-            "INSERT OR IGNORE INTO messages (channel, id, seq, epoch, sender_device, sender, body, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                &channel.as_bytes()[..],
-                id,
-                m.seq as i64,
-                m.epoch as i64,
-                &m.sender_device.as_bytes()[..],
-                m.sender,
-                m.body,
-                m.received_at as i64
-            ],
-        )?;
+        insert_message(&self.conn, channel, m)
+    }
+
+    /// Stores several messages in one transaction (one disk sync).
+    pub fn save_messages(
+        &mut self,
+        channel: &ChannelId,
+        messages: &[MessageRow],
+    ) -> Result<(), ClientError> {
+        let tx = self.conn.transaction()?;
+        for m in messages {
+            insert_message(&tx, channel, m)?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -475,3 +474,27 @@ fn restrict_permissions(path: &Path) {
 
 #[cfg(not(unix))]
 fn restrict_permissions(_: &Path) {}
+
+/// One message row, ignored if its id is already stored.
+fn insert_message(
+    conn: &Connection,
+    channel: &ChannelId,
+    m: &MessageRow,
+) -> Result<(), ClientError> {
+    let id = hex::decode(&m.id).map_err(|_| ClientError::Store("bad message id".into()))?;
+    conn.execute(
+        "INSERT OR IGNORE INTO messages (channel, id, seq, epoch, sender_device, sender, body, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            &channel.as_bytes()[..],
+            id,
+            m.seq as i64,
+            m.epoch as i64,
+            &m.sender_device.as_bytes()[..],
+            m.sender,
+            m.body,
+            m.received_at as i64
+        ],
+    )?;
+    Ok(())
+}

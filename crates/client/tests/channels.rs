@@ -135,6 +135,47 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 #[tokio::test]
+async fn a_sender_behind_the_channel_is_told_and_sends_at_the_current_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let mut alice = user(dir.path(), &server, "alice").await;
+    let mut bob = user(dir.path(), &server, "bob").await;
+    let channel = alice.create_channel("general", "text/plain").await.unwrap();
+    alice.invite(channel, "bob@a.test").await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(bob.channel_state(channel).unwrap().0, 1);
+
+    // Alice moves the channel on; Bob does not know yet. His send goes out
+    // at epoch 1 first, the server refuses it (wrong epoch), and he
+    // catches up and sends at epoch 2.
+    assert_eq!(alice.self_update(channel).await.unwrap(), 2);
+    bob.send(channel, b"from behind").await.unwrap();
+    assert_eq!(bob.channel_state(channel).unwrap().0, 2);
+    let mine = bob.messages(channel, 10).unwrap();
+    assert_eq!(
+        mine.iter().map(|m| (m.epoch, m.seq)).collect::<Vec<_>>(),
+        vec![(2, 1)]
+    );
+
+    // Alice reads it (it was stored once, at the current epoch), and a
+    // sender that is current goes straight through.
+    alice.sync().await.unwrap();
+    alice.send(channel, b"welcome back").await.unwrap();
+    bob.sync().await.unwrap();
+    let expected = vec![
+        pair("bob@a.test", "from behind"),
+        pair("alice@a.test", "welcome back"),
+    ];
+    assert_eq!(texts(&alice, channel), expected);
+    assert_eq!(texts(&bob, channel), expected);
+    assert_eq!(
+        alice.channel_state(channel).unwrap(),
+        bob.channel_state(channel).unwrap()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn concurrent_commits_one_wins_the_other_retries() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server"), "a.test").await;

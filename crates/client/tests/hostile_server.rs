@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use kith_client::Client;
+use kith_proto::events::{EventFrame, OCTET_STREAM, decode_frames, encode_frame};
 use kith_testkit::TestServer;
 use serde_json::Value;
 
@@ -59,7 +60,7 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
-    let auth = request.headers().get("authorization").cloned();
+    let headers = request.headers().clone();
     let body: Bytes = axum::body::to_bytes(request.into_body(), 1 << 24)
         .await
         .unwrap();
@@ -67,13 +68,37 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
         .http
         .request(method, format!("{}{path}", proxy.upstream))
         .body(body.to_vec());
-    if let Some(auth) = auth {
-        upstream = upstream.header("authorization", auth);
+    for name in ["authorization", "content-type", "accept"] {
+        if let Some(value) = headers.get(name) {
+            upstream = upstream.header(name, value.as_bytes());
+        }
     }
-    upstream = upstream.header("content-type", "application/json");
     let answer = upstream.send().await.unwrap();
     let status = StatusCode::from_u16(answer.status().as_u16()).unwrap();
+    let binary = answer
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v == OCTET_STREAM);
     let bytes = answer.bytes().await.unwrap();
+    if binary {
+        // Binary event frames: commits travel as JSON frames, corrupted
+        // like any other JSON answer.
+        let mut frames = decode_frames(&bytes).unwrap();
+        if proxy.tamper.load(Ordering::SeqCst) {
+            for frame in &mut frames {
+                if let EventFrame::Json { json, .. } = frame {
+                    let mut value: Value = serde_json::from_str(json).unwrap();
+                    corrupt(&mut value);
+                    *json = value.to_string();
+                }
+            }
+        }
+        let mut body = Vec::new();
+        for frame in &frames {
+            encode_frame(frame, &mut body);
+        }
+        return (status, [("content-type", OCTET_STREAM)], body).into_response();
+    }
     if proxy.tamper.load(Ordering::SeqCst)
         && let Ok(mut json) = serde_json::from_slice::<Value>(&bytes)
     {

@@ -44,6 +44,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod events;
 pub mod federation;
 pub mod ids;
 pub mod inbox;

@@ -15,6 +15,7 @@ use kith_mls::{
     Incoming, MlsStore, Policy,
 };
 use kith_order::{OrderingCertificateIn, VoterSet};
+use kith_proto::events::{EventFrame, decode_frames};
 use kith_proto::{ChannelId, ServerKeysIn};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -708,4 +709,158 @@ async fn a_blocked_servers_device_cannot_be_added() {
     let (status, body) = alice.post_commit(&a, id, 0, &out).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     cluster.stop().await;
+}
+
+/// `POST .../messages?epoch=E` with an `application/octet-stream` body.
+async fn post_binary(
+    server: &TestServer,
+    who: &Member,
+    id: ChannelId,
+    query: &str,
+    body: &[u8],
+) -> (StatusCode, Value) {
+    send(
+        who.http
+            .authed(
+                who.http
+                    .http
+                    .post(server.url(&format!("/v0/channels/{id}/messages{query}"))),
+            )
+            .header("content-type", "application/octet-stream")
+            .body(body.to_vec()),
+    )
+    .await
+}
+
+/// `GET /v0/events` as binary frames.
+async fn binary_events(server: &TestServer, who: &Member, after: u64) -> Vec<EventFrame> {
+    let response = who
+        .http
+        .authed(
+            who.http
+                .http
+                .get(server.url(&format!("/v0/events?after={after}&limit=500"))),
+        )
+        .header("accept", "application/octet-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/octet-stream"
+    );
+    decode_frames(&response.bytes().await.unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_travel_in_binary_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "bin.example").await;
+    let voters = voters(&server).await;
+    let alice = Member::join(&server, "alice").await;
+    let bob = Member::join(&server, "bob").await;
+    let dave = Member::join(&server, "dave").await;
+    let channel = alice
+        .mls
+        .create_channel(ChannelId::random(), &settings(&alice))
+        .unwrap();
+    let id = channel.id();
+    assert_eq!(create(&server, &alice, &channel).await.0, StatusCode::OK);
+    drop(channel);
+    let out = alice.channel(id).add(&[bob.key_package()]).unwrap();
+    let answer = alice.post_commit(&server, id, 0, &out).await;
+    certified(&voters, id, 0, &out, &answer);
+    alice.channel(id).merge_pending().unwrap();
+    let (_, tree) = bob
+        .http
+        .get(&server, &format!("/v0/channels/{id}/tree?epoch=1"))
+        .await;
+    bob.mls
+        .join(
+            &out.welcome.clone().unwrap(),
+            &unb64(tree["ratchet_tree"].as_str().unwrap()),
+        )
+        .unwrap();
+
+    // The body is the MLS message and nothing else; the answer is the JSON
+    // form's.
+    let message = alice.channel(id).encrypt(b"raw bytes").unwrap();
+    let (status, sent) = post_binary(&server, &alice, id, "?epoch=1", &message).await;
+    assert_eq!(status, StatusCode::OK, "{sent}");
+    assert_eq!(sent["seq"], 1);
+    assert_eq!(
+        sent["id"],
+        hex::encode(kith_proto::sign::message_id(&message))
+    );
+    // The JSON form still works beside it.
+    let (status, body, json_message) = alice.post_message(&server, id, b"as json").await;
+    assert_eq!((status, body["seq"].clone()), (StatusCode::OK, json!(2)));
+
+    // Only the current epoch is taken: a stale or future one is refused
+    // with the epoch the channel is at, and nothing is stored.
+    let stale = alice.channel(id).encrypt(b"late").unwrap();
+    for query in ["?epoch=0", "?epoch=2"] {
+        let got = post_binary(&server, &alice, id, query, &stale).await;
+        assert_error(&got, StatusCode::CONFLICT, "wrong_epoch");
+        assert_eq!(got.1["current_epoch"], 1);
+    }
+    for query in ["", "?epoch=x", "?epoch=1&more=1"] {
+        let got = post_binary(&server, &alice, id, query, &stale).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let got = post_binary(&server, &alice, id, "?epoch=1", &[]).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    let got = post_binary(&server, &dave, id, "?epoch=1", &stale).await;
+    assert_error(&got, StatusCode::FORBIDDEN, "not_member");
+    let got = post_binary(&server, &alice, ChannelId::random(), "?epoch=1", &stale).await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+
+    // Bob reads both messages as binary frames, with the JSON form's
+    // cursors and fields, and decrypts them.
+    let (json_events, _) = bob.events(&server, "message", 0).await;
+    let frames = binary_events(&server, &bob, 0).await;
+    assert_eq!(frames.len(), 2);
+    let mut channel = bob.channel(id);
+    for ((frame, event), (bytes, text)) in frames.iter().zip(&json_events).zip([
+        (&message, &b"raw bytes"[..]),
+        (&json_message, &b"as json"[..]),
+    ]) {
+        let EventFrame::Message { cursor, event: m } = frame else {
+            panic!("expected a message frame, got {frame:?}");
+        };
+        assert_eq!(json!(cursor), event["cursor"]);
+        assert_eq!(m.channel, id);
+        assert_eq!(json!(m.seq), event["seq"]);
+        assert_eq!(m.epoch, 1);
+        assert_eq!(json!(m.received_at), event["received_at"]);
+        assert_eq!(m.sender, alice.http.id);
+        assert_eq!(&m.message, bytes);
+        assert_eq!(
+            json!(hex::encode(kith_proto::sign::message_id(&m.message))),
+            event["id"]
+        );
+        match channel.process(&m.message).unwrap() {
+            Incoming::Application { data, .. } => assert_eq!(data, text),
+            other => panic!("expected application data, got {other:?}"),
+        }
+    }
+    drop(channel);
+    let last = frames.last().unwrap().cursor();
+    assert!(binary_events(&server, &bob, last).await.is_empty());
+
+    // Other kinds travel as their JSON text, unchanged.
+    let (status, all) = alice.http.get(&server, "/v0/events?after=0").await;
+    assert_eq!(status, StatusCode::OK);
+    let frames = binary_events(&server, &alice, 0).await;
+    let texts: Vec<Value> = frames
+        .iter()
+        .map(|f| match f {
+            EventFrame::Json { json, .. } => serde_json::from_str(json).unwrap(),
+            other => panic!("expected a JSON frame, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(json!(texts), all["events"]);
+    assert!(texts.iter().any(|e| e["kind"] == "commit"));
+    server.stop().await;
 }

@@ -33,11 +33,11 @@ pub(super) fn routes() -> Router<Shared> {
         .route("/v0/channels/{id}/tree", get(tree))
         .route(
             "/v0/channels/{id}/messages",
-            get(list_messages).post(post_message),
+            get(list_messages).post(super::binary::post_message),
         )
 }
 
-fn parse_channel(text: &str) -> Result<ChannelId, ApiError> {
+pub(super) fn parse_channel(text: &str) -> Result<ChannelId, ApiError> {
     text.parse()
         .map_err(|_| ApiError::bad_request(format!("{text:?} is not a channel id (32 hex digits)")))
 }
@@ -48,7 +48,10 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 }
 
 /// The channel, or 404.
-async fn channel_row(state: &Shared, channel: ChannelId) -> Result<ChannelRow, ApiError> {
+pub(super) async fn channel_row(
+    state: &Shared,
+    channel: ChannelId,
+) -> Result<ChannelRow, ApiError> {
     state
         .db(move |s| s.channel(&channel))
         .await?
@@ -56,7 +59,7 @@ async fn channel_row(state: &Shared, channel: ChannelId) -> Result<ChannelRow, A
 }
 
 /// 403 `not_member` unless `device` is a current member.
-async fn require_member(
+pub(super) async fn require_member(
     state: &Shared,
     channel: ChannelId,
     device: DeviceId,
@@ -188,7 +191,7 @@ async fn list_channels(
 /// a crash, or a failure between accepting and certifying. Without that the
 /// channel would stay at that epoch with nobody able to merge it.
 /// `certify` does nothing for a commit already certified.
-async fn ready(state: &Shared, channel: ChannelId) -> Result<(), ApiError> {
+pub(super) async fn ready(state: &Shared, channel: ChannelId) -> Result<(), ApiError> {
     state.channels.orderer(channel, false).await.map_err(|e| {
         tracing::error!(%channel, error = %e, "starting the orderer");
         ApiError::internal("the channel's orderer did not start")
@@ -526,13 +529,13 @@ pub(crate) fn message_json(channel: ChannelId, m: &MessageRow) -> serde_json::Ma
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MessageRequest {
+pub(super) struct MessageRequest {
     epoch: u64,
     message: String,
 }
 
 #[tracing::instrument(skip_all, fields(device = %device, channel = %id))]
-async fn post_message(
+pub(super) async fn post_message(
     State(state): State<Shared>,
     Authed(device): Authed,
     ApiPath(id): ApiPath<String>,

@@ -11,7 +11,8 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Query, State};
 use axum::http::request::Parts;
-use axum::response::Response;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kith_proto::DeviceId;
@@ -66,18 +67,24 @@ async fn start(state: &Shared, device: DeviceId, after: Option<u64>) -> Result<u
     }
 }
 
+/// `GET /v0/events`: JSON, or binary frames (§6.8) when the client
+/// accepts `application/octet-stream`.
 async fn list(
     State(state): State<Shared>,
     Authed(device): Authed,
+    headers: HeaderMap,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let after = start(&state, device, query.after).await?;
     let limit = list_limit(&state, query.limit);
     let events = state.db(move |s| s.events(&device, after, limit)).await?;
+    if super::binary::is_octet_stream(&headers, header::ACCEPT) {
+        return Ok(super::binary::events_response(&events));
+    }
     let next = events.last().map_or(after, |e| e.cursor);
     let events: Vec<Value> = events.iter().map(event_json).collect();
-    Ok(Json(json!({ "events": events, "next": next })))
+    Ok(Json(json!({ "events": events, "next": next })).into_response())
 }
 
 #[derive(Deserialize)]

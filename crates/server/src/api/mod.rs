@@ -9,6 +9,7 @@
 //! `inbox`, `events` (the event log and its WebSocket), `channels`
 //! (channels, commits, trees and messages).
 
+mod binary;
 pub(crate) mod channels;
 mod events;
 pub(crate) mod identity;

@@ -177,6 +177,10 @@ pub struct NewMessage {
     pub received_at: Millis,
 }
 
+/// What [`Store::store_message_deferred`] returns: the stored row, the
+/// events appended, and the token to wait for before answering.
+pub type DeferredMessage = (MessageRow, Vec<(DeviceId, Event)>, u64);
+
 /// A device record fetched from another server, as cached here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteRecord {
@@ -465,6 +469,28 @@ pub trait Store: Send + Sync + 'static {
         message: &NewMessage,
         payload: &dyn Fn(&MessageRow) -> String,
     ) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError>;
+
+    /// As [`Store::store_message`], but it may return once the message is
+    /// committed and before it is on disk, with a token: the caller must
+    /// then call [`Store::wait_durable`] with it before it tells anyone the
+    /// message was accepted. For callers that hold a lock across the write
+    /// and should not hold it across the disk sync. Backends whose writes
+    /// are durable when committed keep this default.
+    fn store_message_deferred(
+        &self,
+        channel: &ChannelId,
+        message: &NewMessage,
+        payload: &dyn Fn(&MessageRow) -> String,
+    ) -> Result<DeferredMessage, StoreError> {
+        self.store_message(channel, message, payload)
+            .map(|(row, events)| (row, events, 0))
+    }
+
+    /// Returns once the writes behind a token of
+    /// [`Store::store_message_deferred`] are on disk.
+    fn wait_durable(&self, _token: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Up to `limit` messages of the channel with `seq` greater than
     /// `after`, in order.

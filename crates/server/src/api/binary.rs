@@ -1,0 +1,187 @@
+//! The binary message path (spec §6.7 "Send a message" in binary, §6.8
+//! "Binary events"): an application message travels as its raw MLS bytes,
+//! with no base64 and no JSON around it, so its wire size is the MLS
+//! message's.
+//!
+//! - `POST /v0/channels/{id}/messages?epoch=E` with `Content-Type:
+//!   application/octet-stream`: the body is the MLSMessage. `E` must be the
+//!   channel's current epoch (else 409 `wrong_epoch`), so a sender learns
+//!   from the answer that it is behind instead of sending at a stale epoch.
+//!   Any other content type is the JSON form of `channels`.
+//! - `GET /v0/events` with `Accept: application/octet-stream`: the events
+//!   as [`kith_proto::events`] frames.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Query, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, RequestExt as _};
+use kith_proto::ChannelId;
+use kith_proto::events::{EventFrame, MessageEvent, OCTET_STREAM, encode_frame};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::channels::{self, channel_row, parse_channel, require_member};
+use super::events::event_json;
+use super::{ApiJson, ApiPath, Authed, unb64};
+use crate::error::ApiError;
+use crate::ordering::{certify, fan_out};
+use crate::state::{Shared, now_ms};
+use crate::store::{Event, NewMessage};
+
+/// Whether a header names `application/octet-stream` (parameters ignored).
+pub(super) fn is_octet_stream(headers: &HeaderMap, name: header::HeaderName) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.split(';').next().map(str::trim) == Some(OCTET_STREAM))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EpochQuery {
+    epoch: u64,
+}
+
+/// `POST /v0/channels/{id}/messages`: the binary form when the body is
+/// `application/octet-stream`, else the JSON form.
+pub(super) async fn post_message(
+    State(state): State<Shared>,
+    authed: Authed,
+    path: ApiPath<String>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    if !is_octet_stream(request.headers(), header::CONTENT_TYPE) {
+        let body = ApiJson::from_request(request, &state).await?;
+        return channels::post_message(State(state), authed, path, body).await;
+    }
+    let Authed(device) = authed;
+    let ApiPath(id) = path;
+    let Query(EpochQuery { epoch }) = Query::try_from_uri(request.uri())
+        .map_err(|e| ApiError::bad_request(format!("expected `?epoch=E`: {}", e.body_text())))?;
+    let body: Bytes =
+        request
+            .extract()
+            .await
+            .map_err(|e: axum::extract::rejection::BytesRejection| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large("the request body is over the server's size limit")
+                } else {
+                    ApiError::bad_request(e.body_text())
+                }
+            })?;
+    let channel = parse_channel(&id)?;
+    accept(&state, device, channel, epoch, body.to_vec()).await
+}
+
+/// Checks and stores one message sent in binary; answers as the JSON form.
+#[tracing::instrument(skip_all, fields(device = %device, channel = %channel))]
+async fn accept(
+    state: &Shared,
+    device: kith_proto::DeviceId,
+    channel: ChannelId,
+    epoch: u64,
+    message: Vec<u8>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = state.config.limits.max_message_bytes;
+    if message.is_empty() {
+        return Err(ApiError::bad_request("the message is empty"));
+    }
+    if message.len() > limit {
+        return Err(ApiError::too_large(format!(
+            "the message is {} bytes; the limit is {limit}",
+            message.len()
+        )));
+    }
+    let row = channel_row(state, channel).await?;
+    require_member(state, channel, device).await?;
+    if epoch != row.epoch {
+        return Err(ApiError::wrong_epoch(
+            row.epoch,
+            format!(
+                "the message is for epoch {epoch}, the channel is at epoch {}",
+                row.epoch
+            ),
+        ));
+    }
+    // The commit that started the message's epoch is delivered first.
+    if let Some(previous) = epoch.checked_sub(1) {
+        certify(state, channel, previous).await?;
+    }
+    let received_at = now_ms();
+    let new = NewMessage {
+        id: kith_proto::sign::message_id(&message),
+        epoch,
+        sender: device,
+        message,
+        received_at,
+    };
+    // Committed after the commit that started its epoch was certified here,
+    // which fixes the message's place after every commit event of its
+    // epoch; the disk sync is waited for separately, so other messages can
+    // share it (group commit). Nobody hears of the message before it is on
+    // disk: not the sender, not the members (reads wait for it too).
+    let (stored, events, token) = state
+        .db(move |s| {
+            s.store_message_deferred(&channel, &new, &|m| {
+                Value::Object(channels::message_json(channel, m)).to_string()
+            })
+        })
+        .await?;
+    state.db(move |s| s.wait_durable(token)).await?;
+    for (to, event) in &events {
+        state.hub.notify(*to, event.cursor);
+    }
+    if stored.received_at == received_at {
+        state.metrics.channel_messages.inc();
+    }
+    // To the channel's other servers (a repeat is queued again; they
+    // deduplicate).
+    fan_out(state, channel, &stored).await?;
+    Ok(Json(
+        json!({ "id": hex::encode(stored.id), "seq": stored.seq, "received_at": stored.received_at }),
+    ))
+}
+
+/// The binary frame of a stored event: a `message` event with its MLS
+/// message as bytes, anything else as its JSON text.
+fn frame(event: &Event) -> EventFrame {
+    if event.kind == "message"
+        && let Some(message) = message_event(&event.payload)
+    {
+        return EventFrame::Message {
+            cursor: event.cursor,
+            event: message,
+        };
+    }
+    EventFrame::Json {
+        cursor: event.cursor,
+        json: event_json(event).to_string(),
+    }
+}
+
+/// A stored `message` payload (the JSON `channels` wrote) as its fields.
+fn message_event(payload: &str) -> Option<MessageEvent> {
+    let value: Value = serde_json::from_str(payload).ok()?;
+    let text = |name: &str| value.get(name).and_then(Value::as_str);
+    let number = |name: &str| value.get(name).and_then(Value::as_u64);
+    Some(MessageEvent {
+        channel: text("channel")?.parse().ok()?,
+        seq: number("seq")?,
+        epoch: number("epoch")?,
+        received_at: number("received_at")?,
+        sender: text("sender")?.parse().ok()?,
+        message: unb64("message", text("message")?).ok()?,
+    })
+}
+
+/// A list of events as one `application/octet-stream` body of frames.
+pub(super) fn events_response(events: &[Event]) -> Response {
+    let mut body = Vec::new();
+    for event in events {
+        encode_frame(&frame(event), &mut body);
+    }
+    ([(header::CONTENT_TYPE, OCTET_STREAM)], body).into_response()
+}
