@@ -7,6 +7,8 @@
 //! encrypt + decrypt) measured in the same run: the machine is shared and
 //! noisy, so only ratios compare across runs. No figure is asserted.
 
+mod federated;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -55,6 +57,8 @@ struct Limits {
     commits: usize,
     idle_channels: usize,
     disk_syncs: usize,
+    /// Channels committing at once in the three-server scenario.
+    parallel_channels: usize,
 }
 
 impl Limits {
@@ -69,6 +73,7 @@ impl Limits {
                 commits: 5,
                 idle_channels: 5,
                 disk_syncs: 20,
+                parallel_channels: 2,
             }
         } else {
             Self {
@@ -80,6 +85,7 @@ impl Limits {
                 commits: 100_000,
                 idle_channels: 100,
                 disk_syncs: 300,
+                parallel_channels: 100,
             }
         }
     }
@@ -446,6 +452,22 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
 
     server.stop().await;
 
+    // 4b. Certified commits with three servers: latency, then channels
+    // committing at once.
+    let o = federated::ordering(
+        &dir.join("three"),
+        limits.commits,
+        limits.parallel_channels,
+        limits.time,
+    )
+    .await?;
+    let mut latency3 = o.latency.clone();
+    let commits3 = latency3.len();
+    let rate3 = rate(commits3, o.latency_elapsed);
+    let p50_3 = quantile_ms(&mut latency3, 0.5);
+    let p99_3 = quantile_ms(&mut latency3, 0.99);
+    let parallel_rate = rate(o.parallel_commits, o.parallel_elapsed);
+
     let members_n = limits.fanout_members;
     Ok(vec![
         Row {
@@ -502,6 +524,15 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
             ),
             ratio: format!("p50 = {:.0} x floor msg", commit_p50 / floor_ms),
             detail: json!({ "p50_ms": commit_p50, "p99_ms": commit_p99, "commits_per_s": commit_rate, "commits": commits, "p50_in_floor_msgs": commit_p50 / floor_ms }),
+        },
+        Row {
+            scenario: "4b. certified commit (self_update), 3 servers",
+            figure: format!(
+                "p50 {p50_3:.2} ms, p99 {p99_3:.2} ms; {rate3:.0} commits/s ({commits3}); {parallel_rate:.0} commits/s over {} channels at once ({} commits)",
+                o.channels, o.parallel_commits
+            ),
+            ratio: format!("p50 = {:.0} x floor msg", p50_3 / floor_ms),
+            detail: json!({ "p50_ms": p50_3, "p99_ms": p99_3, "commits_per_s": rate3, "commits": commits3, "parallel_channels": o.channels, "parallel_commits": o.parallel_commits, "parallel_commits_per_s": parallel_rate, "p50_in_floor_msgs": p50_3 / floor_ms }),
         },
         Row {
             scenario: "5. footprint (in-process: server + client)",

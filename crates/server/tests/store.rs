@@ -323,6 +323,7 @@ fn deferred_messages_match(s: &dyn Store) {
         created_at: 100,
     };
     s.create_channel(&row, &epoch_state(0, &[1, 2])).unwrap();
+    s.register(&crate::row(2, "two")).unwrap();
     let payload = |m: &kith_server::store::MessageRow| format!("{{\"seq\":{}}}", m.seq);
     let message = NewMessage {
         id: [9; 32],

@@ -1,0 +1,99 @@
+//! Scenario 4 across homeservers: certified-commit latency in a channel
+//! whose members are on three servers (so three voters, Raft among them
+//! over signed federation requests, and a majority certificate), and
+//! commit throughput with many such channels committing at once.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kith_client::Client;
+use kith_proto::ChannelId;
+use kith_testkit::Cluster;
+
+/// What the three-server scenario measured.
+pub(crate) struct Ordering3 {
+    /// Latencies of sequential certified commits in one channel.
+    pub(crate) latency: Vec<Duration>,
+    /// How long the sequential commits took in all.
+    pub(crate) latency_elapsed: Duration,
+    /// Channels committing at once.
+    pub(crate) channels: usize,
+    /// Commits certified across them.
+    pub(crate) parallel_commits: usize,
+    /// How long that took.
+    pub(crate) parallel_elapsed: Duration,
+}
+
+async fn register(dir: &Path, cluster: &Cluster, server: &str, name: &str) -> Result<Client> {
+    Client::register(&dir.join(name), cluster.server(server).url(), name, None)
+        .await
+        .with_context(|| format!("registering {name} on {server}"))
+}
+
+/// A channel of `owner` (on a.test) with Bob (b.test) and Carol (c.test)
+/// added: its ordering group is all three servers.
+async fn three_server_channel(owner: &mut Client, name: &str) -> Result<ChannelId> {
+    let id = owner
+        .create_channel(name, "application/octet-stream")
+        .await?;
+    owner.invite(id, "bob@b.test").await?;
+    owner.invite(id, "carol@c.test").await?;
+    Ok(id)
+}
+
+/// Runs the scenario: `commits` sequential commits (bounded by `time`),
+/// then `channels` owners committing in parallel for `time`.
+pub(crate) async fn ordering(
+    dir: &Path,
+    commits: usize,
+    channels: usize,
+    time: Duration,
+) -> Result<Ordering3> {
+    let cluster = Cluster::start(dir, &["a.test", "b.test", "c.test"], |_| {}).await;
+    let _bob = register(dir, &cluster, "b.test", "bob").await?;
+    let _carol = register(dir, &cluster, "c.test", "carol").await?;
+
+    let mut alice = register(dir, &cluster, "a.test", "alice").await?;
+    let channel = three_server_channel(&mut alice, "latency").await?;
+    let mut latency = Vec::new();
+    let start = Instant::now();
+    while latency.len() < commits && start.elapsed() < time {
+        let t = Instant::now();
+        alice.self_update(channel).await?;
+        latency.push(t.elapsed());
+    }
+    let latency_elapsed = start.elapsed();
+
+    let mut owners = Vec::new();
+    for i in 0..channels {
+        let mut owner = register(dir, &cluster, "a.test", &format!("owner{i}")).await?;
+        let id = three_server_channel(&mut owner, &format!("parallel{i}")).await?;
+        owners.push((owner, id));
+    }
+    // Every owner commits in a loop; the loops run concurrently in this
+    // task (clients are not `Sync`, so they are not spawned).
+    let start = Instant::now();
+    let loops = owners.into_iter().map(|(mut owner, id)| async move {
+        let mut done = 0usize;
+        while start.elapsed() < time {
+            if owner.self_update(id).await.is_ok() {
+                done += 1;
+            }
+        }
+        done
+    });
+    let parallel_commits: usize = futures_util::future::join_all(loops)
+        .await
+        .into_iter()
+        .sum();
+    let parallel_elapsed = start.elapsed();
+    cluster.stop().await;
+    Ok(Ordering3 {
+        latency,
+        latency_elapsed,
+        channels,
+        parallel_commits,
+        parallel_elapsed,
+    })
+}
