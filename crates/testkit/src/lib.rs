@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use kith_server::Config;
+pub use kith_server::{Config, LinkFaults};
 use kith_server::{Registration, ServerError};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
