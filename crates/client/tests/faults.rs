@@ -44,6 +44,8 @@ const DEFAULT_STEPS: usize = 20;
 /// Wall-clock bound of the schedule in the short form, seconds.
 const DEFAULT_SECS: u64 = 30;
 const DEFAULT_SEED: u64 = 0x6b69_7468;
+/// The longest the devices may take to settle once everything is healed.
+const SETTLE_LIMIT: Duration = Duration::from_secs(300);
 
 /// SplitMix64: small, seedable, and the same everywhere.
 struct Rng(u64);
@@ -96,6 +98,8 @@ struct Acked {
     channel: usize,
     text: String,
     sender: usize,
+    /// The epoch it was sent in.
+    epoch: u64,
     /// Devices (indices) that were members in the epoch it was sent in.
     members: BTreeSet<usize>,
 }
@@ -208,8 +212,10 @@ impl World {
                 let result = match &op {
                     Op::Commit(_) => client.self_update(channel).await.map(|_| None),
                     Op::Send(_, text) => match client.send(channel, text.as_bytes()).await {
-                        // The members of the epoch it was encrypted for.
-                        Ok(_) => client.members(channel).map(Some),
+                        // The epoch it was encrypted for, and its members.
+                        Ok(_) => client
+                            .channel_state(channel)
+                            .and_then(|(epoch, _)| Ok(Some((epoch, client.members(channel)?)))),
                         Err(e) => Err(e),
                     },
                 };
@@ -228,7 +234,7 @@ impl World {
         for (d, op, client, result) in finished {
             self.devices[d] = Some(client);
             match (op, result) {
-                (Op::Send(c, text), Ok(Some(members))) => {
+                (Op::Send(c, text), Ok(Some((epoch, members)))) => {
                     let members = members
                         .iter()
                         .map(|m| {
@@ -241,6 +247,7 @@ impl World {
                         channel: c,
                         text,
                         sender: d,
+                        epoch,
                         members,
                     });
                 }
@@ -327,9 +334,14 @@ impl World {
         for a in &self.acked {
             for &d in &a.members {
                 if !have[&(d, a.channel)].contains(&a.text) {
+                    let now = self
+                        .dev(d)
+                        .channel_state(self.channels[a.channel])
+                        .unwrap()
+                        .0;
                     lost.push(format!(
-                        "{} lacks {:?} (channel {}, from {})",
-                        self.names[d], a.text, a.channel, self.names[a.sender]
+                        "{} lacks {:?} (channel {}, from {}, sent at epoch {}; the device is at {now})",
+                        self.names[d], a.text, a.channel, self.names[a.sender], a.epoch
                     ));
                 }
             }
@@ -358,7 +370,8 @@ impl World {
     }
 
     /// Syncs every device (and catches up every channel) until nothing is
-    /// missing and every channel agrees, at most `rounds` rounds.
+    /// missing and every channel agrees, at most `rounds` rounds and
+    /// [`SETTLE_LIMIT`].
     async fn settle(&mut self, what: &str, rounds: usize) {
         let started = Instant::now();
         let mut last = (Vec::new(), Vec::new());
@@ -374,7 +387,11 @@ impl World {
             }
             self.sample(&format!("{what}, round {round}"));
             last = self.missing();
-            if last.0.is_empty() && last.1.is_empty() {
+            let settled = last.0.is_empty() && last.1.is_empty();
+            if !settled && started.elapsed() > SETTLE_LIMIT {
+                break;
+            }
+            if settled {
                 eprintln!(
                     "{what}: settled after {} rounds, {:.1} s",
                     round + 1,
@@ -386,8 +403,9 @@ impl World {
         }
         let (lost, apart) = last;
         panic!(
-            "seed {}: {what}: not settled after {rounds} rounds.\n{} acknowledged deliveries missing, e.g. {:#?}\nchannels apart: {apart:#?}\nerrors: {:?}",
+            "seed {}: {what}: not settled after {:.0} s.\n{} acknowledged deliveries missing, e.g. {:#?}\nchannels apart: {apart:#?}\nerrors: {:?}",
             self.seed,
+            started.elapsed().as_secs_f64(),
             lost.len(),
             &lost[..lost.len().min(10)],
             self.errors
@@ -593,10 +611,12 @@ async fn random_faults_never_fork_lose_or_stall_a_channel() {
             .await
             .unwrap_or_else(|e| panic!("seed {seed}: final send by {}: {e}", world.names[d]));
         let members = world.members[0].iter().copied().collect();
+        let epoch = world.dev(d).channel_state(channel).unwrap().0;
         world.acked.push(Acked {
             channel: 0,
             text,
             sender: d,
+            epoch,
             members,
         });
     }
