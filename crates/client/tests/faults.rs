@@ -23,6 +23,10 @@
 //! KITH_FAULT_STEPS=400 KITH_FAULT_SECS=1200 KITH_FAULT_SEED=7 \
 //!   cargo test -p kith-client --test faults -- --nocapture
 //! ```
+//!
+//! Long runs currently fail: acknowledged messages delayed by more than
+//! five epochs are lost (see `long_schedule_seed_11_loses_no_acknowledged_message`,
+//! ignored, which reproduces it).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -434,6 +438,25 @@ async fn random_faults_never_fork_lose_or_stall_a_channel() {
     let seed: u64 = env_or("KITH_FAULT_SEED", DEFAULT_SEED);
     let steps: usize = env_or("KITH_FAULT_STEPS", DEFAULT_STEPS);
     let secs: u64 = env_or("KITH_FAULT_SECS", DEFAULT_SECS);
+    run(seed, steps, secs).await;
+}
+
+/// KNOWN BUG (open): acknowledged messages are lost when they reach a
+/// device more than `kith_mls::MAX_PAST_EPOCHS` (5) epochs after the epoch
+/// they were sent in. A server whose log lags (it was down or cut off)
+/// accepts and acknowledges a message for the stale epoch it is at, and
+/// fan-out to a server that was down arrives after its devices merged the
+/// commits that came first; the recipient cannot decrypt it any more and
+/// drops it (`cannot decrypt message`). Seed 11 with 60 steps loses 5 to 10
+/// deliveries (sent at epochs 8–31, devices at 37). Ignored until the
+/// protocol bounds how stale an acknowledged message may be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "known bug: messages delayed past MAX_PAST_EPOCHS are lost (see the doc comment)"]
+async fn long_schedule_seed_11_loses_no_acknowledged_message() {
+    run(11, 60, 240).await;
+}
+
+async fn run(seed: u64, steps: usize, secs: u64) {
     eprintln!(
         "fault injection: seed {seed}, {steps} steps, {secs} s (KITH_FAULT_SEED={seed} to replay)"
     );
