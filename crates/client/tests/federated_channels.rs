@@ -284,3 +284,27 @@ async fn a_blocked_servers_user_cannot_be_added() {
     join(&mut bob, channel).await;
     cluster.stop().await;
 }
+
+/// Regression (found by `faults.rs`, seed 1802073192): a server that was
+/// down while a commit was ordered must learn of it even when every server
+/// restarts afterwards and nothing else starts the channel's Raft nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_down_during_a_commit_catches_up_after_everyone_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], quick).await;
+    let (mut alice, mut bob, mut carol, channel) = three_server_channel(dir.path(), &cluster).await;
+    let c = cluster.take("c.test").stop_keeping().await;
+    alice.self_update(channel).await.unwrap();
+    sync_until(&mut bob, "bob sees alice's update", |b| {
+        b.channel_state(channel).unwrap().0 == 3
+    })
+    .await;
+    for name in ["a.test", "b.test"] {
+        let server = cluster.take(name).restart().await;
+        cluster.put(server);
+    }
+    cluster.put(c.start().await);
+    converge(&mut [&mut alice, &mut bob, &mut carol], channel).await;
+    assert_eq!(carol.channel_state(channel).unwrap().0, 3);
+    cluster.stop().await;
+}

@@ -5,9 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use kith_proto::ServerName;
 use serde::Deserialize;
+
+use crate::faults::LinkFaults;
 
 /// The port in the default listen address and server name.
 pub const DEFAULT_PORT: u16 = 8448;
@@ -122,6 +125,9 @@ pub struct Config {
     pub blocked_servers: BTreeSet<ServerName>,
     /// Federation timeouts, body limits and outbox retries.
     pub federation: FederationSettings,
+    /// Test hook: federation links cut on purpose (fault-injection tests).
+    /// `None` (the default, and the only value `kithd` uses) cuts nothing.
+    pub faults: Option<Arc<LinkFaults>>,
 }
 
 /// Federation timeouts, limits and the outbox's retry schedule.
@@ -215,6 +221,7 @@ impl Config {
             resolve: BTreeMap::new(),
             blocked_servers: BTreeSet::new(),
             federation: FederationSettings::default(),
+            faults: None,
         }
     }
 }

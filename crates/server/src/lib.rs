@@ -40,6 +40,7 @@ mod api;
 mod channels;
 pub mod config;
 mod error;
+pub mod faults;
 mod federation;
 mod keys;
 mod metrics;
@@ -56,6 +57,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use config::{Backend, Config, FederationSettings, FileConfig, Limits, Registration};
 pub use error::{ApiError, ServerError};
+pub use faults::LinkFaults;
 pub use keys::KEY_FILE;
 pub use store::{MemoryStore, SqliteStore, Store, StoreError};
 
@@ -143,6 +145,7 @@ pub async fn run(
         federation::Resolver::new(config.resolve.clone()),
         config.blocked_servers.clone(),
         &config.federation,
+        config.faults.clone(),
     )
     .map_err(ServerError::Federation)?;
     let federation = Arc::new(federation::Federation {

@@ -436,6 +436,14 @@ async fn list_commits(
             "this device never was a member of the channel",
         ));
     }
+    // Orderers start on demand, and after a restart nothing else may start
+    // this one: a server that was down while a commit was ordered would
+    // then never hear of it, and its devices would stay an epoch behind.
+    // A device asking what it missed runs the node, so it catches up.
+    state.channels.orderer(channel, false).await.map_err(|e| {
+        tracing::error!(%channel, error = %e, "starting the orderer");
+        ApiError::internal("the channel's orderer did not start")
+    })?;
     let from = q.from_epoch.unwrap_or(0);
     let limit = list_limit(&state, q.limit);
     let mut rows = state.db(move |s| s.commits(&channel, from, limit)).await?;

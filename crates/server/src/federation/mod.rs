@@ -169,6 +169,8 @@ pub(crate) struct Client {
     resolver: Resolver,
     blocked: BTreeSet<ServerName>,
     max_response_bytes: usize,
+    /// Test hook: links cut on purpose ([`crate::Config::faults`]).
+    faults: Option<Arc<crate::faults::LinkFaults>>,
 }
 
 impl Client {
@@ -178,6 +180,7 @@ impl Client {
         resolver: Resolver,
         blocked: BTreeSet<ServerName>,
         settings: &FederationSettings,
+        faults: Option<Arc<crate::faults::LinkFaults>>,
     ) -> Result<Self, String> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(settings.request_timeout_ms))
@@ -195,6 +198,7 @@ impl Client {
             resolver,
             blocked,
             max_response_bytes: settings.max_response_bytes,
+            faults,
         })
     }
 
@@ -208,9 +212,19 @@ impl Client {
         &self.me
     }
 
+    /// Refuses blocked destinations, and (test hook) links cut on purpose,
+    /// which fail as unreachable before anything is sent.
     fn check_destination(&self, server: &ServerName) -> Result<(), FederationError> {
         if self.is_blocked(server) {
             return Err(FederationError::Blocked(server.clone()));
+        }
+        if let Some(faults) = &self.faults
+            && faults.is_cut(&self.me, server)
+        {
+            return Err(FederationError::Unreachable {
+                server: server.clone(),
+                why: "the link is cut (fault injection)".into(),
+            });
         }
         Ok(())
     }

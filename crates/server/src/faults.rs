@@ -1,0 +1,78 @@
+//! A test hook: cutting federation links between servers.
+//!
+//! [`LinkFaults`] is a set of cut links `(from, to)`, shared by every server
+//! of a test cluster through [`crate::Config::faults`]. While `from → to` is
+//! cut, every federation request `from` starts towards `to` (signed
+//! requests and key fetches alike) fails at once as unreachable, before
+//! anything is sent. A link is one-directional: `to` may still reach
+//! `from`, and its requests are answered. Production configurations leave
+//! the hook unset, and then it costs nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use kith_proto::ServerName;
+
+/// The links cut between servers; see the module docs.
+#[derive(Debug, Default)]
+pub struct LinkFaults {
+    cut: Mutex<BTreeSet<(ServerName, ServerName)>>,
+}
+
+impl LinkFaults {
+    /// No link cut.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<(ServerName, ServerName)>> {
+        self.cut
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Cuts the link from `from` to `to` (requests `from` sends to `to`).
+    pub fn cut(&self, from: &ServerName, to: &ServerName) {
+        self.lock().insert((from.clone(), to.clone()));
+    }
+
+    /// Heals the link from `from` to `to`.
+    pub fn heal(&self, from: &ServerName, to: &ServerName) {
+        self.lock().remove(&(from.clone(), to.clone()));
+    }
+
+    /// Heals every link.
+    pub fn heal_all(&self) {
+        self.lock().clear();
+    }
+
+    /// Whether the link from `from` to `to` is cut.
+    pub fn is_cut(&self, from: &ServerName, to: &ServerName) -> bool {
+        self.lock().contains(&(from.clone(), to.clone()))
+    }
+
+    /// The cut links, as `(from, to)`.
+    pub fn cut_links(&self) -> Vec<(ServerName, ServerName)> {
+        self.lock().iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_is_one_directional_and_heals() {
+        let (a, b): (ServerName, ServerName) =
+            ("a.test".parse().unwrap(), "b.test".parse().unwrap());
+        let faults = LinkFaults::new();
+        faults.cut(&a, &b);
+        assert!(faults.is_cut(&a, &b));
+        assert!(!faults.is_cut(&b, &a));
+        faults.heal(&a, &b);
+        assert!(!faults.is_cut(&a, &b));
+        faults.cut(&b, &a);
+        faults.heal_all();
+        assert!(faults.cut_links().is_empty());
+    }
+}
