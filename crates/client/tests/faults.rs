@@ -442,7 +442,7 @@ async fn random_faults_never_fork_lose_or_stall_a_channel() {
 }
 
 /// KNOWN BUG (open): acknowledged messages are lost when they reach a
-/// device more than `kith_mls::MAX_PAST_EPOCHS` (5) epochs after the epoch
+/// device more than `kith_mls::MAX_PAST_EPOCHS` (16; it was 5 when this was found) epochs after the epoch
 /// they were sent in. A server whose log lags (it was down or cut off)
 /// accepts and acknowledges a message for the stale epoch it is at, and
 /// fan-out to a server that was down arrives after its devices merged the

@@ -34,8 +34,11 @@ pub const CIPHERSUITE_V0: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128G
 
 /// How many past epochs' secrets a member keeps, to read messages that
 /// arrive after the commit that ended their epoch. The same value is used
-/// when creating and when joining.
-pub const MAX_PAST_EPOCHS: usize = 5;
+/// when creating and when joining. 16 matches the window of epochs a server
+/// accepts messages for (spec §11.3): across servers a message can arrive
+/// well after several commits (a server that was down, fan-out retried
+/// late), and one older than this can no longer be read.
+pub const MAX_PAST_EPOCHS: usize = 16;
 
 /// Sender-ratchet tolerance: messages up to this many generations out of
 /// order are still readable.
