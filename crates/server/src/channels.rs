@@ -92,6 +92,9 @@ pub(crate) struct Channels {
     orderers: Mutex<HashMap<ChannelId, Orderer>>,
     accepted_tx: mpsc::UnboundedSender<Accepted>,
     accepted_rx: Mutex<Option<mpsc::UnboundedReceiver<Accepted>>>,
+    /// Woken whenever this server's log accepts a commit (of any channel),
+    /// for requests waiting until their epoch is reached.
+    applied: Arc<tokio::sync::Notify>,
 }
 
 /// Why the channel machinery could not be opened or started.
@@ -139,12 +142,20 @@ impl Channels {
             orderers: Mutex::new(HashMap::new()),
             accepted_tx,
             accepted_rx: Mutex::new(Some(accepted_rx)),
+            applied: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
     /// Gives the orderers their transport. Call once, before serving.
     pub(crate) fn set_federation(&self, federation: Arc<Federation>) {
         let _ = self.federation.set(federation);
+    }
+
+    /// Waits until this server's log accepts another commit, or `timeout`.
+    /// Callers check what they wait for before and after (a wake-up can be
+    /// missed between the check and the wait; the timeout bounds that).
+    pub(crate) async fn wait_applied(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.applied.notified()).await;
     }
 
     /// The queue of accepted commits, for the certifier task (once).
@@ -216,6 +227,7 @@ impl Channels {
             store: Arc::clone(&self.store),
             mls: Arc::clone(&self.mls),
             accepted: self.accepted_tx.clone(),
+            applied: Arc::clone(&self.applied),
             failure: None,
         };
         let order = ChannelOrder::new(channel, 0);
@@ -351,6 +363,7 @@ pub(crate) struct Validator {
     store: Arc<dyn Store>,
     mls: SharedMls,
     accepted: mpsc::UnboundedSender<Accepted>,
+    applied: Arc<tokio::sync::Notify>,
     /// A failure of this server's machinery during the last validation.
     failure: Option<String>,
 }
@@ -380,6 +393,7 @@ impl CommitValidator for Validator {
                 // The certifier may be gone during shutdown; nothing is lost,
                 // `ready` certifies on the next start.
                 let _ = self.accepted.send((self.channel, submission.epoch));
+                self.applied.notify_waiters();
                 Ok(())
             }
             Err(Refusal::Reject(reason)) => {

@@ -330,7 +330,7 @@ async fn wait_for_commit(
                  ordering group yet"
             )));
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        state.channels.wait_applied(Duration::from_millis(25)).await;
     }
 }
 

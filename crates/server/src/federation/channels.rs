@@ -320,7 +320,7 @@ async fn vote(
                 format!("this server's log has not accepted a commit for epoch {epoch} yet"),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        state.channels.wait_applied(Duration::from_millis(50)).await;
     };
     if stored.commit_hash != hash {
         return Err(ApiError::conflict(
