@@ -223,3 +223,155 @@ async fn withheld_forged_or_missing_votes_are_never_merged() {
     }
     cluster.stop().await;
 }
+
+/// How many channel messages a server has stored, from its metrics.
+async fn stored_messages(base: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("kith_channel_messages") && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().last())
+        .map(|v| v.parse().unwrap())
+        .unwrap_or_else(|| {
+            panic!(
+                "no channel message counter in:
+{text}"
+            )
+        })
+}
+
+/// The signing key of a server, read from its data directory.
+fn server_key(dir: &std::path::Path) -> SecretKey {
+    let text = std::fs::read_to_string(dir.join("server-key.toml")).unwrap();
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(table["seed"].as_str().unwrap(), &mut seed).unwrap();
+    SecretKey::from_seed(seed)
+}
+
+/// POSTs `body` to `path` on `to`, signed by `from` with `key`.
+async fn signed_post(
+    key: &SecretKey,
+    from: &str,
+    to: &str,
+    base: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Value) {
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let mut nonce = [0u8; 16];
+    nonce[..8].copy_from_slice(&now.to_be_bytes());
+    nonce[8] = body.len() as u8;
+    let request = kith_proto::FederationRequest::new(
+        from.parse().unwrap(),
+        to.parse().unwrap(),
+        "POST",
+        path,
+        body,
+        now,
+        nonce,
+    );
+    let answer = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .header("Kith-Origin", from)
+        .header(
+            "Kith-Signature",
+            URL_SAFE_NO_PAD.encode(request.sign(key).encode()),
+        )
+        .header("Content-Type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_cannot_inject_messages_for_senders_it_does_not_sponsor() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], quick).await;
+    let register = |name: &str, url: String| {
+        let path = dir.path().join(name);
+        let name = name.to_owned();
+        async move { Client::register(&path, &url, &name, None).await.unwrap() }
+    };
+    let mut alice = register("alice", cluster.server("a.test").url().to_owned()).await;
+    let mut bob = register("bob", cluster.server("b.test").url().to_owned()).await;
+    let carol = register("carol", cluster.server("c.test").url().to_owned()).await;
+    let channel: ChannelId = alice.create_channel("private", "text/plain").await.unwrap();
+    alice.invite(channel, "bob@b.test").await.unwrap();
+    sync_until(&mut bob, "bob joins", |c| c.channel_state(channel).is_ok()).await;
+    alice.send(channel, b"genuine").await.unwrap();
+    let epoch = alice.channel_state(channel).unwrap().0;
+    let before = alice.messages(channel, 100).unwrap().len();
+    let stored_before = stored_messages(cluster.server("a.test").url()).await;
+
+    let path = format!("/v0/federation/channels/{channel}/messages");
+    let a_url = cluster.server("a.test").url().to_owned();
+    let body = |sender: kith_proto::DeviceId| {
+        serde_json::json!({"messages": [{
+            "epoch": epoch,
+            "sender": sender.to_string(),
+            "message": URL_SAFE_NO_PAD.encode(b"forged ciphertext"),
+        }]})
+        .to_string()
+        .into_bytes()
+    };
+    let b_key = server_key(&dir.path().join("b.test"));
+    let c_key = server_key(&dir.path().join("c.test"));
+    // b.test claims a message from Alice, whom it does not sponsor.
+    let (status, answer) = signed_post(
+        &b_key,
+        "b.test",
+        "a.test",
+        &a_url,
+        &path,
+        &body(alice.device_id()),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    // c.test, not a server of the channel, claims one from Bob.
+    let (status, answer) = signed_post(
+        &c_key,
+        "c.test",
+        "a.test",
+        &a_url,
+        &path,
+        &body(bob.device_id()),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    // c.test, for its own user, who is not a member.
+    let (status, answer) = signed_post(
+        &c_key,
+        "c.test",
+        "a.test",
+        &a_url,
+        &path,
+        &body(carol.device_id()),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+
+    // Nothing was stored or delivered.
+    assert_eq!(
+        stored_messages(cluster.server("a.test").url()).await,
+        stored_before
+    );
+    for _ in 0..3 {
+        alice.sync().await.unwrap();
+    }
+    assert_eq!(alice.messages(channel, 100).unwrap().len(), before);
+    cluster.stop().await;
+}
