@@ -8,6 +8,7 @@
 //! noisy, so only ratios compare across runs. No figure is asserted.
 
 mod federated;
+mod large;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -59,6 +60,13 @@ struct Limits {
     disk_syncs: usize,
     /// Channels committing at once in the three-server scenario.
     parallel_channels: usize,
+    /// Members of the large channel in scenario 5b (reached only if
+    /// building it fits in `large_budget`).
+    large_members: usize,
+    /// Timed adds in scenario 5b.
+    large_adds: usize,
+    /// Time budget for building the large channel end to end.
+    large_budget: Duration,
 }
 
 impl Limits {
@@ -74,6 +82,9 @@ impl Limits {
                 idle_channels: 5,
                 disk_syncs: 20,
                 parallel_channels: 2,
+                large_members: 4,
+                large_adds: 1,
+                large_budget: Duration::from_secs(3),
             }
         } else {
             Self {
@@ -86,6 +97,9 @@ impl Limits {
                 idle_channels: 100,
                 disk_syncs: 300,
                 parallel_channels: 100,
+                large_members: 1000,
+                large_adds: 5,
+                large_budget: Duration::from_secs(args.seconds.max(1) * 24),
             }
         }
     }
@@ -468,6 +482,19 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
     let p99_3 = quantile_ms(&mut latency3, 0.99);
     let parallel_rate = rate(o.parallel_commits, o.parallel_elapsed);
 
+    // 5b. Adding a member to a large channel, end to end and raw.
+    let l = large::large_add(
+        &dir.join("large"),
+        limits.large_members,
+        limits.large_adds,
+        limits.time,
+        limits.large_budget,
+    )
+    .await?;
+    let (mut e2e, mut raw) = (l.e2e.clone(), l.raw.clone());
+    let add_p50 = quantile_ms(&mut e2e, 0.5);
+    let raw_p50 = quantile_ms(&mut raw, 0.5);
+
     let members_n = limits.fanout_members;
     Ok(vec![
         Row {
@@ -544,6 +571,19 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
             ),
             ratio: "n/a (memory)".into(),
             detail: json!({ "rss_before_kib": rss_before, "rss_idle_server_kib": rss_server, "rss_after_channels_kib": rss_channels, "channels": made, "kib_per_channel": per_channel_kib }),
+        },
+        Row {
+            scenario: "5b. add a member to an N-member channel",
+            figure: format!(
+                "N = {} (of {} wanted; built in {:.1} s): end to end p50 {add_p50:.2} ms ({} adds); raw OpenMLS add + merge p50 {raw_p50:.2} ms ({} adds)",
+                l.members,
+                l.wanted,
+                l.build.as_secs_f64(),
+                e2e.len(),
+                raw.len()
+            ),
+            ratio: format!("{:.2} x raw OpenMLS add", add_p50 / raw_p50),
+            detail: json!({ "members": l.members, "members_wanted": l.wanted, "build_s": l.build.as_secs_f64(), "e2e_p50_ms": add_p50, "e2e_adds": e2e.len(), "e2e_ms": l.e2e.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(), "raw_p50_ms": raw_p50, "raw_adds": raw.len(), "raw_ms": l.raw.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(), "ratio_to_raw": add_p50 / raw_p50, "p50_in_floor_msgs": add_p50 / floor_ms }),
         },
         Row {
             scenario: "6. wire: bytes above the MLS message (binary; JSON form)",

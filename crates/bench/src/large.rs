@@ -1,0 +1,170 @@
+//! Scenario 5b: adding one member to a large channel, end to end (one
+//! homeserver, a real owner client: key package claim, the add commit,
+//! server validation, Raft ordering, certificate, merge, the Welcome's
+//! deposit) against raw OpenMLS doing the same add (commit + Welcome,
+//! merge) in a group of the same size, with no network and no server.
+//!
+//! The end-to-end group is built by registering real users and inviting
+//! them one by one (one certified commit each); that is bounded by a time
+//! budget, and the raw group is then built at the size actually reached,
+//! so the two figures always compare the same N.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kith_client::Client;
+use kith_mls::{
+    CIPHERSUITE_V0, ChannelExtension, ChannelSettings, ContentType, Device, MlsStore, Policy,
+};
+use kith_proto::{ChannelId, SecretKey};
+use kith_testkit::{Config, Registration, TestServer};
+
+/// Registrations run this many at a time (in one task, overlapping their
+/// round trips and disk syncs).
+const REGISTER_AT_ONCE: usize = 8;
+
+/// What the scenario measured.
+pub(crate) struct LargeAdd {
+    /// Members in the channel before each timed add (the first one).
+    pub(crate) members: usize,
+    /// Members wanted (the limit); `members` is smaller if building the
+    /// group ran out of its time budget.
+    pub(crate) wanted: usize,
+    /// How long building the end-to-end group took (registrations and
+    /// invites).
+    pub(crate) build: Duration,
+    /// End-to-end `Client::invite` latencies, one new member each.
+    pub(crate) e2e: Vec<Duration>,
+    /// Raw OpenMLS add (commit + Welcome, merge) latencies at the same N.
+    pub(crate) raw: Vec<Duration>,
+}
+
+async fn register(dir: &Path, server: &TestServer, name: &str) -> Result<Client> {
+    Client::register(&dir.join(name), server.url(), name, None)
+        .await
+        .with_context(|| format!("registering {name}"))
+}
+
+/// Registers `names` on `server`, `REGISTER_AT_ONCE` at a time; returns
+/// their handles (the clients are dropped: they never need to act).
+async fn register_handles(
+    dir: &Path,
+    server: &TestServer,
+    names: &[String],
+) -> Result<Vec<String>> {
+    let mut handles = Vec::with_capacity(names.len());
+    for chunk in names.chunks(REGISTER_AT_ONCE) {
+        let clients =
+            futures_util::future::join_all(chunk.iter().map(|name| register(dir, server, name)))
+                .await;
+        for client in clients {
+            handles.push(client?.handle().to_owned());
+        }
+    }
+    Ok(handles)
+}
+
+/// Runs the scenario: an end-to-end channel grown towards `wanted`
+/// members (bounded by `budget`), then up to `adds` timed invites (bounded
+/// by `time`); then the raw OpenMLS group at the size reached and the same
+/// number of timed adds.
+pub(crate) async fn large_add(
+    dir: &Path,
+    wanted: usize,
+    adds: usize,
+    time: Duration,
+    budget: Duration,
+) -> Result<LargeAdd> {
+    // The owner deposits one Welcome per invite, far above the default
+    // per-device deposit rate (a spam limit, not a cost): lift it here.
+    let mut config = Config::new("a.test".parse()?, dir.join("server"));
+    config.registration = Registration::Open;
+    config.limits.inbox_deposits_per_minute = 1_000_000;
+    config.limits.inbox_deposit_burst = 1_000_000;
+    let server = TestServer::start_with(config).await;
+    let mut owner = register(dir, &server, "owner").await?;
+    let channel = owner
+        .create_channel("large", "application/octet-stream")
+        .await?;
+
+    // Grow the channel: register a chunk of users, invite each.
+    let build_start = Instant::now();
+    let mut members = 1; // the owner
+    let mut next = 0usize;
+    while members < wanted && build_start.elapsed() < budget {
+        let take = REGISTER_AT_ONCE.min(wanted - members);
+        let names: Vec<String> = (next..next + take).map(|i| format!("m{i}")).collect();
+        next += take;
+        for handle in register_handles(dir, &server, &names).await? {
+            owner.invite(channel, &handle).await?;
+            members += 1;
+        }
+    }
+    let build = build_start.elapsed();
+
+    // The timed adds: a fresh user each, registered outside the timing.
+    let names: Vec<String> = (0..adds).map(|i| format!("new{i}")).collect();
+    let handles = register_handles(dir, &server, &names).await?;
+    let mut e2e = Vec::new();
+    let start = Instant::now();
+    for handle in &handles {
+        if start.elapsed() >= time {
+            break;
+        }
+        let t = Instant::now();
+        owner.invite(channel, handle).await?;
+        e2e.push(t.elapsed());
+    }
+    server.stop().await;
+
+    let raw = raw_add(members, e2e.len().max(1), time)?;
+    Ok(LargeAdd {
+        members,
+        wanted,
+        build,
+        e2e,
+        raw,
+    })
+}
+
+/// Raw OpenMLS: a group of `members` in-memory devices (the owner adds the
+/// others in one commit, not timed), then up to `adds` timed adds of one
+/// new device each: the add commit with its Welcome, and its merge.
+fn raw_add(members: usize, adds: usize, time: Duration) -> Result<Vec<Duration>> {
+    let owner = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
+    let settings = ChannelSettings::new(ChannelExtension::new(
+        ContentType::octet_stream(),
+        "large".parse()?,
+        Policy::new([owner.device_id()])?,
+    ));
+    let mut channel = owner.create_channel(ChannelId::random(), &settings)?;
+    let mut packages = Vec::with_capacity(members.saturating_sub(1));
+    for _ in 1..members {
+        let device = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
+        packages.extend(device.key_packages(1, CIPHERSUITE_V0)?);
+    }
+    if !packages.is_empty() {
+        channel.add(&packages)?;
+        channel.merge_pending()?;
+    }
+    let newcomers = (0..adds)
+        .map(|_| {
+            let device = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
+            Ok(device.key_packages(1, CIPHERSUITE_V0)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    for package in &newcomers {
+        if start.elapsed() >= time {
+            break;
+        }
+        let t = Instant::now();
+        let out = channel.add(package)?;
+        anyhow::ensure!(out.welcome.is_some(), "raw add: no Welcome");
+        channel.merge_pending()?;
+        samples.push(t.elapsed());
+    }
+    Ok(samples)
+}
