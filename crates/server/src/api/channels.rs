@@ -92,17 +92,16 @@ struct CreateRequest {
     ratchet_tree: String,
 }
 
-#[tracing::instrument(skip_all, fields(device = %device))]
-async fn create(
-    State(state): State<Shared>,
-    Authed(device): Authed,
-    ApiJson(req): ApiJson<CreateRequest>,
-) -> Result<Json<Value>, ApiError> {
-    let channel = parse_channel(&req.channel)?;
-    let group_info = unb64("group_info", &req.group_info)?;
-    let ratchet_tree = unb64("ratchet_tree", &req.ratchet_tree)?;
-    // Checked on a scratch store first, so a refused channel leaves nothing.
-    let (row, first) = tokio::task::spawn_blocking(move || {
+/// Checks a channel's epoch-0 GroupInfo and tree (§6.7 steps 1–3) on a
+/// scratch store, so a refused channel leaves nothing, and returns the
+/// channel's row and its epoch-0 state. Used for channels clients create
+/// and for channels a server joins from another server's genesis.
+pub(crate) async fn genesis(
+    channel: ChannelId,
+    group_info: Vec<u8>,
+    ratchet_tree: Vec<u8>,
+) -> Result<(ChannelRow, EpochState), ApiError> {
+    tokio::task::spawn_blocking(move || {
         let scratch = MlsStore::in_memory()
             .map_err(|e| ApiError::internal(format!("scratch MLS store: {e}")))?;
         let public = PublicChannel::create(&scratch, &group_info, &ratchet_tree)
@@ -119,12 +118,6 @@ async fn create(
                 public.epoch()
             )));
         }
-        let members = public.members();
-        if members != [device] {
-            return Err(ApiError::forbidden(
-                "a new channel's only member must be the creating device",
-            ));
-        }
         let extension = public.extension();
         let row = ChannelRow {
             channel,
@@ -139,12 +132,29 @@ async fn create(
                 .ratchet_tree()
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
             group_info,
-            members,
+            members: public.members(),
         };
         Ok((row, first))
     })
     .await
-    .map_err(|_| ApiError::internal("channel check failed"))??;
+    .map_err(|_| ApiError::internal("channel check failed"))?
+}
+
+#[tracing::instrument(skip_all, fields(device = %device))]
+async fn create(
+    State(state): State<Shared>,
+    Authed(device): Authed,
+    ApiJson(req): ApiJson<CreateRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&req.channel)?;
+    let group_info = unb64("group_info", &req.group_info)?;
+    let ratchet_tree = unb64("ratchet_tree", &req.ratchet_tree)?;
+    let (row, first) = genesis(channel, group_info, ratchet_tree).await?;
+    if first.members != [device] {
+        return Err(ApiError::forbidden(
+            "a new channel's only member must be the creating device",
+        ));
+    }
     let (r, f) = (row.clone(), first);
     state.db(move |s| s.create_channel(&r, &f)).await?;
     // The store holds the channel now; the MLS state and the orderer follow

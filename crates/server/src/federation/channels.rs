@@ -23,7 +23,6 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kith_mls::{MlsStore, PublicChannel};
 use kith_order::{CommitHash, Outcome, Submission, Vote};
 use kith_proto::{ChannelId, DeviceId, DeviceRecordIn, ServerName};
 use serde::Deserialize;
@@ -34,8 +33,7 @@ use crate::api::{ApiPath, b64, unb64};
 use crate::channels::{cache_records, catch_up, lock_mls};
 use crate::error::ApiError;
 use crate::ordering::{Ordered, deliver_remote_messages, order_local};
-use crate::state::{Shared, now_ms};
-use crate::store::{ChannelRow, EpochState};
+use crate::state::Shared;
 
 /// How long a voter waits for its own log to reach the epoch it is asked
 /// to vote for.
@@ -162,36 +160,12 @@ pub(crate) async fn join(
         .iter()
         .map(|r| unb64("records", r))
         .collect::<Result<Vec<_>, _>>()?;
-    let (row, first) = tokio::task::spawn_blocking(move || {
-        let scratch = MlsStore::in_memory()
-            .map_err(|e| ApiError::internal(format!("scratch MLS store: {e}")))?;
-        let public = PublicChannel::create(&scratch, &group_info, &ratchet_tree)
-            .map_err(|e| ApiError::bad_request(format!("the genesis does not check: {e}")))?;
-        if public.id() != channel || public.epoch() != 0 || public.members().len() != 1 {
-            return Err(ApiError::bad_request(
-                "the genesis is not epoch 0 of this channel with one member",
-            ));
-        }
-        let extension = public.extension();
-        let row = ChannelRow {
-            channel,
-            name: extension.name.as_str().to_owned(),
-            content_type: extension.content_type.as_str().to_owned(),
-            epoch: 0,
-            created_at: now_ms(),
-        };
-        let first = EpochState {
-            epoch: 0,
-            ratchet_tree: public
-                .ratchet_tree()
-                .map_err(|e| ApiError::bad_request(e.to_string()))?,
-            group_info,
-            members: public.members(),
-        };
-        Ok((row, first))
-    })
-    .await
-    .map_err(|_| ApiError::internal("checking the genesis failed"))??;
+    let (row, first) = crate::api::channels::genesis(channel, group_info, ratchet_tree).await?;
+    if first.members.len() != 1 {
+        return Err(ApiError::bad_request(
+            "the genesis is not epoch 0 of this channel with one member",
+        ));
+    }
     let creator = first.members.first().copied();
     let creator_ok = records.iter().any(|bytes| {
         DeviceRecordIn::decode(bytes)
