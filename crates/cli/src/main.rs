@@ -67,6 +67,11 @@ enum Command {
         #[command(subcommand)]
         command: ChannelCommand,
     },
+    /// This user's devices: link a new one, list them.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// Send a message to a channel: chat text in chat channels (mentions are
     /// `@name@server` words), else TEXT's bytes or the bytes of --file.
     Send {
@@ -154,6 +159,24 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum DeviceCommand {
+    /// Let another device join this user: run `kith register NAME` on it
+    /// (it prints its device id when the name is taken), then this with
+    /// that id, then register it again. This device adds it to the
+    /// channels it administers on its next sync.
+    Link {
+        /// The other device's id (64 hex digits).
+        device: String,
+    },
+    /// This device and its user's other devices.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ChannelCommand {
     /// Create a channel; prints its id.
     Create {
@@ -233,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("server {} ({})", client.server_name(), client.server_url());
             }
         }
+        Command::Device { command } => device(&home, command).await?,
         Command::Dm { handle, text } => {
             let mut client = Client::open(&home)?;
             let n = client.send_direct(&handle, text.as_bytes()).await?;
@@ -258,11 +282,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|(c, d)| json!({ "channel": c.to_string(), "device": d.to_string() }))
                 .collect();
+            let linked: Vec<Value> = report
+                .linked_added
+                .iter()
+                .map(|(c, d)| json!({ "channel": c.to_string(), "device": d.to_string() }))
+                .collect();
             if json {
                 println!(
                     "{}",
                     json!({ "joined": joined, "messages": report.messages, "commits": report.commits,
-                            "removed_on_request": removed })
+                            "removed_on_request": removed, "linked_added": linked })
                 );
             } else {
                 for c in &joined {
@@ -270,6 +299,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 for (c, d) in &report.removed_on_request {
                     println!("removed device {d} from channel {c}: it asked to leave");
+                }
+                for (c, d) in &report.linked_added {
+                    println!("added this user's device {d} to channel {c}");
                 }
                 eprintln!(
                     "{} new message(s), {} commit(s)",
@@ -453,6 +485,61 @@ async fn chat_command(
     };
     let id = client.send_chat(row.id, &make(target)?).await?;
     eprintln!("sent {id}");
+    Ok(())
+}
+
+async fn device(home: &std::path::Path, command: DeviceCommand) -> anyhow::Result<()> {
+    let mut client = Client::open(home)?;
+    match command {
+        DeviceCommand::Link { device } => {
+            let id: kith_proto::DeviceId = device
+                .parse()
+                .map_err(|e| anyhow::anyhow!("device id {device:?}: {e}"))?;
+            if client.link_device(id).await? {
+                eprintln!(
+                    "linked {id}; now register it again: kith register --server {} --name {}\n\
+                     this device adds it to the channels it administers on its next sync",
+                    client.server_url(),
+                    client.handle().split('@').next().unwrap_or_default(),
+                );
+            } else {
+                eprintln!("{id} was already linked");
+            }
+        }
+        DeviceCommand::List { json } => {
+            let me = client.device_id();
+            let linked: Vec<kith_proto::DeviceId> = client
+                .linked_devices()
+                .await?
+                .iter()
+                .map(|r| r.device_id())
+                .collect();
+            let pending: Vec<kith_proto::DeviceId> = client
+                .record()?
+                .links()
+                .filter(|d| !linked.contains(d))
+                .collect();
+            if json {
+                let ids = |v: &[kith_proto::DeviceId]| -> Vec<String> {
+                    v.iter().map(ToString::to_string).collect()
+                };
+                let out = json!({
+                    "this": me.to_string(),
+                    "linked": ids(&linked),
+                    "pending": ids(&pending),
+                });
+                println!("{out}");
+            } else {
+                println!("{me} (this device)");
+                for d in &linked {
+                    println!("{d}");
+                }
+                for d in &pending {
+                    println!("{d} (linked from here, not registered or not linking back yet)");
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -104,3 +104,42 @@ fn two_people_talk_through_the_binaries_across_a_sigkill() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not registered"));
 }
+
+#[test]
+fn a_second_device_joins_its_user_through_the_binaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (laptop, phone) = (dir.path().join("laptop"), dir.path().join("phone"));
+    let server = Kithd::start(&dir.path().join("data"), free_port());
+    let host = format!("localhost:{}", server.port);
+    let register = ["register", "--server", &server.url(), "--name", "alice"];
+    ok(&laptop, &register);
+    ok(&laptop, &["channel", "create", "general"]);
+
+    // The phone is refused, and told what to run on the laptop.
+    let refused = kith(&phone, &register);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let id = stderr
+        .split("kith device link ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no link hint in {stderr:?}"))
+        .get(..64)
+        .unwrap()
+        .to_owned();
+    assert!(ok(&laptop, &["device", "link", &id]).is_empty());
+    assert_eq!(ok(&phone, &register).trim(), format!("alice@{host}"));
+
+    let listed: serde_json::Value =
+        serde_json::from_str(ok(&laptop, &["device", "list", "--json"]).trim()).unwrap();
+    assert_eq!(listed["linked"], serde_json::json!([id]));
+    assert_eq!(listed["pending"], serde_json::json!([]));
+
+    // The laptop adds the phone to its channel on its next sync.
+    ok(&laptop, &["sync"]);
+    assert!(ok(&phone, &["sync"]).contains("joined channel"));
+    ok(&laptop, &["send", "general", "from the laptop"]);
+    assert_eq!(
+        read_texts(&phone, "general"),
+        [(format!("alice@{host}"), "from the laptop".to_owned())]
+    );
+}

@@ -315,6 +315,20 @@ impl Api {
         .await
     }
 
+    /// `POST /v0/keypackages/claim` for only `devices` of a local `handle`.
+    pub async fn claim_device_key_packages(
+        &self,
+        handle: &str,
+        devices: &[String],
+    ) -> Result<Claim, ClientError> {
+        self.call(
+            reqwest::Method::POST,
+            "/v0/keypackages/claim",
+            Some(json!({ "handle": handle, "devices": devices })),
+        )
+        .await
+    }
+
     /// `POST /v0/inbox/{device}`: returns the item id.
     pub async fn deposit(&self, device: &str, envelope: &[u8]) -> Result<u64, ClientError> {
         #[derive(Deserialize)]

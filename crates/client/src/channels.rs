@@ -43,6 +43,8 @@ pub struct SyncReport {
     pub typing: Vec<crate::chat::TypingEvent>,
     /// Members this (admin) device removed because they asked to leave.
     pub removed_on_request: Vec<(ChannelId, DeviceId)>,
+    /// This user's linked devices that this (admin) device added to channels.
+    pub linked_added: Vec<(ChannelId, DeviceId)>,
 }
 
 /// What [`Client::leave`] did.
@@ -215,20 +217,34 @@ impl Client {
         // may be added: the homeserver hands out key packages and must not
         // be able to slip in a device of its own.
         let records = self.user_devices(&target.to_string()).await?;
+        self.add_devices(id, &target.to_string(), &records, &claim)
+            .await
+    }
+
+    /// Adds to the channel the devices of `records` (the verified records of
+    /// `who`'s devices) that `claim` has key packages for and that are not
+    /// members yet, then sends each its Welcome. Returns how many it reached.
+    async fn add_devices(
+        &mut self,
+        id: ChannelId,
+        who: &str,
+        records: &[DeviceRecord],
+        claim: &crate::api::Claim,
+    ) -> Result<usize, ClientError> {
         let theirs: Vec<DeviceId> = records.iter().map(DeviceRecord::device_id).collect();
         let mut packages: Vec<(DeviceId, Vec<u8>)> = Vec::new();
         for p in &claim.packages {
             let device: DeviceId = p.device.parse().map_err(protocol)?;
             if !theirs.contains(&device) {
                 return Err(protocol(format!(
-                    "the server offered a key package of {device}, which is not a device of {target}"
+                    "the server offered a key package of {device}, which is not a device of {who}"
                 )));
             }
             packages.push((device, unb64("package", &p.package)?));
         }
         if packages.is_empty() {
             return Err(ClientError::Invalid(format!(
-                "{target} has no devices with key packages"
+                "{who} has no devices with key packages"
             )));
         }
         let outcome = self
@@ -248,7 +264,7 @@ impl Client {
                     let stranger = *stranger;
                     channel.clear_pending()?;
                     return Err(protocol(format!(
-                        "a key package offered for {target} belongs to device {stranger}"
+                        "a key package offered for {who} belongs to device {stranger}"
                     )));
                 }
                 Ok(Some(output))
@@ -369,6 +385,76 @@ impl Client {
             requested: active,
             admins: if active { admins } else { 0 },
         })
+    }
+
+    /// Adds this user's other devices (§5.7: mutually linked with this one)
+    /// to every channel where this device is an admin and they are not
+    /// members yet, each device to each channel once: a device that later
+    /// leaves a channel stays out. Channels where this device is not an
+    /// admin need an admin to invite the user again. Cheap when nothing is
+    /// missing: no request at all.
+    async fn add_linked_devices(&mut self, report: &mut SyncReport) -> Result<(), ClientError> {
+        let links: Vec<DeviceId> = self.record()?.links().collect();
+        if links.is_empty() {
+            return Ok(());
+        }
+        let me = self.device_id();
+        let mut wanted = Vec::new();
+        for row in self.channels()? {
+            if !row.active || !self.channel_admins(row.id).is_ok_and(|a| a.contains(&me)) {
+                continue;
+            }
+            let Ok(members) = self.members(row.id) else {
+                continue;
+            };
+            let mut missing = Vec::new();
+            for d in &links {
+                if !members.contains(d) && !self.store.linked_added(&row.id, d)? {
+                    missing.push(*d);
+                }
+            }
+            if !missing.is_empty() {
+                wanted.push((row.id, missing));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let linked = self.linked_devices().await?;
+        let handle = self.handle().to_owned();
+        for (id, missing) in wanted {
+            let records: Vec<DeviceRecord> = linked
+                .iter()
+                .filter(|r| missing.contains(&r.device_id()))
+                .cloned()
+                .collect();
+            if records.is_empty() {
+                continue;
+            }
+            let devices: Vec<String> = records.iter().map(|r| r.device_id().to_string()).collect();
+            let claim = self
+                .authed(|api| {
+                    let (h, d) = (handle.clone(), devices.clone());
+                    async move { api.claim_device_key_packages(&h, &d).await }
+                })
+                .await;
+            let outcome = match claim {
+                Ok(claim) => self.add_devices(id, &handle, &records, &claim).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(_) => {
+                    for r in &records {
+                        self.store.save_linked_added(&id, &r.device_id())?;
+                        report.linked_added.push((id, r.device_id()));
+                    }
+                }
+                Err(e) if is_retryable(&e) => return Err(e),
+                // Kept: tried again on the next sync (e.g. no key packages).
+                Err(e) => tracing::warn!(channel = %id, "cannot add a linked device: {e}"),
+            }
+        }
+        Ok(())
     }
 
     /// Commits the removal of every member whose leave request this device
@@ -887,6 +973,7 @@ impl Client {
             self.acknowledge(last).await?;
         }
         self.honor_leave_requests(&mut report).await?;
+        self.add_linked_devices(&mut report).await?;
         Ok(report)
     }
 

@@ -64,6 +64,19 @@ pub enum ClientError {
     /// A user-supplied argument is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The name is held by devices that do not link this one (§6.3).
+    #[error(
+        "{name} is taken on {server}. If it is yours, run `kith device link {device}` on one \
+         of its devices, then register this device again"
+    )]
+    NameTaken {
+        /// The local name asked for.
+        name: String,
+        /// The homeserver's name.
+        server: String,
+        /// This (unregistered) device's id, for the other device to link.
+        device: DeviceId,
+    },
     /// MLS (channel crypto) failed.
     #[error("channel crypto: {0}")]
     Mls(#[from] kith_mls::DeviceError),
@@ -152,8 +165,21 @@ impl Client {
             .parse()
             .map_err(|e| ClientError::Protocol(format!("server name {:?}: {e}", info.name)))?;
 
-        let key = SecretKey::generate();
-        let inbox_key = InboxSecretKey::generate();
+        // The keys outlive a refused attempt, so the device id a user's
+        // other device links is the one that registers next time.
+        let (seed, inbox_secret) = match store.pending_keys()? {
+            Some(keys) => keys,
+            None => {
+                let keys = (
+                    SecretKey::generate().to_seed(),
+                    InboxSecretKey::generate().to_bytes(),
+                );
+                store.save_pending_keys(&keys.0, &keys.1)?;
+                keys
+            }
+        };
+        let key = SecretKey::from_seed(seed);
+        let inbox_key = InboxSecretKey::from_bytes(inbox_secret);
         let now = now_ms();
         let unsponsored = DeviceRecord::sign(
             &key,
@@ -169,10 +195,22 @@ impl Client {
             now,
         )
         .map_err(|e| ClientError::Invalid(e.to_string()))?;
-        let (handle, sponsorship) = api
-            .register(&unsponsored.encode(), name.as_str(), token)
-            .await?;
         let device = unsponsored.device_id();
+        let (handle, sponsorship) = match api
+            .register(&unsponsored.encode(), name.as_str(), token)
+            .await
+        {
+            Err(ClientError::Server {
+                status: 409, code, ..
+            }) if code == "name_taken" => {
+                return Err(ClientError::NameTaken {
+                    name: name.to_string(),
+                    server: server_name.to_string(),
+                    device,
+                });
+            }
+            other => other?,
+        };
         let sponsorship = SponsorshipIn::decode(&sponsorship)
             .map_err(|e| ClientError::Protocol(e.to_string()))?
             .verify(&device, now_ms())
@@ -188,6 +226,9 @@ impl Client {
         let mut fields = unsponsored.fields();
         fields.sequence += 1;
         fields.sponsorships = vec![sponsorship];
+        // Joining a user: link back every device of the name that links
+        // this one (a link only counts when it is mutual, §5.7).
+        fields.links = linking_devices(&api, &handle, &device).await?;
         fields.updated_at = now_ms().max(fields.updated_at);
         let record = DeviceRecord::sign(&key, fields, now_ms())
             .map_err(|e| ClientError::Invalid(e.to_string()))?;
@@ -216,6 +257,86 @@ impl Client {
         client.api.publish_record(&record.encode()).await?;
         client.upload_key_packages(KEY_PACKAGE_BATCH, true).await?;
         Ok(client)
+    }
+
+    /// Links `device` to this device's user (§5.7): publishes a new version
+    /// of this device's record that lists it. The other device becomes part
+    /// of the user once its record links this one back, which it does when
+    /// it registers under this device's name (or, already registered, when
+    /// it links this device in turn). Returns whether the record changed.
+    pub async fn link_device(&mut self, device: DeviceId) -> Result<bool, ClientError> {
+        if device == self.device_id() {
+            return Err(ClientError::Invalid("a device cannot link itself".into()));
+        }
+        let record = self.record()?;
+        if record.links_to(&device) {
+            return Ok(false);
+        }
+        let mut fields = record.fields();
+        if fields.links.len() >= kith_proto::record::MAX_LINKS {
+            return Err(ClientError::Invalid(format!(
+                "this device already links {} devices, the most a record may list",
+                fields.links.len()
+            )));
+        }
+        fields.links.push(device);
+        self.publish_fields(fields).await?;
+        tracing::info!(%device, "linked a device");
+        Ok(true)
+    }
+
+    /// The devices of this user: those this device's record links whose
+    /// own current record links it back, each verified (§5.7; one hop: the
+    /// reference client links every new device to the device that added it,
+    /// which links it back).
+    pub async fn linked_devices(&mut self) -> Result<Vec<DeviceRecord>, ClientError> {
+        let me = self.device_id();
+        let mut linked = Vec::new();
+        for device in self.record()?.links().collect::<Vec<_>>() {
+            let text = device.to_string();
+            let bytes = match self
+                .authed(|api| {
+                    let d = text.clone();
+                    async move { api.device_record(&d).await }
+                })
+                .await
+            {
+                Ok(bytes) => bytes,
+                // Not registered (yet): not part of the user.
+                Err(ClientError::Server { status: 404, .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let Ok(record) = DeviceRecordIn::decode(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.verify(now_ms()).map_err(|e| e.to_string()))
+                .inspect_err(|e| tracing::warn!(%device, "a linked device's record: {e}"))
+            else {
+                continue;
+            };
+            if record.device_id() == device && record.links_to(&me) {
+                self.store.save_record(&device, &bytes)?;
+                linked.push(record);
+            }
+        }
+        Ok(linked)
+    }
+
+    /// Signs and publishes the next version of this device's record with
+    /// `fields` (its sequence and time advanced here), and keeps it.
+    async fn publish_fields(&mut self, mut fields: DeviceRecordFields) -> Result<(), ClientError> {
+        fields.sequence += 1;
+        fields.updated_at = now_ms().max(fields.updated_at);
+        let next = DeviceRecord::sign(&self.key, fields, now_ms())
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let encoded = next.encode();
+        self.authed(|api| {
+            let r = encoded.clone();
+            async move { api.publish_record(&r).await }
+        })
+        .await?;
+        self.identity.record = encoded;
+        self.store.save_identity(&self.identity)?;
+        Ok(())
     }
 
     /// Opens the device registered in `home`.
@@ -314,24 +435,10 @@ impl Client {
             )));
         }
         let mut fields = record.fields();
-        fields.sequence += 1;
         fields.sponsorships.retain(|s| s.server() != &server);
         fields.sponsorships.insert(0, fresh);
-        fields.updated_at = now_ms().max(fields.updated_at);
-        let next = DeviceRecord::sign(&self.key, fields, now_ms())
-            .map_err(|e| ClientError::Invalid(e.to_string()))?;
-        let encoded = next.encode();
-        self.authed(|api| {
-            let r = encoded.clone();
-            async move { api.publish_record(&r).await }
-        })
-        .await?;
-        self.identity.record = encoded;
-        self.store.save_identity(&self.identity)?;
-        tracing::info!(
-            sequence = next.sequence(),
-            "renewed this device's sponsorship"
-        );
+        self.publish_fields(fields).await?;
+        tracing::info!("renewed this device's sponsorship");
         Ok(true)
     }
 
@@ -549,4 +656,28 @@ impl Client {
             .map(|h| h.to_string())
             .unwrap_or(id)
     }
+}
+
+/// The devices registered under `handle` whose verified current records
+/// link `device`: the ones a device registering under that name links back.
+async fn linking_devices(
+    api: &Api,
+    handle: &str,
+    device: &DeviceId,
+) -> Result<Vec<DeviceId>, ClientError> {
+    let records = match api.user_records(handle).await {
+        Ok(records) => records,
+        // No device of the name has a sponsored record: a new user.
+        Err(ClientError::Server { status: 404, .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let now = now_ms();
+    Ok(records
+        .iter()
+        .filter_map(|bytes| DeviceRecordIn::decode(bytes).ok())
+        .filter_map(|r| r.verify(now).ok())
+        .filter(|r| r.device_id() != *device && r.links_to(device))
+        .map(|r| r.device_id())
+        .take(kith_proto::record::MAX_LINKS)
+        .collect())
 }

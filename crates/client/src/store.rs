@@ -36,6 +36,9 @@ impl std::fmt::Debug for Identity {
     }
 }
 
+/// An unregistered device's identity seed and inbox secret.
+pub type PendingKeys = ([u8; 32], [u8; 32]);
+
 /// The local SQLite store.
 pub struct Store {
     conn: Connection,
@@ -52,6 +55,11 @@ CREATE TABLE IF NOT EXISTS identity (
     handle TEXT NOT NULL,
     record BLOB NOT NULL,
     token TEXT
+);
+CREATE TABLE IF NOT EXISTS pending_keys (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    identity_seed BLOB NOT NULL,
+    inbox_secret BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS channels (
     id BLOB PRIMARY KEY,
@@ -81,6 +89,11 @@ CREATE TABLE IF NOT EXISTS future_messages (
     PRIMARY KEY (channel, id)
 );
 CREATE TABLE IF NOT EXISTS leave_requests (
+    channel BLOB NOT NULL,
+    device BLOB NOT NULL,
+    PRIMARY KEY (channel, device)
+);
+CREATE TABLE IF NOT EXISTS linked_added (
     channel BLOB NOT NULL,
     device BLOB NOT NULL,
     PRIMARY KEY (channel, device)
@@ -145,6 +158,38 @@ impl Store {
             record,
             token,
         }))
+    }
+
+    /// The keys of a device that has not registered yet, made on the first
+    /// attempt so that its device id stays the same across attempts (a
+    /// user's other device links that id before it may join the user).
+    pub fn pending_keys(&self) -> Result<Option<PendingKeys>, ClientError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT identity_seed, inbox_secret FROM pending_keys WHERE id = 1",
+                [],
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
+            )
+            .optional()?;
+        let Some((seed, inbox)) = row else {
+            return Ok(None);
+        };
+        let corrupt = || ClientError::Store("the pending keys have the wrong length".into());
+        Ok(Some((
+            seed.try_into().map_err(|_| corrupt())?,
+            inbox.try_into().map_err(|_| corrupt())?,
+        )))
+    }
+
+    /// Keeps the keys of a device that is about to register.
+    pub fn save_pending_keys(&self, seed: &[u8; 32], inbox: &[u8; 32]) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO pending_keys (id, identity_seed, inbox_secret)
+             VALUES (1, ?1, ?2)",
+            params![&seed[..], &inbox[..]],
+        )?;
+        Ok(())
     }
 
     /// Saves the identity (replacing any).
@@ -420,6 +465,37 @@ impl Store {
             params![&channel.as_bytes()[..], &device.as_bytes()[..]],
         )?;
         Ok(())
+    }
+
+    /// Records that this device added its user's linked `device` to
+    /// `channel` (it does so once: a device that later leaves stays out).
+    pub fn save_linked_added(
+        &self,
+        channel: &ChannelId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO linked_added (channel, device) VALUES (?1, ?2)",
+            params![&channel.as_bytes()[..], &device.as_bytes()[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Whether this device already added the linked `device` to `channel`.
+    pub fn linked_added(
+        &self,
+        channel: &ChannelId,
+        device: &DeviceId,
+    ) -> Result<bool, ClientError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM linked_added WHERE channel = ?1 AND device = ?2",
+                params![&channel.as_bytes()[..], &device.as_bytes()[..]],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     /// A cached device record.

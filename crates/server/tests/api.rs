@@ -380,6 +380,48 @@ async fn key_packages_are_claimed_once_then_last_resort() {
     assert!(body["packages"].as_array().unwrap().is_empty());
     assert_eq!(body["exhausted"], json!([bob.id.to_string()]));
 
+    // A claim narrowed to devices: only those of the user (a device that
+    // is not the user's finds nothing); bad lists are refused.
+    let (status, body) = bob
+        .post(
+            &server,
+            "/v0/keypackages/claim",
+            json!({ "handle": "alice@a.example", "devices": [alice.id.to_string()] }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["packages"][0]["device"], alice.id.to_string());
+    assert_error(
+        &bob.post(
+            &server,
+            "/v0/keypackages/claim",
+            json!({ "handle": "alice@a.example", "devices": [bob.id.to_string()] }),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    for devices in [json!([]), json!(["zz"]), json!([1])] {
+        let (status, body) = bob
+            .post(
+                &server,
+                "/v0/keypackages/claim",
+                json!({ "handle": "alice@a.example", "devices": devices }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{devices}: {body}");
+    }
+    assert_error(
+        &bob.post(
+            &server,
+            "/v0/keypackages/claim",
+            json!({ "handle": "alice@b.example", "devices": [alice.id.to_string()] }),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+
     // Limits and bad input.
     assert_error(
         &alice

@@ -89,19 +89,6 @@ async fn register(
     State(state): State<Shared>,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    match &state.config.registration {
-        Registration::Open => {}
-        Registration::Closed => return Err(ApiError::forbidden("registration is closed")),
-        Registration::Token(expected) => {
-            // Compare hashes so the comparison's timing says nothing useful.
-            let offered = req.token.as_deref().map(token_hash);
-            if offered != Some(token_hash(expected)) {
-                return Err(ApiError::forbidden(
-                    "registration needs a valid registration token",
-                ));
-            }
-        }
-    }
     let name: LocalName = req
         .name
         .parse()
@@ -109,6 +96,40 @@ async fn register(
     let now = now_ms();
     let record = verified_record("record", &req.record, now)?;
     let device = record.device_id();
+    // A device that one of the name's devices links joins that user: it is
+    // not a new account, so the registration mode does not apply (§6.3).
+    let linked = sponsored_devices(&state, name.clone())
+        .await?
+        .iter()
+        .filter_map(|(_, bytes)| DeviceRecordIn::decode(bytes).ok())
+        .filter_map(|r| r.verify(now).ok())
+        .any(|r| r.links_to(&device));
+    if !linked {
+        // Someone else's name: say so whatever the mode, so a device of
+        // that user learns it must be linked first.
+        let holders = state
+            .db({
+                let name = name.clone();
+                move |s| s.devices_named(&name)
+            })
+            .await?;
+        if holders.iter().any(|row| row.device != device) {
+            return Err(crate::store::StoreError::NameTaken(name).into());
+        }
+        match &state.config.registration {
+            Registration::Open => {}
+            Registration::Closed => return Err(ApiError::forbidden("registration is closed")),
+            Registration::Token(expected) => {
+                // Compare hashes so the comparison's timing says nothing useful.
+                let offered = req.token.as_deref().map(token_hash);
+                if offered != Some(token_hash(expected)) {
+                    return Err(ApiError::forbidden(
+                        "registration needs a valid registration token",
+                    ));
+                }
+            }
+        }
+    }
     let row = DeviceRow {
         device,
         name: name.clone(),
@@ -117,7 +138,11 @@ async fn register(
         record_at: now,
         registered_at: now,
     };
-    let outcome = state.db(move |s| s.register(&row)).await?;
+    let outcome = if linked {
+        state.db(move |s| s.register_linked(&row)).await?
+    } else {
+        state.db(move |s| s.register(&row)).await?
+    };
     if outcome == Registered::New {
         state.metrics.registered_devices.inc();
         tracing::info!(%device, "registered a device");

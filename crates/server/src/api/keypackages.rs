@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use kith_proto::LocalName;
+use kith_proto::{DeviceId, LocalName};
 
 use super::identity::{parse_handle, sponsored_devices};
 use super::{ApiJson, Authed, b64, unb64};
@@ -95,6 +95,9 @@ async fn count(
 #[serde(deny_unknown_fields)]
 struct ClaimRequest {
     handle: String,
+    /// Only these devices of the user (hex ids; local handles only).
+    #[serde(default)]
+    devices: Option<Vec<String>>,
 }
 
 async fn claim(
@@ -103,24 +106,50 @@ async fn claim(
     ApiJson(req): ApiJson<ClaimRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let handle = parse_handle(&req.handle)?;
+    let only = match &req.devices {
+        None => None,
+        Some(list) if list.is_empty() || list.len() > kith_proto::record::MAX_LINKS + 1 => {
+            return Err(ApiError::bad_request(format!(
+                "`devices` lists 1 to {} devices",
+                kith_proto::record::MAX_LINKS + 1
+            )));
+        }
+        Some(list) => Some(
+            list.iter()
+                .map(|d| {
+                    d.parse::<DeviceId>()
+                        .map_err(|e| ApiError::bad_request(format!("`devices`: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
     if handle.server() != &state.config.server_name {
+        if only.is_some() {
+            return Err(ApiError::bad_request(
+                "`devices` may only narrow a claim for a handle of this server",
+            ));
+        }
         return crate::federation::remote::claim(&state, &handle)
             .await
             .map(Json);
     }
-    claim_local(&state, &req.handle, handle.name().clone())
+    claim_local(&state, &req.handle, handle.name().clone(), only.as_deref())
         .await
         .map(Json)
 }
 
-/// Claims one package per device of the local user `name` (spec §6.5), for
-/// a client here or another server.
+/// Claims one package per device of the local user `name` (spec §6.5), or
+/// per device of `only` among them, for a client here or another server.
 pub(crate) async fn claim_local(
     state: &Shared,
     handle: &str,
     name: LocalName,
+    only: Option<&[DeviceId]>,
 ) -> Result<Value, ApiError> {
-    let devices = sponsored_devices(state, name).await?;
+    let mut devices = sponsored_devices(state, name).await?;
+    if let Some(only) = only {
+        devices.retain(|(d, _)| only.contains(d));
+    }
     if devices.is_empty() {
         return Err(ApiError::not_found(format!(
             "{handle} has no device with a current sponsored record here"

@@ -78,7 +78,7 @@ struct ClaimRequest {
 async fn claim(State(state): State<Shared>, signed: Signed) -> Result<Json<Value>, ApiError> {
     let req: ClaimRequest = json_body(&signed)?;
     let name = local_name(&state, &req.handle)?;
-    claim_local(&state, &req.handle, name).await.map(Json)
+    claim_local(&state, &req.handle, name, None).await.map(Json)
 }
 
 #[derive(Deserialize)]

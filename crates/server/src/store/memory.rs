@@ -105,6 +105,21 @@ impl Store for MemoryStore {
         Ok(Registered::New)
     }
 
+    fn register_linked(&self, row: &DeviceRow) -> Result<Registered, StoreError> {
+        let mut s = self.lock()?;
+        if let Some(existing) = s.devices.get(&row.device) {
+            return if existing.name == row.name {
+                Ok(Registered::Existing)
+            } else {
+                Err(StoreError::DeviceHasOtherName(existing.name.clone()))
+            };
+        }
+        s.names.entry(row.name.clone()).or_insert(row.device);
+        s.devices.insert(row.device, row.clone());
+        s.order.push(row.device);
+        Ok(Registered::New)
+    }
+
     fn device(&self, device: &DeviceId) -> Result<Option<DeviceRow>, StoreError> {
         Ok(self.lock()?.devices.get(device).cloned())
     }

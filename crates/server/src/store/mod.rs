@@ -217,7 +217,9 @@ pub struct OutboxItem {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The local name belongs to another device.
-    #[error("the name {0} is taken")]
+    #[error(
+        "the name {0} is taken (a device of that user can link this one first, then it may register under it)"
+    )]
     NameTaken(LocalName),
     /// The device is already registered under another name.
     #[error("the device is already registered as {0}")]
@@ -277,6 +279,13 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::DeviceHasOtherName`] if the device holds another; if
     /// the device already holds this name, changes nothing.
     fn register(&self, row: &DeviceRow) -> Result<Registered, StoreError>;
+
+    /// Registers `row.device` as one more device under `row.name`, which
+    /// other devices may already hold (the caller checked that one of them
+    /// links this device, spec §6.3): fails with
+    /// [`StoreError::DeviceHasOtherName`] if the device holds another name;
+    /// if it already holds this one, changes nothing.
+    fn register_linked(&self, row: &DeviceRow) -> Result<Registered, StoreError>;
 
     /// The device, if registered.
     fn device(&self, device: &DeviceId) -> Result<Option<DeviceRow>, StoreError>;

@@ -192,6 +192,60 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// [`Store::register`], or with `shared` [`Store::register_linked`].
+    fn register_device(&self, row: &DeviceRow, shared: bool) -> Result<Registered, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT name FROM devices WHERE device = ?1",
+                [row.device.as_bytes()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(name) = existing {
+            return if name == row.name.as_str() {
+                Ok(Registered::Existing)
+            } else {
+                Err(StoreError::DeviceHasOtherName(
+                    LocalName::parse_canonical(&name)
+                        .map_err(|e| StoreError::Corrupt(format!("local name {name:?}: {e}")))?,
+                ))
+            };
+        }
+        let taken: bool = tx
+            .query_row(
+                "SELECT 1 FROM names WHERE name = ?1",
+                [row.name.as_str()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if taken && !shared {
+            return Err(StoreError::NameTaken(row.name.clone()));
+        }
+        if !taken {
+            tx.execute(
+                "INSERT INTO names (name, owner) VALUES (?1, ?2)",
+                params![row.name.as_str(), row.device.as_bytes()],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO devices (device, name, identity_key, record, record_at, registered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                row.device.as_bytes(),
+                row.name.as_str(),
+                row.identity_key.as_slice(),
+                row.record,
+                int(row.record_at)?,
+                int(row.registered_at)?
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Registered::New)
+    }
+
     fn lock(&self) -> Result<Conn<'_>, StoreError> {
         let guard = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
         Ok(Conn {
@@ -751,54 +805,11 @@ fn insert_epoch(
 
 impl Store for SqliteStore {
     fn register(&self, row: &DeviceRow) -> Result<Registered, StoreError> {
-        let mut conn = self.lock()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT name FROM devices WHERE device = ?1",
-                [row.device.as_bytes()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(name) = existing {
-            return if name == row.name.as_str() {
-                Ok(Registered::Existing)
-            } else {
-                Err(StoreError::DeviceHasOtherName(
-                    LocalName::parse_canonical(&name)
-                        .map_err(|e| StoreError::Corrupt(format!("local name {name:?}: {e}")))?,
-                ))
-            };
-        }
-        let taken: bool = tx
-            .query_row(
-                "SELECT 1 FROM names WHERE name = ?1",
-                [row.name.as_str()],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        if taken {
-            return Err(StoreError::NameTaken(row.name.clone()));
-        }
-        tx.execute(
-            "INSERT INTO names (name, owner) VALUES (?1, ?2)",
-            params![row.name.as_str(), row.device.as_bytes()],
-        )?;
-        tx.execute(
-            "INSERT INTO devices (device, name, identity_key, record, record_at, registered_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                row.device.as_bytes(),
-                row.name.as_str(),
-                row.identity_key.as_slice(),
-                row.record,
-                int(row.record_at)?,
-                int(row.registered_at)?
-            ],
-        )?;
-        tx.commit()?;
-        Ok(Registered::New)
+        self.register_device(row, false)
+    }
+
+    fn register_linked(&self, row: &DeviceRow) -> Result<Registered, StoreError> {
+        self.register_device(row, true)
     }
 
     fn device(&self, device: &DeviceId) -> Result<Option<DeviceRow>, StoreError> {
