@@ -387,12 +387,11 @@ impl Client {
         })
     }
 
-    /// Adds this user's other devices (§5.7: mutually linked with this one)
-    /// to every channel where this device is an admin and they are not
-    /// members yet, each device to each channel once: a device that later
-    /// leaves a channel stays out. Channels where this device is not an
-    /// admin need an admin to invite the user again. Cheap when nothing is
-    /// missing: no request at all.
+    /// Brings this user's other devices (§5.7: mutually linked with this
+    /// one) into every channel this device is in: where this device is an
+    /// admin it adds them; elsewhere it sends an add-device request (§9.5)
+    /// for the admins to act on. Each device once per channel: one that
+    /// later leaves stays out. Cheap when nothing is missing: no request.
     async fn add_linked_devices(&mut self, report: &mut SyncReport) -> Result<(), ClientError> {
         let links: Vec<DeviceId> = self.record()?.links().collect();
         if links.is_empty() {
@@ -401,12 +400,13 @@ impl Client {
         let me = self.device_id();
         let mut wanted = Vec::new();
         for row in self.channels()? {
-            if !row.active || !self.channel_admins(row.id).is_ok_and(|a| a.contains(&me)) {
-                continue;
-            }
+            let active = row.active && self.mls.channel(row.id).is_ok_and(|c| c.is_active());
             let Ok(members) = self.members(row.id) else {
                 continue;
             };
+            if !active {
+                continue;
+            }
             let mut missing = Vec::new();
             for d in &links {
                 if !members.contains(d) && !self.store.linked_added(&row.id, d)? {
@@ -414,7 +414,8 @@ impl Client {
                 }
             }
             if !missing.is_empty() {
-                wanted.push((row.id, missing));
+                let admin = self.channel_admins(row.id).is_ok_and(|a| a.contains(&me));
+                wanted.push((row.id, admin, missing));
             }
         }
         if wanted.is_empty() {
@@ -422,13 +423,22 @@ impl Client {
         }
         let linked = self.linked_devices().await?;
         let handle = self.handle().to_owned();
-        for (id, missing) in wanted {
+        for (id, admin, missing) in wanted {
             let records: Vec<DeviceRecord> = linked
                 .iter()
                 .filter(|r| missing.contains(&r.device_id()))
                 .cloned()
                 .collect();
             if records.is_empty() {
+                continue;
+            }
+            if !admin {
+                for r in &records {
+                    let device = r.device_id();
+                    // Boxed: sending may sync, which comes back here.
+                    Box::pin(self.request_add_device(id, device)).await?;
+                    self.store.save_linked_added(&id, &device)?;
+                }
                 continue;
             }
             let devices: Vec<String> = records.iter().map(|r| r.device_id().to_string()).collect();
@@ -455,6 +465,94 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// Asks the channel's admins to add `device`, which must be mutually
+    /// linked with this device (one user, §5.7), by an add-device request
+    /// (§9.5). Admins' clients check the link and add it on their next
+    /// sync; sync sends these by itself for this user's new devices.
+    pub async fn request_add_device(
+        &mut self,
+        id: ChannelId,
+        device: DeviceId,
+    ) -> Result<String, ClientError> {
+        self.send_with_aad(
+            id,
+            device.as_bytes(),
+            kith_mls::ADD_DEVICE_REQUEST_AAD,
+            false,
+        )
+        .await
+    }
+
+    /// Acts on the add-device requests this (admin) device recorded: adds
+    /// the named device when it and the request's sender are mutually
+    /// linked in their current records (one user, §5.7) and it is not a
+    /// member yet. A request that can never succeed is dropped; one that
+    /// failed for a passing reason is kept for the next sync.
+    async fn honor_add_requests(&mut self, report: &mut SyncReport) -> Result<(), ClientError> {
+        for (id, sender, device) in self.store.add_requests()? {
+            match self.honor_add_request(id, sender, device).await {
+                Ok(true) => report.linked_added.push((id, device)),
+                Ok(false) => {}
+                Err(e) if is_retryable(&e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(channel = %id, %device, "cannot honor an add-device request: {e}");
+                }
+            }
+            self.store.drop_add_request(&id, &sender, &device)?;
+        }
+        Ok(())
+    }
+
+    async fn honor_add_request(
+        &mut self,
+        id: ChannelId,
+        sender: DeviceId,
+        device: DeviceId,
+    ) -> Result<bool, ClientError> {
+        let me = self.device_id();
+        let admin = self
+            .resolve_channel(&id.to_string())
+            .is_ok_and(|r| r.active)
+            && self.mls.channel(id).is_ok_and(|c| c.is_active())
+            && self.channel_admins(id).is_ok_and(|a| a.contains(&me));
+        let members = self.members(id)?;
+        if !admin || members.contains(&device) || !members.contains(&sender) {
+            return Ok(false);
+        }
+        // Both records fresh from the sender's user's directory (its home
+        // server, through ours): the link must hold now, both ways.
+        let Some(handle) = self
+            .member_record(&sender)
+            .await?
+            .handles()
+            .next()
+            .map(|h| h.to_string())
+        else {
+            return Err(protocol(format!("{sender} has no sponsored handle")));
+        };
+        let records = self.user_devices(&handle).await?;
+        let find = |d: &DeviceId| records.iter().find(|r| r.device_id() == *d).cloned();
+        let (Some(from), Some(target)) = (find(&sender), find(&device)) else {
+            return Err(protocol(format!(
+                "{sender} asked to add {device}, which is not a device of {handle}"
+            )));
+        };
+        if !(from.links_to(&device) && target.links_to(&sender)) {
+            return Err(protocol(format!(
+                "{sender} asked to add {device}, but they are not linked to each other"
+            )));
+        }
+        self.store.save_record(&device, &target.encode())?;
+        let only = vec![device.to_string()];
+        let claim = self
+            .authed(|api| {
+                let (h, d) = (handle.clone(), only.clone());
+                async move { api.claim_device_key_packages(&h, &d).await }
+            })
+            .await?;
+        Ok(self.add_devices(id, &handle, &[target], &claim).await? > 0)
     }
 
     /// Commits the removal of every member whose leave request this device
@@ -973,6 +1071,7 @@ impl Client {
             self.acknowledge(last).await?;
         }
         self.honor_leave_requests(&mut report).await?;
+        self.honor_add_requests(&mut report).await?;
         self.add_linked_devices(&mut report).await?;
         Ok(report)
     }
@@ -1082,6 +1181,16 @@ impl Client {
             return Ok(false);
         }
         let processed = self.mls.channel(id)?.process(&m.message);
+        if let Ok(incoming) = &processed
+            && let Some((sender, device)) = incoming.add_device_request()
+        {
+            // Only admins act on it, after checking the link (§9.5).
+            let me = self.device_id();
+            if self.channel_admins(id).is_ok_and(|a| a.contains(&me)) {
+                self.store.save_add_request(&id, &sender, &device)?;
+            }
+            return Ok(false);
+        }
         if let Ok(incoming) = &processed
             && let Some(leaver) = incoming.leave_request()
         {

@@ -93,6 +93,12 @@ CREATE TABLE IF NOT EXISTS leave_requests (
     device BLOB NOT NULL,
     PRIMARY KEY (channel, device)
 );
+CREATE TABLE IF NOT EXISTS add_requests (
+    channel BLOB NOT NULL,
+    sender BLOB NOT NULL,
+    device BLOB NOT NULL,
+    PRIMARY KEY (channel, sender, device)
+);
 CREATE TABLE IF NOT EXISTS linked_added (
     channel BLOB NOT NULL,
     device BLOB NOT NULL,
@@ -463,6 +469,58 @@ impl Store {
         self.conn.execute(
             "DELETE FROM leave_requests WHERE channel = ?1 AND device = ?2",
             params![&channel.as_bytes()[..], &device.as_bytes()[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Keeps an add-device request (spec §9.5) for this admin device to
+    /// act on at the end of the sync.
+    pub fn save_add_request(
+        &self,
+        channel: &ChannelId,
+        sender: &DeviceId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO add_requests (channel, sender, device) VALUES (?1, ?2, ?3)",
+            params![
+                &channel.as_bytes()[..],
+                &sender.as_bytes()[..],
+                &device.as_bytes()[..]
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The add-device requests not acted on yet: (channel, sender, device).
+    pub fn add_requests(&self) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT channel, sender, device FROM add_requests ORDER BY rowid")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                ChannelId::from_bytes(blob16(r.get(0)?)?),
+                DeviceId::from_bytes(blob32(r.get(1)?)?),
+                DeviceId::from_bytes(blob32(r.get(2)?)?),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets an add-device request.
+    pub fn drop_add_request(
+        &self,
+        channel: &ChannelId,
+        sender: &DeviceId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
+        self.conn.execute(
+            "DELETE FROM add_requests WHERE channel = ?1 AND sender = ?2 AND device = ?3",
+            params![
+                &channel.as_bytes()[..],
+                &sender.as_bytes()[..],
+                &device.as_bytes()[..]
+            ],
         )?;
         Ok(())
     }

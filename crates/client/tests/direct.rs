@@ -61,10 +61,7 @@ async fn registration_errors_are_clear() {
         .await
         .err()
         .unwrap();
-    assert!(
-        matches!(err, ClientError::Server { status: 409, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, ClientError::NameTaken { .. }), "{err}");
     // The home directory already holds a device.
     let err = Client::register(&dir.path().join("alice"), server.url(), "alice2", None)
         .await

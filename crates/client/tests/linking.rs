@@ -15,7 +15,9 @@ use std::path::Path;
 use kith_chat::{Body, ChatMessage, Edit, MessageRef, RichText, Text};
 use kith_client::{Client, ClientError};
 use kith_proto::{ChannelId, DeviceId};
-use kith_testkit::{Registration, TestServer};
+use std::time::Duration;
+
+use kith_testkit::{Cluster, Registration, TestServer};
 
 const CHAT: &str = kith_chat::CONTENT_TYPE;
 
@@ -166,16 +168,28 @@ async fn read_markers_and_edits_follow_the_user_across_its_devices() {
     let general = laptop.create_channel("general", CHAT).await.unwrap();
     assert_eq!(laptop.invite(general, "bob@a.test").await.unwrap(), 1);
     bob.sync().await.unwrap();
+    // In Bob's channel alice is not an admin.
+    let side = bob.create_channel("side", CHAT).await.unwrap();
+    assert_eq!(bob.invite(side, "alice@a.test").await.unwrap(), 1);
+    assert_eq!(laptop.sync().await.unwrap().joined, vec![side]);
 
-    // The phone joins alice; the laptop (the channel's admin) adds it to
-    // its channels on its next sync, once.
+    // The phone joins alice. On its next sync the laptop adds it where it
+    // is an admin (once), and asks the admins elsewhere, whose clients
+    // check the link and add it.
     let mut phone = second_device(&dir.path().join("phone"), &server, &mut laptop).await;
     let report = laptop.sync().await.unwrap();
     assert_eq!(report.linked_added, vec![(general, phone.device_id())]);
     assert!(laptop.sync().await.unwrap().linked_added.is_empty());
-    assert_eq!(phone.sync().await.unwrap().joined, vec![general]);
+    let report = bob.sync().await.unwrap();
+    assert_eq!(report.linked_added, vec![(side, phone.device_id())]);
+    let mut joined = phone.sync().await.unwrap().joined;
+    joined.sort();
+    let mut both = vec![general, side];
+    both.sort();
+    assert_eq!(joined, both);
     bob.sync().await.unwrap();
     assert_eq!(bob.members(general).unwrap().len(), 3);
+    assert_eq!(bob.members(side).unwrap().len(), 3);
 
     // Bob writes; the laptop reads it; the phone learns that alice has.
     let one = bob.send_chat(general, &text("one")).await.unwrap();
@@ -218,10 +232,10 @@ async fn read_markers_and_edits_follow_the_user_across_its_devices() {
     assert!(matches!(&item.body, Body::Text(t) if t.text() == "hello"));
 
     // An invite of alice now reaches both of her devices.
-    let side = bob.create_channel("side", CHAT).await.unwrap();
-    assert_eq!(bob.invite(side, "alice@a.test").await.unwrap(), 2);
-    assert_eq!(laptop.sync().await.unwrap().joined, vec![side]);
-    assert_eq!(phone.sync().await.unwrap().joined, vec![side]);
+    let third = bob.create_channel("third", CHAT).await.unwrap();
+    assert_eq!(bob.invite(third, "alice@a.test").await.unwrap(), 2);
+    assert_eq!(laptop.sync().await.unwrap().joined, vec![third]);
+    assert_eq!(phone.sync().await.unwrap().joined, vec![third]);
 
     // A linked device that leaves a channel is not added back.
     phone.leave(general).await.unwrap();
@@ -237,4 +251,98 @@ async fn read_markers_and_edits_follow_the_user_across_its_devices() {
             .unwrap()
             .contains(&phone.device_id())
     );
+
+    // Nobody can have a device added that is not linked to them both ways:
+    // Carol asks for Mallory's device, first unlinked, then linked from
+    // Carol's side only. Bob's client checks and adds nothing.
+    let mut carol = user(dir.path(), &server, "carol").await;
+    let mallory = user(dir.path(), &server, "mallory").await;
+    assert_eq!(bob.invite(side, "carol@a.test").await.unwrap(), 1);
+    carol.sync().await.unwrap();
+    carol
+        .request_add_device(side, mallory.device_id())
+        .await
+        .unwrap();
+    assert!(carol.link_device(mallory.device_id()).await.unwrap());
+    carol
+        .request_add_device(side, mallory.device_id())
+        .await
+        .unwrap();
+    // Bob processes everything after the requests too.
+    let after = carol.send_chat(side, &text("after")).await.unwrap();
+    let report = bob.sync().await.unwrap();
+    assert!(report.linked_added.is_empty(), "{:?}", report.linked_added);
+    assert!(
+        bob.timeline(side)
+            .unwrap()
+            .items
+            .iter()
+            .any(|i| i.id == after)
+    );
+    assert!(!bob.members(side).unwrap().contains(&mallory.device_id()));
+    // The requests were dropped, not kept for ever.
+    assert!(bob.sync().await.unwrap().linked_added.is_empty());
+}
+
+/// Syncs until `done` holds, at most ~30 s (federated delivery is
+/// asynchronous).
+async fn sync_until(client: &mut Client, what: &str, done: impl Fn(&Client) -> bool) {
+    for _ in 0..300 {
+        match client.sync().await {
+            Ok(_) | Err(ClientError::Unreachable(..)) | Err(ClientError::Server { .. }) => {}
+            Err(e) => panic!("{what}: sync failed: {e}"),
+        }
+        if done(client) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not reached");
+}
+
+#[tokio::test]
+async fn a_new_device_is_added_by_an_admin_on_another_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test"], |c| {
+        c.federation.raft_heartbeat_ms = 150;
+        c.federation.raft_election_min_ms = 600;
+        c.federation.raft_election_max_ms = 1200;
+        c.federation.retry_base_ms = 200;
+        c.federation.retry_max_ms = 2_000;
+    })
+    .await;
+    let a = cluster.server("a.test");
+    let mut laptop = user(dir.path(), a, "alice").await;
+    let mut bob = user(dir.path(), cluster.server("b.test"), "bob").await;
+    let general = bob.create_channel("general", CHAT).await.unwrap();
+    assert_eq!(bob.invite(general, "alice@a.test").await.unwrap(), 1);
+    sync_until(&mut laptop, "laptop joins", |c| {
+        c.channel_state(general).is_ok()
+    })
+    .await;
+
+    // The phone joins alice on a.test; the laptop asks Bob (admin, on
+    // b.test), whose client claims only the phone's key package through
+    // federation and adds it.
+    let mut phone = second_device(&dir.path().join("phone"), a, &mut laptop).await;
+    laptop.sync().await.unwrap();
+    let phone_id = phone.device_id();
+    sync_until(&mut bob, "bob adds the phone", |c| {
+        c.members(general).unwrap().contains(&phone_id)
+    })
+    .await;
+    sync_until(&mut phone, "the phone joins", |c| {
+        c.channel_state(general).is_ok()
+    })
+    .await;
+    let hello = bob.send_chat(general, &text("hello phone")).await.unwrap();
+    sync_until(&mut phone, "the phone reads", |c| {
+        c.timeline(general)
+            .unwrap()
+            .items
+            .iter()
+            .any(|i| i.id == hello)
+    })
+    .await;
+    cluster.stop().await;
 }

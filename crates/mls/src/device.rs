@@ -57,6 +57,12 @@ pub const MAX_MESSAGE_LEN: usize = 4 * 1024 * 1024;
 /// have empty AAD, so applications never see a leave request.
 pub const LEAVE_REQUEST_AAD: &[u8] = b"kith-leave-v0";
 
+/// The MLS `authenticated_data` of an **add-device request** (spec §9.5):
+/// an application message with this AAD whose payload is exactly one
+/// 32-byte DeviceId asks the channel's admins to add that device, which
+/// must be mutually linked with the sender (the same user, §5.7).
+pub const ADD_DEVICE_REQUEST_AAD: &[u8] = b"kith-add-device-v0";
+
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -281,6 +287,23 @@ impl Incoming {
                 if data.is_empty() && aad.as_slice() == LEAVE_REQUEST_AAD =>
             {
                 Some(*sender)
+            }
+            _ => None,
+        }
+    }
+
+    /// The sender and the device it asks to have added, if this is an
+    /// add-device request (spec §9.5): application data of exactly 32 bytes
+    /// (a DeviceId) with `authenticated_data` exactly
+    /// [`ADD_DEVICE_REQUEST_AAD`]. Whether the two devices are one user is
+    /// for the caller to check against their records.
+    pub fn add_device_request(&self) -> Option<(DeviceId, DeviceId)> {
+        match self {
+            Incoming::Application { sender, data, aad }
+                if aad.as_slice() == ADD_DEVICE_REQUEST_AAD =>
+            {
+                let bytes: [u8; 32] = data.as_slice().try_into().ok()?;
+                Some((*sender, DeviceId::from_bytes(bytes)))
             }
             _ => None,
         }

@@ -411,16 +411,6 @@ async fn key_packages_are_claimed_once_then_last_resort() {
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{devices}: {body}");
     }
-    assert_error(
-        &bob.post(
-            &server,
-            "/v0/keypackages/claim",
-            json!({ "handle": "alice@b.example", "devices": [alice.id.to_string()] }),
-        )
-        .await,
-        StatusCode::BAD_REQUEST,
-        "bad_request",
-    );
 
     // Limits and bad input.
     assert_error(

@@ -270,6 +270,31 @@ fn a_mention_elsewhere_rings_the_bell_and_counts() {
     assert_eq!(app.channels[1].unread, 0);
 }
 
+#[test]
+fn a_read_marker_from_another_of_my_devices_clears_the_count() {
+    let mut app = alice();
+    assert_eq!(app.channels[1].unread, 1);
+    // Alice's phone (another device, same user) read #random: this
+    // device's count follows, and it sends no marker of its own.
+    let phone = DeviceId::from_bytes([0xa2; 32]);
+    let random = vec![
+        entry(20, BOB, 0, text("lunch?")),
+        Entry::new(
+            id(22),
+            ALICE.to_owned(),
+            phone,
+            NOON + 11 * 60_000,
+            ChatMessage::ReadMarker(ReadMarker { up_to: id(20) }),
+        ),
+    ];
+    let actions = app.update(Event::Synced(vec![
+        channel(1, "general", &general_entries()),
+        channel(2, "random", &random),
+    ]));
+    assert_eq!(actions, vec![]);
+    assert_eq!((app.channels[1].unread, app.channels[1].mentions), (0, 0));
+}
+
 fn sent(actions: &[Action]) -> Vec<ChatMessage> {
     actions
         .iter()

@@ -106,36 +106,35 @@ async fn claim(
     ApiJson(req): ApiJson<ClaimRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let handle = parse_handle(&req.handle)?;
-    let only = match &req.devices {
-        None => None,
-        Some(list) if list.is_empty() || list.len() > kith_proto::record::MAX_LINKS + 1 => {
-            return Err(ApiError::bad_request(format!(
-                "`devices` lists 1 to {} devices",
-                kith_proto::record::MAX_LINKS + 1
-            )));
-        }
-        Some(list) => Some(
-            list.iter()
-                .map(|d| {
-                    d.parse::<DeviceId>()
-                        .map_err(|e| ApiError::bad_request(format!("`devices`: {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-    };
+    let only = claim_devices(req.devices.as_deref())?;
     if handle.server() != &state.config.server_name {
-        if only.is_some() {
-            return Err(ApiError::bad_request(
-                "`devices` may only narrow a claim for a handle of this server",
-            ));
-        }
-        return crate::federation::remote::claim(&state, &handle)
+        return crate::federation::remote::claim(&state, &handle, only.as_deref())
             .await
             .map(Json);
     }
     claim_local(&state, &req.handle, handle.name().clone(), only.as_deref())
         .await
         .map(Json)
+}
+
+/// Parses a claim's `devices` (spec §6.5): 1 to 33 device ids, if given.
+pub(crate) fn claim_devices(list: Option<&[String]>) -> Result<Option<Vec<DeviceId>>, ApiError> {
+    let Some(list) = list else {
+        return Ok(None);
+    };
+    let most = kith_proto::record::MAX_LINKS + 1;
+    if list.is_empty() || list.len() > most {
+        return Err(ApiError::bad_request(format!(
+            "`devices` lists 1 to {most} devices"
+        )));
+    }
+    list.iter()
+        .map(|d| {
+            d.parse::<DeviceId>()
+                .map_err(|e| ApiError::bad_request(format!("`devices`: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// Claims one package per device of the local user `name` (spec §6.5), or

@@ -72,13 +72,18 @@ async fn device(
 #[serde(deny_unknown_fields)]
 struct ClaimRequest {
     handle: String,
+    #[serde(default)]
+    devices: Option<Vec<String>>,
 }
 
 #[tracing::instrument(skip_all, fields(origin = %signed.origin))]
 async fn claim(State(state): State<Shared>, signed: Signed) -> Result<Json<Value>, ApiError> {
     let req: ClaimRequest = json_body(&signed)?;
     let name = local_name(&state, &req.handle)?;
-    claim_local(&state, &req.handle, name, None).await.map(Json)
+    let only = crate::api::keypackages::claim_devices(req.devices.as_deref())?;
+    claim_local(&state, &req.handle, name, only.as_deref())
+        .await
+        .map(Json)
 }
 
 #[derive(Deserialize)]

@@ -242,12 +242,22 @@ struct ClaimedPackage {
 /// Only packages for devices whose records verify (and that server
 /// sponsors under the handle) are passed on.
 #[tracing::instrument(skip_all, fields(%handle))]
-pub(crate) async fn claim(state: &Shared, handle: &Handle) -> Result<Value, ApiError> {
+pub(crate) async fn claim(
+    state: &Shared,
+    handle: &Handle,
+    only: Option<&[DeviceId]>,
+) -> Result<Value, ApiError> {
     let server = handle.server();
     let records = user_records(state, handle).await?;
-    let body = json!({ "handle": handle.to_string() })
-        .to_string()
-        .into_bytes();
+    let body = match only {
+        Some(only) => {
+            let devices: Vec<String> = only.iter().map(ToString::to_string).collect();
+            json!({ "handle": handle.to_string(), "devices": devices })
+        }
+        None => json!({ "handle": handle.to_string() }),
+    }
+    .to_string()
+    .into_bytes();
     let answer = state
         .federation
         .client
@@ -256,7 +266,9 @@ pub(crate) async fn claim(state: &Shared, handle: &Handle) -> Result<Value, ApiE
     let answer: ClaimAnswer =
         serde_json::from_slice(&answer.body).map_err(|e| bad_remote(server, e))?;
     let max = state.config.limits.max_key_package_bytes;
-    let listed = |d: &DeviceId| records.iter().any(|r| &r.device_id() == d);
+    let listed = |d: &DeviceId| {
+        records.iter().any(|r| &r.device_id() == d) && only.is_none_or(|o| o.contains(d))
+    };
     let mut packages = Vec::new();
     for p in answer.packages {
         let Ok(device) = p.device.parse::<DeviceId>() else {
