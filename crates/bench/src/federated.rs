@@ -50,7 +50,12 @@ pub(crate) async fn ordering(
     channels: usize,
     time: Duration,
 ) -> Result<Ordering3> {
-    let cluster = Cluster::start(dir, &["a.test", "b.test", "c.test"], |_| {}).await;
+    let cluster = Cluster::start(
+        dir,
+        &["a.test", "b.test", "c.test"],
+        crate::lift_commit_limits,
+    )
+    .await;
     let _bob = register(dir, &cluster, "b.test", "bob").await?;
     let _carol = register(dir, &cluster, "c.test", "carol").await?;
 

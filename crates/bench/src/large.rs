@@ -76,12 +76,14 @@ pub(crate) async fn large_add(
     time: Duration,
     budget: Duration,
 ) -> Result<LargeAdd> {
-    // The owner deposits one Welcome per invite, far above the default
-    // per-device deposit rate (a spam limit, not a cost): lift it here.
+    // The owner deposits one Welcome per invite and commits one add after
+    // another, far above the default per-device deposit and commit rates
+    // (spam limits, not costs): lift them here.
     let mut config = Config::new("a.test".parse()?, dir.join("server"));
     config.registration = Registration::Open;
     config.limits.inbox_deposits_per_minute = 1_000_000;
     config.limits.inbox_deposit_burst = 1_000_000;
+    crate::lift_commit_limits(&mut config);
     let server = TestServer::start_with(config).await;
     let mut owner = register(dir, &server, "owner").await?;
     let channel = owner

@@ -21,7 +21,7 @@ use kith_mls::{
     Policy, PublicChannel,
 };
 use kith_proto::{ChannelId, SecretKey};
-use kith_testkit::TestServer;
+use kith_testkit::{Config, Registration, TestServer};
 use serde_json::{Value, json};
 
 /// The payload size of every application message.
@@ -111,6 +111,13 @@ struct Row {
     figure: String,
     ratio: String,
     detail: Value,
+}
+
+/// The scenarios commit as fast as they can, far above the per-device and
+/// per-origin commit rates (flood limits, not costs): lift them.
+pub(crate) fn lift_commit_limits(config: &mut Config) {
+    config.limits.commits_per_minute = 0;
+    config.limits.federation_submissions_per_minute = 0;
 }
 
 fn payload() -> Vec<u8> {
@@ -374,7 +381,10 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
 
     // 5. Footprint first, while the process holds as little as it will.
     let rss_before = rss_kib().unwrap_or(0);
-    let server = TestServer::start(&dir.join("server"), "a.test").await;
+    let mut config = Config::new("a.test".parse()?, dir.join("server"));
+    config.registration = Registration::Open;
+    lift_commit_limits(&mut config);
+    let server = TestServer::start_with(config).await;
     // Let it settle and answer once.
     let mut owner = register(dir, &server, "owner").await?;
     tokio::time::sleep(Duration::from_millis(200)).await;

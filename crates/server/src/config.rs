@@ -80,6 +80,15 @@ pub struct Limits {
     /// Inbox deposits one origin server may make per minute (also its
     /// burst).
     pub federation_deposits_per_minute: u32,
+    /// Commits (`POST /v0/channels/{id}/commits`) one device may submit per
+    /// minute, sustained, over all its channels; 0 turns the limit off.
+    pub commits_per_minute: u32,
+    /// Commits one device may submit in a burst.
+    pub commit_burst: u32,
+    /// Submissions one origin server may forward to this server as a
+    /// channel's Raft leader (`POST /v0/federation/channels/{id}/submit`)
+    /// per minute and channel (also its burst); 0 turns the limit off.
+    pub federation_submissions_per_minute: u32,
     /// How long the sponsorships this server issues are valid, ms (devices
     /// renew theirs when a third of this is left).
     pub sponsorship_ms: u64,
@@ -99,6 +108,9 @@ impl Default for Limits {
             max_list_items: 500,
             max_message_bytes: 256 * 1024,
             federation_deposits_per_minute: 600,
+            commits_per_minute: 60,
+            commit_burst: 30,
+            federation_submissions_per_minute: 600,
             sponsorship_ms: 365 * 24 * 3600 * 1000,
         }
     }
@@ -241,6 +253,7 @@ impl Config {
 /// [limits]
 /// max_body_bytes = 1048576
 /// inbox_deposits_per_minute = 60
+/// commits_per_minute = 60         # per device; 0 = no limit
 ///
 /// [resolve]                       # server name = base URL
 /// "b.test" = "http://127.0.0.1:8002"

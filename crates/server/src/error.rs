@@ -119,6 +119,14 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "rejected", message)
     }
 
+    /// 429 `rate_limited`: a rate limit was hit; nothing was done, and
+    /// the caller may retry after `wait`.
+    pub fn rate_limited(message: impl Into<String>, wait: std::time::Duration) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        e.retry_after_ms = Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        e
+    }
+
     /// 503 `ordering_unavailable`: the channel's ordering group cannot
     /// order now (no leader reachable: a majority of its servers may be
     /// down); nothing was accepted, the client may retry.

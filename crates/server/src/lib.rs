@@ -131,6 +131,7 @@ pub async fn run(
     let limits = &config.limits;
     let inbox_limiter =
         state::RateLimiter::new(limits.inbox_deposits_per_minute, limits.inbox_deposit_burst);
+    let commit_limiter = state::RateLimiter::new(limits.commits_per_minute, limits.commit_burst);
     let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
     tracing::info!(
         addr = %local_addr,
@@ -157,6 +158,10 @@ pub async fn run(
             config.limits.federation_deposits_per_minute,
             config.limits.federation_deposits_per_minute,
         ),
+        submit_limiter: state::RateLimiter::new(
+            config.limits.federation_submissions_per_minute,
+            config.limits.federation_submissions_per_minute,
+        ),
     });
     channels.set_federation(Arc::clone(&federation));
     let accepted = channels.take_accepted();
@@ -168,6 +173,7 @@ pub async fn run(
         metrics,
         hub: state::EventHub::default(),
         inbox_limiter,
+        commit_limiter,
         channels: Arc::clone(&channels),
         shutdown: stop_rx,
         tasks: tasks_tx,

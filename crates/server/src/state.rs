@@ -31,6 +31,8 @@ pub(crate) struct AppState {
     pub(crate) metrics: Metrics,
     pub(crate) hub: EventHub,
     pub(crate) inbox_limiter: RateLimiter,
+    /// Commits per submitting device (spec §10.8).
+    pub(crate) commit_limiter: RateLimiter,
     /// Channels: their MLS states, orderers and locks.
     pub(crate) channels: Arc<crate::channels::Channels>,
     /// Turns `true` when the server starts shutting down; long-lived tasks

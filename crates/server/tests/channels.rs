@@ -864,3 +864,90 @@ async fn messages_travel_in_binary_both_ways() {
     assert!(texts.iter().any(|e| e["kind"] == "commit"));
     server.stop().await;
 }
+
+/// A device that floods a channel with commits gets 429 `rate_limited`
+/// once its burst is spent (spec §10.8), and the refused commit changes
+/// nothing; another device of the channel still commits. (With one token a
+/// minute, the burst could only refill if these few commits took a minute.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_flooding_commits_is_rate_limited_and_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), "flood.example", |c| {
+        c.limits.commit_burst = 3;
+        c.limits.commits_per_minute = 1;
+    })
+    .await;
+    let voters = voters(&server).await;
+    let alice = Member::join(&server, "alice").await;
+    let bob = Member::join(&server, "bob").await;
+    let channel = alice
+        .mls
+        .create_channel(ChannelId::random(), &settings(&alice))
+        .unwrap();
+    let id = channel.id();
+    assert_eq!(create(&server, &alice, &channel).await.0, StatusCode::OK);
+    drop(channel);
+
+    // Alice's burst: she adds Bob, then updates twice.
+    let out = alice.channel(id).add(&[bob.key_package()]).unwrap();
+    certified(
+        &voters,
+        id,
+        0,
+        &out,
+        &alice.post_commit(&server, id, 0, &out).await,
+    );
+    alice.channel(id).merge_pending().unwrap();
+    for epoch in 1..3 {
+        let out = alice.channel(id).self_update().unwrap();
+        let answer = alice.post_commit(&server, id, epoch, &out).await;
+        certified(&voters, id, epoch, &out, &answer);
+        alice.channel(id).merge_pending().unwrap();
+    }
+
+    // Her fourth commit, valid as it is, is refused and not ordered.
+    let (_, before) = alice.http.get(&server, "/v0/channels").await;
+    assert_eq!(before["channels"][0]["epoch"], 3, "{before}");
+    let flood = alice.channel(id).self_update().unwrap();
+    let limited = alice.post_commit(&server, id, 3, &flood).await;
+    assert_error(&limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert!(limited.1["retry_after_ms"].as_u64().unwrap() > 0);
+    // Resubmitting it is refused too.
+    let again = alice.post_commit(&server, id, 3, &flood).await;
+    assert_error(&again, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let (_, after) = alice.http.get(&server, "/v0/channels").await;
+    assert_eq!(after, before);
+    let (status, commits) = alice
+        .http
+        .get(&server, &format!("/v0/channels/{id}/commits?from_epoch=0"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{commits}");
+    assert_eq!(commits["commits"].as_array().unwrap().len(), 3);
+    alice.channel(id).clear_pending().unwrap();
+
+    // Bob, in the same channel, has his own bucket.
+    let (status, body) = bob
+        .http
+        .get(&server, &format!("/v0/channels/{id}/commits?from_epoch=0"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let welcome = unb64(body["commits"][0]["welcome"].as_str().unwrap());
+    let (_, tree) = bob
+        .http
+        .get(&server, &format!("/v0/channels/{id}/tree?epoch=1"))
+        .await;
+    bob.mls
+        .join(&welcome, &unb64(tree["ratchet_tree"].as_str().unwrap()))
+        .unwrap();
+    bob.catch_up(&server, id, &voters).await;
+    let out = bob.channel(id).self_update().unwrap();
+    let answer = bob.post_commit(&server, id, 3, &out).await;
+    certified(&voters, id, 3, &out, &answer);
+    bob.channel(id).merge_pending().unwrap();
+    alice.catch_up(&server, id, &voters).await;
+    assert_eq!(
+        alice.channel(id).epoch_authenticator(),
+        bob.channel(id).epoch_authenticator()
+    );
+    server.stop().await;
+}

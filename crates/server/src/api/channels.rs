@@ -245,6 +245,14 @@ async fn commit(
         .as_deref()
         .map(|t| unb64("ratchet_tree", t))
         .transpose()?;
+    // Every commit costs every server of the channel an MLS validation, a
+    // Raft round and a certificate, and every member a merge (spec §10.8).
+    if let Err(wait) = state.commit_limiter.check(device) {
+        return Err(ApiError::rate_limited(
+            format!("too many commits from device {device}; slow down"),
+            wait,
+        ));
+    }
     let result = order_commit(
         &state,
         channel,

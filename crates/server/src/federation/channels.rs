@@ -215,6 +215,21 @@ async fn submit(
         ));
     }
     require_peer(&state, channel, &signed.origin).await?;
+    // Checked after `require_peer`, so that only the channels an origin
+    // shares with this server get a bucket.
+    if let Err(wait) = state
+        .federation
+        .submit_limiter
+        .check((signed.origin.clone(), channel))
+    {
+        return Err(ApiError::rate_limited(
+            format!(
+                "too many submissions from {} for channel {channel}; slow down",
+                signed.origin
+            ),
+            wait,
+        ));
+    }
     // Blocking is this server's policy: as leader it does not let a commit
     // bring a blocked server's devices (and so that server) into the group.
     let blocked = &state.config.blocked_servers;

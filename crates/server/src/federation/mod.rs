@@ -615,4 +615,7 @@ pub(crate) struct Federation {
     pub(crate) outbox_wake: tokio::sync::Notify,
     /// Inbox deposits per origin server.
     pub(crate) deposit_limiter: crate::state::RateLimiter<ServerName>,
+    /// Submissions forwarded per origin server and channel, when this
+    /// server leads the channel's Raft group (spec §10.8).
+    pub(crate) submit_limiter: crate::state::RateLimiter<(ServerName, kith_proto::ChannelId)>,
 }
