@@ -11,7 +11,9 @@
 mod common;
 
 use common::*;
-use kith_mls::{Incoming, LEAVE_REQUEST_AAD, MlsStore, PublicChannel, ServerError};
+use kith_mls::{
+    ADD_DEVICE_REQUEST_AAD, Incoming, LEAVE_REQUEST_AAD, MlsStore, PublicChannel, ServerError,
+};
 use openmls::prelude::WireFormat;
 
 #[test]
@@ -317,5 +319,44 @@ fn last_resort_key_package_can_be_used_twice() {
             b.join(out.welcome.as_ref().unwrap(), &out.ratchet_tree),
             Err(kith_mls::DeviceError::ChannelExists(id)) if id == ca.id()
         ));
+    }
+}
+
+#[test]
+fn an_add_device_request_names_its_sender_and_exactly_one_device() {
+    let (a, b, d) = (device(), device(), device());
+    let server_store = MlsStore::in_memory().unwrap();
+    let mut ca = a
+        .create_channel(new_channel_id(), &settings(&[a.device_id()]))
+        .unwrap();
+    let mut server = PublicChannel::create(
+        &server_store,
+        &ca.group_info().unwrap(),
+        &ca.ratchet_tree().unwrap(),
+    )
+    .unwrap();
+    let out = ca.add(&[key_package(&b)]).unwrap();
+    order(&mut server, &mut ca, &out);
+    let mut cb = b
+        .join(out.welcome.as_ref().unwrap(), &out.ratchet_tree)
+        .unwrap();
+
+    let wanted = d.device_id();
+    let request = cb
+        .encrypt_with_aad(wanted.as_bytes(), ADD_DEVICE_REQUEST_AAD)
+        .unwrap();
+    let incoming = ca.process(&request).unwrap();
+    assert_eq!(incoming.add_device_request(), Some((b.device_id(), wanted)));
+    assert_eq!(incoming.leave_request(), None);
+    // Not a request: a payload that is not one DeviceId, the AAD missing,
+    // or the leave AAD.
+    for (data, aad) in [
+        (&wanted.as_bytes()[..31], ADD_DEVICE_REQUEST_AAD),
+        (&[0u8; 33][..], ADD_DEVICE_REQUEST_AAD),
+        (&wanted.as_bytes()[..], &b""[..]),
+        (&wanted.as_bytes()[..], LEAVE_REQUEST_AAD),
+    ] {
+        let message = cb.encrypt_with_aad(data, aad).unwrap();
+        assert_eq!(ca.process(&message).unwrap().add_device_request(), None);
     }
 }
