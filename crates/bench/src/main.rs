@@ -150,7 +150,7 @@ fn mib(kib: u64) -> f64 {
 
 /// Floor: raw OpenMLS encrypt + decrypt between two in-memory devices.
 /// Returns (msgs/s, MLS message size of one 1 KiB payload, count).
-fn floor(limits: &Limits) -> Result<(f64, usize, usize)> {
+fn floor(limits: &Limits) -> Result<Floor> {
     let alice = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
     let bob = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
     let server_store = MlsStore::in_memory()?;
@@ -159,7 +159,8 @@ fn floor(limits: &Limits) -> Result<(f64, usize, usize)> {
         "floor".parse()?,
         Policy::new([alice.device_id()])?,
     ));
-    let mut channel = alice.create_channel(ChannelId::random(), &settings)?;
+    let id = ChannelId::random();
+    let mut channel = alice.create_channel(id, &settings)?;
     let mut public = PublicChannel::create(
         &server_store,
         &channel.group_info()?,
@@ -172,19 +173,34 @@ fn floor(limits: &Limits) -> Result<(f64, usize, usize)> {
     let mut bobs = bob.join(&out.welcome.unwrap_or_default(), &out.ratchet_tree)?;
 
     let data = payload();
-    let mut size = 0;
+    let mut last = Vec::new();
     let mut count = 0;
     let start = Instant::now();
     while count < limits.floor_msgs && start.elapsed() < limits.time {
         let message = channel.encrypt(&data)?;
-        size = message.len();
+        last.clone_from(&message);
         match bobs.process(&message)? {
             Incoming::Application { data: got, .. } if got.len() == PAYLOAD => {}
             other => anyhow::bail!("floor: unexpected {other:?}"),
         }
         count += 1;
     }
-    Ok((rate(count, start.elapsed()), size, count))
+    Ok(Floor {
+        rate: rate(count, start.elapsed()),
+        count,
+        channel: id,
+        epoch: channel.epoch(),
+        message: last,
+    })
+}
+
+/// What the floor measured, and the last MLS message it made.
+struct Floor {
+    rate: f64,
+    count: usize,
+    channel: ChannelId,
+    epoch: u64,
+    message: Vec<u8>,
 }
 
 /// Disk floor: the p50 of one 4 KiB append plus `fdatasync`, in the
@@ -308,30 +324,39 @@ async fn deliver(
     })
 }
 
-/// Bytes above one MLS message of `mls_size` bytes, computed from the
-/// encodings the client and server use (HTTP headers not counted).
+/// Bytes above one real MLS message (the floor's last, of a 1 KiB
+/// payload), computed from the encodings the client and server use (HTTP
+/// headers not counted).
 struct Wire {
     /// Binary send: the body is the message; the request target grows by
     /// the `?epoch=E` query.
     binary_send: usize,
     /// The JSON send body minus the message.
     json_send: usize,
-    /// A binary `message` event frame minus the message.
+    /// The binary frame the server sends for a `message` event, minus the
+    /// message.
     binary_event: usize,
+    /// Whether that frame is the compact one.
+    compact: bool,
+    /// The explicit `message` frame minus the message (sent when the MLS
+    /// header does not name the event's channel and epoch).
+    explicit_event: usize,
     /// A JSON `message` event (as `GET /v0/events` lists it) minus the
     /// message.
     json_event: usize,
 }
 
-fn wire(mls_size: usize) -> Wire {
+fn wire(floor: &Floor) -> Wire {
     use kith_proto::events::{EventFrame, MessageEvent, encode_frame};
-    let message = vec![0u8; mls_size];
-    let json_send = json!({ "epoch": 1u64, "message": kith_client::api::b64(&message) })
+    let message = floor.message.clone();
+    let mls_size = message.len();
+    let json_send = json!({ "epoch": floor.epoch, "message": kith_client::api::b64(&message) })
         .to_string()
         .len();
-    let channel = ChannelId::random();
+    let channel = floor.channel;
     let sender = kith_proto::DeviceId::of(&SecretKey::generate().public());
-    let (cursor, seq, epoch, received_at) = (123_456u64, 4_321u64, 1u64, 1_790_000_000_000u64);
+    let (cursor, seq, epoch, received_at) =
+        (123_456u64, 4_321u64, floor.epoch, 1_790_000_000_000u64);
     let json_event = json!({
         "cursor": cursor, "kind": "message", "channel": channel.to_string(), "seq": seq,
         "id": hex_of(&kith_proto::sign::message_id(&message)), "epoch": epoch,
@@ -340,25 +365,35 @@ fn wire(mls_size: usize) -> Wire {
     })
     .to_string()
     .len();
-    let mut frame = Vec::new();
+    let event = MessageEvent {
+        channel,
+        seq,
+        epoch,
+        received_at,
+        sender,
+        message,
+    };
+    // The frame the server sends (compact when the MLS header names the
+    // channel and epoch, as it does for every message a client sends), and
+    // the explicit one it falls back to.
+    let mut explicit = Vec::new();
     encode_frame(
         &EventFrame::Message {
             cursor,
-            event: MessageEvent {
-                channel,
-                seq,
-                epoch,
-                received_at,
-                sender,
-                message,
-            },
+            event: event.clone(),
         },
-        &mut frame,
+        &mut explicit,
     );
+    let sent = EventFrame::message(cursor, event);
+    let compact = matches!(sent, EventFrame::Compact { .. });
+    let mut frame = Vec::new();
+    encode_frame(&sent, &mut frame);
     Wire {
-        binary_send: "?epoch=1".len(),
+        binary_send: format!("?epoch={}", floor.epoch).len(),
         json_send: json_send.saturating_sub(mls_size),
         binary_event: frame.len().saturating_sub(mls_size),
+        compact,
+        explicit_event: explicit.len().saturating_sub(mls_size),
         json_event: json_event.saturating_sub(mls_size),
     }
 }
@@ -392,7 +427,8 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
     let per_channel_kib = rss_channels.saturating_sub(rss_server) as f64 / made.max(1) as f64;
 
     // 1. Floor.
-    let (floor_rate, mls_size, floor_count) = floor(limits)?;
+    let fl = floor(limits)?;
+    let (floor_rate, mls_size, floor_count) = (fl.rate, fl.message.len(), fl.count);
     let floor_ms = 1000.0 / floor_rate.max(1e-9);
     let (sync_ms, syncs) = disk_floor(dir, limits)?;
     // A delivery rate as disk syncs' worth of time per message.
@@ -462,7 +498,7 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
     let fan_rate = rate(f.received, f.elapsed);
 
     // 6. Wire: what carries one MLS message, above the message itself.
-    let w = wire(mls_size);
+    let w = wire(&fl);
 
     server.stop().await;
 
@@ -588,8 +624,14 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
         Row {
             scenario: "6. wire: bytes above the MLS message (binary; JSON form)",
             figure: format!(
-                "send: {} bytes (body 0 + `?epoch=1` {}; JSON body {}); delivery: {} bytes per event frame (JSON event {}), for a {mls_size}-byte MLS message",
-                w.binary_send, w.binary_send, w.json_send, w.binary_event, w.json_event
+                "send: {} bytes (body 0 + `?epoch=1` {}; JSON body {}); delivery: {} bytes per event frame ({}; explicit frame {}, JSON event {}), for a {mls_size}-byte MLS message",
+                w.binary_send,
+                w.binary_send,
+                w.json_send,
+                w.binary_event,
+                if w.compact { "compact" } else { "explicit" },
+                w.explicit_event,
+                w.json_event
             ),
             ratio: format!(
                 "{:.3} (send), {:.3} (delivery) of MLS size",
@@ -601,6 +643,8 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
                 "binary_send_overhead_bytes": w.binary_send,
                 "json_send_overhead_bytes": w.json_send,
                 "binary_event_overhead_bytes": w.binary_event,
+                "binary_event_compact": w.compact,
+                "explicit_event_overhead_bytes": w.explicit_event,
                 "json_event_overhead_bytes": w.json_event,
             }),
         },
