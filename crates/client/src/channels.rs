@@ -852,6 +852,26 @@ impl Client {
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
 
+    /// Encrypts `data` for channel `id` at this device's current epoch
+    /// without sending or storing it: returns `(epoch, MLS message)`, for
+    /// tools that post it themselves (`kith-bench` measures the server
+    /// apart from client-side encryption this way). Each call advances the
+    /// sending ratchet, so a message made here and never sent leaves a gap
+    /// the receivers skip over.
+    pub fn encrypt_unsent(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+    ) -> Result<(u64, Vec<u8>), ClientError> {
+        let mut channel = self.mls.channel(id)?;
+        if !channel.is_active() {
+            return Err(ClientError::Invalid(format!(
+                "this device is no longer a member of {id}"
+            )));
+        }
+        Ok((channel.epoch(), channel.encrypt(data)?))
+    }
+
     /// The last `limit` messages of a channel, from the local store.
     pub fn messages(&self, id: ChannelId, limit: usize) -> Result<Vec<MessageRow>, ClientError> {
         self.store.messages(&id, limit)
