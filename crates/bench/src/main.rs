@@ -497,7 +497,7 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
         limits.server_fanout_receivers,
         limits.server_fanout_msgs,
         limits.time,
-        limits.time * 6,
+        limits.time * 24,
         &payload(),
     )
     .await?;
@@ -506,7 +506,7 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
         &dir.join("footprint-kithd"),
         limits.idle_channels,
         limits.idle_streams,
-        limits.time * 24,
+        limits.time * 36,
     )
     .await?;
 
