@@ -9,6 +9,7 @@
 
 mod federated;
 mod large;
+mod process;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -46,6 +47,10 @@ struct Args {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// The `kithd` binary that scenarios 3b and 5 run as a process of its
+    /// own [default: `kithd` next to this binary].
+    #[arg(long, value_name = "PATH")]
+    kithd: Option<std::path::PathBuf>,
 }
 
 /// Count bounds per scenario (each loop also stops at the time bound).
@@ -57,6 +62,11 @@ struct Limits {
     fanout_msgs: usize,
     commits: usize,
     idle_channels: usize,
+    /// Event streams held open in scenario 5.
+    idle_streams: usize,
+    /// Receiving devices and messages in scenario 3b.
+    server_fanout_receivers: usize,
+    server_fanout_msgs: usize,
     disk_syncs: usize,
     /// Channels committing at once in the three-server scenario.
     parallel_channels: usize,
@@ -79,7 +89,10 @@ impl Limits {
                 fanout_members: 3,
                 fanout_msgs: 5,
                 commits: 5,
-                idle_channels: 5,
+                idle_channels: 100,
+                idle_streams: 100,
+                server_fanout_receivers: 3,
+                server_fanout_msgs: 20,
                 disk_syncs: 20,
                 parallel_channels: 2,
                 large_members: 4,
@@ -94,7 +107,10 @@ impl Limits {
                 fanout_members: 10,
                 fanout_msgs: 100_000,
                 commits: 100_000,
-                idle_channels: 100,
+                idle_channels: 10_000,
+                idle_streams: 10_000,
+                server_fanout_receivers: 100,
+                server_fanout_msgs: 2_000,
                 disk_syncs: 300,
                 parallel_channels: 100,
                 large_members: 1000,
@@ -142,22 +158,13 @@ fn rate(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
-/// Resident memory of this process, from `/proc/self/status`, in KiB.
-fn rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
 /// Floor: raw OpenMLS encrypt + decrypt between two in-memory devices.
 /// Returns (msgs/s, MLS message size of one 1 KiB payload, count).
-fn floor(limits: &Limits) -> Result<(f64, usize, usize)> {
+fn floor(limits: &Limits) -> Result<Floor> {
     let alice = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
     let bob = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
     let server_store = MlsStore::in_memory()?;
@@ -166,7 +173,8 @@ fn floor(limits: &Limits) -> Result<(f64, usize, usize)> {
         "floor".parse()?,
         Policy::new([alice.device_id()])?,
     ));
-    let mut channel = alice.create_channel(ChannelId::random(), &settings)?;
+    let id = ChannelId::random();
+    let mut channel = alice.create_channel(id, &settings)?;
     let mut public = PublicChannel::create(
         &server_store,
         &channel.group_info()?,
@@ -179,19 +187,34 @@ fn floor(limits: &Limits) -> Result<(f64, usize, usize)> {
     let mut bobs = bob.join(&out.welcome.unwrap_or_default(), &out.ratchet_tree)?;
 
     let data = payload();
-    let mut size = 0;
+    let mut last = Vec::new();
     let mut count = 0;
     let start = Instant::now();
     while count < limits.floor_msgs && start.elapsed() < limits.time {
         let message = channel.encrypt(&data)?;
-        size = message.len();
+        last.clone_from(&message);
         match bobs.process(&message)? {
             Incoming::Application { data: got, .. } if got.len() == PAYLOAD => {}
             other => anyhow::bail!("floor: unexpected {other:?}"),
         }
         count += 1;
     }
-    Ok((rate(count, start.elapsed()), size, count))
+    Ok(Floor {
+        rate: rate(count, start.elapsed()),
+        count,
+        channel: id,
+        epoch: channel.epoch(),
+        message: last,
+    })
+}
+
+/// What the floor measured, and the last MLS message it made.
+struct Floor {
+    rate: f64,
+    count: usize,
+    channel: ChannelId,
+    epoch: u64,
+    message: Vec<u8>,
 }
 
 /// Disk floor: the p50 of one 4 KiB append plus `fdatasync`, in the
@@ -315,30 +338,39 @@ async fn deliver(
     })
 }
 
-/// Bytes above one MLS message of `mls_size` bytes, computed from the
-/// encodings the client and server use (HTTP headers not counted).
+/// Bytes above one real MLS message (the floor's last, of a 1 KiB
+/// payload), computed from the encodings the client and server use (HTTP
+/// headers not counted).
 struct Wire {
     /// Binary send: the body is the message; the request target grows by
     /// the `?epoch=E` query.
     binary_send: usize,
     /// The JSON send body minus the message.
     json_send: usize,
-    /// A binary `message` event frame minus the message.
+    /// The binary frame the server sends for a `message` event, minus the
+    /// message.
     binary_event: usize,
+    /// Whether that frame is the compact one.
+    compact: bool,
+    /// The explicit `message` frame minus the message (sent when the MLS
+    /// header does not name the event's channel and epoch).
+    explicit_event: usize,
     /// A JSON `message` event (as `GET /v0/events` lists it) minus the
     /// message.
     json_event: usize,
 }
 
-fn wire(mls_size: usize) -> Wire {
+fn wire(floor: &Floor) -> Wire {
     use kith_proto::events::{EventFrame, MessageEvent, encode_frame};
-    let message = vec![0u8; mls_size];
-    let json_send = json!({ "epoch": 1u64, "message": kith_client::api::b64(&message) })
+    let message = floor.message.clone();
+    let mls_size = message.len();
+    let json_send = json!({ "epoch": floor.epoch, "message": kith_client::api::b64(&message) })
         .to_string()
         .len();
-    let channel = ChannelId::random();
+    let channel = floor.channel;
     let sender = kith_proto::DeviceId::of(&SecretKey::generate().public());
-    let (cursor, seq, epoch, received_at) = (123_456u64, 4_321u64, 1u64, 1_790_000_000_000u64);
+    let (cursor, seq, epoch, received_at) =
+        (123_456u64, 4_321u64, floor.epoch, 1_790_000_000_000u64);
     let json_event = json!({
         "cursor": cursor, "kind": "message", "channel": channel.to_string(), "seq": seq,
         "id": hex_of(&kith_proto::sign::message_id(&message)), "epoch": epoch,
@@ -347,25 +379,35 @@ fn wire(mls_size: usize) -> Wire {
     })
     .to_string()
     .len();
-    let mut frame = Vec::new();
+    let event = MessageEvent {
+        channel,
+        seq,
+        epoch,
+        received_at,
+        sender,
+        message,
+    };
+    // The frame the server sends (compact when the MLS header names the
+    // channel and epoch, as it does for every message a client sends), and
+    // the explicit one it falls back to.
+    let mut explicit = Vec::new();
     encode_frame(
         &EventFrame::Message {
             cursor,
-            event: MessageEvent {
-                channel,
-                seq,
-                epoch,
-                received_at,
-                sender,
-                message,
-            },
+            event: event.clone(),
         },
-        &mut frame,
+        &mut explicit,
     );
+    let sent = EventFrame::message(cursor, event);
+    let compact = matches!(sent, EventFrame::Compact { .. });
+    let mut frame = Vec::new();
+    encode_frame(&sent, &mut frame);
     Wire {
-        binary_send: "?epoch=1".len(),
+        binary_send: format!("?epoch={}", floor.epoch).len(),
         json_send: json_send.saturating_sub(mls_size),
         binary_event: frame.len().saturating_sub(mls_size),
+        compact,
+        explicit_event: explicit.len().saturating_sub(mls_size),
         json_event: json_event.saturating_sub(mls_size),
     }
 }
@@ -375,34 +417,18 @@ fn hex_of(bytes: &[u8]) -> String {
 }
 
 #[allow(clippy::too_many_lines)]
-async fn run(limits: &Limits) -> Result<Vec<Row>> {
+async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
 
-    // 5. Footprint first, while the process holds as little as it will.
-    let rss_before = rss_kib().unwrap_or(0);
     let mut config = Config::new("a.test".parse()?, dir.join("server"));
     config.registration = Registration::Open;
     lift_commit_limits(&mut config);
     let server = TestServer::start_with(config).await;
-    // Let it settle and answer once.
-    let mut owner = register(dir, &server, "owner").await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let rss_server = rss_kib().unwrap_or(0);
-    let mut made = 0;
-    let start = Instant::now();
-    while made < limits.idle_channels && start.elapsed() < limits.time * 6 {
-        owner
-            .create_channel(&format!("idle{made}"), "application/octet-stream")
-            .await?;
-        made += 1;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let rss_channels = rss_kib().unwrap_or(0);
-    let per_channel_kib = rss_channels.saturating_sub(rss_server) as f64 / made.max(1) as f64;
 
     // 1. Floor.
-    let (floor_rate, mls_size, floor_count) = floor(limits)?;
+    let fl = floor(limits)?;
+    let (floor_rate, mls_size, floor_count) = (fl.rate, fl.message.len(), fl.count);
     let floor_ms = 1000.0 / floor_rate.max(1e-9);
     let (sync_ms, syncs) = disk_floor(dir, limits)?;
     // A delivery rate as disk syncs' worth of time per message.
@@ -472,7 +498,27 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
     let fan_rate = rate(f.received, f.elapsed);
 
     // 6. Wire: what carries one MLS message, above the message itself.
-    let w = wire(mls_size);
+    let w = wire(&fl);
+
+    // 3b and 5: on a kithd process of its own.
+    let fo = process::fanout(
+        kithd,
+        &dir.join("fanout-kithd"),
+        limits.server_fanout_receivers,
+        limits.server_fanout_msgs,
+        limits.time,
+        limits.time * 24,
+        &payload(),
+    )
+    .await?;
+    let fp = process::footprint(
+        kithd,
+        &dir.join("footprint-kithd"),
+        limits.idle_channels,
+        limits.idle_streams,
+        limits.time * 36,
+    )
+    .await?;
 
     server.stop().await;
 
@@ -555,6 +601,31 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
             detail: json!({ "members": members_n, "deliveries_per_s": fan_rate, "sent": f.sent, "delivered": f.received, "ratio_to_floor": fan_rate / floor_rate }),
         },
         Row {
+            scenario: "3b. fan-out at the server (separate kithd, event streams, no decryption)",
+            figure: format!(
+                "{:.0} deliveries/s to {} receiving devices (of {}; {} msgs, {} of {} delivered in {:.2} s); {:.0} deliveries per kithd CPU-second ({:.2} s CPU); measured wire: {} bytes per message event ({} of {} frames compact)",
+                fo.rate(),
+                fo.receivers,
+                fo.receivers_wanted,
+                fo.messages,
+                fo.delivered,
+                fo.messages * fo.receivers,
+                fo.elapsed.as_secs_f64(),
+                fo.per_cpu_second(),
+                fo.server_cpu,
+                fo.wire_overhead
+                    .map_or_else(|| "?".to_owned(), |w| format!("{w:.1}")),
+                fo.wire_compact,
+                fo.wire_frames
+            ),
+            ratio: format!(
+                "{:.3} of the 100,000/s target; {:.1} x floor msg rate",
+                fo.rate() / 1e5,
+                fo.rate() / floor_rate
+            ),
+            detail: json!({ "deliveries_per_s": fo.rate(), "receivers": fo.receivers, "receivers_wanted": fo.receivers_wanted, "messages": fo.messages, "delivered": fo.delivered, "elapsed_s": fo.elapsed.as_secs_f64(), "server_cpu_s": fo.server_cpu, "deliveries_per_server_cpu_s": fo.per_cpu_second(), "ratio_to_target": fo.rate() / 1e5, "wire_overhead_bytes": fo.wire_overhead, "wire_frames": fo.wire_frames, "wire_compact": fo.wire_compact }),
+        },
+        Row {
             scenario: "4. certified commit (self_update), 1 server",
             figure: format!(
                 "p50 {commit_p50:.2} ms, p99 {commit_p99:.2} ms; {commit_rate:.0} commits/s ({commits})"
@@ -572,15 +643,30 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
             detail: json!({ "p50_ms": p50_3, "p99_ms": p99_3, "commits_per_s": rate3, "commits": commits3, "parallel_channels": o.channels, "parallel_commits": o.parallel_commits, "parallel_commits_per_s": parallel_rate, "p50_in_floor_msgs": p50_3 / floor_ms }),
         },
         Row {
-            scenario: "5. footprint (in-process: server + client)",
+            scenario: "5. footprint (separate kithd process, VmRSS)",
             figure: format!(
-                "RSS {:.1} MiB before, {:.1} MiB with idle server + 1 client, {:.1} MiB after {made} channels ({per_channel_kib:.1} KiB/channel)",
-                mib(rss_before),
-                mib(rss_server),
-                mib(rss_channels)
+                "idle {:.1} MiB ({:.1} MiB with 1 device); {} idle channels (of {}, made in {:.0} s): {:.1} MiB, {:.0} B/channel; {} event streams (of {}; server counts {}): {:.1} MiB, {:.0} B/stream",
+                mib(fp.idle.total),
+                mib(fp.one_device.total),
+                fp.channels,
+                fp.channels_wanted,
+                fp.channels_time.as_secs_f64(),
+                mib(fp.with_channels.total),
+                fp.per_channel(),
+                fp.streams,
+                fp.streams_wanted,
+                fp.streams_gauge
+                    .map_or_else(|| "?".to_owned(), |g| g.to_string()),
+                mib(fp.with_streams.total),
+                fp.per_stream()
             ),
-            ratio: "n/a (memory)".into(),
-            detail: json!({ "rss_before_kib": rss_before, "rss_idle_server_kib": rss_server, "rss_after_channels_kib": rss_channels, "channels": made, "kib_per_channel": per_channel_kib }),
+            ratio: format!(
+                "of target: idle {:.2} (20 MB), channel {:.2} (2 KB), stream {:.2} (20 KB)",
+                fp.idle.total as f64 * 1024.0 / 20e6,
+                fp.per_channel() / 2e3,
+                fp.per_stream() / 20e3
+            ),
+            detail: json!({ "idle_rss_kib": fp.idle.total, "idle_anon_kib": fp.idle.anon, "one_device_rss_kib": fp.one_device.total, "channels": fp.channels, "channels_wanted": fp.channels_wanted, "channels_s": fp.channels_time.as_secs_f64(), "channels_rss_kib": fp.with_channels.total, "channels_anon_kib": fp.with_channels.anon, "bytes_per_channel": fp.per_channel(), "streams": fp.streams, "streams_wanted": fp.streams_wanted, "streams_gauge": fp.streams_gauge, "streams_rss_kib": fp.with_streams.total, "streams_anon_kib": fp.with_streams.anon, "bytes_per_stream": fp.per_stream() }),
         },
         Row {
             scenario: "5b. add a member to an N-member channel",
@@ -598,8 +684,14 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
         Row {
             scenario: "6. wire: bytes above the MLS message (binary; JSON form)",
             figure: format!(
-                "send: {} bytes (body 0 + `?epoch=1` {}; JSON body {}); delivery: {} bytes per event frame (JSON event {}), for a {mls_size}-byte MLS message",
-                w.binary_send, w.binary_send, w.json_send, w.binary_event, w.json_event
+                "send: {} bytes (body 0 + `?epoch=1` {}; JSON body {}); delivery: {} bytes per event frame ({}; explicit frame {}, JSON event {}), for a {mls_size}-byte MLS message",
+                w.binary_send,
+                w.binary_send,
+                w.json_send,
+                w.binary_event,
+                if w.compact { "compact" } else { "explicit" },
+                w.explicit_event,
+                w.json_event
             ),
             ratio: format!(
                 "{:.3} (send), {:.3} (delivery) of MLS size",
@@ -611,6 +703,8 @@ async fn run(limits: &Limits) -> Result<Vec<Row>> {
                 "binary_send_overhead_bytes": w.binary_send,
                 "json_send_overhead_bytes": w.json_send,
                 "binary_event_overhead_bytes": w.binary_event,
+                "binary_event_compact": w.compact,
+                "explicit_event_overhead_bytes": w.explicit_event,
                 "json_event_overhead_bytes": w.json_event,
             }),
         },
@@ -623,7 +717,12 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let rows = runtime.block_on(run(&limits))?;
+    let kithd = args
+        .kithd
+        .clone()
+        .or_else(process::default_kithd)
+        .context("cannot find the kithd binary: pass --kithd PATH")?;
+    let rows = runtime.block_on(run(&limits, &kithd))?;
     if args.json {
         let out: Vec<Value> = rows
             .iter()

@@ -92,6 +92,12 @@ impl Api {
         }
     }
 
+    /// The session token this handle sends, if logged in (for a
+    /// WebSocket opened by other means, e.g. `?token=`).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// The same handle, logged in with `token`.
     pub fn with_token(mut self, token: Option<String>) -> Self {
         self.token = token;

@@ -9,7 +9,7 @@ use kith_mls::{
     ChannelExtension, ChannelName, ChannelSettings, CommitOutput, ContentType, Incoming, Policy,
 };
 use kith_order::{OrderingCertificateIn, VoterSet};
-use kith_proto::events::{EventFrame, MessageEvent};
+use kith_proto::events::{CompactMessage, EventFrame, MessageEvent};
 use kith_proto::inbox::InboxKind;
 use kith_proto::{ChannelId, DeviceId, DeviceRecord, DeviceRecordIn, Handle, SignaturePublicKey};
 use serde_json::{Value, json};
@@ -90,16 +90,34 @@ fn field_u64(event: &Value, name: &str) -> Result<u64, ClientError> {
 
 /// A binary `message` event as the message it carries; its id is the
 /// MessageId of the bytes (spec §9.6), which the binary form leaves out.
+/// The server's word for the sender is not kept: the sender a message is
+/// shown from is the one MLS authenticates when it is decrypted.
 fn message_of(event: MessageEvent) -> (ChannelId, FutureMessage) {
     let message = FutureMessage {
         id: kith_proto::sign::message_id(&event.message),
         seq: event.seq,
         epoch: event.epoch,
-        sender_device: event.sender,
         message: event.message,
         received_at: event.received_at,
     };
     (event.channel, message)
+}
+
+/// A compact `message` frame (spec §6.8) as the message it carries: its
+/// channel and epoch are the ones its MLS header names (decryption checks
+/// them again), its sender is left to MLS.
+fn compact_message_of(event: CompactMessage) -> (ChannelId, FutureMessage) {
+    let (channel, epoch, seq, received_at) =
+        (event.channel(), event.epoch(), event.seq, event.received_at);
+    let message = event.into_message();
+    let message = FutureMessage {
+        id: kith_proto::sign::message_id(&message),
+        seq,
+        epoch,
+        message,
+        received_at,
+    };
+    (channel, message)
 }
 
 /// Errors after which the same input may well succeed later (the server
@@ -1018,6 +1036,26 @@ impl Client {
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
 
+    /// Encrypts `data` for channel `id` at this device's current epoch
+    /// without sending or storing it: returns `(epoch, MLS message)`, for
+    /// tools that post it themselves (`kith-bench` measures the server
+    /// apart from client-side encryption this way). Each call advances the
+    /// sending ratchet, so a message made here and never sent leaves a gap
+    /// the receivers skip over.
+    pub fn encrypt_unsent(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+    ) -> Result<(u64, Vec<u8>), ClientError> {
+        let mut channel = self.mls.channel(id)?;
+        if !channel.is_active() {
+            return Err(ClientError::Invalid(format!(
+                "this device is no longer a member of {id}"
+            )));
+        }
+        Ok((channel.epoch(), channel.encrypt(data)?))
+    }
+
     /// The last `limit` messages of a channel, from the local store.
     pub fn messages(&self, id: ChannelId, limit: usize) -> Result<Vec<MessageRow>, ClientError> {
         self.store.messages(&id, limit)
@@ -1045,6 +1083,10 @@ impl Client {
                 let result = match frame {
                     EventFrame::Message { event, .. } => {
                         self.handle_message(message_of(event), &mut report).await
+                    }
+                    EventFrame::Compact { event, .. } => {
+                        self.handle_message(compact_message_of(event), &mut report)
+                            .await
                     }
                     EventFrame::Json { json, .. } => match serde_json::from_str::<Value>(&json) {
                         // In order: a Welcome must be processed before the
@@ -1107,7 +1149,6 @@ impl Client {
                 },
                 seq: field_u64(event, "seq")?,
                 epoch,
-                sender_device: field_str(event, "sender")?.parse().map_err(protocol)?,
                 message: unb64("message", field_str(event, "message")?)?,
                 received_at: field_u64(event, "received_at")?,
             };

@@ -83,6 +83,8 @@ CREATE TABLE IF NOT EXISTS future_messages (
     id BLOB NOT NULL,
     seq INTEGER NOT NULL,
     epoch INTEGER NOT NULL,
+    -- Unused (written empty): the sender is the one MLS authenticates on
+    -- decryption. Kept so stores made before it stay valid.
     sender_device BLOB NOT NULL,
     message BLOB NOT NULL,
     received_at INTEGER NOT NULL,
@@ -285,9 +287,7 @@ pub struct FutureMessage {
     pub seq: u64,
     /// Its epoch.
     pub epoch: u64,
-    /// The sending device.
-    pub sender_device: DeviceId,
-    /// The MLS message.
+    /// The MLS message (its sender is learnt when it is decrypted).
     pub message: Vec<u8>,
     /// When the homeserver received it.
     pub received_at: u64,
@@ -392,7 +392,7 @@ impl Store {
                 &m.id[..],
                 m.seq as i64,
                 m.epoch as i64,
-                &m.sender_device.as_bytes()[..],
+                &[] as &[u8],
                 m.message,
                 m.received_at as i64
             ],
@@ -408,7 +408,7 @@ impl Store {
         epoch: u64,
     ) -> Result<Vec<FutureMessage>, ClientError> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, seq, epoch, sender_device, message, received_at FROM future_messages
+            "SELECT id, seq, epoch, message, received_at FROM future_messages
              WHERE channel = ?1 AND epoch <= ?2 ORDER BY seq",
         )?;
         let rows = stmt.query_map(params![&channel.as_bytes()[..], epoch as i64], |r| {
@@ -416,9 +416,8 @@ impl Store {
                 id: blob32(r.get(0)?)?,
                 seq: r.get::<_, i64>(1)? as u64,
                 epoch: r.get::<_, i64>(2)? as u64,
-                sender_device: DeviceId::from_bytes(blob32(r.get(3)?)?),
-                message: r.get(4)?,
-                received_at: r.get::<_, i64>(5)? as u64,
+                message: r.get(3)?,
+                received_at: r.get::<_, i64>(4)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

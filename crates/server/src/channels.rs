@@ -288,6 +288,37 @@ impl Channels {
         Ok(orderer)
     }
 
+    /// Stops the orderer of a channel whose group is this server alone,
+    /// if nobody is using it, when its log is durable: it starts again
+    /// from the log on next use (as after a restart; a lone node leads at
+    /// once). Called when a channel is created, so that a channel nobody
+    /// uses holds no Raft node (its tasks and buffers were most of an idle
+    /// channel's resident memory).
+    pub(crate) async fn park(&self, channel: ChannelId) {
+        if matches!(self.logs, RaftLogs::Memory) {
+            return;
+        }
+        let start = gate(&self.starting, channel);
+        let _starting = start.lock().await;
+        let parked = {
+            let mut orderers = lock(&self.orderers);
+            let idle_and_alone = orderers.get(&channel).is_some_and(|o| {
+                let (voters, learners) = o.membership();
+                Arc::strong_count(o) == 1 && voters.len() <= 1 && learners.is_empty()
+            });
+            if idle_and_alone {
+                orderers.remove(&channel)
+            } else {
+                None
+            }
+        };
+        if let Some(orderer) = parked
+            && let Err(e) = orderer.shutdown().await
+        {
+            tracing::warn!(%channel, error = %e, "parking an orderer");
+        }
+    }
+
     /// Drops a channel's orderer whose Raft node stopped (say, its
     /// validator could not reach storage), so the next request starts it
     /// again from its log.

@@ -815,37 +815,67 @@ async fn messages_travel_in_binary_both_ways() {
     assert_error(&got, StatusCode::FORBIDDEN, "not_member");
     let got = post_binary(&server, &alice, ChannelId::random(), "?epoch=1", &stale).await;
     assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    // The body must be a PrivateMessage of this channel at this epoch:
+    // receivers of the compact frame read both from its header.
+    let mut other_channel = stale.clone();
+    other_channel[5] ^= 1;
+    let mut public = stale.clone();
+    public[3] = 1;
+    for body in [&b"not MLS"[..], &other_channel, &public, &stale[..20]] {
+        let got = post_binary(&server, &alice, id, "?epoch=1", body).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    // The JSON form takes any bytes; such a message travels with every
+    // field explicit.
+    let (status, body) = alice
+        .http
+        .post(
+            &server,
+            &format!("/v0/channels/{id}/messages"),
+            json!({ "epoch": 1, "message": b64(b"not MLS") }),
+        )
+        .await;
+    assert_eq!((status, body["seq"].clone()), (StatusCode::OK, json!(3)));
 
-    // Bob reads both messages as binary frames, with the JSON form's
-    // cursors and fields, and decrypts them.
+    // Bob reads the three messages as binary frames, with the JSON form's
+    // cursors and fields: the MLS ones compact (channel and epoch from the
+    // MLS header, no sender), the other explicit.
     let (json_events, _) = bob.events(&server, "message", 0).await;
     let frames = binary_events(&server, &bob, 0).await;
-    assert_eq!(frames.len(), 2);
+    assert_eq!(frames.len(), 3);
     let mut channel = bob.channel(id);
     for ((frame, event), (bytes, text)) in frames.iter().zip(&json_events).zip([
         (&message, &b"raw bytes"[..]),
         (&json_message, &b"as json"[..]),
     ]) {
-        let EventFrame::Message { cursor, event: m } = frame else {
-            panic!("expected a message frame, got {frame:?}");
+        let EventFrame::Compact { cursor, event: m } = frame else {
+            panic!("expected a compact message frame, got {frame:?}");
         };
         assert_eq!(json!(cursor), event["cursor"]);
-        assert_eq!(m.channel, id);
+        assert_eq!(m.channel(), id);
         assert_eq!(json!(m.seq), event["seq"]);
-        assert_eq!(m.epoch, 1);
+        assert_eq!(m.epoch(), 1);
         assert_eq!(json!(m.received_at), event["received_at"]);
-        assert_eq!(m.sender, alice.http.id);
-        assert_eq!(&m.message, bytes);
+        assert_eq!(m.message(), &bytes[..]);
         assert_eq!(
-            json!(hex::encode(kith_proto::sign::message_id(&m.message))),
+            json!(hex::encode(kith_proto::sign::message_id(m.message()))),
             event["id"]
         );
-        match channel.process(&m.message).unwrap() {
-            Incoming::Application { data, .. } => assert_eq!(data, text),
+        match channel.process(m.message()).unwrap() {
+            Incoming::Application { sender, data, .. } => {
+                assert_eq!((sender, &data[..]), (alice.http.id, text));
+            }
             other => panic!("expected application data, got {other:?}"),
         }
     }
     drop(channel);
+    let EventFrame::Message { cursor, event: m } = &frames[2] else {
+        panic!("expected an explicit message frame, got {:?}", frames[2]);
+    };
+    assert_eq!(json!(cursor), json_events[2]["cursor"]);
+    assert_eq!((m.channel, m.seq, m.epoch), (id, 3, 1));
+    assert_eq!(m.sender, alice.http.id);
+    assert_eq!(m.message, b"not MLS");
     let last = frames.last().unwrap().cursor();
     assert!(binary_events(&server, &bob, last).await.is_empty());
 

@@ -17,7 +17,9 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, RequestExt as _};
 use kith_proto::ChannelId;
-use kith_proto::events::{EventFrame, MessageEvent, OCTET_STREAM, encode_frame};
+use kith_proto::events::{
+    EventFrame, MessageEvent, OCTET_STREAM, encode_frame, private_message_header,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -106,6 +108,15 @@ async fn accept(
             ),
         ));
     }
+    // The receivers of the compact frame (§6.8) take the channel and epoch
+    // from the MLS header: it must name this channel and epoch (a frame
+    // for one that does not would carry them explicitly, but a sender has
+    // no honest reason to send it).
+    if private_message_header(&message) != Some((channel, epoch)) {
+        return Err(ApiError::bad_request(format!(
+            "the body is not an MLS PrivateMessage of channel {channel} at epoch {epoch}"
+        )));
+    }
     // The commit that started the message's epoch is delivered first.
     if let Some(previous) = epoch.checked_sub(1) {
         certify(state, channel, previous).await?;
@@ -146,15 +157,13 @@ async fn accept(
 }
 
 /// The binary frame of a stored event: a `message` event with its MLS
-/// message as bytes, anything else as its JSON text.
+/// message as bytes (compact when its MLS header names its channel and
+/// epoch), anything else as its JSON text.
 fn frame(event: &Event) -> EventFrame {
     if event.kind == "message"
         && let Some(message) = message_event(&event.payload)
     {
-        return EventFrame::Message {
-            cursor: event.cursor,
-            event: message,
-        };
+        return EventFrame::message(event.cursor, message);
     }
     EventFrame::Json {
         cursor: event.cursor,

@@ -175,6 +175,9 @@ async fn create(
         tracing::error!(%channel, error = %e, "starting the orderer");
         ApiError::internal("the channel's orderer did not start")
     })?;
+    // Its log now says this server orders it alone; the node starts again
+    // from it when the channel is first used.
+    state.channels.park(channel).await;
     tracing::info!(%channel, "channel created");
     Ok(Json(json!({
         "channel": channel.to_string(),

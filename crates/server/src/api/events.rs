@@ -109,6 +109,9 @@ struct WsQuery {
     token: Option<String>,
 }
 
+/// The read buffer of an event-stream WebSocket, bytes.
+const WS_READ_BUFFER: usize = 4 * 1024;
+
 async fn websocket(
     State(state): State<Shared>,
     parts: Parts,
@@ -125,7 +128,14 @@ async fn websocket(
     let device = authenticate(&state, &token).await?;
     let upgrade = upgrade.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let after = start(&state, device, query.after).await?;
-    Ok(upgrade.on_upgrade(move |socket| stream(state, device, socket, after)))
+    // tungstenite's default 128 KiB read buffer, allocated up front, made
+    // each idle stream cost ~150 KB resident; a client only sends small
+    // acks, so a 4 KiB one suffices (larger frames still fit: it grows).
+    // Messages are written (and flushed) as they are sent.
+    Ok(upgrade
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| stream(state, device, socket, after)))
 }
 
 /// Keeps one device's stream going until the client leaves or the server
