@@ -450,6 +450,10 @@ impl Client {
             // dropped.
             let pending = self.mls.channel(id)?.has_pending_commit();
             if attempt > 0 || pending {
+                // Events first, as a send does: merging the missed commits
+                // straight from the commit listing would move this device
+                // past messages still queued in its stream (§11.3).
+                Box::pin(self.sync()).await?;
                 self.catch_up(id).await?;
             }
             let (output, epoch, members) = {
