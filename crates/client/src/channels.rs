@@ -25,6 +25,13 @@ pub const MAX_COMMIT_ATTEMPTS: usize = 8;
 /// a new epoch before it is accepted.
 pub const MAX_SEND_ATTEMPTS: usize = 8;
 
+/// A device that commits without reading its events (its own commits are
+/// merged from the server's answer) reads them at least once every this
+/// many of its own commits: messages queued for it must be decrypted before
+/// it moves more than `kith_mls::MAX_PAST_EPOCHS` epochs past theirs (spec
+/// §11.3).
+pub const SYNC_EVERY_COMMITS: usize = kith_mls::MAX_PAST_EPOCHS / 2;
+
 /// How many messages [`Client::send_many`] has in flight at once.
 pub const MAX_IN_FLIGHT: usize = 8;
 
@@ -629,6 +636,13 @@ impl Client {
     where
         F: FnMut(&mut kith_mls::Channel<'_>) -> Result<Option<CommitOutput>, ClientError>,
     {
+        if self.commits_since_sync >= SYNC_EVERY_COMMITS {
+            // Best effort: a failed read leaves the events queued, and the
+            // commit goes on. (Boxed: syncing may commit, e.g. removals.)
+            if let Err(e) = Box::pin(self.sync()).await {
+                tracing::info!(channel = %id, "reading events before a commit: {e}");
+            }
+        }
         // The first attempt is made at the epoch this device is at; only a
         // lost race makes it fetch what it missed (the protocol's retry).
         for attempt in 0..MAX_COMMIT_ATTEMPTS {
@@ -638,6 +652,10 @@ impl Client {
             // dropped.
             let pending = self.mls.channel(id)?.has_pending_commit();
             if attempt > 0 || pending {
+                // Events first, as a send does: merging the missed commits
+                // straight from the commit listing would move this device
+                // past messages still queued in its stream (§11.3).
+                Box::pin(self.sync()).await?;
                 self.catch_up(id).await?;
             }
             let (output, epoch, members) = {
@@ -691,6 +709,7 @@ impl Client {
                     let mut channel = self.mls.channel(id)?;
                     channel.merge_pending()?;
                     drop(channel);
+                    self.commits_since_sync += 1;
                     self.flush_future(id).await?;
                     return Ok(Some((output, epoch)));
                 }
@@ -1065,6 +1084,7 @@ impl Client {
     /// the homeserver holds for this device, acknowledging what was handled.
     pub async fn sync(&mut self) -> Result<SyncReport, ClientError> {
         let mut report = SyncReport::default();
+        self.commits_since_sync = 0;
         if let Err(e) = self.renew_sponsorship(false).await {
             tracing::warn!("renewing this device's sponsorship: {e}");
         }

@@ -138,6 +138,10 @@ pub struct Client {
     api: Api,
     mls: Device,
     commit_conflicts: u64,
+    /// Commits this device merged since it last read its events: past
+    /// [`channels::SYNC_EVERY_COMMITS`] it reads them before committing
+    /// again, so messages queued for it stay within the epochs it keeps.
+    commits_since_sync: usize,
 }
 
 impl Client {
@@ -252,6 +256,7 @@ impl Client {
             api,
             mls,
             commit_conflicts: 0,
+            commits_since_sync: 0,
         };
         client.login().await?;
         client.api.publish_record(&record.encode()).await?;
@@ -359,6 +364,7 @@ impl Client {
             api,
             mls,
             commit_conflicts: 0,
+            commits_since_sync: 0,
         })
     }
 

@@ -59,6 +59,21 @@ async fn sync_until(client: &mut Client, what: &str, done: impl Fn(&Client) -> b
     panic!("{what}: not reached");
 }
 
+/// Sends, retrying while the server answers 503 (its log is not yet known
+/// to be fresh after a restart), at most ~20 s.
+async fn send_retrying(client: &mut Client, channel: ChannelId, text: &[u8]) {
+    for _ in 0..100 {
+        match client.send(channel, text).await {
+            Ok(_) => return,
+            Err(ClientError::Server { status: 503, .. }) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("sending: {e}"),
+        }
+    }
+    panic!("the server never took the message");
+}
+
 async fn join(client: &mut Client, channel: ChannelId) {
     sync_until(client, "joining", |c| c.channel_state(channel).is_ok()).await;
 }
@@ -216,7 +231,10 @@ async fn one_server_down_the_others_go_on_two_down_commits_stall_then_all_conver
     .await;
 
     // b.test goes down too: no majority, commits stall with a clear error
-    // and nothing is merged; messages are still accepted and kept.
+    // and nothing is merged. Messages are refused too (503, retryable):
+    // a server out of touch with a majority cannot know the channel's epoch,
+    // and a message it acknowledged at a stale one could reach the others'
+    // devices after they left that epoch behind (spec §11.3).
     let b = cluster.take("b.test").stop_keeping().await;
     let before = alice.channel_state(channel).unwrap();
     match alice.self_update(channel).await {
@@ -228,17 +246,20 @@ async fn one_server_down_the_others_go_on_two_down_commits_stall_then_all_conver
         other => panic!("a commit without a majority must fail clearly, got {other:?}"),
     }
     assert_eq!(alice.channel_state(channel).unwrap(), before);
-    alice
-        .send(channel, b"while b and c are down")
-        .await
-        .unwrap();
+    match alice.send(channel, b"refused while b and c are down").await {
+        Err(ClientError::Server {
+            status: 503, code, ..
+        }) => assert_eq!(code, "ordering_unavailable"),
+        other => panic!("a send without a majority must fail clearly, got {other:?}"),
+    }
 
     // Both return: every device converges, and every message acknowledged
     // during the outages arrives.
     cluster.put(b.start().await);
     cluster.put(c.start().await);
     converge(&mut [&mut alice, &mut bob, &mut carol], channel).await;
-    let all = ["while c is down", "b here too", "while b and c are down"];
+    send_retrying(&mut alice, channel, b"after b and c are back").await;
+    let all = ["while c is down", "b here too", "after b and c are back"];
     sync_until(&mut bob, "bob after the outage", |c| {
         has_all(c, channel, &all)
     })

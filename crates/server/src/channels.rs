@@ -95,6 +95,10 @@ pub(crate) struct Channels {
     /// Woken whenever this server's log accepts a commit (of any channel),
     /// for requests waiting until their epoch is reached.
     applied: Arc<tokio::sync::Notify>,
+    /// When each channel's leader last reached this node (spec §11.3).
+    pub(crate) heard: crate::freshness::Heard,
+    /// How far this server has pulled each peer's messages (spec §11.3).
+    pub(crate) backfill: crate::backfill::Cursors,
 }
 
 /// Why the channel machinery could not be opened or started.
@@ -143,6 +147,8 @@ impl Channels {
             accepted_tx,
             accepted_rx: Mutex::new(Some(accepted_rx)),
             applied: Arc::new(tokio::sync::Notify::new()),
+            heard: crate::freshness::Heard::default(),
+            backfill: crate::backfill::Cursors::default(),
         })
     }
 

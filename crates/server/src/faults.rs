@@ -17,6 +17,9 @@ use kith_proto::ServerName;
 #[derive(Debug, Default)]
 pub struct LinkFaults {
     cut: Mutex<BTreeSet<(ServerName, ServerName)>>,
+    /// Links on which only message fan-out (`POST
+    /// /v0/federation/channels/{id}/messages`) fails.
+    fanout_held: Mutex<BTreeSet<(ServerName, ServerName)>>,
 }
 
 impl LinkFaults {
@@ -29,6 +32,35 @@ impl LinkFaults {
         self.cut
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, BTreeSet<(ServerName, ServerName)>> {
+        self.fanout_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds back message fan-out from `from` to `to`: those POSTs fail as
+    /// unreachable (the outbox keeps retrying them), while Raft, votes and
+    /// every other request pass. This is what a cut link does to messages
+    /// when Raft still reaches `to` through another server.
+    pub fn hold_fanout(&self, from: &ServerName, to: &ServerName) {
+        self.lock_held().insert((from.clone(), to.clone()));
+    }
+
+    /// Whether a request `from → to` with `method` and `path` is held back
+    /// by [`LinkFaults::hold_fanout`].
+    pub fn is_fanout_held(
+        &self,
+        from: &ServerName,
+        to: &ServerName,
+        method: &str,
+        path: &str,
+    ) -> bool {
+        method == "POST"
+            && path.starts_with("/v0/federation/channels/")
+            && path.ends_with("/messages")
+            && self.lock_held().contains(&(from.clone(), to.clone()))
     }
 
     /// Cuts the link from `from` to `to` (requests `from` sends to `to`).
@@ -44,6 +76,7 @@ impl LinkFaults {
     /// Heals every link.
     pub fn heal_all(&self) {
         self.lock().clear();
+        self.lock_held().clear();
     }
 
     /// Whether the link from `from` to `to` is cut.
@@ -72,7 +105,14 @@ mod tests {
         faults.heal(&a, &b);
         assert!(!faults.is_cut(&a, &b));
         faults.cut(&b, &a);
+        faults.hold_fanout(&a, &b);
+        let fanout = "/v0/federation/channels/00/messages";
+        assert!(faults.is_fanout_held(&a, &b, "POST", fanout));
+        assert!(!faults.is_fanout_held(&a, &b, "GET", fanout));
+        assert!(!faults.is_fanout_held(&a, &b, "POST", "/v0/federation/raft/00/append"));
+        assert!(!faults.is_fanout_held(&b, &a, "POST", fanout));
         faults.heal_all();
         assert!(faults.cut_links().is_empty());
+        assert!(!faults.is_fanout_held(&a, &b, "POST", fanout));
     }
 }

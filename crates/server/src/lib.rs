@@ -37,11 +37,13 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod backfill;
 mod channels;
 pub mod config;
 mod error;
 pub mod faults;
 mod federation;
+mod freshness;
 mod keys;
 mod metrics;
 mod ordering;

@@ -426,6 +426,9 @@ pub(crate) async fn certify(
             voters.quorum()
         )));
     };
+    // Before this commit's events move local devices on, the messages of
+    // epochs they are about to leave behind must be here (§11.3).
+    crate::backfill::before_release(state, channel, epoch).await;
     store_certificate(state, channel, row, &certificate).await
 }
 
@@ -537,7 +540,6 @@ pub(crate) async fn deliver_remote_messages(
     messages: Vec<FannedMessage>,
 ) -> Result<usize, ApiError> {
     debug_assert!(messages.len() <= MAX_FANOUT_BATCH);
-    let limit = state.config.limits.max_message_bytes;
     let mut stored = 0;
     for m in messages {
         let sender: DeviceId = m
@@ -545,59 +547,83 @@ pub(crate) async fn deliver_remote_messages(
             .parse()
             .map_err(|_| ApiError::bad_request("`sender` is not a device id"))?;
         let message = unb64("message", &m.message)?;
-        if message.is_empty() || message.len() > limit {
-            return Err(ApiError::bad_request(format!(
-                "a message must be 1 to {limit} bytes"
-            )));
-        }
-        let epoch = m.epoch;
-        if let Some(previous) = epoch.checked_sub(1) {
+        check_remote_size(state, &message)?;
+        if let Some(previous) = m.epoch.checked_sub(1) {
             certify(state, channel, previous).await?;
         }
-        let origin_c = origin.clone();
-        let now = now_ms();
-        let check = state
-            .db(move |s| {
-                let Some(epoch_state) = s.epoch_state(&channel, epoch)? else {
-                    return Ok(Some(format!("the channel has no epoch {epoch} here")));
-                };
-                if !epoch_state.members.contains(&sender) {
-                    return Ok(Some(format!("{sender} is not a member of epoch {epoch}")));
-                }
-                let sponsored = sponsors(s, &[sender], now)?
-                    .iter()
-                    .any(|(server, _)| *server == origin_c);
-                if !sponsored {
-                    return Ok(Some(format!("{origin_c} does not sponsor {sender}")));
-                }
-                Ok(None)
-            })
-            .await?;
-        if let Some(why) = check {
-            return Err(ApiError::forbidden(why));
-        }
-        let received_at = now_ms();
-        let new = NewMessage {
-            id: kith_proto::sign::message_id(&message),
-            epoch,
-            sender,
-            message,
-            received_at,
-        };
-        let (row, events) = state
-            .db(move |s| {
-                s.store_message(&channel, &new, &|m| {
-                    Value::Object(crate::api::channels::message_json(channel, m)).to_string()
-                })
-            })
-            .await?;
-        for (to, event) in &events {
-            state.hub.notify(*to, event.cursor);
-        }
-        if row.received_at == received_at {
+        if store_remote_message(state, channel, origin, m.epoch, sender, message).await? {
             stored += 1;
-            state.metrics.channel_messages.inc();
         }
     }
     Ok(stored)
+}
+
+/// 400 unless `message` is 1 byte to the configured limit.
+pub(crate) fn check_remote_size(state: &Shared, message: &[u8]) -> Result<(), ApiError> {
+    let limit = state.config.limits.max_message_bytes;
+    if message.is_empty() || message.len() > limit {
+        return Err(ApiError::bad_request(format!(
+            "a message must be 1 to {limit} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Stores one message that `origin` accepted from its device `sender` in
+/// `epoch` (whose starting commit the caller made sure is certified here)
+/// and appends its events for the local members; `true` if it was new.
+/// 403 unless the sender is a member of that epoch and `origin` sponsors it.
+pub(crate) async fn store_remote_message(
+    state: &Shared,
+    channel: ChannelId,
+    origin: &ServerName,
+    epoch: u64,
+    sender: DeviceId,
+    message: Vec<u8>,
+) -> Result<bool, ApiError> {
+    let origin_c = origin.clone();
+    let now = now_ms();
+    let check = state
+        .db(move |s| {
+            let Some(epoch_state) = s.epoch_state(&channel, epoch)? else {
+                return Ok(Some(format!("the channel has no epoch {epoch} here")));
+            };
+            if !epoch_state.members.contains(&sender) {
+                return Ok(Some(format!("{sender} is not a member of epoch {epoch}")));
+            }
+            let sponsored = sponsors(s, &[sender], now)?
+                .iter()
+                .any(|(server, _)| *server == origin_c);
+            if !sponsored {
+                return Ok(Some(format!("{origin_c} does not sponsor {sender}")));
+            }
+            Ok(None)
+        })
+        .await?;
+    if let Some(why) = check {
+        return Err(ApiError::forbidden(why));
+    }
+    let received_at = now_ms();
+    let new = NewMessage {
+        id: kith_proto::sign::message_id(&message),
+        epoch,
+        sender,
+        message,
+        received_at,
+    };
+    let (row, events) = state
+        .db(move |s| {
+            s.store_message(&channel, &new, &|m| {
+                Value::Object(crate::api::channels::message_json(channel, m)).to_string()
+            })
+        })
+        .await?;
+    for (to, event) in &events {
+        state.hub.notify(*to, event.cursor);
+    }
+    let new = row.received_at == received_at;
+    if new {
+        state.metrics.channel_messages.inc();
+    }
+    Ok(new)
 }

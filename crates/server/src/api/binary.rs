@@ -99,6 +99,14 @@ async fn accept(
     }
     let row = channel_row(state, channel).await?;
     require_member(state, channel, device).await?;
+    // Across servers, only a log known to be up to date may acknowledge
+    // (§11.3): its epoch is then the group's, give or take a lease.
+    let alone = crate::freshness::require_fresh(state, channel).await?;
+    let row = if alone {
+        row
+    } else {
+        channel_row(state, channel).await?
+    };
     if epoch != row.epoch {
         return Err(ApiError::wrong_epoch(
             row.epoch,

@@ -584,6 +584,25 @@ pub(super) async fn post_message(
     }
     let row = channel_row(&state, channel).await?;
     require_member(&state, channel, device).await?;
+    // Across servers, only a log known to be up to date may acknowledge,
+    // and only at its current epoch (§11.3): a message of an older epoch
+    // could reach the other servers' devices after they left it behind.
+    let alone = crate::freshness::require_fresh(&state, channel).await?;
+    let row = if alone {
+        row
+    } else {
+        channel_row(&state, channel).await?
+    };
+    if !alone && req.epoch != row.epoch {
+        return Err(ApiError::wrong_epoch(
+            row.epoch,
+            format!(
+                "the message is for epoch {}, the channel is at epoch {}; across servers \
+                 messages are taken only at the current epoch",
+                req.epoch, row.epoch
+            ),
+        ));
+    }
     if req.epoch > row.epoch {
         return Err(ApiError::bad_request(format!(
             "the message is for epoch {}, the channel is at epoch {}",

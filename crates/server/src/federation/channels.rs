@@ -16,11 +16,17 @@
 //!   seconds);
 //! - `POST /v0/federation/channels/{id}/messages` `{"messages": [{"epoch",
 //!   "sender", "message"}]}` → `{"stored": n}`: application messages fanned
-//!   out by the sender's homeserver, deduplicated by MessageId.
+//!   out by the sender's homeserver, deduplicated by MessageId;
+//! - `GET /v0/federation/channels/{id}/messages?after=S&min_epoch=E` →
+//!   `{"epoch", "messages": [{"seq", "epoch", "sender", "message"}], "next",
+//!   "more"}`: the messages this server accepted from its own devices after
+//!   its sequence number `S`, for a peer that pulls what it may have missed
+//!   before releasing a commit (`crate::backfill`).
 
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kith_order::{CommitHash, Outcome, Submission, Vote};
@@ -46,7 +52,10 @@ pub(crate) fn routes() -> Router<Shared> {
         .route("/v0/federation/channels/{id}/genesis", get(genesis))
         .route("/v0/federation/channels/{id}/submit", post(submit))
         .route("/v0/federation/channels/{id}/votes", post(vote))
-        .route("/v0/federation/channels/{id}/messages", post(messages))
+        .route(
+            "/v0/federation/channels/{id}/messages",
+            post(messages).get(pull_messages),
+        )
         .route("/v0/federation/raft/{id}/{kind}", post(super::raft::rpc))
 }
 
@@ -365,4 +374,33 @@ async fn messages(
     }
     let stored = deliver_remote_messages(&state, channel, &signed.origin, req.messages).await?;
     Ok(Json(json!({ "stored": stored })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    min_epoch: u64,
+}
+
+#[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
+async fn pull_messages(
+    State(state): State<Shared>,
+    ApiPath(id): ApiPath<String>,
+    query: Result<Query<PullQuery>, QueryRejection>,
+    signed: Signed,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let Query(q) = query.map_err(|e| {
+        ApiError::bad_request(format!(
+            "expected `?after=SEQ&min_epoch=E` (both optional): {}",
+            e.body_text()
+        ))
+    })?;
+    require_peer(&state, channel, &signed.origin).await?;
+    Ok(Json(
+        crate::backfill::own_messages(&state, channel, q.after, q.min_epoch).await?,
+    ))
 }

@@ -258,6 +258,14 @@ impl Client {
         body: Vec<u8>,
     ) -> Result<Answer, FederationError> {
         self.check_destination(server)?;
+        if let Some(faults) = &self.faults
+            && faults.is_fanout_held(&self.me, server, method.as_str(), path_and_query)
+        {
+            return Err(FederationError::Unreachable {
+                server: server.clone(),
+                why: "message fan-out is held back (fault injection)".into(),
+            });
+        }
         let url = format!("{}{path_and_query}", self.resolver.base_url(server));
         let url = reqwest::Url::parse(&url).map_err(|e| FederationError::Invalid {
             server: server.clone(),

@@ -219,7 +219,17 @@ pub(crate) async fn rpc(
     }
     let raft = orderer.raft();
     let result = match kind.as_str() {
-        "append" => answer(raft.append_entries(body(&signed)?).await),
+        "append" => {
+            let request: AppendEntriesRequest<TypeConfig> = body(&signed)?;
+            let leader_commit = request.leader_commit.map(|l| l.index);
+            let result = raft.append_entries(request).await;
+            // The leader reached this node and its log matched: the
+            // freshness lease for acknowledging messages (spec §11.3).
+            if matches!(result, Ok(AppendEntriesResponse::Success)) {
+                state.channels.heard.appended(channel, leader_commit);
+            }
+            answer(result)
+        }
         "vote" => answer(raft.vote(body(&signed)?).await),
         _ => answer(raft.install_snapshot(body(&signed)?).await),
     };
