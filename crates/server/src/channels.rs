@@ -431,6 +431,7 @@ impl Validator {
             .epoch_state(&channel, epoch)
             .map_err(fail)?
             .ok_or_else(|| fail(format!("the store has no state for epoch {epoch}")))?;
+        let validate = tracing::debug_span!("validator.validate").entered();
         let mls = lock_mls(&self.mls);
         let mut public = catch_up(&mls, self.store.as_ref(), channel).map_err(fail)?;
         if public.epoch() != epoch {
@@ -451,10 +452,13 @@ impl Validator {
             .into());
         }
         check_records(&validated.info().added, &submission.records)?;
+        drop(validate);
         // The new epoch's state, computed on a scratch copy built from the
         // stored state of this epoch, so that a GroupInfo that does not
         // match leaves the real state untouched.
-        let next = next_epoch(&current, submission)?;
+        let next = tracing::debug_span!("validator.next_epoch")
+            .in_scope(|| next_epoch(&current, submission))?;
+        let store = tracing::debug_span!("validator.store").entered();
         self.store
             .store_commit(&NewCommit {
                 channel,
@@ -471,6 +475,8 @@ impl Validator {
             })
             .map_err(fail)?;
         cache_records(self.store.as_ref(), &submission.records);
+        drop(store);
+        let _merge = tracing::debug_span!("validator.merge").entered();
         // The store now holds the commit; if merging fails here, the next
         // catch-up re-applies it.
         if let Err(e) = public.apply(validated) {

@@ -31,6 +31,7 @@ use kith_proto::{ChannelId, DeviceId, DeviceRecordIn, ServerName, SignaturePubli
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::api::{b64, unb64};
 use crate::channels::{Accepted, Orderer};
@@ -374,11 +375,15 @@ pub(crate) async fn certify(
     channel: ChannelId,
     epoch: u64,
 ) -> Result<CommitRow, ApiError> {
-    let row = wait_for_commit(state, channel, epoch).await?;
+    let row = wait_for_commit(state, channel, epoch)
+        .instrument(tracing::debug_span!("certify.wait_commit"))
+        .await?;
     if row.certificate.is_some() {
         return Ok(row);
     }
-    let voters = voter_set(state, channel, epoch).await?;
+    let voters = voter_set(state, channel, epoch)
+        .instrument(tracing::debug_span!("certify.voter_set"))
+        .await?;
     let hash = CommitHash::from_bytes(row.commit_hash);
     let me = state.config.server_name.clone();
     let mut collector = VoteCollector::new(channel, epoch, hash, voters.clone());
@@ -414,6 +419,7 @@ pub(crate) async fn certify(
             }
             None
         })
+        .instrument(tracing::debug_span!("certify.votes"))
         .await;
         asks.abort_all();
         certificate = collected.ok().flatten();
@@ -426,7 +432,9 @@ pub(crate) async fn certify(
             voters.quorum()
         )));
     };
-    store_certificate(state, channel, row, &certificate).await
+    store_certificate(state, channel, row, &certificate)
+        .instrument(tracing::debug_span!("certify.store"))
+        .await
 }
 
 /// Stores a certificate and appends the `commit` events for the local
