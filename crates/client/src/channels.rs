@@ -628,9 +628,7 @@ impl Client {
     async fn member_record(&mut self, device: &DeviceId) -> Result<DeviceRecord, ClientError> {
         let now = now_ms();
         if let Some(bytes) = self.store.record(device)?
-            && let Ok(record) = DeviceRecordIn::decode(&bytes)
-                .map_err(|_| ())
-                .and_then(|r| r.verify(now).map_err(|_| ()))
+            && let Some(record) = self.records.verify(&bytes, now)
             && record.device_id() == *device
         {
             return Ok(record);

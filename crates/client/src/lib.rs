@@ -116,6 +116,9 @@ pub struct DirectMessage {
     pub body: Vec<u8>,
 }
 
+/// Verified member records a client keeps in memory.
+const VERIFIED_RECORDS: usize = 4096;
+
 /// A registered device, with its store and homeserver connection.
 pub struct Client {
     store: Store,
@@ -125,6 +128,9 @@ pub struct Client {
     api: Api,
     mls: Device,
     commit_conflicts: u64,
+    /// Members' records already verified (voter sets check every member's
+    /// record for each commit).
+    records: kith_proto::VerifiedRecords,
 }
 
 impl Client {
@@ -211,6 +217,7 @@ impl Client {
             api,
             mls,
             commit_conflicts: 0,
+            records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
         };
         client.login().await?;
         client.api.publish_record(&record.encode()).await?;
@@ -238,6 +245,7 @@ impl Client {
             api,
             mls,
             commit_conflicts: 0,
+            records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
         })
     }
 
