@@ -176,7 +176,14 @@ impl MlsStore {
             batch.failed = None;
             batch.next = Some("BEGIN IMMEDIATE");
         }
+        // If the operation panics, the transaction must not stay open (every
+        // later write would join it and never be committed).
+        let mut unwinding = Unwind {
+            store: self,
+            armed: true,
+        };
         let result = operation();
+        unwinding.armed = false;
         {
             let mut batch = lock(&self.batch);
             if !batch.open {
@@ -189,9 +196,7 @@ impl MlsStore {
         }
         // Let the provider borrow the connection once, which runs the
         // queued statement; the read itself is of nothing.
-        let _ = self
-            .storage
-            .queued_proposal_refs::<GroupId, ProposalRef>(&GroupId::from_slice(&[]));
+        self.touch();
         let mut batch = lock(&self.batch);
         batch.open = false;
         batch.next = None;
@@ -200,6 +205,41 @@ impl MlsStore {
             (Ok(_), Some(e)) => Err(BatchError::Commit(e)),
             (Ok(value), None) => Ok(value),
         }
+    }
+}
+
+impl MlsStore {
+    /// Lets the provider borrow the connection once, which runs the
+    /// statement a batch queued; the read itself is of nothing.
+    fn touch(&self) {
+        let _ = self
+            .storage
+            .queued_proposal_refs::<GroupId, ProposalRef>(&GroupId::from_slice(&[]));
+    }
+}
+
+/// Rolls a batch back if its operation unwinds.
+struct Unwind<'s> {
+    store: &'s MlsStore,
+    armed: bool,
+}
+
+impl Drop for Unwind<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let open = {
+            let mut batch = lock(&self.store.batch);
+            batch.next = batch.open.then_some("ROLLBACK");
+            batch.open
+        };
+        if open {
+            self.store.touch();
+        }
+        let mut batch = lock(&self.store.batch);
+        batch.open = false;
+        batch.next = None;
     }
 }
 
