@@ -51,6 +51,20 @@ struct Args {
     /// own [default: `kithd` next to this binary].
     #[arg(long, value_name = "PATH")]
     kithd: Option<std::path::PathBuf>,
+    /// Run only this scenario (and the floor its ratio needs).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+}
+
+/// Scenarios that run on their own with `--only`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Only {
+    /// 4b: certified commits with three homeservers.
+    #[value(name = "4b")]
+    Ordering3,
+    /// 5b: adding a member to a large channel.
+    #[value(name = "5b")]
+    Large,
 }
 
 /// Count bounds per scenario (each loop also stops at the time bound).
@@ -522,34 +536,10 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
 
     server.stop().await;
 
-    // 4b. Certified commits with three servers: latency, then channels
-    // committing at once.
-    let o = federated::ordering(
-        &dir.join("three"),
-        limits.commits,
-        limits.parallel_channels,
-        limits.time,
-    )
-    .await?;
-    let mut latency3 = o.latency.clone();
-    let commits3 = latency3.len();
-    let rate3 = rate(commits3, o.latency_elapsed);
-    let p50_3 = quantile_ms(&mut latency3, 0.5);
-    let p99_3 = quantile_ms(&mut latency3, 0.99);
-    let parallel_rate = rate(o.parallel_commits, o.parallel_elapsed);
-
-    // 5b. Adding a member to a large channel, end to end and raw.
-    let l = large::large_add(
-        &dir.join("large"),
-        limits.large_members,
-        limits.large_adds,
-        limits.time,
-        limits.large_budget,
-    )
-    .await?;
-    let (mut e2e, mut raw) = (l.e2e.clone(), l.raw.clone());
-    let add_p50 = quantile_ms(&mut e2e, 0.5);
-    let raw_p50 = quantile_ms(&mut raw, 0.5);
+    // 4b. Certified commits with three servers; 5b. adding a member to a
+    // large channel.
+    let row_4b = ordering3(dir, limits, floor_ms).await?;
+    let row_5b = large_add(dir, limits, floor_ms).await?;
 
     let members_n = limits.fanout_members;
     Ok(vec![
@@ -633,15 +623,7 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
             ratio: format!("p50 = {:.0} x floor msg", commit_p50 / floor_ms),
             detail: json!({ "p50_ms": commit_p50, "p99_ms": commit_p99, "commits_per_s": commit_rate, "commits": commits, "p50_in_floor_msgs": commit_p50 / floor_ms }),
         },
-        Row {
-            scenario: "4b. certified commit (self_update), 3 servers",
-            figure: format!(
-                "p50 {p50_3:.2} ms, p99 {p99_3:.2} ms; {rate3:.0} commits/s ({commits3}); {parallel_rate:.0} commits/s over {} channels at once ({} commits)",
-                o.channels, o.parallel_commits
-            ),
-            ratio: format!("p50 = {:.0} x floor msg", p50_3 / floor_ms),
-            detail: json!({ "p50_ms": p50_3, "p99_ms": p99_3, "commits_per_s": rate3, "commits": commits3, "parallel_channels": o.channels, "parallel_commits": o.parallel_commits, "parallel_commits_per_s": parallel_rate, "p50_in_floor_msgs": p50_3 / floor_ms }),
-        },
+        row_4b,
         Row {
             scenario: "5. footprint (separate kithd process, VmRSS)",
             figure: format!(
@@ -668,19 +650,7 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
             ),
             detail: json!({ "idle_rss_kib": fp.idle.total, "idle_anon_kib": fp.idle.anon, "one_device_rss_kib": fp.one_device.total, "channels": fp.channels, "channels_wanted": fp.channels_wanted, "channels_s": fp.channels_time.as_secs_f64(), "channels_rss_kib": fp.with_channels.total, "channels_anon_kib": fp.with_channels.anon, "bytes_per_channel": fp.per_channel(), "streams": fp.streams, "streams_wanted": fp.streams_wanted, "streams_gauge": fp.streams_gauge, "streams_rss_kib": fp.with_streams.total, "streams_anon_kib": fp.with_streams.anon, "bytes_per_stream": fp.per_stream() }),
         },
-        Row {
-            scenario: "5b. add a member to an N-member channel",
-            figure: format!(
-                "N = {} (of {} wanted; built in {:.1} s): end to end p50 {add_p50:.2} ms ({} adds); raw OpenMLS add + merge p50 {raw_p50:.2} ms ({} adds)",
-                l.members,
-                l.wanted,
-                l.build.as_secs_f64(),
-                e2e.len(),
-                raw.len()
-            ),
-            ratio: format!("{:.2} x raw OpenMLS add", add_p50 / raw_p50),
-            detail: json!({ "members": l.members, "members_wanted": l.wanted, "build_s": l.build.as_secs_f64(), "e2e_p50_ms": add_p50, "e2e_adds": e2e.len(), "e2e_ms": l.e2e.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(), "raw_p50_ms": raw_p50, "raw_adds": raw.len(), "raw_ms": l.raw.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(), "ratio_to_raw": add_p50 / raw_p50, "p50_in_floor_msgs": add_p50 / floor_ms }),
-        },
+        row_5b,
         Row {
             scenario: "6. wire: bytes above the MLS message (binary; JSON form)",
             figure: format!(
@@ -711,18 +681,99 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
     ])
 }
 
+/// Scenario 4b: certified commits with three servers, latency, then many
+/// channels committing at once.
+async fn ordering3(dir: &Path, limits: &Limits, floor_ms: f64) -> Result<Row> {
+    let o = federated::ordering(
+        &dir.join("three"),
+        limits.commits,
+        limits.parallel_channels,
+        limits.time,
+    )
+    .await?;
+    let mut latency3 = o.latency.clone();
+    let commits3 = latency3.len();
+    let rate3 = rate(commits3, o.latency_elapsed);
+    let p50_3 = quantile_ms(&mut latency3, 0.5);
+    let p99_3 = quantile_ms(&mut latency3, 0.99);
+    let parallel_rate = rate(o.parallel_commits, o.parallel_elapsed);
+    Ok(Row {
+        scenario: "4b. certified commit (self_update), 3 servers",
+        figure: format!(
+            "p50 {p50_3:.2} ms, p99 {p99_3:.2} ms; {rate3:.0} commits/s ({commits3}); {parallel_rate:.0} commits/s over {} channels at once ({} commits)",
+            o.channels, o.parallel_commits
+        ),
+        ratio: format!("p50 = {:.0} x floor msg", p50_3 / floor_ms),
+        detail: json!({ "p50_ms": p50_3, "p99_ms": p99_3, "commits_per_s": rate3, "commits": commits3, "parallel_channels": o.channels, "parallel_commits": o.parallel_commits, "parallel_commits_per_s": parallel_rate, "p50_in_floor_msgs": p50_3 / floor_ms }),
+    })
+}
+
+/// Scenario 5b: adding a member to a large channel, end to end and raw.
+async fn large_add(dir: &Path, limits: &Limits, floor_ms: f64) -> Result<Row> {
+    let l = large::large_add(
+        &dir.join("large"),
+        limits.large_members,
+        limits.large_adds,
+        limits.time,
+        limits.large_budget,
+    )
+    .await?;
+    let (mut e2e, mut raw) = (l.e2e.clone(), l.raw.clone());
+    let add_p50 = quantile_ms(&mut e2e, 0.5);
+    let raw_p50 = quantile_ms(&mut raw, 0.5);
+    Ok(Row {
+        scenario: "5b. add a member to an N-member channel",
+        figure: format!(
+            "N = {} (of {} wanted; built in {:.1} s): end to end p50 {add_p50:.2} ms ({} adds); raw OpenMLS add + merge p50 {raw_p50:.2} ms ({} adds)",
+            l.members,
+            l.wanted,
+            l.build.as_secs_f64(),
+            e2e.len(),
+            raw.len()
+        ),
+        ratio: format!("{:.2} x raw OpenMLS add", add_p50 / raw_p50),
+        detail: json!({ "members": l.members, "members_wanted": l.wanted, "build_s": l.build.as_secs_f64(), "e2e_p50_ms": add_p50, "e2e_adds": e2e.len(), "e2e_ms": l.e2e.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(), "raw_p50_ms": raw_p50, "raw_adds": raw.len(), "raw_ms": l.raw.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(), "ratio_to_raw": add_p50 / raw_p50, "p50_in_floor_msgs": add_p50 / floor_ms }),
+    })
+}
+
+/// Only scenario `only` (after the floor, which its ratio needs).
+async fn run_only(limits: &Limits, only: Only) -> Result<Vec<Row>> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let floor_rate = floor(limits)?.rate;
+    let floor_ms = 1000.0 / floor_rate.max(1e-9);
+    Ok(vec![match only {
+        Only::Ordering3 => ordering3(dir, limits, floor_ms).await?,
+        Only::Large => large_add(dir, limits, floor_ms).await?,
+    }])
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let limits = Limits::new(&args);
+    // Span timings for profiling: `KITH_BENCH_TRACE=debug` prints every
+    // span's busy and idle time on stderr when it closes.
+    if let Ok(filter) = std::env::var("KITH_BENCH_TRACE") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let kithd = args
-        .kithd
-        .clone()
-        .or_else(process::default_kithd)
-        .context("cannot find the kithd binary: pass --kithd PATH")?;
-    let rows = runtime.block_on(run(&limits, &kithd))?;
+    let rows = match args.only {
+        Some(only) => runtime.block_on(run_only(&limits, only))?,
+        None => {
+            let kithd = args
+                .kithd
+                .clone()
+                .or_else(process::default_kithd)
+                .context("cannot find the kithd binary: pass --kithd PATH")?;
+            runtime.block_on(run(&limits, &kithd))?
+        }
+    };
     if args.json {
         let out: Vec<Value> = rows
             .iter()

@@ -13,6 +13,7 @@ use kith_proto::events::{CompactMessage, EventFrame, MessageEvent};
 use kith_proto::inbox::InboxKind;
 use kith_proto::{ChannelId, DeviceId, DeviceRecord, DeviceRecordIn, Handle, SignaturePublicKey};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::api::{CommitBundle, unb64};
 use crate::store::{ChannelRow, FutureMessage, MessageRow};
@@ -237,11 +238,15 @@ impl Client {
                 let h = wanted.clone();
                 async move { api.claim_key_packages(&h).await }
             })
+            .instrument(tracing::debug_span!("client.claim"))
             .await?;
         // Only the user's own devices, as their self-signed records say,
         // may be added: the homeserver hands out key packages and must not
         // be able to slip in a device of its own.
-        let records = self.user_devices(&target.to_string()).await?;
+        let records = self
+            .user_devices(&target.to_string())
+            .instrument(tracing::debug_span!("client.user_devices"))
+            .await?;
         self.add_devices(id, &target.to_string(), &records, &claim)
             .await
     }
@@ -321,6 +326,7 @@ impl Client {
                 let (d, e) = (device.clone(), envelope.clone());
                 async move { api.deposit(&d, &e).await }
             })
+            .instrument(tracing::debug_span!("client.deposit"))
             .await?;
             sent += 1;
         }
@@ -658,6 +664,7 @@ impl Client {
                 Box::pin(self.sync()).await?;
                 self.catch_up(id).await?;
             }
+            let create = tracing::debug_span!("client.create").entered();
             let (output, epoch, members) = {
                 let mut channel = self.mls.channel(id)?;
                 if channel.has_pending_commit() {
@@ -675,18 +682,27 @@ impl Client {
                 commit: output.commit.clone(),
                 welcome: output.welcome.clone(),
                 group_info: output.group_info.clone(),
-                ratchet_tree: Some(output.ratchet_tree.clone()),
+                // Servers compute the new tree from the commit and serve
+                // that one (spec §10.3): sending ours (O(members)) would
+                // only cost bytes.
+                ratchet_tree: None,
             };
+            drop(create);
             let text = id.to_string();
             let submitted = self
                 .authed(|api| {
                     let (c, b) = (text.clone(), bundle.clone());
                     async move { api.submit_commit(&c, &b).await }
                 })
+                .instrument(tracing::debug_span!("client.submit"))
                 .await;
             match submitted {
                 Ok(accepted) => {
-                    let checked = match self.voter_set(&members).await {
+                    let checked = match self
+                        .voter_set(&members)
+                        .instrument(tracing::debug_span!("client.voter_set"))
+                        .await
+                    {
                         Ok(voters) => {
                             unb64("certificate", &accepted.certificate).and_then(|cert| {
                                 OrderingCertificateIn::decode(&cert)
@@ -706,9 +722,11 @@ impl Client {
                     // checked yet, stays pending: the next catch-up merges
                     // it once a valid certificate comes with it.
                     checked?;
+                    let merge = tracing::debug_span!("client.merge").entered();
                     let mut channel = self.mls.channel(id)?;
                     channel.merge_pending()?;
                     drop(channel);
+                    drop(merge);
                     self.commits_since_sync += 1;
                     self.flush_future(id).await?;
                     return Ok(Some((output, epoch)));
@@ -831,9 +849,7 @@ impl Client {
     async fn member_record(&mut self, device: &DeviceId) -> Result<DeviceRecord, ClientError> {
         let now = now_ms();
         if let Some(bytes) = self.store.record(device)?
-            && let Ok(record) = DeviceRecordIn::decode(&bytes)
-                .map_err(|_| ())
-                .and_then(|r| r.verify(now).map_err(|_| ()))
+            && let Some(record) = self.records.verify(&bytes, now)
             && record.device_id() == *device
         {
             return Ok(record);

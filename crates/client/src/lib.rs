@@ -129,6 +129,9 @@ pub struct DirectMessage {
     pub body: Vec<u8>,
 }
 
+/// Verified member records a client keeps in memory.
+const VERIFIED_RECORDS: usize = 4096;
+
 /// A registered device, with its store and homeserver connection.
 pub struct Client {
     store: Store,
@@ -142,6 +145,9 @@ pub struct Client {
     /// [`channels::SYNC_EVERY_COMMITS`] it reads them before committing
     /// again, so messages queued for it stay within the epochs it keeps.
     commits_since_sync: usize,
+    /// Members' records already verified (voter sets check every member's
+    /// record for each commit).
+    records: kith_proto::VerifiedRecords,
 }
 
 impl Client {
@@ -257,6 +263,7 @@ impl Client {
             mls,
             commit_conflicts: 0,
             commits_since_sync: 0,
+            records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
         };
         client.login().await?;
         client.api.publish_record(&record.encode()).await?;
@@ -365,6 +372,7 @@ impl Client {
             mls,
             commit_conflicts: 0,
             commits_since_sync: 0,
+            records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
         })
     }
 

@@ -126,6 +126,21 @@ fn mls<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
+/// The result of a [`MlsStore::batch`] whose operation already maps its
+/// errors to [`DeviceError`].
+fn batched<T>(
+    operation: &'static str,
+    result: Result<T, crate::storage::BatchError<DeviceError>>,
+) -> Result<T, DeviceError> {
+    result.map_err(|e| match e {
+        crate::storage::BatchError::Operation(e) => e,
+        crate::storage::BatchError::Commit(e) => DeviceError::Mls {
+            operation,
+            source: Box::new(e),
+        },
+    })
+}
+
 fn malformed(what: &'static str) -> impl FnOnce(tls_codec::Error) -> DeviceError {
     move |e| DeviceError::Malformed {
         what,
@@ -602,18 +617,22 @@ impl<'d> Channel<'d> {
             .into());
         }
         let store = self.store();
-        let bundle = self
-            .group
-            .commit_builder()
-            .consume_proposal_store(false)
-            .propose_adds(verified)
-            .load_psks(store.storage())
-            .map_err(mls("adding members"))?
-            .create_group_info(true)
-            .build(store.rand(), store.crypto(), &self.device.signer, |_| true)
-            .map_err(mls("adding members"))?
-            .stage_commit(store)
-            .map_err(mls("adding members"))?;
+        let bundle = batched(
+            "adding members",
+            store.batch(|| {
+                self.group
+                    .commit_builder()
+                    .consume_proposal_store(false)
+                    .propose_adds(verified)
+                    .load_psks(store.storage())
+                    .map_err(mls("adding members"))?
+                    .create_group_info(true)
+                    .build(store.rand(), store.crypto(), &self.device.signer, |_| true)
+                    .map_err(mls("adding members"))?
+                    .stage_commit(store)
+                    .map_err(mls("adding members"))
+            }),
+        )?;
         self.finish_commit(bundle)
     }
 
@@ -626,18 +645,22 @@ impl<'d> Channel<'d> {
             .map(|d| self.leaf_of(d).ok_or(DeviceError::NotAMember(*d)))
             .collect::<Result<Vec<_>, _>>()?;
         let store = self.store();
-        let bundle = self
-            .group
-            .commit_builder()
-            .consume_proposal_store(false)
-            .propose_removals(leaves)
-            .load_psks(store.storage())
-            .map_err(mls("removing members"))?
-            .create_group_info(true)
-            .build(store.rand(), store.crypto(), &self.device.signer, |_| true)
-            .map_err(mls("removing members"))?
-            .stage_commit(store)
-            .map_err(mls("removing members"))?;
+        let bundle = batched(
+            "removing members",
+            store.batch(|| {
+                self.group
+                    .commit_builder()
+                    .consume_proposal_store(false)
+                    .propose_removals(leaves)
+                    .load_psks(store.storage())
+                    .map_err(mls("removing members"))?
+                    .create_group_info(true)
+                    .build(store.rand(), store.crypto(), &self.device.signer, |_| true)
+                    .map_err(mls("removing members"))?
+                    .stage_commit(store)
+                    .map_err(mls("removing members"))
+            }),
+        )?;
         self.finish_commit(bundle)
     }
 
@@ -645,19 +668,23 @@ impl<'d> Channel<'d> {
     /// The commit stays pending.
     pub fn self_update(&mut self) -> Result<CommitOutput, DeviceError> {
         let store = self.store();
-        let bundle = self
-            .group
-            .commit_builder()
-            .consume_proposal_store(false)
-            .leaf_node_parameters(LeafNodeParameters::default())
-            .force_self_update(true)
-            .load_psks(store.storage())
-            .map_err(mls("updating the own leaf"))?
-            .create_group_info(true)
-            .build(store.rand(), store.crypto(), &self.device.signer, |_| true)
-            .map_err(mls("updating the own leaf"))?
-            .stage_commit(store)
-            .map_err(mls("updating the own leaf"))?;
+        let bundle = batched(
+            "updating the own leaf",
+            store.batch(|| {
+                self.group
+                    .commit_builder()
+                    .consume_proposal_store(false)
+                    .leaf_node_parameters(LeafNodeParameters::default())
+                    .force_self_update(true)
+                    .load_psks(store.storage())
+                    .map_err(mls("updating the own leaf"))?
+                    .create_group_info(true)
+                    .build(store.rand(), store.crypto(), &self.device.signer, |_| true)
+                    .map_err(mls("updating the own leaf"))?
+                    .stage_commit(store)
+                    .map_err(mls("updating the own leaf"))
+            }),
+        )?;
         self.finish_commit(bundle)
     }
 
@@ -665,17 +692,21 @@ impl<'d> Channel<'d> {
     /// leave). The commit stays pending.
     pub fn commit_pending_proposals(&mut self) -> Result<CommitOutput, DeviceError> {
         let store = self.store();
-        let bundle = self
-            .group
-            .commit_builder()
-            .consume_proposal_store(true)
-            .load_psks(store.storage())
-            .map_err(mls("committing proposals"))?
-            .create_group_info(true)
-            .build(store.rand(), store.crypto(), &self.device.signer, |_| true)
-            .map_err(mls("committing proposals"))?
-            .stage_commit(store)
-            .map_err(mls("committing proposals"))?;
+        let bundle = batched(
+            "committing proposals",
+            store.batch(|| {
+                self.group
+                    .commit_builder()
+                    .consume_proposal_store(true)
+                    .load_psks(store.storage())
+                    .map_err(mls("committing proposals"))?
+                    .create_group_info(true)
+                    .build(store.rand(), store.crypto(), &self.device.signer, |_| true)
+                    .map_err(mls("committing proposals"))?
+                    .stage_commit(store)
+                    .map_err(mls("committing proposals"))
+            }),
+        )?;
         self.finish_commit(bundle)
     }
 
@@ -736,8 +767,9 @@ impl<'d> Channel<'d> {
     /// Merges this device's pending commit (after its ordering certificate
     /// checked). The channel moves to the next epoch.
     pub fn merge_pending(&mut self) -> Result<(), DeviceError> {
-        self.group
-            .merge_pending_commit(self.store())
+        let store = self.store();
+        store
+            .batch(|| self.group.merge_pending_commit(store))
             .map_err(mls("merging the pending commit"))
     }
 
@@ -870,8 +902,9 @@ impl<'d> Channel<'d> {
                 got: commit.info.epoch,
             });
         }
-        self.group
-            .merge_staged_commit(self.store(), *commit.staged)
+        let store = self.store();
+        store
+            .batch(|| self.group.merge_staged_commit(store, *commit.staged))
             .map_err(mls("merging a staged commit"))
     }
 }

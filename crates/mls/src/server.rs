@@ -382,8 +382,9 @@ impl<'s> PublicChannel<'s> {
         let extension = ChannelExtension::from_group_context_extensions(
             commit.staged.group_context().extensions(),
         )?;
-        self.group
-            .merge_commit(self.store.storage(), *commit.staged)
+        let store = self.store;
+        store
+            .batch(|| self.group.merge_commit(store.storage(), *commit.staged))
             .map_err(mls("applying a commit"))?;
         self.extension = extension;
         Ok(commit.info)

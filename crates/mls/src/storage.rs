@@ -7,11 +7,16 @@
 //! [`MlsStore::open`]; callers that own their database pass a connection to
 //! [`MlsStore::from_connection`].
 
+use std::borrow::{Borrow, BorrowMut};
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use openmls::ciphersuite::hash_ref::ProposalRef;
+use openmls::prelude::GroupId;
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, Connection, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
+use openmls_traits::storage::StorageProvider as _;
 
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -40,11 +45,80 @@ impl Codec for JsonCodec {
     }
 }
 
+/// What a batch asks of the connection the next time OpenMLS's storage
+/// provider uses it, and what happened.
+#[derive(Debug, Default)]
+struct Batch {
+    /// A statement to run first (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`).
+    next: Option<&'static str>,
+    /// A transaction is open.
+    open: bool,
+    /// The first failure of such a statement.
+    failed: Option<rusqlite::Error>,
+}
+
+fn lock(batch: &Mutex<Batch>) -> MutexGuard<'_, Batch> {
+    batch
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The SQLite connection under OpenMLS's storage provider. The provider
+/// owns it and gives no access to it, so [`MlsStore::batch`] opens and
+/// closes its transaction through the one door it has: each time the
+/// provider borrows the connection, a statement the batch queued runs
+/// first.
+#[derive(Debug)]
+pub struct MlsConnection {
+    connection: Connection,
+    batch: Arc<Mutex<Batch>>,
+}
+
+impl Borrow<Connection> for MlsConnection {
+    fn borrow(&self) -> &Connection {
+        let mut batch = lock(&self.batch);
+        if let Some(statement) = batch.next.take() {
+            match self.connection.execute_batch(statement) {
+                Ok(()) => batch.open = statement.starts_with("BEGIN"),
+                Err(e) => {
+                    // A failed COMMIT leaves the transaction open: drop it,
+                    // so nothing half-written is committed later.
+                    if batch.open {
+                        let _ = self.connection.execute_batch("ROLLBACK");
+                        batch.open = false;
+                    }
+                    batch.failed.get_or_insert(e);
+                }
+            }
+        }
+        &self.connection
+    }
+}
+
+impl BorrowMut<Connection> for MlsConnection {
+    fn borrow_mut(&mut self) -> &mut Connection {
+        &mut self.connection
+    }
+}
+
+/// Why a batch of OpenMLS writes failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError<E> {
+    /// The operation itself failed; its writes were rolled back.
+    #[error(transparent)]
+    Operation(E),
+    /// The operation succeeded but its writes could not be committed
+    /// (nothing of it is stored).
+    #[error("storing the MLS state failed: {0}")]
+    Commit(rusqlite::Error),
+}
+
 /// The OpenMLS provider Kith uses: RustCrypto for cryptography and
 /// randomness, SQLite for state.
 pub struct MlsStore {
     crypto: RustCrypto,
-    storage: SqliteStorageProvider<JsonCodec, Connection>,
+    storage: SqliteStorageProvider<JsonCodec, MlsConnection>,
+    batch: Arc<Mutex<Batch>>,
 }
 
 impl MlsStore {
@@ -69,21 +143,110 @@ impl MlsStore {
 
     /// Uses an open SQLite connection, creating OpenMLS's tables if needed.
     pub fn from_connection(connection: Connection) -> Result<Self, StoreError> {
-        let mut storage = SqliteStorageProvider::new(connection);
+        let batch = Arc::new(Mutex::new(Batch::default()));
+        let mut storage = SqliteStorageProvider::new(MlsConnection {
+            connection,
+            batch: Arc::clone(&batch),
+        });
         storage
             .run_migrations()
             .map_err(|e| StoreError::Migrate(e.to_string()))?;
         Ok(Self {
             crypto: RustCrypto::default(),
             storage,
+            batch,
         })
+    }
+
+    /// Runs `operation` with all its OpenMLS writes in one SQLite
+    /// transaction: one disk sync for, say, merging a commit (a dozen
+    /// writes) instead of one each, and all of them or none. On success the
+    /// writes are durable when this returns; on failure they are rolled
+    /// back. Nested batches join the outer one.
+    pub fn batch<T, E>(
+        &self,
+        operation: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, BatchError<E>> {
+        {
+            let mut batch = lock(&self.batch);
+            if batch.open || batch.next.is_some() {
+                drop(batch);
+                return operation().map_err(BatchError::Operation);
+            }
+            batch.failed = None;
+            batch.next = Some("BEGIN IMMEDIATE");
+        }
+        // If the operation panics, the transaction must not stay open (every
+        // later write would join it and never be committed).
+        let mut unwinding = Unwind {
+            store: self,
+            armed: true,
+        };
+        let result = operation();
+        unwinding.armed = false;
+        {
+            let mut batch = lock(&self.batch);
+            if !batch.open {
+                // The operation never touched the store (or BEGIN failed and
+                // its writes went through one by one, each durable).
+                batch.next = None;
+                return result.map_err(BatchError::Operation);
+            }
+            batch.next = Some(if result.is_ok() { "COMMIT" } else { "ROLLBACK" });
+        }
+        // Let the provider borrow the connection once, which runs the
+        // queued statement; the read itself is of nothing.
+        self.touch();
+        let mut batch = lock(&self.batch);
+        batch.open = false;
+        batch.next = None;
+        match (result, batch.failed.take()) {
+            (Err(e), _) => Err(BatchError::Operation(e)),
+            (Ok(_), Some(e)) => Err(BatchError::Commit(e)),
+            (Ok(value), None) => Ok(value),
+        }
+    }
+}
+
+impl MlsStore {
+    /// Lets the provider borrow the connection once, which runs the
+    /// statement a batch queued; the read itself is of nothing.
+    fn touch(&self) {
+        let _ = self
+            .storage
+            .queued_proposal_refs::<GroupId, ProposalRef>(&GroupId::from_slice(&[]));
+    }
+}
+
+/// Rolls a batch back if its operation unwinds.
+struct Unwind<'s> {
+    store: &'s MlsStore,
+    armed: bool,
+}
+
+impl Drop for Unwind<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let open = {
+            let mut batch = lock(&self.store.batch);
+            batch.next = batch.open.then_some("ROLLBACK");
+            batch.open
+        };
+        if open {
+            self.store.touch();
+        }
+        let mut batch = lock(&self.store.batch);
+        batch.open = false;
+        batch.next = None;
     }
 }
 
 impl OpenMlsProvider for MlsStore {
     type CryptoProvider = RustCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = SqliteStorageProvider<JsonCodec, Connection>;
+    type StorageProvider = SqliteStorageProvider<JsonCodec, MlsConnection>;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage

@@ -73,3 +73,53 @@ fn state_survives_reopening_the_store() {
         Err(DeviceError::UnknownChannel(_))
     ));
 }
+
+#[test]
+fn a_batch_stores_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::new(
+        &SecretKey::generate(),
+        MlsStore::open(dir.path().join("mls.sqlite")).unwrap(),
+    );
+    // A failed operation's writes are rolled back.
+    let refused = new_channel_id();
+    let outcome = device.store().batch(|| {
+        device.create_channel(refused, &settings(&[]))?;
+        Err::<(), DeviceError>(DeviceError::Internal("refused after writing".into()))
+    });
+    assert!(outcome.is_err());
+    assert!(matches!(
+        device.channel(refused),
+        Err(DeviceError::UnknownChannel(_))
+    ));
+    // A panicking one's too, and the store keeps working afterwards.
+    let panicked = new_channel_id();
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = device.store().batch(|| {
+            device.create_channel(panicked, &settings(&[]))?;
+            a_bug()
+        });
+    }));
+    assert!(unwound.is_err());
+    assert!(device.channel(panicked).is_err());
+    // A successful one's are stored, and so are plain writes after it.
+    let kept = new_channel_id();
+    device
+        .store()
+        .batch(|| device.create_channel(kept, &settings(&[])).map(|_| ()))
+        .unwrap();
+    let after = new_channel_id();
+    device.create_channel(after, &settings(&[])).unwrap();
+    drop(device);
+    let reopened = Device::new(
+        &SecretKey::generate(),
+        MlsStore::open(dir.path().join("mls.sqlite")).unwrap(),
+    );
+    assert!(reopened.channel(kept).is_ok());
+    assert!(reopened.channel(after).is_ok());
+    assert!(reopened.channel(refused).is_err());
+}
+
+fn a_bug() -> Result<(), DeviceError> {
+    panic!("a bug in the middle of a batch")
+}

@@ -62,7 +62,7 @@ pub use inbox::{InboxError, InboxKind, InboxMessage, InboxSecretKey};
 pub use login::LoginChallenge;
 pub use record::{
     DeviceLink, DeviceRecord, DeviceRecordFields, DeviceRecordIn, InboxKey, RecordError,
-    RecordUpdate, RecordUpdateError,
+    RecordUpdate, RecordUpdateError, VerifiedRecords,
 };
 pub use server_keys::{ServerKey, ServerKeys, ServerKeysError, ServerKeysIn};
 pub use sign::{Label, SecretKey, SignatureError, SignaturePublicKey};

@@ -465,3 +465,47 @@ impl DeviceRecord {
         encode(&self.wire)
     }
 }
+
+/// Records already verified, so that checking the same record again (every
+/// member's, each time a channel's voter set is computed) costs a lookup
+/// instead of two signature verifications.
+///
+/// A hit must be the same bytes, and is taken only while what
+/// [`DeviceRecordIn::verify`] checks against the clock still holds: time
+/// has not gone back before the first verification (so nothing "from the
+/// future" then can be now) and every sponsorship is still unexpired.
+/// Otherwise the record is verified again. The cache holds at most
+/// `capacity` records and starts over when full.
+#[derive(Debug)]
+pub struct VerifiedRecords {
+    entries: std::collections::HashMap<Vec<u8>, (DeviceRecord, u64)>,
+    capacity: usize,
+}
+
+impl VerifiedRecords {
+    /// An empty cache of at most `capacity` records.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: std::collections::HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// [`DeviceRecordIn::decode`] and [`DeviceRecordIn::verify`] at `now`,
+    /// or the record verified before from the same bytes. `None` if the
+    /// bytes do not decode or verify.
+    pub fn verify(&mut self, bytes: &[u8], now: u64) -> Option<DeviceRecord> {
+        if let Some((record, verified_at)) = self.entries.get(bytes)
+            && now >= *verified_at
+            && record.sponsorships().iter().all(|s| now < s.expires_at())
+        {
+            return Some(record.clone());
+        }
+        let record = DeviceRecordIn::decode(bytes).ok()?.verify(now).ok()?;
+        if self.entries.len() >= self.capacity {
+            self.entries.clear();
+        }
+        self.entries.insert(bytes.to_vec(), (record.clone(), now));
+        Some(record)
+    }
+}

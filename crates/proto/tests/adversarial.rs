@@ -398,3 +398,27 @@ fn non_minimal_length_prefix_is_rejected() {
         Err(DecodeError::Malformed { .. })
     ));
 }
+
+#[test]
+fn verified_records_reuse_only_what_still_verifies() {
+    let mut cache = kith_proto::VerifiedRecords::new(2);
+    let key = device_key(1);
+    let bytes = record(&key, "alice", vec![]).encode();
+    let first = cache.verify(&bytes, NOW).expect("a valid record verifies");
+    // A hit gives the same record.
+    assert_eq!(cache.verify(&bytes, NOW + DAY), Some(first.clone()));
+    // After its sponsorship expired, the cached record is not served.
+    assert_eq!(cache.verify(&bytes, NOW + 366 * DAY), None);
+    // Nor before the time it was verified at: verified again, and a
+    // record from too far in the future fails.
+    assert_eq!(cache.verify(&bytes, NOW - 30 * DAY), None);
+    // Other bytes are verified on their own: a flipped signature bit fails
+    // even though a record of the same device is cached.
+    let mut forged = bytes.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert_eq!(cache.verify(&forged, NOW), None);
+    assert_eq!(cache.verify(&bytes, NOW), Some(first));
+    // Garbage is refused, not a panic.
+    assert_eq!(cache.verify(b"\x00\x01garbage", NOW), None);
+}

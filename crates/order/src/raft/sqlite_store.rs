@@ -21,6 +21,7 @@ use openraft::{
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use super::{NodeId, TypeConfig};
 
@@ -119,6 +120,7 @@ impl SqliteLogStore {
             .map_err(|e| StorageIOError::write(&e))?;
             Ok(())
         })
+        .instrument(tracing::debug_span!("raft.write_meta", name))
         .await
     }
 }
@@ -232,11 +234,49 @@ impl RaftLogStorage<TypeConfig> for SqliteLogStore {
         self.read_meta("vote").await
     }
 
+    /// Saved without a disk sync of its own: openraft does not need the
+    /// committed pointer to be durable (it is an optimisation of restarts,
+    /// see `RaftLogStorage::save_committed`), and Kith's state machine is
+    /// rebuilt by replaying the log, whose effects the server's store
+    /// already holds durably. A pointer lost in a crash only means a shorter
+    /// replay; the next synced write (an append, a vote) makes it durable.
     async fn save_committed(
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        self.write_meta("committed", &committed).await
+        let json = serde_json::to_string(&committed).map_err(|e| StorageIOError::write(&e))?;
+        self.run(move |conn, channel| {
+            let write = |conn: &Connection| {
+                conn.execute(
+                    "INSERT OR REPLACE INTO order_raft_meta (channel, name, value)
+                     VALUES (?1, 'committed', ?2)",
+                    params![channel, json],
+                )
+            };
+            // In WAL mode, NORMAL commits without syncing the WAL (and is
+            // safe from corruption); in other modes it is not, so it keeps
+            // the connection's setting.
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+                .map_err(|e| StorageIOError::write(&e))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return write(conn)
+                    .map(|_| ())
+                    .map_err(|e| StorageIOError::write(&e).into());
+            }
+            let synchronous: i64 = conn
+                .query_row("PRAGMA synchronous", [], |row| row.get(0))
+                .map_err(|e| StorageIOError::write(&e))?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(|e| StorageIOError::write(&e))?;
+            let written = write(conn);
+            conn.pragma_update(None, "synchronous", synchronous)
+                .map_err(|e| StorageIOError::write(&e))?;
+            written.map_err(|e| StorageIOError::write(&e))?;
+            Ok(())
+        })
+        .instrument(tracing::debug_span!("raft.save_committed"))
+        .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -281,6 +321,7 @@ impl RaftLogStorage<TypeConfig> for SqliteLogStore {
                 tx.commit().map_err(|e| StorageIOError::write_logs(&e))?;
                 Ok(())
             })
+            .instrument(tracing::debug_span!("raft.log_append"))
             .await;
         match &written {
             // Committed with synchronous=FULL: on disk.

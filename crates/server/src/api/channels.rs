@@ -16,6 +16,7 @@ use kith_order::{Outcome, Submission, Submitter};
 use kith_proto::{ChannelId, DeviceId};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use super::{ApiJson, ApiPath, Authed, b64, list_limit, unb64};
 use crate::channels::{catch_up, lock_mls};
@@ -243,11 +244,13 @@ async fn commit(
         .map(|w| unb64("welcome", w))
         .transpose()?;
     let group_info = unb64("group_info", &req.group_info)?;
-    let ratchet_tree = req
-        .ratchet_tree
-        .as_deref()
-        .map(|t| unb64("ratchet_tree", t))
-        .transpose()?;
+    // The submitter's tree is only checked for being base64: servers serve
+    // the tree they compute from the commit (spec §10.3), so it stays out
+    // of the ordering log, where it would be the largest field (O(members))
+    // and be written and replicated to every server for nothing.
+    if let Some(tree) = req.ratchet_tree.as_deref() {
+        unb64("ratchet_tree", tree)?;
+    }
     // Every commit costs every server of the channel an MLS validation, a
     // Raft round and a certificate, and every member a merge (spec §10.8).
     if let Err(wait) = state.commit_limiter.check(device) {
@@ -266,7 +269,7 @@ async fn commit(
             commit,
             welcome,
             group_info,
-            ratchet_tree,
+            ratchet_tree: None,
             submitter: Submitter {
                 server: state.config.server_name.clone(),
                 device,
@@ -296,7 +299,9 @@ async fn order_commit(
 ) -> Result<CommitRow, ApiError> {
     let row = channel_row(state, channel).await?;
     require_member(state, channel, device).await?;
-    ready(state, channel).await?;
+    ready(state, channel)
+        .instrument(tracing::debug_span!("commit.ready"))
+        .await?;
     // The resubmission of an accepted commit (a retry after a lost answer)
     // gets the same answer.
     let epoch = submission.epoch;
@@ -317,7 +322,10 @@ async fn order_commit(
         );
         return Err(with_winner(state, channel, submission.epoch, e).await);
     }
-    let added = match precheck(state, channel, device, epoch, submission.commit.clone()).await {
+    let added = match precheck(state, channel, device, epoch, submission.commit.clone())
+        .instrument(tracing::debug_span!("commit.precheck"))
+        .await
+    {
         Err(e) if e.code == "wrong_epoch" => {
             return Err(with_winner(state, channel, epoch, e).await);
         }
@@ -344,9 +352,14 @@ async fn order_commit(
                 "device {d} is not known here; look its user up through this server first"
             ))
         })?;
-    match order(state, submission).await? {
+    let ordered = order(state, submission)
+        .instrument(tracing::debug_span!("commit.order"))
+        .await?;
+    match ordered {
         Outcome::Accepted { epoch, .. } => {
-            let row = certify(state, channel, epoch).await?;
+            let row = certify(state, channel, epoch)
+                .instrument(tracing::debug_span!("commit.certify"))
+                .await?;
             tracing::info!(%channel, epoch, "commit accepted");
             Ok(row)
         }
