@@ -51,6 +51,11 @@ struct Args {
     /// own [default: `kithd` next to this binary].
     #[arg(long, value_name = "PATH")]
     kithd: Option<std::path::PathBuf>,
+    /// Run only these scenarios (after the floor, which their ratios
+    /// use): `3b` and/or `5`, the ones on a kithd process of their own,
+    /// e.g. to profile that process. Default: every scenario.
+    #[arg(long, value_name = "SCENARIO", value_delimiter = ',', value_parser = ["3b", "5"])]
+    only: Vec<String>,
 }
 
 /// Count bounds per scenario (each loop also stops at the time bound).
@@ -417,9 +422,12 @@ fn hex_of(bytes: &[u8]) -> String {
 }
 
 #[allow(clippy::too_many_lines)]
-async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
+async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
+    if !only.is_empty() {
+        return run_only(limits, kithd, only, dir).await;
+    }
 
     let mut config = Config::new("a.test".parse()?, dir.join("server"));
     config.registration = Registration::Open;
@@ -600,31 +608,7 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
             ratio: format!("{:.4} of floor rate", fan_rate / floor_rate),
             detail: json!({ "members": members_n, "deliveries_per_s": fan_rate, "sent": f.sent, "delivered": f.received, "ratio_to_floor": fan_rate / floor_rate }),
         },
-        Row {
-            scenario: "3b. fan-out at the server (separate kithd, event streams, no decryption)",
-            figure: format!(
-                "{:.0} deliveries/s to {} receiving devices (of {}; {} msgs, {} of {} delivered in {:.2} s); {:.0} deliveries per kithd CPU-second ({:.2} s CPU); measured wire: {} bytes per message event ({} of {} frames compact)",
-                fo.rate(),
-                fo.receivers,
-                fo.receivers_wanted,
-                fo.messages,
-                fo.delivered,
-                fo.messages * fo.receivers,
-                fo.elapsed.as_secs_f64(),
-                fo.per_cpu_second(),
-                fo.server_cpu,
-                fo.wire_overhead
-                    .map_or_else(|| "?".to_owned(), |w| format!("{w:.1}")),
-                fo.wire_compact,
-                fo.wire_frames
-            ),
-            ratio: format!(
-                "{:.3} of the 100,000/s target; {:.1} x floor msg rate",
-                fo.rate() / 1e5,
-                fo.rate() / floor_rate
-            ),
-            detail: json!({ "deliveries_per_s": fo.rate(), "receivers": fo.receivers, "receivers_wanted": fo.receivers_wanted, "messages": fo.messages, "delivered": fo.delivered, "elapsed_s": fo.elapsed.as_secs_f64(), "server_cpu_s": fo.server_cpu, "deliveries_per_server_cpu_s": fo.per_cpu_second(), "ratio_to_target": fo.rate() / 1e5, "wire_overhead_bytes": fo.wire_overhead, "wire_frames": fo.wire_frames, "wire_compact": fo.wire_compact }),
-        },
+        fanout_row(&fo, floor_rate),
         Row {
             scenario: "4. certified commit (self_update), 1 server",
             figure: format!(
@@ -642,32 +626,7 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
             ratio: format!("p50 = {:.0} x floor msg", p50_3 / floor_ms),
             detail: json!({ "p50_ms": p50_3, "p99_ms": p99_3, "commits_per_s": rate3, "commits": commits3, "parallel_channels": o.channels, "parallel_commits": o.parallel_commits, "parallel_commits_per_s": parallel_rate, "p50_in_floor_msgs": p50_3 / floor_ms }),
         },
-        Row {
-            scenario: "5. footprint (separate kithd process, VmRSS)",
-            figure: format!(
-                "idle {:.1} MiB ({:.1} MiB with 1 device); {} idle channels (of {}, made in {:.0} s): {:.1} MiB, {:.0} B/channel; {} event streams (of {}; server counts {}): {:.1} MiB, {:.0} B/stream",
-                mib(fp.idle.total),
-                mib(fp.one_device.total),
-                fp.channels,
-                fp.channels_wanted,
-                fp.channels_time.as_secs_f64(),
-                mib(fp.with_channels.total),
-                fp.per_channel(),
-                fp.streams,
-                fp.streams_wanted,
-                fp.streams_gauge
-                    .map_or_else(|| "?".to_owned(), |g| g.to_string()),
-                mib(fp.with_streams.total),
-                fp.per_stream()
-            ),
-            ratio: format!(
-                "of target: idle {:.2} (20 MB), channel {:.2} (2 KB), stream {:.2} (20 KB)",
-                fp.idle.total as f64 * 1024.0 / 20e6,
-                fp.per_channel() / 2e3,
-                fp.per_stream() / 20e3
-            ),
-            detail: json!({ "idle_rss_kib": fp.idle.total, "idle_anon_kib": fp.idle.anon, "one_device_rss_kib": fp.one_device.total, "channels": fp.channels, "channels_wanted": fp.channels_wanted, "channels_s": fp.channels_time.as_secs_f64(), "channels_rss_kib": fp.with_channels.total, "channels_anon_kib": fp.with_channels.anon, "bytes_per_channel": fp.per_channel(), "streams": fp.streams, "streams_wanted": fp.streams_wanted, "streams_gauge": fp.streams_gauge, "streams_rss_kib": fp.with_streams.total, "streams_anon_kib": fp.with_streams.anon, "bytes_per_stream": fp.per_stream() }),
-        },
+        footprint_row(&fp),
         Row {
             scenario: "5b. add a member to an N-member channel",
             figure: format!(
@@ -711,6 +670,96 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
     ])
 }
 
+/// `--only`: the floor, then the chosen scenarios on a kithd process.
+async fn run_only(limits: &Limits, kithd: &Path, only: &[String], dir: &Path) -> Result<Vec<Row>> {
+    let floor_rate = floor(limits)?.rate;
+    let mut rows = Vec::new();
+    if only.iter().any(|s| s == "3b") {
+        let fo = process::fanout(
+            kithd,
+            &dir.join("fanout-kithd"),
+            limits.server_fanout_receivers,
+            limits.server_fanout_msgs,
+            limits.time,
+            limits.time * 24,
+            &payload(),
+        )
+        .await?;
+        rows.push(fanout_row(&fo, floor_rate));
+    }
+    if only.iter().any(|s| s == "5") {
+        let fp = process::footprint(
+            kithd,
+            &dir.join("footprint-kithd"),
+            limits.idle_channels,
+            limits.idle_streams,
+            limits.time * 36,
+        )
+        .await?;
+        rows.push(footprint_row(&fp));
+    }
+    Ok(rows)
+}
+
+/// The row of scenario 3b.
+fn fanout_row(fo: &process::Fanout, floor_rate: f64) -> Row {
+    Row {
+        scenario: "3b. fan-out at the server (separate kithd, event streams, no decryption)",
+        figure: format!(
+            "{:.0} deliveries/s to {} receiving devices (of {}; {} msgs, {} of {} delivered in {:.2} s); {:.0} deliveries per kithd CPU-second ({:.2} s CPU); measured wire: {} bytes per message event ({} of {} frames compact)",
+            fo.rate(),
+            fo.receivers,
+            fo.receivers_wanted,
+            fo.messages,
+            fo.delivered,
+            fo.messages * fo.receivers,
+            fo.elapsed.as_secs_f64(),
+            fo.per_cpu_second(),
+            fo.server_cpu,
+            fo.wire_overhead
+                .map_or_else(|| "?".to_owned(), |w| format!("{w:.1}")),
+            fo.wire_compact,
+            fo.wire_frames
+        ),
+        ratio: format!(
+            "{:.3} of the 100,000/s target; {:.1} x floor msg rate",
+            fo.rate() / 1e5,
+            fo.rate() / floor_rate
+        ),
+        detail: json!({ "deliveries_per_s": fo.rate(), "receivers": fo.receivers, "receivers_wanted": fo.receivers_wanted, "messages": fo.messages, "delivered": fo.delivered, "elapsed_s": fo.elapsed.as_secs_f64(), "server_cpu_s": fo.server_cpu, "deliveries_per_server_cpu_s": fo.per_cpu_second(), "ratio_to_target": fo.rate() / 1e5, "wire_overhead_bytes": fo.wire_overhead, "wire_frames": fo.wire_frames, "wire_compact": fo.wire_compact }),
+    }
+}
+
+/// The row of scenario 5.
+fn footprint_row(fp: &process::Footprint) -> Row {
+    Row {
+        scenario: "5. footprint (separate kithd process, VmRSS)",
+        figure: format!(
+            "idle {:.1} MiB ({:.1} MiB with 1 device); {} idle channels (of {}, made in {:.0} s): {:.1} MiB, {:.0} B/channel; {} event streams (of {}; server counts {}): {:.1} MiB, {:.0} B/stream",
+            mib(fp.idle.total),
+            mib(fp.one_device.total),
+            fp.channels,
+            fp.channels_wanted,
+            fp.channels_time.as_secs_f64(),
+            mib(fp.with_channels.total),
+            fp.per_channel(),
+            fp.streams,
+            fp.streams_wanted,
+            fp.streams_gauge
+                .map_or_else(|| "?".to_owned(), |g| g.to_string()),
+            mib(fp.with_streams.total),
+            fp.per_stream()
+        ),
+        ratio: format!(
+            "of target: idle {:.2} (20 MB), channel {:.2} (2 KB), stream {:.2} (20 KB)",
+            fp.idle.total as f64 * 1024.0 / 20e6,
+            fp.per_channel() / 2e3,
+            fp.per_stream() / 20e3
+        ),
+        detail: json!({ "idle_rss_kib": fp.idle.total, "idle_anon_kib": fp.idle.anon, "one_device_rss_kib": fp.one_device.total, "channels": fp.channels, "channels_wanted": fp.channels_wanted, "channels_s": fp.channels_time.as_secs_f64(), "channels_rss_kib": fp.with_channels.total, "channels_anon_kib": fp.with_channels.anon, "bytes_per_channel": fp.per_channel(), "streams": fp.streams, "streams_wanted": fp.streams_wanted, "streams_gauge": fp.streams_gauge, "streams_rss_kib": fp.with_streams.total, "streams_anon_kib": fp.with_streams.anon, "bytes_per_stream": fp.per_stream() }),
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let limits = Limits::new(&args);
@@ -722,7 +771,7 @@ fn main() -> Result<()> {
         .clone()
         .or_else(process::default_kithd)
         .context("cannot find the kithd binary: pass --kithd PATH")?;
-    let rows = runtime.block_on(run(&limits, &kithd))?;
+    let rows = runtime.block_on(run(&limits, &kithd, &args.only))?;
     if args.json {
         let out: Vec<Value> = rows
             .iter()
