@@ -51,20 +51,11 @@ struct Args {
     /// own [default: `kithd` next to this binary].
     #[arg(long, value_name = "PATH")]
     kithd: Option<std::path::PathBuf>,
-    /// Run only this scenario (and the floor its ratio needs).
-    #[arg(long, value_enum)]
-    only: Option<Only>,
-}
-
-/// Scenarios that run on their own with `--only`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum Only {
-    /// 4b: certified commits with three homeservers.
-    #[value(name = "4b")]
-    Ordering3,
-    /// 5b: adding a member to a large channel.
-    #[value(name = "5b")]
-    Large,
+    /// Run only these scenarios (after the floor, which their ratios
+    /// use): `3b` and/or `5` (on a kithd process of their own, e.g. to
+    /// profile that process), `4b`, `5b`. Default: every scenario.
+    #[arg(long, value_name = "SCENARIO", value_delimiter = ',', value_parser = ["3b", "4b", "5", "5b"])]
+    only: Vec<String>,
 }
 
 /// Count bounds per scenario (each loop also stops at the time bound).
@@ -431,9 +422,12 @@ fn hex_of(bytes: &[u8]) -> String {
 }
 
 #[allow(clippy::too_many_lines)]
-async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
+async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
+    if !only.is_empty() {
+        return run_only(limits, kithd, only, dir).await;
+    }
 
     let mut config = Config::new("a.test".parse()?, dir.join("server"));
     config.registration = Registration::Open;
@@ -590,31 +584,7 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
             ratio: format!("{:.4} of floor rate", fan_rate / floor_rate),
             detail: json!({ "members": members_n, "deliveries_per_s": fan_rate, "sent": f.sent, "delivered": f.received, "ratio_to_floor": fan_rate / floor_rate }),
         },
-        Row {
-            scenario: "3b. fan-out at the server (separate kithd, event streams, no decryption)",
-            figure: format!(
-                "{:.0} deliveries/s to {} receiving devices (of {}; {} msgs, {} of {} delivered in {:.2} s); {:.0} deliveries per kithd CPU-second ({:.2} s CPU); measured wire: {} bytes per message event ({} of {} frames compact)",
-                fo.rate(),
-                fo.receivers,
-                fo.receivers_wanted,
-                fo.messages,
-                fo.delivered,
-                fo.messages * fo.receivers,
-                fo.elapsed.as_secs_f64(),
-                fo.per_cpu_second(),
-                fo.server_cpu,
-                fo.wire_overhead
-                    .map_or_else(|| "?".to_owned(), |w| format!("{w:.1}")),
-                fo.wire_compact,
-                fo.wire_frames
-            ),
-            ratio: format!(
-                "{:.3} of the 100,000/s target; {:.1} x floor msg rate",
-                fo.rate() / 1e5,
-                fo.rate() / floor_rate
-            ),
-            detail: json!({ "deliveries_per_s": fo.rate(), "receivers": fo.receivers, "receivers_wanted": fo.receivers_wanted, "messages": fo.messages, "delivered": fo.delivered, "elapsed_s": fo.elapsed.as_secs_f64(), "server_cpu_s": fo.server_cpu, "deliveries_per_server_cpu_s": fo.per_cpu_second(), "ratio_to_target": fo.rate() / 1e5, "wire_overhead_bytes": fo.wire_overhead, "wire_frames": fo.wire_frames, "wire_compact": fo.wire_compact }),
-        },
+        fanout_row(&fo, floor_rate),
         Row {
             scenario: "4. certified commit (self_update), 1 server",
             figure: format!(
@@ -624,32 +594,7 @@ async fn run(limits: &Limits, kithd: &Path) -> Result<Vec<Row>> {
             detail: json!({ "p50_ms": commit_p50, "p99_ms": commit_p99, "commits_per_s": commit_rate, "commits": commits, "p50_in_floor_msgs": commit_p50 / floor_ms }),
         },
         row_4b,
-        Row {
-            scenario: "5. footprint (separate kithd process, VmRSS)",
-            figure: format!(
-                "idle {:.1} MiB ({:.1} MiB with 1 device); {} idle channels (of {}, made in {:.0} s): {:.1} MiB, {:.0} B/channel; {} event streams (of {}; server counts {}): {:.1} MiB, {:.0} B/stream",
-                mib(fp.idle.total),
-                mib(fp.one_device.total),
-                fp.channels,
-                fp.channels_wanted,
-                fp.channels_time.as_secs_f64(),
-                mib(fp.with_channels.total),
-                fp.per_channel(),
-                fp.streams,
-                fp.streams_wanted,
-                fp.streams_gauge
-                    .map_or_else(|| "?".to_owned(), |g| g.to_string()),
-                mib(fp.with_streams.total),
-                fp.per_stream()
-            ),
-            ratio: format!(
-                "of target: idle {:.2} (20 MB), channel {:.2} (2 KB), stream {:.2} (20 KB)",
-                fp.idle.total as f64 * 1024.0 / 20e6,
-                fp.per_channel() / 2e3,
-                fp.per_stream() / 20e3
-            ),
-            detail: json!({ "idle_rss_kib": fp.idle.total, "idle_anon_kib": fp.idle.anon, "one_device_rss_kib": fp.one_device.total, "channels": fp.channels, "channels_wanted": fp.channels_wanted, "channels_s": fp.channels_time.as_secs_f64(), "channels_rss_kib": fp.with_channels.total, "channels_anon_kib": fp.with_channels.anon, "bytes_per_channel": fp.per_channel(), "streams": fp.streams, "streams_wanted": fp.streams_wanted, "streams_gauge": fp.streams_gauge, "streams_rss_kib": fp.with_streams.total, "streams_anon_kib": fp.with_streams.anon, "bytes_per_stream": fp.per_stream() }),
-        },
+        footprint_row(&fp),
         row_5b,
         Row {
             scenario: "6. wire: bytes above the MLS message (binary; JSON form)",
@@ -736,16 +681,101 @@ async fn large_add(dir: &Path, limits: &Limits, floor_ms: f64) -> Result<Row> {
     })
 }
 
-/// Only scenario `only` (after the floor, which its ratio needs).
-async fn run_only(limits: &Limits, only: Only) -> Result<Vec<Row>> {
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
+/// `--only`: the floor, then the chosen scenarios.
+async fn run_only(limits: &Limits, kithd: &Path, only: &[String], dir: &Path) -> Result<Vec<Row>> {
     let floor_rate = floor(limits)?.rate;
+    let mut rows = Vec::new();
+    if only.iter().any(|s| s == "3b") {
+        let fo = process::fanout(
+            kithd,
+            &dir.join("fanout-kithd"),
+            limits.server_fanout_receivers,
+            limits.server_fanout_msgs,
+            limits.time,
+            limits.time * 24,
+            &payload(),
+        )
+        .await?;
+        rows.push(fanout_row(&fo, floor_rate));
+    }
     let floor_ms = 1000.0 / floor_rate.max(1e-9);
-    Ok(vec![match only {
-        Only::Ordering3 => ordering3(dir, limits, floor_ms).await?,
-        Only::Large => large_add(dir, limits, floor_ms).await?,
-    }])
+    if only.iter().any(|s| s == "4b") {
+        rows.push(ordering3(dir, limits, floor_ms).await?);
+    }
+    if only.iter().any(|s| s == "5") {
+        let fp = process::footprint(
+            kithd,
+            &dir.join("footprint-kithd"),
+            limits.idle_channels,
+            limits.idle_streams,
+            limits.time * 36,
+        )
+        .await?;
+        rows.push(footprint_row(&fp));
+    }
+    if only.iter().any(|s| s == "5b") {
+        rows.push(large_add(dir, limits, floor_ms).await?);
+    }
+    Ok(rows)
+}
+
+/// The row of scenario 3b.
+fn fanout_row(fo: &process::Fanout, floor_rate: f64) -> Row {
+    Row {
+        scenario: "3b. fan-out at the server (separate kithd, event streams, no decryption)",
+        figure: format!(
+            "{:.0} deliveries/s to {} receiving devices (of {}; {} msgs, {} of {} delivered in {:.2} s); {:.0} deliveries per kithd CPU-second ({:.2} s CPU); measured wire: {} bytes per message event ({} of {} frames compact)",
+            fo.rate(),
+            fo.receivers,
+            fo.receivers_wanted,
+            fo.messages,
+            fo.delivered,
+            fo.messages * fo.receivers,
+            fo.elapsed.as_secs_f64(),
+            fo.per_cpu_second(),
+            fo.server_cpu,
+            fo.wire_overhead
+                .map_or_else(|| "?".to_owned(), |w| format!("{w:.1}")),
+            fo.wire_compact,
+            fo.wire_frames
+        ),
+        ratio: format!(
+            "{:.3} of the 100,000/s target; {:.1} x floor msg rate",
+            fo.rate() / 1e5,
+            fo.rate() / floor_rate
+        ),
+        detail: json!({ "deliveries_per_s": fo.rate(), "receivers": fo.receivers, "receivers_wanted": fo.receivers_wanted, "messages": fo.messages, "delivered": fo.delivered, "elapsed_s": fo.elapsed.as_secs_f64(), "server_cpu_s": fo.server_cpu, "deliveries_per_server_cpu_s": fo.per_cpu_second(), "ratio_to_target": fo.rate() / 1e5, "wire_overhead_bytes": fo.wire_overhead, "wire_frames": fo.wire_frames, "wire_compact": fo.wire_compact }),
+    }
+}
+
+/// The row of scenario 5.
+fn footprint_row(fp: &process::Footprint) -> Row {
+    Row {
+        scenario: "5. footprint (separate kithd process, VmRSS)",
+        figure: format!(
+            "idle {:.1} MiB ({:.1} MiB with 1 device); {} idle channels (of {}, made in {:.0} s): {:.1} MiB, {:.0} B/channel; {} event streams (of {}; server counts {}): {:.1} MiB, {:.0} B/stream",
+            mib(fp.idle.total),
+            mib(fp.one_device.total),
+            fp.channels,
+            fp.channels_wanted,
+            fp.channels_time.as_secs_f64(),
+            mib(fp.with_channels.total),
+            fp.per_channel(),
+            fp.streams,
+            fp.streams_wanted,
+            fp.streams_gauge
+                .map_or_else(|| "?".to_owned(), |g| g.to_string()),
+            mib(fp.with_streams.total),
+            fp.per_stream()
+        ),
+        ratio: format!(
+            "of target: idle {:.2} (20 MB), channel {:.2} (2 KB), stream {:.2} (20 KB)",
+            fp.idle.total as f64 * 1024.0 / 20e6,
+            fp.per_channel() / 2e3,
+            fp.per_stream() / 20e3
+        ),
+        detail: json!({ "idle_rss_kib": fp.idle.total, "idle_anon_kib": fp.idle.anon, "one_device_rss_kib": fp.one_device.total, "channels": fp.channels, "channels_wanted": fp.channels_wanted, "channels_s": fp.channels_time.as_secs_f64(), "channels_rss_kib": fp.with_channels.total, "channels_anon_kib": fp.with_channels.anon, "bytes_per_channel": fp.per_channel(), "streams": fp.streams, "streams_wanted": fp.streams_wanted, "streams_gauge": fp.streams_gauge, "streams_rss_kib": fp.with_streams.total, "streams_anon_kib": fp.with_streams.anon, "bytes_per_stream": fp.per_stream() }),
+    }
 }
 
 fn main() -> Result<()> {
@@ -763,17 +793,12 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let rows = match args.only {
-        Some(only) => runtime.block_on(run_only(&limits, only))?,
-        None => {
-            let kithd = args
-                .kithd
-                .clone()
-                .or_else(process::default_kithd)
-                .context("cannot find the kithd binary: pass --kithd PATH")?;
-            runtime.block_on(run(&limits, &kithd))?
-        }
-    };
+    let kithd = args
+        .kithd
+        .clone()
+        .or_else(process::default_kithd)
+        .context("cannot find the kithd binary: pass --kithd PATH")?;
+    let rows = runtime.block_on(run(&limits, &kithd, &args.only))?;
     if args.json {
         let out: Vec<Value> = rows
             .iter()

@@ -331,6 +331,17 @@ impl Channels {
         {
             tracing::warn!(%channel, error = %e, "parking an orderer");
         }
+        // The gate goes too (an entry per channel ever created otherwise
+        // stayed resident), unless someone else holds it: they would start
+        // the orderer through it. Removed last, while still held, so a new
+        // gate can only be made once the parked node has stopped.
+        let mut gates = lock(&self.starting);
+        if gates
+            .get(&channel)
+            .is_some_and(|g| Arc::ptr_eq(g, &start) && Arc::strong_count(g) == 2)
+        {
+            gates.remove(&channel);
+        }
     }
 
     /// Drops a channel's orderer whose Raft node stopped (say, its

@@ -381,6 +381,21 @@ fn messages_and_their_events(s: &dyn Store) {
     let (m2, _) = s.store_message(&chan(1), &message(2), &payload).unwrap();
     assert_eq!(m2.seq, 2);
     assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 2);
+    // Each recipient reads every payload whole, also after another
+    // recipient of the same messages acked them (a backend may store a
+    // payload once for all its recipients).
+    let payloads = |d: u8| -> Vec<String> {
+        s.events(&dev(d), 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.payload)
+            .collect()
+    };
+    assert_eq!(payloads(2), ["{\"seq\":1}", "{\"seq\":2}"]);
+    let newest = s.events(&dev(2), 0, 10).unwrap()[1].cursor;
+    s.ack_events(&dev(2), newest).unwrap();
+    assert!(payloads(2).is_empty());
+    assert_eq!(payloads(3), ["{\"seq\":1}", "{\"seq\":2}"]);
     assert!(s.events(&dev(1), 0, 10).unwrap().is_empty());
     assert_eq!(
         s.messages(&chan(1), 0, 10).unwrap(),
@@ -689,4 +704,80 @@ fn sqlite_concurrent_writers_all_commit() {
     for (n, events) in (1..=4u8).zip(written) {
         assert_eq!(s.events(&dev(n), 0, 100).unwrap(), events);
     }
+}
+
+/// A payload that several devices' events share is stored once, and goes
+/// when the last of them is acked.
+#[test]
+fn sqlite_shared_payloads_go_with_their_last_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kith.db");
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    let row = ChannelRow {
+        channel: chan(1),
+        name: "general".into(),
+        content_type: "text/plain".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1, 2, 3])).unwrap();
+    for (n, local) in [(1, "one"), (2, "two"), (3, "three")] {
+        s.register(&crate::row(n, local)).unwrap();
+    }
+    let message = NewMessage {
+        id: [1; 32],
+        epoch: 0,
+        sender: dev(1),
+        message: vec![1; 3],
+        received_at: 51,
+    };
+    let (_, events) = s
+        .store_message(&chan(1), &message, &|m| format!("{{\"seq\":{}}}", m.seq))
+        .unwrap();
+    assert_eq!(events.len(), 2);
+    let shared = || -> i64 {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM event_payloads", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(shared(), 1, "one payload for two events");
+    s.ack_events(&dev(2), events[0].1.cursor).unwrap();
+    assert_eq!(shared(), 1, "device 3 still has it");
+    assert_eq!(s.events(&dev(3), 0, 10).unwrap()[0].payload, "{\"seq\":1}");
+    s.ack_events(&dev(3), events[1].1.cursor).unwrap();
+    assert_eq!(shared(), 0);
+}
+
+/// A database of schema 3 (events without `shared`) opens, keeps its
+/// events and takes shared payloads.
+#[test]
+fn sqlite_opens_a_schema_3_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kith.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE events (
+                cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+                device BLOB NOT NULL,
+                kind TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                created_at INTEGER NOT NULL
+            );
+            PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO events (device, kind, payload, created_at) VALUES (?1, 'test', '{}', 5)",
+            [dev(2).as_bytes().as_slice()],
+        )
+        .unwrap();
+    }
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    let old = s.events(&dev(2), 0, 10).unwrap();
+    assert_eq!((old.len(), old[0].payload.as_str()), (1, "{}"));
+    drop(s);
+    // Opening it again (the column is there now) works too.
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap(), old);
 }

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::channels::{self, channel_row, parse_channel, require_member};
-use super::events::event_json;
+use super::events::event_text;
 use super::{ApiJson, ApiPath, Authed, unb64};
 use crate::error::ApiError;
 use crate::ordering::{certify, fan_out};
@@ -175,7 +175,7 @@ fn frame(event: &Event) -> EventFrame {
     }
     EventFrame::Json {
         cursor: event.cursor,
-        json: event_json(event).to_string(),
+        json: event_text(event),
     }
 }
 

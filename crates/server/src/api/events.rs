@@ -52,6 +52,37 @@ pub(crate) fn event_json(event: &Event) -> Value {
     Value::Object(map)
 }
 
+/// [`event_json`] as text, without parsing the payload into a tree and
+/// writing it out again: `cursor` and `kind` go in front of the stored
+/// object's fields. (Profiled in fan-out: the parse and re-encoding of a
+/// message's ~1.7 KB payload, once per receiving device, was 3% of
+/// kithd's CPU.) A payload that is not a JSON object, or that has a field
+/// named like those two, takes the general path.
+pub(crate) fn event_text(event: &Event) -> String {
+    let payload = event.payload.trim();
+    let rest = match payload.strip_prefix('{') {
+        Some(rest)
+            if !payload.contains(r#""cursor""#)
+                && !payload.contains(r#""kind""#)
+                && serde_json::from_str::<serde::de::IgnoredAny>(payload).is_ok() =>
+        {
+            rest.trim_start()
+        }
+        _ => return event_json(event).to_string(),
+    };
+    let kind = Value::from(event.kind.as_str()).to_string();
+    let mut text = String::with_capacity(payload.len() + kind.len() + 32);
+    text.push_str(r#"{"cursor":"#);
+    text.push_str(&event.cursor.to_string());
+    text.push_str(r#","kind":"#);
+    text.push_str(&kind);
+    if !rest.starts_with('}') {
+        text.push(',');
+    }
+    text.push_str(rest);
+    text
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
@@ -225,7 +256,7 @@ async fn send_stored(
             .await
             .map_err(|_| "storage failure")?;
         for event in &batch {
-            let text = event_json(event).to_string();
+            let text = event_text(event);
             socket
                 .send(Message::Text(text.into()))
                 .await
@@ -234,6 +265,43 @@ async fn send_stored(
         }
         if batch.len() < WS_BATCH {
             return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, payload: &str) -> Event {
+        Event {
+            cursor: 7,
+            kind: kind.into(),
+            payload: payload.into(),
+            created_at: 1,
+        }
+    }
+
+    /// The spliced text is the same JSON as the general path's, for every
+    /// kind of stored payload, including ones it must not splice.
+    #[test]
+    fn event_text_is_event_json() {
+        for payload in [
+            r#"{"channel":"c","seq":3,"message":"AAE="}"#,
+            "{}",
+            " { } ",
+            r#"{"kind":"other","x":1}"#,
+            r#"{"cursor":99}"#,
+            r#"{"note":"a \"kind\" inside"}"#,
+            "[1,2]",
+            "not json",
+            "{broken",
+            "",
+        ] {
+            let e = event("message", payload);
+            let text = event_text(&e);
+            let parsed: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(parsed, event_json(&e), "payload {payload:?}: {text}");
         }
     }
 }
