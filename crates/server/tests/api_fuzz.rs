@@ -1883,3 +1883,108 @@ fn the_generator_is_deterministic_and_mutations_differ() {
         "{changed} of 100 mutations changed the input"
     );
 }
+
+/// The federation endpoints of channels (genesis, submit, votes, messages,
+/// the Raft RPCs), properly signed by a.test, which serves none of b.test's
+/// channels: for b.test's channel, an unknown channel and malformed ids,
+/// with empty, garbage, wrong-shaped and real-shaped bodies (the Raft
+/// bodies are the `ordering_entry` fuzz seeds). Every answer is a 4xx
+/// with a message (or, for what a.test may read, a success), and b.test's
+/// state is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_channel_endpoints_refuse_bad_input_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fixture::start(dir.path()).await;
+    let before = f.snapshot().await;
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/ordering_entry");
+    let seed = |name: &str| std::fs::read(seeds.join(name)).unwrap();
+    let raft_bodies = [
+        seed("append"),
+        seed("heartbeat"),
+        seed("vote"),
+        seed("snapshot"),
+    ];
+    let mut bodies: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        b"not json".to_vec(),
+        b"{}".to_vec(),
+        b"[]".to_vec(),
+        b"null".to_vec(),
+        json!({ "epoch": 1, "commit": "!!" })
+            .to_string()
+            .into_bytes(),
+        json!({ "epoch": u64::MAX, "commit_hash": "00".repeat(32) })
+            .to_string()
+            .into_bytes(),
+        seed("submission"),
+    ];
+    bodies.extend(raft_bodies.iter().cloned());
+    let known = f.channel.to_string();
+    let unknown = ChannelId::from_bytes([0x77; 16]).to_string();
+    let mut ids = vec![known.clone(), unknown];
+    ids.extend(
+        [
+            "zz".to_owned(),
+            "0".repeat(31),
+            "0".repeat(33),
+            "0".repeat(5000),
+            "%FF".to_owned(),
+            "g".repeat(32),
+        ]
+        .into_iter(),
+    );
+    let mut requests: Vec<(Method, String, Vec<u8>)> = Vec::new();
+    for id in &ids {
+        requests.push((
+            Method::GET,
+            format!("/v0/federation/channels/{id}/genesis"),
+            vec![],
+        ));
+        for query in [
+            "",
+            "?after=0",
+            "?after=0&min_epoch=0",
+            "?after=x",
+            "?min_epoch=-1",
+        ] {
+            requests.push((
+                Method::GET,
+                format!("/v0/federation/channels/{id}/messages{query}"),
+                vec![],
+            ));
+        }
+        for route in ["submit", "votes", "messages"] {
+            for body in &bodies {
+                requests.push((
+                    Method::POST,
+                    format!("/v0/federation/channels/{id}/{route}"),
+                    body.clone(),
+                ));
+            }
+        }
+        for kind in ["append", "vote", "snapshot", "bogus"] {
+            for body in &bodies {
+                requests.push((
+                    Method::POST,
+                    format!("/v0/federation/raft/{id}/{kind}"),
+                    body.clone(),
+                ));
+            }
+        }
+    }
+    for (method, path, body) in requests {
+        let what = format!(
+            "signed {method} {path:.100} with {:.60}",
+            String::from_utf8_lossy(&body)
+        );
+        let readable = method == Method::GET && path.contains(&known);
+        let answer = call(&what, f.signed(method, &path, body)).await;
+        if readable {
+            assert_handled(&what, &answer);
+        } else {
+            assert_refused(&what, &answer);
+        }
+    }
+    f.assert_alive("the channel federation endpoints").await;
+    f.finish(&before).await;
+}

@@ -296,15 +296,10 @@ async fn vote(
     let mut hash = [0u8; 32];
     hex::decode_to_slice(&req.commit_hash, &mut hash)
         .map_err(|_| ApiError::bad_request("`commit_hash` is not 64 hex digits"))?;
-    if state.db(move |s| s.channel(&channel)).await?.is_none() {
-        return Err(ApiError::not_found(format!("no channel {channel} here")));
-    }
-    // Make sure this server's node runs, so its log can get there.
-    state
-        .channels
-        .orderer(channel, false)
-        .await
-        .map_err(|e| ApiError::internal(format!("the channel's orderer: {e}")))?;
+    // Only a server of the channel's group may ask (this also starts this
+    // server's node, so its log can get there): a vote is about the group's
+    // log, and waiting on a stranger's made-up epoch would cost a timer.
+    require_peer(&state, channel, &signed.origin).await?;
     let epoch = req.epoch;
     let deadline = tokio::time::Instant::now() + APPLY_WAIT;
     let stored = loop {
