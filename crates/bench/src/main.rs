@@ -509,24 +509,8 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
     let w = wire(&fl);
 
     // 3b and 5: on a kithd process of its own.
-    let fo = process::fanout(
-        kithd,
-        &dir.join("fanout-kithd"),
-        limits.server_fanout_receivers,
-        limits.server_fanout_msgs,
-        limits.time,
-        limits.time * 24,
-        &payload(),
-    )
-    .await?;
-    let fp = process::footprint(
-        kithd,
-        &dir.join("footprint-kithd"),
-        limits.idle_channels,
-        limits.idle_streams,
-        limits.time * 36,
-    )
-    .await?;
+    let fo = server_fanout(kithd, dir, limits).await?;
+    let fp = footprint(kithd, dir, limits).await?;
 
     server.stop().await;
 
@@ -681,21 +665,38 @@ async fn large_add(dir: &Path, limits: &Limits, floor_ms: f64) -> Result<Row> {
     })
 }
 
+/// Scenario 3b on a kithd process of its own.
+async fn server_fanout(kithd: &Path, dir: &Path, limits: &Limits) -> Result<process::Fanout> {
+    process::fanout(
+        kithd,
+        &dir.join("fanout-kithd"),
+        limits.server_fanout_receivers,
+        limits.server_fanout_msgs,
+        limits.time,
+        limits.time * 24,
+        &payload(),
+    )
+    .await
+}
+
+/// Scenario 5 on a kithd process of its own.
+async fn footprint(kithd: &Path, dir: &Path, limits: &Limits) -> Result<process::Footprint> {
+    process::footprint(
+        kithd,
+        &dir.join("footprint-kithd"),
+        limits.idle_channels,
+        limits.idle_streams,
+        limits.time * 36,
+    )
+    .await
+}
+
 /// `--only`: the floor, then the chosen scenarios.
 async fn run_only(limits: &Limits, kithd: &Path, only: &[String], dir: &Path) -> Result<Vec<Row>> {
     let floor_rate = floor(limits)?.rate;
     let mut rows = Vec::new();
     if only.iter().any(|s| s == "3b") {
-        let fo = process::fanout(
-            kithd,
-            &dir.join("fanout-kithd"),
-            limits.server_fanout_receivers,
-            limits.server_fanout_msgs,
-            limits.time,
-            limits.time * 24,
-            &payload(),
-        )
-        .await?;
+        let fo = server_fanout(kithd, dir, limits).await?;
         rows.push(fanout_row(&fo, floor_rate));
     }
     let floor_ms = 1000.0 / floor_rate.max(1e-9);
@@ -703,14 +704,7 @@ async fn run_only(limits: &Limits, kithd: &Path, only: &[String], dir: &Path) ->
         rows.push(ordering3(dir, limits, floor_ms).await?);
     }
     if only.iter().any(|s| s == "5") {
-        let fp = process::footprint(
-            kithd,
-            &dir.join("footprint-kithd"),
-            limits.idle_channels,
-            limits.idle_streams,
-            limits.time * 36,
-        )
-        .await?;
+        let fp = footprint(kithd, dir, limits).await?;
         rows.push(footprint_row(&fp));
     }
     if only.iter().any(|s| s == "5b") {
