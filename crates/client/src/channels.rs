@@ -431,21 +431,39 @@ impl Client {
         let me = self.device_id();
         let mut wanted = Vec::new();
         for row in self.channels()? {
-            let active = row.active && self.mls.channel(row.id).is_ok_and(|c| c.is_active());
-            let Ok(members) = self.members(row.id) else {
-                continue;
-            };
-            if !active {
+            if !row.active {
                 continue;
             }
-            let mut missing = Vec::new();
+            // The store first: a channel whose linked devices were all
+            // handled costs no load of its MLS group on every sync.
+            let mut pending = Vec::new();
             for d in &links {
-                if !members.contains(d) && !self.store.linked_added(&row.id, d)? {
-                    missing.push(*d);
+                if !self.store.linked_added(&row.id, d)? {
+                    pending.push(*d);
+                }
+            }
+            if pending.is_empty() {
+                continue;
+            }
+            let Ok(channel) = self.mls.channel(row.id) else {
+                continue;
+            };
+            if !channel.is_active() {
+                continue;
+            }
+            let members = channel.members();
+            let admin = channel.extension().is_ok_and(|e| e.policy.is_admin(&me));
+            drop(channel);
+            let mut missing = Vec::new();
+            for d in pending {
+                if members.contains(&d) {
+                    // Already in (invited with the user, say): handled.
+                    self.store.save_linked_added(&row.id, &d)?;
+                } else {
+                    missing.push(d);
                 }
             }
             if !missing.is_empty() {
-                let admin = self.channel_admins(row.id).is_ok_and(|a| a.contains(&me));
                 wanted.push((row.id, admin, missing));
             }
         }
