@@ -119,6 +119,21 @@ pub(crate) enum ChannelsError {
     Raft(#[from] rusqlite::Error),
 }
 
+/// Page cache of `mls.db` and `raft.db`, in KiB (SQLite's default is
+/// 2,000). They are read for commits and Raft traffic, not for messages;
+/// a small cache keeps idle channels cheap (docs/performance.md).
+const CHANNEL_DB_CACHE_KIB: i64 = 512;
+
+/// Opens one of the channel databases: WAL with `synchronous = FULL` (each
+/// write durable when it returns, one fsync), a small page cache.
+fn open_db(path: &std::path::Path) -> Result<rusqlite::Connection, rusqlite::Error> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "cache_size", -CHANNEL_DB_CACHE_KIB)?;
+    Ok(conn)
+}
+
 impl Channels {
     /// Channels kept in `mls.db` and `raft.db` under `data_dir` (`None`:
     /// in memory).
@@ -130,11 +145,11 @@ impl Channels {
     ) -> Result<Self, ChannelsError> {
         let (mls, logs) = match data_dir {
             Some(dir) => {
-                let mls = MlsStore::open(dir.join(crate::MLS_DB_FILE))?;
-                let conn = rusqlite::Connection::open(dir.join(crate::RAFT_DB_FILE))?;
-                conn.pragma_update(None, "journal_mode", "WAL")?;
-                conn.pragma_update(None, "synchronous", "FULL")?;
-                (mls, RaftLogs::Sqlite(Arc::new(Mutex::new(conn))))
+                let mls = open_db(&dir.join(crate::MLS_DB_FILE))
+                    .map_err(kith_mls::StoreError::Open)
+                    .and_then(MlsStore::from_connection)?;
+                let raft = open_db(&dir.join(crate::RAFT_DB_FILE))?;
+                (mls, RaftLogs::Sqlite(Arc::new(Mutex::new(raft))))
             }
             None => (MlsStore::in_memory()?, RaftLogs::Memory),
         };
