@@ -37,7 +37,18 @@ pub struct Api {
 struct ErrorBody {
     error: String,
     message: String,
+    /// With 429 `rate_limited`: when the request may be made again.
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
 }
+
+/// How many times a request refused with 429 `rate_limited` is made again
+/// after the wait the server names.
+const RATE_LIMIT_RETRIES: u32 = 3;
+
+/// The longest wait for a rate limit the client sits out; a longer one is
+/// returned to the caller as the error.
+const MAX_RATE_LIMIT_WAIT_MS: u64 = 5_000;
 
 /// `GET /v0/server`.
 #[derive(Debug, Clone, Deserialize)]
@@ -137,40 +148,76 @@ impl Api {
 
     /// As [`Api::fetch`], with whether the answer is
     /// `application/octet-stream`.
+    ///
+    /// A request refused with 429 `rate_limited` changed nothing at the
+    /// server (spec §10.8), so it is made again after the wait the server
+    /// names, up to [`RATE_LIMIT_RETRIES`] times and only for waits up to
+    /// [`MAX_RATE_LIMIT_WAIT_MS`]; after that the 429 is the answer.
     async fn fetch_typed(
         &self,
-        mut request: reqwest::RequestBuilder,
+        request: reqwest::RequestBuilder,
     ) -> Result<(bool, Vec<u8>), ClientError> {
+        let mut retries = 0;
+        loop {
+            // Bodies here are bytes or JSON, never streams, so the request
+            // can always be copied for a retry.
+            let again = (retries < RATE_LIMIT_RETRIES)
+                .then(|| request.try_clone())
+                .flatten();
+            let Some(again) = again else {
+                return self.fetch_once(request).await.map_err(|(e, _)| e);
+            };
+            match self.fetch_once(again).await {
+                Err((_, Some(wait_ms))) if wait_ms <= MAX_RATE_LIMIT_WAIT_MS => {
+                    tracing::debug!(wait_ms, "rate limited; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+                    retries += 1;
+                }
+                other => return other.map_err(|(e, _)| e),
+            }
+        }
+    }
+
+    /// One attempt of [`Api::fetch_typed`]; a failure carries the server's
+    /// `retry_after_ms` if it was 429 `rate_limited`.
+    async fn fetch_once(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<(bool, Vec<u8>), (ClientError, Option<u64>)> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
+        let unreachable = |e| (ClientError::Unreachable(self.base.clone(), e), None);
+        let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         let binary = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(';').next().map(str::trim) == Some(OCTET_STREAM));
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
+        let bytes = response.bytes().await.map_err(unreachable)?;
         if !status.is_success() {
-            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => (body.error, body.message),
+            let (code, message, retry_after_ms) = match serde_json::from_slice::<ErrorBody>(&bytes)
+            {
+                Ok(body) => (body.error, body.message, body.retry_after_ms),
                 Err(_) => (
                     status.as_str().to_owned(),
                     String::from_utf8_lossy(&bytes).into_owned(),
+                    None,
                 ),
             };
-            return Err(ClientError::Server {
-                status: status.as_u16(),
-                code,
-                message,
-            });
+            let retry = (status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                && code == "rate_limited")
+                .then_some(retry_after_ms)
+                .flatten();
+            return Err((
+                ClientError::Server {
+                    status: status.as_u16(),
+                    code,
+                    message,
+                },
+                retry,
+            ));
         }
         Ok((binary, bytes.to_vec()))
     }
