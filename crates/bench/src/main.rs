@@ -52,9 +52,10 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     kithd: Option<std::path::PathBuf>,
     /// Run only these scenarios (after the floor, which their ratios
-    /// use): `3b` and/or `5` (on a kithd process of their own, e.g. to
-    /// profile that process), `4b`, `5b`. Default: every scenario.
-    #[arg(long, value_name = "SCENARIO", value_delimiter = ',', value_parser = ["3b", "4b", "5", "5b"])]
+    /// use): `2` (1:1 delivery, 2 and 2b, with the disk floor), `3b`
+    /// and/or `5` (on a kithd process of their own, e.g. to profile that
+    /// process), `4b`, `5b`. Default: every scenario.
+    #[arg(long, value_name = "SCENARIO", value_delimiter = ',', value_parser = ["2", "3b", "4b", "5", "5b"])]
     only: Vec<String>,
 }
 
@@ -273,73 +274,98 @@ struct Delivery {
 }
 
 /// One sender sends 1 KiB messages for the time bound while `receivers`
-/// sync concurrently (same task, interleaved at await points); ends when
-/// every receiver has every message or a grace period runs out.
+/// sync concurrently, on a thread of their own (a device of its own, as
+/// in life: their disk syncs are not queued behind the sender's); ends
+/// when every receiver has every message or a grace period runs out.
 async fn deliver(
     sender: &mut Client,
-    receivers: &mut [Client],
+    receivers: &mut Vec<Client>,
     channel: ChannelId,
     max_msgs: usize,
     time: Duration,
     in_flight: usize,
 ) -> Result<Delivery> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let data = payload();
-    let done = std::cell::Cell::new(None::<usize>);
+    // How many the sender sent, once it is done (`usize::MAX` until then).
+    let done = Arc::new(AtomicUsize::new(usize::MAX));
     let start = Instant::now();
-    let send = async {
-        let mut latency = Vec::new();
-        let mut sent = 0;
-        while sent < max_msgs && start.elapsed() < time {
-            let t = Instant::now();
-            if in_flight <= 1 {
-                sender.send(channel, &data).await?;
-                latency.push(t.elapsed());
-                sent += 1;
-            } else {
-                // `in_flight` posts at once, each acked on its own; every
-                // message's latency is the round's.
-                let batch = vec![&data[..]; in_flight.min(max_msgs - sent)];
-                sender.send_many(channel, &batch).await?;
-                latency.extend(std::iter::repeat_n(t.elapsed(), batch.len()));
-                sent += batch.len();
-            }
-        }
-        done.set(Some(sent));
-        anyhow::Ok(latency)
-    };
     let grace = time + Duration::from_secs(30);
-    let receive = async {
-        let mut received = 0usize;
-        // Bounded in count too: one message per sync at worst, plus slack.
-        let mut rounds = 0usize;
-        loop {
-            rounds += 1;
-            let mut progressed = 0;
-            for r in receivers.iter_mut() {
-                progressed += r.sync().await?.messages;
+    let mut readers = std::mem::take(receivers);
+    let sent_flag = Arc::clone(&done);
+    let receiving = std::thread::spawn(move || -> Result<(Vec<Client>, usize, Duration)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let received = runtime.block_on(async {
+            let mut received = 0usize;
+            // Bounded in count too: one message per sync at worst, plus slack.
+            let mut rounds = 0usize;
+            loop {
+                rounds += 1;
+                let mut progressed = 0;
+                for r in readers.iter_mut() {
+                    progressed += r.sync().await?.messages;
+                }
+                received += progressed;
+                let target = match sent_flag.load(Ordering::Acquire) {
+                    usize::MAX => None,
+                    sent => Some(sent * readers.len()),
+                };
+                if target.is_some_and(|t| received >= t)
+                    || start.elapsed() > grace
+                    || rounds > max_msgs.saturating_mul(2) + 1000
+                {
+                    break;
+                }
+                if progressed == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
             }
-            received += progressed;
-            let target = done.get().map(|sent| sent * receivers.len());
-            if target.is_some_and(|t| received >= t)
-                || start.elapsed() > grace
-                || rounds > max_msgs.saturating_mul(2) + 1000
-            {
+            anyhow::Ok(received)
+        })?;
+        Ok((readers, received, start.elapsed()))
+    });
+    let mut latency = Vec::new();
+    let mut sent = 0;
+    let mut failure = None;
+    while sent < max_msgs && start.elapsed() < time {
+        let t = Instant::now();
+        if in_flight <= 1 {
+            if let Err(e) = sender.send(channel, &data).await {
+                failure = Some(e);
                 break;
             }
-            if progressed == 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+            latency.push(t.elapsed());
+            sent += 1;
+        } else {
+            // `in_flight` posts at once, each acked on its own; every
+            // message's latency is the round's.
+            let batch = vec![&data[..]; in_flight.min(max_msgs - sent)];
+            if let Err(e) = sender.send_many(channel, &batch).await {
+                failure = Some(e);
+                break;
             }
+            latency.extend(std::iter::repeat_n(t.elapsed(), batch.len()));
+            sent += batch.len();
         }
-        anyhow::Ok((received, start.elapsed()))
-    };
-    let (latency, received) = tokio::join!(send, receive);
-    let send_latency = latency?;
-    let (received, elapsed) = received?;
+    }
+    done.store(sent, Ordering::Release);
+    let joined = tokio::task::spawn_blocking(move || receiving.join())
+        .await
+        .context("waiting for the receivers' thread")?
+        .map_err(|_| anyhow::anyhow!("the receivers' thread panicked"))?;
+    let (readers, received, elapsed) = joined?;
+    *receivers = readers;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
     Ok(Delivery {
-        sent: send_latency.len(),
+        sent: latency.len(),
         received,
         elapsed,
-        send_latency,
+        send_latency: latency,
     })
 }
 
@@ -439,39 +465,10 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
     let (floor_rate, mls_size, floor_count) = (fl.rate, fl.message.len(), fl.count);
     let floor_ms = 1000.0 / floor_rate.max(1e-9);
     let (sync_ms, syncs) = disk_floor(dir, limits)?;
-    // A delivery rate as disk syncs' worth of time per message.
-    let in_syncs = |rate: f64| 1000.0 / rate.max(1e-9) / sync_ms;
 
-    // 2. 1:1 delivery.
-    let mut alice = register(dir, &server, "alice").await?;
-    let bob = register(dir, &server, "bob").await?;
-    let mut receivers = vec![bob];
-    let one = channel_with(&mut alice, &mut receivers, "direct").await?;
-    let mut d = deliver(
-        &mut alice,
-        &mut receivers,
-        one,
-        limits.delivery_msgs,
-        limits.time,
-        1,
-    )
-    .await?;
-    let one_rate = rate(d.received, d.elapsed);
-    let one_p50 = quantile_ms(&mut d.send_latency, 0.5);
-    let one_p99 = quantile_ms(&mut d.send_latency, 0.99);
-    // 2b. The same with `IN_FLIGHT` messages in flight.
-    let mut p = deliver(
-        &mut alice,
-        &mut receivers,
-        one,
-        limits.delivery_msgs,
-        limits.time,
-        IN_FLIGHT,
-    )
-    .await?;
-    let piped_rate = rate(p.received, p.elapsed);
-    let piped_p50 = quantile_ms(&mut p.send_latency, 0.5);
-    let piped_p99 = quantile_ms(&mut p.send_latency, 0.99);
+    // 2 and 2b. 1:1 delivery.
+    let (mut alice, one, d, p) = one_to_one(dir, &server, limits).await?;
+    let [row_2, row_2b] = delivery_rows(d, p, floor_rate, sync_ms);
 
     // 4. Certified commit latency (self_update on the 1:1 channel).
     let mut commit_latency = Vec::new();
@@ -533,32 +530,8 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
             ratio: format!("{:.1} x floor msg", sync_ms / floor_ms),
             detail: json!({ "p50_ms": sync_ms, "count": syncs }),
         },
-        Row {
-            scenario: "2. 1:1 delivery, 1 server, durable ack",
-            figure: format!(
-                "{one_rate:.0} msgs/s; send p50 {one_p50:.2} ms, p99 {one_p99:.2} ms ({} sent, {} received)",
-                d.sent, d.received
-            ),
-            ratio: format!(
-                "{:.4} of floor rate; {:.1} disk syncs per msg",
-                one_rate / floor_rate,
-                in_syncs(one_rate)
-            ),
-            detail: json!({ "disk_syncs_per_msg": in_syncs(one_rate), "msgs_per_s": one_rate, "send_p50_ms": one_p50, "send_p99_ms": one_p99, "sent": d.sent, "received": d.received, "ratio_to_floor": one_rate / floor_rate }),
-        },
-        Row {
-            scenario: "2b. 1:1 delivery, 8 sends in flight, durable acks",
-            figure: format!(
-                "{piped_rate:.0} msgs/s; send p50 {piped_p50:.2} ms, p99 {piped_p99:.2} ms per round of {IN_FLIGHT} ({} sent, {} received)",
-                p.sent, p.received
-            ),
-            ratio: format!(
-                "{:.4} of floor rate; {:.1} disk syncs per msg",
-                piped_rate / floor_rate,
-                in_syncs(piped_rate)
-            ),
-            detail: json!({ "disk_syncs_per_msg": in_syncs(piped_rate), "in_flight": IN_FLIGHT, "msgs_per_s": piped_rate, "round_p50_ms": piped_p50, "round_p99_ms": piped_p99, "sent": p.sent, "received": p.received, "ratio_to_floor": piped_rate / floor_rate }),
-        },
+        row_2,
+        row_2b,
         Row {
             scenario: "3. fan-out to member devices, end to end",
             figure: format!(
@@ -608,6 +581,79 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
             }),
         },
     ])
+}
+
+/// Scenarios 2 and 2b on `server`: a sender and a receiver in one channel,
+/// sequential sends, then [`IN_FLIGHT`] at once. Returns the sender and the
+/// channel (scenario 4 commits on it) with both deliveries.
+async fn one_to_one(
+    dir: &Path,
+    server: &TestServer,
+    limits: &Limits,
+) -> Result<(Client, ChannelId, Delivery, Delivery)> {
+    let mut alice = register(dir, server, "alice").await?;
+    let bob = register(dir, server, "bob").await?;
+    let mut receivers = vec![bob];
+    let one = channel_with(&mut alice, &mut receivers, "direct").await?;
+    let d = deliver(
+        &mut alice,
+        &mut receivers,
+        one,
+        limits.delivery_msgs,
+        limits.time,
+        1,
+    )
+    .await?;
+    let p = deliver(
+        &mut alice,
+        &mut receivers,
+        one,
+        limits.delivery_msgs,
+        limits.time,
+        IN_FLIGHT,
+    )
+    .await?;
+    Ok((alice, one, d, p))
+}
+
+/// The rows of scenarios 2 and 2b; `sync_ms` is the disk floor's p50.
+fn delivery_rows(mut d: Delivery, mut p: Delivery, floor_rate: f64, sync_ms: f64) -> [Row; 2] {
+    // A delivery rate as disk syncs' worth of time per message.
+    let in_syncs = |rate: f64| 1000.0 / rate.max(1e-9) / sync_ms;
+    let one_rate = rate(d.received, d.elapsed);
+    let one_p50 = quantile_ms(&mut d.send_latency, 0.5);
+    let one_p99 = quantile_ms(&mut d.send_latency, 0.99);
+    let piped_rate = rate(p.received, p.elapsed);
+    let piped_p50 = quantile_ms(&mut p.send_latency, 0.5);
+    let piped_p99 = quantile_ms(&mut p.send_latency, 0.99);
+    [
+        Row {
+            scenario: "2. 1:1 delivery, 1 server, durable ack",
+            figure: format!(
+                "{one_rate:.0} msgs/s; send p50 {one_p50:.2} ms, p99 {one_p99:.2} ms ({} sent, {} received)",
+                d.sent, d.received
+            ),
+            ratio: format!(
+                "{:.4} of floor rate; {:.1} disk syncs per msg",
+                one_rate / floor_rate,
+                in_syncs(one_rate)
+            ),
+            detail: json!({ "disk_syncs_per_msg": in_syncs(one_rate), "msgs_per_s": one_rate, "send_p50_ms": one_p50, "send_p99_ms": one_p99, "sent": d.sent, "received": d.received, "ratio_to_floor": one_rate / floor_rate }),
+        },
+        Row {
+            scenario: "2b. 1:1 delivery, 8 sends in flight, durable acks",
+            figure: format!(
+                "{piped_rate:.0} msgs/s; send p50 {piped_p50:.2} ms, p99 {piped_p99:.2} ms per round of {IN_FLIGHT} ({} sent, {} received)",
+                p.sent, p.received
+            ),
+            ratio: format!(
+                "{:.4} of floor rate; {:.1} disk syncs per msg",
+                piped_rate / floor_rate,
+                in_syncs(piped_rate)
+            ),
+            detail: json!({ "disk_syncs_per_msg": in_syncs(piped_rate), "in_flight": IN_FLIGHT, "msgs_per_s": piped_rate, "round_p50_ms": piped_p50, "round_p99_ms": piped_p99, "sent": p.sent, "received": p.received, "ratio_to_floor": piped_rate / floor_rate }),
+        },
+    ]
 }
 
 /// Scenario 4b: certified commits with three servers, latency, then many
@@ -695,6 +741,22 @@ async fn footprint(kithd: &Path, dir: &Path, limits: &Limits) -> Result<process:
 async fn run_only(limits: &Limits, kithd: &Path, only: &[String], dir: &Path) -> Result<Vec<Row>> {
     let floor_rate = floor(limits)?.rate;
     let mut rows = Vec::new();
+    if only.iter().any(|s| s == "2") {
+        let (sync_ms, syncs) = disk_floor(dir, limits)?;
+        rows.push(Row {
+            scenario: "1b. disk floor: 4 KiB write + fdatasync",
+            figure: format!("p50 {sync_ms:.2} ms ({syncs} syncs)"),
+            ratio: format!("{:.1} x floor msg", sync_ms * floor_rate / 1000.0),
+            detail: json!({ "p50_ms": sync_ms, "count": syncs }),
+        });
+        let mut config = Config::new("a.test".parse()?, dir.join("server"));
+        config.registration = Registration::Open;
+        lift_commit_limits(&mut config);
+        let server = TestServer::start_with(config).await;
+        let (_, _, d, p) = one_to_one(dir, &server, limits).await?;
+        rows.extend(delivery_rows(d, p, floor_rate, sync_ms));
+        server.stop().await;
+    }
     if only.iter().any(|s| s == "3b") {
         let fo = server_fanout(kithd, dir, limits).await?;
         rows.push(fanout_row(&fo, floor_rate));

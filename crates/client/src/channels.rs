@@ -140,6 +140,34 @@ pub(crate) fn is_retryable(e: &ClientError) -> bool {
     }
 }
 
+/// The outcome of a [`kith_mls::MlsStore::batch`] of device operations.
+fn mls_batch<T>(
+    result: Result<T, kith_mls::BatchError<kith_mls::DeviceError>>,
+) -> Result<T, ClientError> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(kith_mls::BatchError::Operation(e)) => Err(e.into()),
+        Err(kith_mls::BatchError::Commit(e)) => {
+            Err(ClientError::Store(format!("storing the MLS state: {e}")))
+        }
+    }
+}
+
+/// Whether a frame carries a channel message (which a page's runs batch).
+fn is_message_frame(frame: &EventFrame) -> bool {
+    matches!(
+        frame,
+        EventFrame::Message { .. } | EventFrame::Compact { .. }
+    )
+}
+
+/// Open transactions on the MLS store and the client store, for one unit
+/// of receiving (see [`Client::handle_messages`]).
+struct Paired {
+    mls: kith_mls::OpenBatch,
+    store: crate::store::StoreTx,
+}
+
 fn is_wrong_epoch(e: &ClientError) -> bool {
     matches!(e, ClientError::Server { status: 409, code, .. } if code == "wrong_epoch")
 }
@@ -1031,8 +1059,7 @@ impl Client {
                 self.sync().await?;
                 self.catch_up(id).await?;
             }
-            let mut posts = tokio::task::JoinSet::new();
-            {
+            let (epoch, messages) = {
                 let mut channel = self.mls.channel(id)?;
                 if !channel.is_active() {
                     return Err(ClientError::Invalid(format!(
@@ -1040,16 +1067,27 @@ impl Client {
                     )));
                 }
                 let epoch = channel.epoch();
-                for i in waiting {
-                    let Some(data) = payloads.get(i) else {
-                        continue;
-                    };
-                    let message = channel.encrypt(data)?;
-                    let (api, c) = (self.api.clone(), text.clone());
-                    posts.spawn(async move {
-                        (i, epoch, api.send_message_binary(&c, epoch, &message).await)
-                    });
-                }
+                // The ratchet's steps for all of them in one transaction,
+                // durable before any message leaves: a sender's ratchet
+                // must never step back after a crash (its keys would be
+                // used twice).
+                let messages = self.mls.store().batch(|| {
+                    let mut messages = Vec::with_capacity(waiting.len());
+                    for i in waiting {
+                        if let Some(data) = payloads.get(i) {
+                            messages.push((i, channel.encrypt(data)?));
+                        }
+                    }
+                    Ok::<_, kith_mls::DeviceError>(messages)
+                });
+                (epoch, mls_batch(messages)?)
+            };
+            let mut posts = tokio::task::JoinSet::new();
+            for (i, message) in messages {
+                let (api, c) = (self.api.clone(), text.clone());
+                posts.spawn(async move {
+                    (i, epoch, api.send_message_binary(&c, epoch, &message).await)
+                });
             }
             let (me, handle) = (self.device_id(), self.handle().to_owned());
             while let Some(joined) = posts.join_next().await {
@@ -1132,16 +1170,26 @@ impl Client {
                 break;
             };
             let mut done = after;
-            for frame in frames {
+            let mut frames = frames.into_iter().peekable();
+            while let Some(frame) = frames.next() {
+                if is_message_frame(&frame) {
+                    // A run of messages: decrypted and stored as one unit
+                    // (one ratchet write, one store write with the cursor).
+                    let mut run = vec![frame];
+                    while let Some(next) = frames.next_if(is_message_frame) {
+                        run.push(next);
+                    }
+                    let end = run.last().map_or(done, EventFrame::cursor);
+                    if let Err(e) = self.handle_messages(run, &mut report).await {
+                        // None of the run is kept; it is fetched again.
+                        self.acknowledge(after, done).await?;
+                        return Err(e);
+                    }
+                    done = end;
+                    continue;
+                }
                 let cursor = frame.cursor();
                 let result = match frame {
-                    EventFrame::Message { event, .. } => {
-                        self.handle_message(message_of(event), &mut report).await
-                    }
-                    EventFrame::Compact { event, .. } => {
-                        self.handle_message(compact_message_of(event), &mut report)
-                            .await
-                    }
                     EventFrame::Json { json, .. } => match serde_json::from_str::<Value>(&json) {
                         // In order: a Welcome must be processed before the
                         // channel's later events.
@@ -1151,20 +1199,21 @@ impl Client {
                         Ok(event) => self.handle_event(&event, &mut report).await,
                         Err(e) => Err(protocol(format!("an event that is not JSON: {e}"))),
                     },
+                    _ => Ok(()),
                 };
                 match result {
                     Ok(()) => {}
                     Err(e) if is_retryable(&e) => {
                         // Keep what was processed; the rest is fetched again
                         // next time (at least once, never lost).
-                        self.acknowledge(done).await?;
+                        self.acknowledge(after, done).await?;
                         return Err(e);
                     }
                     Err(e) => tracing::warn!("skipping an event that can never be processed: {e}"),
                 }
                 done = cursor;
             }
-            self.acknowledge(last).await?;
+            self.acknowledge(after, last).await?;
         }
         self.honor_leave_requests(&mut report).await?;
         self.honor_add_requests(&mut report).await?;
@@ -1173,14 +1222,99 @@ impl Client {
     }
 
     /// Records that every event up to `cursor` is processed, locally and at
-    /// the homeserver.
-    async fn acknowledge(&mut self, cursor: u64) -> Result<(), ClientError> {
-        if cursor <= self.store.events_after()? {
+    /// the homeserver; `from` is where this page of events started (the
+    /// homeserver has heard of nothing past it from this call yet).
+    async fn acknowledge(&mut self, from: u64, cursor: u64) -> Result<(), ClientError> {
+        if cursor <= from {
             return Ok(());
         }
-        self.store.set_events_after(cursor)?;
+        // A run of messages stored its cursor already: no second write.
+        if cursor > self.store.events_after()? {
+            self.store.set_events_after(cursor)?;
+        }
         self.authed(|api| async move { api.ack_events(cursor).await })
             .await
+    }
+
+    /// A run of `message` frames from one page of events, as one unit:
+    /// decrypted with every ratchet step in one MLS transaction, and the
+    /// messages stored with the event cursor past the run in one client
+    /// store transaction. The client store commits first, then the MLS
+    /// state: a crash between the two leaves messages stored whose ratchet
+    /// steps are not (harmless: they are never fetched again), never a
+    /// ratchet moved past messages that are not stored (they would be
+    /// lost). On an error that may pass, nothing of the run is kept.
+    async fn handle_messages(
+        &mut self,
+        run: Vec<EventFrame>,
+        report: &mut SyncReport,
+    ) -> Result<(), ClientError> {
+        let Some(last) = run.last().map(EventFrame::cursor) else {
+            return Ok(());
+        };
+        let before = report.clone();
+        let open = self.begin_paired()?;
+        let mut result = Ok(());
+        for frame in run {
+            let message = match frame {
+                EventFrame::Message { event, .. } => message_of(event),
+                EventFrame::Compact { event, .. } => compact_message_of(event),
+                EventFrame::Json { .. } => continue,
+            };
+            match self.handle_message(message, report).await {
+                Ok(()) => {}
+                Err(e) if is_retryable(&e) => {
+                    result = Err(e);
+                    break;
+                }
+                Err(e) => tracing::warn!("skipping an event that can never be processed: {e}"),
+            }
+        }
+        let result = result.and_then(|()| self.store.set_events_after(last));
+        match result {
+            Ok(()) => self.commit_paired(open).inspect_err(|_| *report = before),
+            Err(e) => {
+                self.rollback_paired(open);
+                *report = before;
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens a transaction on both stores, for a unit of receiving.
+    fn begin_paired(&self) -> Result<Paired, ClientError> {
+        let mls = self
+            .mls
+            .store()
+            .begin()
+            .map_err(|e| ClientError::Store(format!("beginning an MLS transaction: {e}")))?;
+        match self.store.begin() {
+            Ok(store) => Ok(Paired { mls, store }),
+            Err(e) => {
+                self.mls.store().rollback(mls);
+                Err(e)
+            }
+        }
+    }
+
+    /// Commits the client store, then the MLS state (the order is what
+    /// keeps a crash from losing messages: see [`Client::handle_messages`]).
+    /// On an error the MLS state is as before; the client store is too,
+    /// unless it was the MLS commit that failed.
+    fn commit_paired(&self, open: Paired) -> Result<(), ClientError> {
+        if let Err(e) = self.store.commit(open.store) {
+            self.mls.store().rollback(open.mls);
+            return Err(e);
+        }
+        self.mls
+            .store()
+            .commit(open.mls)
+            .map_err(|e| ClientError::Store(format!("storing the MLS state: {e}")))
+    }
+
+    fn rollback_paired(&self, open: Paired) {
+        self.store.rollback(open.store);
+        self.mls.store().rollback(open.mls);
     }
 
     async fn handle_event(
@@ -1341,11 +1475,21 @@ impl Client {
         let epoch = self.mls.channel(id)?.epoch();
         // Typing that waited for its epoch is stale by now: dropped.
         let mut ignored = SyncReport::default();
-        for m in self.store.future(&id, epoch)? {
-            self.decrypt_and_store(id, &m, &mut ignored).await?;
-            self.store.drop_future(&id, &m.id)?;
+        let future = self.store.future(&id, epoch)?;
+        if future.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        // As a run of fetched messages: stored with their ratchet steps
+        // committed after them (see `handle_messages`).
+        let open = self.begin_paired()?;
+        for m in future {
+            let handled = self.decrypt_and_store(id, &m, &mut ignored).await;
+            if let Err(e) = handled.and_then(|_| self.store.drop_future(&id, &m.id)) {
+                self.rollback_paired(open);
+                return Err(e);
+            }
+        }
+        self.commit_paired(open)
     }
 
     /// Joins a channel from a Welcome body found in the inbox.

@@ -2,6 +2,8 @@
 //! the device's secret keys, its session, and what it has received.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use kith_proto::{ChannelId, DeviceId};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -39,9 +41,33 @@ impl std::fmt::Debug for Identity {
 /// An unregistered device's identity seed and inbox secret.
 pub type PendingKeys = ([u8; 32], [u8; 32]);
 
+/// A transaction opened by [`Store::begin`], to be given back to
+/// [`Store::commit`] or [`Store::rollback`]. Dropped without either (a
+/// panic), it is rolled back when the store next begins one.
+#[must_use = "a transaction is rolled back unless committed"]
+#[derive(Debug)]
+pub struct StoreTx {
+    depth: Arc<AtomicU32>,
+    finished: bool,
+}
+
+impl Drop for StoreTx {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self
+                .depth
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                    Some(d.saturating_sub(1))
+                });
+        }
+    }
+}
+
 /// The local SQLite store.
 pub struct Store {
     conn: Connection,
+    /// How many [`Store::begin`]s are open: only the outermost commits.
+    depth: Arc<AtomicU32>,
 }
 
 const SCHEMA: &str = "
@@ -129,7 +155,68 @@ impl Store {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
         restrict_permissions(path);
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            depth: Arc::new(AtomicU32::new(0)),
+        })
+    }
+
+    /// Opens a transaction that every write up to [`Store::commit`] or
+    /// [`Store::rollback`] joins (one disk sync for all of them). A nested
+    /// one joins the outer one, which decides.
+    pub fn begin(&self) -> Result<StoreTx, ClientError> {
+        if self.depth.load(Ordering::Relaxed) == 0 {
+            if !self.conn.is_autocommit() {
+                // Left open by a caller that never finished (a panic):
+                // none of it was meant to be kept.
+                self.conn.execute_batch("ROLLBACK")?;
+            }
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        }
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        Ok(StoreTx {
+            depth: Arc::clone(&self.depth),
+            finished: false,
+        })
+    }
+
+    /// Commits the transaction of [`Store::begin`] (if outermost): durable
+    /// when this returns `Ok`; on `Err` nothing of it is stored.
+    pub fn commit(&self, mut tx: StoreTx) -> Result<(), ClientError> {
+        tx.finished = true;
+        let depth = self.leave();
+        if depth == 0
+            && !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("COMMIT")
+        {
+            self.rollback_now();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Drops the writes of the transaction of [`Store::begin`] (if
+    /// outermost; a nested one leaves it to the outer one).
+    pub fn rollback(&self, mut tx: StoreTx) {
+        tx.finished = true;
+        let depth = self.leave();
+        if depth == 0 {
+            self.rollback_now();
+        }
+    }
+
+    /// One transaction level fewer; the depth left.
+    fn leave(&self) -> u32 {
+        let depth = self.depth.load(Ordering::Relaxed).saturating_sub(1);
+        self.depth.store(depth, Ordering::Relaxed);
+        depth
+    }
+
+    fn rollback_now(&self) {
+        if !self.conn.is_autocommit() {
+            // Nothing more to do if it fails: SQLite has rolled back already.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
     }
 
     /// The device's identity, if it has registered.
@@ -342,18 +429,21 @@ impl Store {
         insert_message(&self.conn, channel, m)
     }
 
-    /// Stores several messages in one transaction (one disk sync).
+    /// Stores several messages in one transaction (one disk sync; joined
+    /// to an open [`Store::begin`] if there is one).
     pub fn save_messages(
-        &mut self,
+        &self,
         channel: &ChannelId,
         messages: &[MessageRow],
     ) -> Result<(), ClientError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.begin()?;
         for m in messages {
-            insert_message(&tx, channel, m)?;
+            if let Err(e) = insert_message(&self.conn, channel, m) {
+                self.rollback(tx);
+                return Err(e);
+            }
         }
-        tx.commit()?;
-        Ok(())
+        self.commit(tx)
     }
 
     /// The last `limit` messages of a channel, oldest first.

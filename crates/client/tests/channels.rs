@@ -254,3 +254,80 @@ async fn restart_loses_nothing_acknowledged() {
     );
     server.stop().await;
 }
+
+/// A receiver that was away fetches one page holding many messages from
+/// several senders (some posted concurrently with `send_many`) and a commit
+/// in the middle: the messages on both sides of the commit are decrypted
+/// and stored page-wise, all of them, in the server's order, and what was
+/// stored survives reopening the device's stores.
+#[tokio::test]
+async fn a_page_of_many_senders_with_a_commit_in_the_middle_all_arrives_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let mut alice = user(dir.path(), &server, "alice").await;
+    let mut bob = user(dir.path(), &server, "bob").await;
+    let mut carol = user(dir.path(), &server, "carol").await;
+    let mut dave = user(dir.path(), &server, "dave").await;
+    let channel = alice.create_channel("busy", "text/plain").await.unwrap();
+    for handle in ["bob@a.test", "carol@a.test", "dave@a.test"] {
+        alice.invite(channel, handle).await.unwrap();
+    }
+    for client in [&mut bob, &mut carol, &mut dave] {
+        client.sync().await.unwrap();
+    }
+    for client in [&mut bob, &mut carol, &mut dave] {
+        client.sync().await.unwrap();
+    }
+    let start = dave.channel_state(channel).unwrap().0;
+
+    // Dave is away while the others talk and Carol commits.
+    let early: Vec<&[u8]> = vec![b"a1", b"a2", b"a3", b"a4"];
+    alice.send_many(channel, &early).await.unwrap();
+    bob.send(channel, b"b1").await.unwrap();
+    bob.send(channel, b"b2").await.unwrap();
+    carol.send(channel, b"c1").await.unwrap();
+    carol.self_update(channel).await.unwrap();
+    // Behind the new epoch: each is told, catches up and sends at it.
+    alice.send(channel, b"a5").await.unwrap();
+    let late: Vec<&[u8]> = vec![b"b3", b"b4"];
+    bob.send_many(channel, &late).await.unwrap();
+    carol.send(channel, b"c2").await.unwrap();
+
+    let report = dave.sync().await.unwrap();
+    assert_eq!((report.messages, report.commits), (11, 1));
+    assert_eq!(dave.channel_state(channel).unwrap().0, start + 1);
+    for client in [&mut alice, &mut bob, &mut carol] {
+        client.sync().await.unwrap();
+    }
+    let seen = texts(&dave, channel);
+    assert_eq!(seen.len(), 11);
+    // The server's order, as every member stores it.
+    assert_eq!(texts(&alice, channel), seen);
+    assert_eq!(texts(&bob, channel), seen);
+    assert_eq!(texts(&carol, channel), seen);
+    let mut bodies: Vec<&str> = seen.iter().map(|(_, b)| b.as_str()).collect();
+    // Carol's commit splits the page: what was sent before it comes first.
+    let (before, after) = bodies.split_at(7);
+    assert!(before.iter().all(|b| !["a5", "b3", "b4", "c2"].contains(b)));
+    assert!(after.iter().all(|b| ["a5", "b3", "b4", "c2"].contains(b)));
+    bodies.sort_unstable();
+    assert_eq!(
+        bodies,
+        [
+            "a1", "a2", "a3", "a4", "a5", "b1", "b2", "b3", "b4", "c1", "c2"
+        ]
+    );
+    let state = alice.channel_state(channel).unwrap();
+    assert_eq!(dave.channel_state(channel).unwrap(), state);
+
+    // Reopened from disk: the messages, the cursor and the ratchets were
+    // all stored (nothing fetched again, the next message decrypts).
+    drop(dave);
+    let mut dave = Client::open(&dir.path().join("dave")).unwrap();
+    assert_eq!(texts(&dave, channel), seen);
+    alice.send(channel, b"again").await.unwrap();
+    let report = dave.sync().await.unwrap();
+    assert_eq!((report.messages, report.commits), (1, 0));
+    assert_eq!(texts(&dave, channel).len(), 12);
+    server.stop().await;
+}

@@ -167,6 +167,7 @@ impl MlsStore {
         &self,
         operation: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, BatchError<E>> {
+        self.settle();
         {
             let mut batch = lock(&self.batch);
             if batch.open || batch.next.is_some() {
@@ -209,12 +210,135 @@ impl MlsStore {
 }
 
 impl MlsStore {
+    /// Opens a batch that stays open until [`MlsStore::commit`] (or
+    /// [`MlsStore::rollback`]): every OpenMLS write in between, across
+    /// awaits, joins one transaction. For callers that must make other
+    /// writes durable *before* the MLS state moves on: a receiver commits
+    /// the messages it decrypted to its own store, then the ratchet that
+    /// decrypted them, so a crash between the two never loses a message.
+    ///
+    /// If a batch is open already, the new one joins it (its commit and
+    /// rollback do nothing; the outer one decides). An [`OpenBatch`]
+    /// dropped without either is rolled back: at once if it can be, else
+    /// before the store's next use.
+    pub fn begin(&self) -> Result<OpenBatch, rusqlite::Error> {
+        self.settle();
+        {
+            let mut batch = lock(&self.batch);
+            if batch.open || batch.next.is_some() {
+                return Ok(OpenBatch {
+                    state: Arc::clone(&self.batch),
+                    joined: true,
+                    finished: false,
+                });
+            }
+            batch.failed = None;
+            batch.next = Some("BEGIN IMMEDIATE");
+        }
+        // Begun now, not at the first write: a failure to begin is the
+        // caller's to see, rather than writes going through one by one.
+        self.touch();
+        let mut batch = lock(&self.batch);
+        batch.next = None;
+        if let Some(e) = batch.failed.take() {
+            batch.open = false;
+            return Err(e);
+        }
+        Ok(OpenBatch {
+            state: Arc::clone(&self.batch),
+            joined: false,
+            finished: false,
+        })
+    }
+
+    /// Commits a batch from [`MlsStore::begin`]: its writes are durable
+    /// when this returns `Ok`. On `Err` none of them is stored.
+    pub fn commit(&self, mut open: OpenBatch) -> Result<(), rusqlite::Error> {
+        open.finished = true;
+        if open.joined {
+            return Ok(());
+        }
+        {
+            let mut batch = lock(&self.batch);
+            if !batch.open {
+                batch.next = None;
+                return Ok(());
+            }
+            batch.next = Some("COMMIT");
+        }
+        self.touch();
+        let mut batch = lock(&self.batch);
+        batch.open = false;
+        batch.next = None;
+        match batch.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops every write of a batch from [`MlsStore::begin`].
+    pub fn rollback(&self, mut open: OpenBatch) {
+        open.finished = true;
+        if open.joined {
+            return;
+        }
+        let queued = {
+            let mut batch = lock(&self.batch);
+            batch.next = batch.open.then_some("ROLLBACK");
+            batch.open
+        };
+        if queued {
+            self.touch();
+        }
+        let mut batch = lock(&self.batch);
+        batch.open = false;
+        batch.next = None;
+        batch.failed = None;
+    }
+
+    /// Runs a rollback that a dropped [`OpenBatch`] queued, so that a new
+    /// batch starts afresh instead of joining a dead one.
+    fn settle(&self) {
+        let stale = lock(&self.batch).next == Some("ROLLBACK");
+        if stale {
+            self.touch();
+            let mut batch = lock(&self.batch);
+            batch.open = false;
+            batch.next = None;
+            batch.failed = None;
+        }
+    }
+
     /// Lets the provider borrow the connection once, which runs the
     /// statement a batch queued; the read itself is of nothing.
     fn touch(&self) {
         let _ = self
             .storage
             .queued_proposal_refs::<GroupId, ProposalRef>(&GroupId::from_slice(&[]));
+    }
+}
+
+/// A batch opened by [`MlsStore::begin`], to be given back to
+/// [`MlsStore::commit`] or [`MlsStore::rollback`].
+#[must_use = "an open batch is rolled back unless committed"]
+#[derive(Debug)]
+pub struct OpenBatch {
+    state: Arc<Mutex<Batch>>,
+    /// It joined a batch that was already open: the outer one commits.
+    joined: bool,
+    finished: bool,
+}
+
+impl Drop for OpenBatch {
+    fn drop(&mut self) {
+        if self.finished || self.joined {
+            return;
+        }
+        // Dropped without a verdict (an early return, a panic): its writes
+        // must never be committed. Without the connection here, the
+        // rollback runs first thing when the store is next used.
+        let mut batch = lock(&self.state);
+        batch.next = batch.open.then_some("ROLLBACK");
     }
 }
 

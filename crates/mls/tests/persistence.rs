@@ -120,6 +120,50 @@ fn a_batch_stores_all_or_nothing() {
     assert!(reopened.channel(refused).is_err());
 }
 
+#[test]
+fn an_open_batch_commits_rolls_back_and_drops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mls.sqlite");
+    let device = Device::new(&SecretKey::generate(), MlsStore::open(&path).unwrap());
+    let store = device.store();
+    // Rolled back: nothing of it stays.
+    let rolled = new_channel_id();
+    let open = store.begin().unwrap();
+    device.create_channel(rolled, &settings(&[])).unwrap();
+    store.rollback(open);
+    assert!(device.channel(rolled).is_err());
+    // Dropped without a verdict: rolled back too, and the next batch
+    // starts afresh rather than joining the dead one.
+    let dropped = new_channel_id();
+    let open = store.begin().unwrap();
+    device.create_channel(dropped, &settings(&[])).unwrap();
+    drop(open);
+    let kept = new_channel_id();
+    store
+        .batch(|| device.create_channel(kept, &settings(&[])).map(|_| ()))
+        .unwrap();
+    assert!(device.channel(dropped).is_err());
+    // Committed, with a nested batch (a merge, say) joining it and a
+    // nested open batch whose rollback leaves the outer one to decide.
+    let outer = new_channel_id();
+    let nested = new_channel_id();
+    let open = store.begin().unwrap();
+    device.create_channel(outer, &settings(&[])).unwrap();
+    store
+        .batch(|| device.create_channel(nested, &settings(&[])).map(|_| ()))
+        .unwrap();
+    let inner = store.begin().unwrap();
+    store.rollback(inner);
+    store.commit(open).unwrap();
+    drop(device);
+    let reopened = Device::new(&SecretKey::generate(), MlsStore::open(&path).unwrap());
+    assert!(reopened.channel(kept).is_ok());
+    assert!(reopened.channel(outer).is_ok());
+    assert!(reopened.channel(nested).is_ok());
+    assert!(reopened.channel(dropped).is_err());
+    assert!(reopened.channel(rolled).is_err());
+}
+
 fn a_bug() -> Result<(), DeviceError> {
     panic!("a bug in the middle of a batch")
 }
