@@ -15,9 +15,10 @@
 //!   the next validation.
 //!
 //! Every accepted commit is also announced on a queue that the certifier
-//! task reads (`api::channels::certify_accepted`): each server of a channel
-//! collects the votes for the commits its log accepted on its own, so a
-//! server that was down certifies (and delivers) what it missed when it
+//! task reads (`ordering::run_certifier`): each server of a channel
+//! certifies the commits its log accepted (from a pushed certificate, or by
+//! collecting the votes itself), so a server that was down certifies (and
+//! delivers) what it missed when it
 //! returns.
 
 use std::collections::HashMap;
@@ -106,6 +107,8 @@ pub(crate) struct Channels {
     pub(crate) backfill: crate::backfill::Cursors,
     /// Members' records already verified, for voter sets.
     pub(crate) records: Mutex<VerifiedRecords>,
+    /// Certifications under way (`crate::ordering`).
+    pub(crate) flights: crate::ordering::Flights,
 }
 
 /// Why the channel machinery could not be opened or started.
@@ -157,6 +160,7 @@ impl Channels {
             heard: crate::freshness::Heard::default(),
             backfill: crate::backfill::Cursors::default(),
             records: Mutex::new(VerifiedRecords::new(VERIFIED_RECORDS)),
+            flights: crate::ordering::Flights::default(),
         })
     }
 
