@@ -425,7 +425,8 @@ async fn wait_for_commit(
                  ordering group yet"
             )));
         }
-        state.channels.wait_applied(Duration::from_millis(25)).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        state.channels.wait_accepted(channel, epoch, left).await;
     }
 }
 
@@ -647,7 +648,8 @@ pub(crate) async fn accept_pushed(
         if tokio::time::Instant::now() >= deadline {
             return Ok(Err(PushRefused::NotYet(epoch)));
         }
-        state.channels.wait_applied(Duration::from_millis(50)).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        state.channels.wait_accepted(channel, epoch, left).await;
     };
     if *pushed.commit_hash().as_bytes() != row.commit_hash {
         return Ok(Err(PushRefused::AnotherCommit(epoch)));

@@ -322,7 +322,8 @@ async fn vote(
                 format!("this server's log has not accepted a commit for epoch {epoch} yet"),
             ));
         }
-        state.channels.wait_applied(Duration::from_millis(50)).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        state.channels.wait_accepted(channel, epoch, left).await;
     };
     if stored.commit_hash != hash {
         return Err(ApiError::conflict(
