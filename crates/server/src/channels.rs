@@ -15,9 +15,10 @@
 //!   the next validation.
 //!
 //! Every accepted commit is also announced on a queue that the certifier
-//! task reads (`api::channels::certify_accepted`): each server of a channel
-//! collects the votes for the commits its log accepted on its own, so a
-//! server that was down certifies (and delivers) what it missed when it
+//! task reads (`ordering::run_certifier`): each server of a channel
+//! certifies the commits its log accepted (from a pushed certificate, or by
+//! collecting the votes itself), so a server that was down certifies (and
+//! delivers) what it missed when it
 //! returns.
 
 use std::collections::HashMap;
@@ -97,15 +98,17 @@ pub(crate) struct Channels {
     orderers: Mutex<HashMap<ChannelId, Orderer>>,
     accepted_tx: mpsc::UnboundedSender<Accepted>,
     accepted_rx: Mutex<Option<mpsc::UnboundedReceiver<Accepted>>>,
-    /// Woken whenever this server's log accepts a commit (of any channel),
+    /// The last epoch this server's log accepted a commit for, per channel,
     /// for requests waiting until their epoch is reached.
-    applied: Arc<tokio::sync::Notify>,
+    applied: Arc<Applied>,
     /// When each channel's leader last reached this node (spec §11.3).
     pub(crate) heard: crate::freshness::Heard,
     /// How far this server has pulled each peer's messages (spec §11.3).
     pub(crate) backfill: crate::backfill::Cursors,
     /// Members' records already verified, for voter sets.
     pub(crate) records: Mutex<VerifiedRecords>,
+    /// Certifications under way (`crate::ordering`).
+    pub(crate) flights: crate::ordering::Flights,
 }
 
 /// Why the channel machinery could not be opened or started.
@@ -168,10 +171,11 @@ impl Channels {
             orderers: Mutex::new(HashMap::new()),
             accepted_tx,
             accepted_rx: Mutex::new(Some(accepted_rx)),
-            applied: Arc::new(tokio::sync::Notify::new()),
+            applied: Arc::new(Applied::default()),
             heard: crate::freshness::Heard::default(),
             backfill: crate::backfill::Cursors::default(),
             records: Mutex::new(VerifiedRecords::new(VERIFIED_RECORDS)),
+            flights: crate::ordering::Flights::default(),
         })
     }
 
@@ -180,11 +184,33 @@ impl Channels {
         let _ = self.federation.set(federation);
     }
 
-    /// Waits until this server's log accepts another commit, or `timeout`.
-    /// Callers check what they wait for before and after (a wake-up can be
-    /// missed between the check and the wait; the timeout bounds that).
-    pub(crate) async fn wait_applied(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.applied.notified()).await;
+    /// Waits until this server's log has accepted a commit for `epoch` of
+    /// `channel` (seen by this process), or `timeout`. Callers check the
+    /// store before and after: a commit accepted before this process
+    /// started is only there. Waking a waiter costs a map lookup, not a
+    /// store read, so many requests can wait on busy channels.
+    pub(crate) async fn wait_accepted(&self, channel: ChannelId, epoch: u64, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut first = true;
+        loop {
+            let woken = self.applied.notify.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so an acceptance in between is
+            // not missed.
+            woken.as_mut().enable();
+            if self.applied.reached(channel, epoch) {
+                if first {
+                    // Accepted, yet the caller did not find it in the store:
+                    // do not let it spin.
+                    tokio::time::sleep(Duration::from_millis(25).min(timeout)).await;
+                }
+                return;
+            }
+            first = false;
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// The queue of accepted commits, for the certifier task (once).
@@ -428,13 +454,37 @@ pub(crate) fn catch_up<'s>(
     Ok(public)
 }
 
+/// The last epoch this server's log accepted a commit for, per channel
+/// (since this process started), and a wake-up for every acceptance.
+#[derive(Default)]
+pub(crate) struct Applied {
+    notify: tokio::sync::Notify,
+    epochs: Mutex<HashMap<ChannelId, u64>>,
+}
+
+impl Applied {
+    fn accepted(&self, channel: ChannelId, epoch: u64) {
+        let mut epochs = lock(&self.epochs);
+        let last = epochs.entry(channel).or_insert(epoch);
+        *last = (*last).max(epoch);
+        drop(epochs);
+        self.notify.notify_waiters();
+    }
+
+    fn reached(&self, channel: ChannelId, epoch: u64) -> bool {
+        lock(&self.epochs)
+            .get(&channel)
+            .is_some_and(|e| *e >= epoch)
+    }
+}
+
 /// The commit validator of one channel's ordering state machine.
 pub(crate) struct Validator {
     channel: ChannelId,
     store: Arc<dyn Store>,
     mls: SharedMls,
     accepted: mpsc::UnboundedSender<Accepted>,
-    applied: Arc<tokio::sync::Notify>,
+    applied: Arc<Applied>,
     /// A failure of this server's machinery during the last validation.
     failure: Option<String>,
 }
@@ -464,7 +514,7 @@ impl CommitValidator for Validator {
                 // The certifier may be gone during shutdown; nothing is lost,
                 // `ready` certifies on the next start.
                 let _ = self.accepted.send((self.channel, submission.epoch));
-                self.applied.notify_waiters();
+                self.applied.accepted(self.channel, submission.epoch);
                 Ok(())
             }
             Err(Refusal::Reject(reason)) => {

@@ -20,6 +20,9 @@ pub struct LinkFaults {
     /// Links on which only message fan-out (`POST
     /// /v0/federation/channels/{id}/messages`) fails.
     fanout_held: Mutex<BTreeSet<(ServerName, ServerName)>>,
+    /// Links on which only certificate pushes (`POST
+    /// /v0/federation/channels/{id}/certificate`) fail.
+    certificates_held: Mutex<BTreeSet<(ServerName, ServerName)>>,
 }
 
 impl LinkFaults {
@@ -48,8 +51,18 @@ impl LinkFaults {
         self.lock_held().insert((from.clone(), to.clone()));
     }
 
+    /// Holds back certificate pushes from `from` to `to`: those POSTs fail
+    /// as unreachable, as when `from` crashes right after certifying, while
+    /// Raft, votes and every other request pass.
+    pub fn hold_certificates(&self, from: &ServerName, to: &ServerName) {
+        self.certificates_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((from.clone(), to.clone()));
+    }
+
     /// Whether a request `from → to` with `method` and `path` is held back
-    /// by [`LinkFaults::hold_fanout`].
+    /// by [`LinkFaults::hold_fanout`] or [`LinkFaults::hold_certificates`].
     pub fn is_fanout_held(
         &self,
         from: &ServerName,
@@ -57,10 +70,17 @@ impl LinkFaults {
         method: &str,
         path: &str,
     ) -> bool {
-        method == "POST"
-            && path.starts_with("/v0/federation/channels/")
-            && path.ends_with("/messages")
-            && self.lock_held().contains(&(from.clone(), to.clone()))
+        if method != "POST" || !path.starts_with("/v0/federation/channels/") {
+            return false;
+        }
+        let link = (from.clone(), to.clone());
+        (path.ends_with("/messages") && self.lock_held().contains(&link))
+            || (path.ends_with("/certificate")
+                && self
+                    .certificates_held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains(&link))
     }
 
     /// Cuts the link from `from` to `to` (requests `from` sends to `to`).
@@ -77,6 +97,10 @@ impl LinkFaults {
     pub fn heal_all(&self) {
         self.lock().clear();
         self.lock_held().clear();
+        self.certificates_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     /// Whether the link from `from` to `to` is cut.
@@ -111,7 +135,13 @@ mod tests {
         assert!(!faults.is_fanout_held(&a, &b, "GET", fanout));
         assert!(!faults.is_fanout_held(&a, &b, "POST", "/v0/federation/raft/00/append"));
         assert!(!faults.is_fanout_held(&b, &a, "POST", fanout));
+        let push = "/v0/federation/channels/00/certificate";
+        assert!(!faults.is_fanout_held(&a, &b, "POST", push));
+        faults.hold_certificates(&a, &b);
+        assert!(faults.is_fanout_held(&a, &b, "POST", push));
+        assert!(!faults.is_fanout_held(&b, &a, "POST", push));
         faults.heal_all();
+        assert!(!faults.is_fanout_held(&a, &b, "POST", push));
         assert!(faults.cut_links().is_empty());
         assert!(!faults.is_fanout_held(&a, &b, "POST", fanout));
     }

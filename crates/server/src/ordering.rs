@@ -8,24 +8,31 @@
 //! - [`order_local`]: what the leader does with a submission: first make the
 //!   Raft membership match the servers that sponsor the current members
 //!   ([`ensure_membership`]), then append it.
-//! - [`certify`]: every server of a channel certifies each commit its own
-//!   log accepted by collecting the votes of the voters of the epoch the
-//!   commit ends (its own, and `POST .../votes` to the others) until they
-//!   make a certificate, then stores it and appends the `commit` events of
-//!   its local members. The certifier task runs it for every accepted
-//!   commit; the client API runs it before answering.
+//! - [`certify`]: a server certifies a commit its own log accepted by
+//!   collecting the votes of the voters of the epoch the commit ends (its
+//!   own, and `POST .../votes` to the others) until they make a
+//!   certificate, then stores it, appends the `commit` events of its local
+//!   members, and pushes the certificate to the channel's other servers
+//!   (`POST .../certificate`), which store it once it verifies against
+//!   their own voter set and matches their own log ([`accept_pushed`]).
+//!   The client API runs it before answering, so the committer's server
+//!   collects the votes; one collection runs per commit and server at a
+//!   time ([`Flights`]). The certifier task, run for every commit the log
+//!   accepts, first waits [`PUSH_WAIT`] for a pushed certificate and only
+//!   then collects votes itself, so a server whose committer's server
+//!   crashed still certifies.
 //! - [`fan_out`] and [`deliver_remote_messages`]: messages go from the
 //!   sender's server to the other servers of the channel through the
 //!   durable outbox; a receiving server stores a message only after it has
 //!   certified the commit that started the message's epoch.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kith_order::{
-    CommitHash, OrderError, OrderingCertificate, Outcome, Submission, Vote, VoteCollector, VoteIn,
-    VoterSet,
+    CertificateError, CommitHash, OrderError, OrderingCertificate, OrderingCertificateIn, Outcome,
+    Submission, Vote, VoteCollector, VoteIn, VoterSet,
 };
 use kith_proto::{
     ChannelId, DeviceId, DeviceRecordIn, ServerName, SignaturePublicKey, VerifiedRecords,
@@ -55,6 +62,57 @@ const VOTE_WAIT: Duration = Duration::from_secs(10);
 const APPLY_WAIT: Duration = Duration::from_secs(10);
 /// Attempts of the certifier for one commit (backing off from 0.5 s).
 const CERTIFY_ATTEMPTS: u32 = 8;
+/// How long the certifier task waits for the certificate of a commit its
+/// log accepted to be stored by someone else (the client's request here,
+/// or a push from the server that collected the votes) before it collects
+/// the votes itself.
+pub(crate) const PUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// The certifications under way on this server, per (channel, epoch): one
+/// collection of votes at a time, and a wake-up for those waiting for a
+/// certificate to be stored.
+#[derive(Default)]
+pub(crate) struct Flights(Mutex<HashMap<(ChannelId, u64), Arc<Flight>>>);
+
+/// One commit's certification on this server.
+#[derive(Default)]
+pub(crate) struct Flight {
+    /// Held while votes are collected, so that the client's request and
+    /// the certifier task do not both ask every voter.
+    collecting: tokio::sync::Mutex<()>,
+    /// Woken when the commit's certificate is stored here.
+    stored: tokio::sync::Notify,
+}
+
+impl Flights {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(ChannelId, u64), Arc<Flight>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn join(&self, channel: ChannelId, epoch: u64) -> Arc<Flight> {
+        Arc::clone(self.map().entry((channel, epoch)).or_default())
+    }
+
+    /// Drops `flight`, and its entry once nobody else holds it.
+    fn leave(&self, channel: ChannelId, epoch: u64, flight: Arc<Flight>) {
+        drop(flight);
+        let mut map = self.map();
+        if map
+            .get(&(channel, epoch))
+            .is_some_and(|f| Arc::strong_count(f) == 1)
+        {
+            map.remove(&(channel, epoch));
+        }
+    }
+
+    fn stored(&self, channel: ChannelId, epoch: u64) {
+        if let Some(flight) = self.map().get(&(channel, epoch)) {
+            flight.stored.notify_waiters();
+        }
+    }
+}
 
 fn internal(what: &str) -> impl Fn(String) -> ApiError + '_ {
     move |e| {
@@ -367,7 +425,8 @@ async fn wait_for_commit(
                  ordering group yet"
             )));
         }
-        state.channels.wait_applied(Duration::from_millis(25)).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        state.channels.wait_accepted(channel, epoch, left).await;
     }
 }
 
@@ -405,7 +464,8 @@ async fn request_vote(
 
 /// Certifies the commit this server's log accepted for `epoch` (see the
 /// module docs) and returns it with its certificate. Does nothing more for
-/// a commit already certified here.
+/// a commit already certified here; waits for a collection already under
+/// way here rather than starting a second one.
 pub(crate) async fn certify(
     state: &Shared,
     channel: ChannelId,
@@ -417,6 +477,31 @@ pub(crate) async fn certify(
     if row.certificate.is_some() {
         return Ok(row);
     }
+    let flights = &state.channels.flights;
+    let flight = flights.join(channel, epoch);
+    let result = async {
+        let _collecting = flight.collecting.lock().await;
+        // Whoever held the lock before may have stored the certificate, or
+        // a push may have brought it.
+        match state.db(move |s| s.commit(&channel, epoch)).await? {
+            Some(row) if row.certificate.is_some() => Ok(row),
+            Some(row) => collect(state, channel, row).await,
+            None => Err(ApiError::internal("an accepted commit disappeared")),
+        }
+    }
+    .await;
+    flights.leave(channel, epoch, flight);
+    result
+}
+
+/// Collects the votes for `row` (not certified yet), stores the
+/// certificate and pushes it to the channel's other servers.
+async fn collect(
+    state: &Shared,
+    channel: ChannelId,
+    row: CommitRow,
+) -> Result<CommitRow, ApiError> {
+    let epoch = row.epoch;
     let voters = voter_set(state, channel, epoch)
         .instrument(tracing::debug_span!("certify.voter_set"))
         .await?;
@@ -471,9 +556,146 @@ pub(crate) async fn certify(
     // Before this commit's events move local devices on, the messages of
     // epochs they are about to leave behind must be here (§11.3).
     crate::backfill::before_release(state, channel, epoch).await;
-    store_certificate(state, channel, row, &certificate)
+    let row = store_certificate(state, channel, row, &certificate)
         .instrument(tracing::debug_span!("certify.store"))
-        .await
+        .await?;
+    push_certificate(state, channel, &voters, &certificate);
+    Ok(row)
+}
+
+/// Sends `certificate` to every other voter of its epoch and every other
+/// server of the channel's Raft group, in the background and once: a server
+/// that does not take it (down, or its log not there yet) collects the
+/// votes itself after [`PUSH_WAIT`].
+fn push_certificate(
+    state: &Shared,
+    channel: ChannelId,
+    voters: &VoterSet,
+    certificate: &OrderingCertificate,
+) {
+    let me = &state.config.server_name;
+    let mut servers: BTreeSet<ServerName> = voters.servers().cloned().collect();
+    if let Some(orderer) = state.channels.running(channel) {
+        let (raft_voters, learners) = orderer.membership();
+        servers.extend(raft_voters);
+        servers.extend(learners);
+    }
+    servers.remove(me);
+    if servers.is_empty() {
+        return;
+    }
+    let body = json!({ "certificate": b64(&certificate.encode()) })
+        .to_string()
+        .into_bytes();
+    let path = format!("/v0/federation/channels/{channel}/certificate");
+    let epoch = certificate.epoch();
+    for server in servers {
+        let state = Arc::clone(state);
+        let (path, body) = (path.clone(), body.clone());
+        tokio::spawn(async move {
+            if let Err(e) = state.federation.client.post(&server, &path, body).await {
+                tracing::debug!(%channel, epoch, %server, "a pushed certificate was not taken: {e}");
+            }
+        });
+    }
+}
+
+/// Why a pushed certificate was not stored.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PushRefused {
+    /// It does not decode, or is for another channel.
+    #[error("not a certificate of this channel: {0}")]
+    Malformed(String),
+    /// This server's log has not accepted a commit for its epoch (yet).
+    #[error("this server's log has not accepted a commit for epoch {0} yet")]
+    NotYet(u64),
+    /// This server's log accepted another commit for its epoch.
+    #[error("this server's log accepted another commit for epoch {0}")]
+    AnotherCommit(u64),
+    /// It does not verify against this server's voter set of its epoch.
+    #[error("the certificate does not verify here: {0}")]
+    Invalid(CertificateError),
+}
+
+/// Stores a certificate pushed by another server of the channel, if it
+/// certifies the commit this server's own log accepted for its epoch and
+/// verifies against the voter set this server computes for that epoch
+/// (spec §10.8). `Ok(false)`: this server had a certificate already.
+/// Waits up to `wait` for the log to reach the epoch; refused, it changes
+/// nothing.
+pub(crate) async fn accept_pushed(
+    state: &Shared,
+    channel: ChannelId,
+    bytes: &[u8],
+    wait: Duration,
+) -> Result<Result<bool, PushRefused>, ApiError> {
+    let pushed = match OrderingCertificateIn::decode(bytes) {
+        Ok(c) if c.channel() == channel => c,
+        Ok(c) => {
+            return Ok(Err(PushRefused::Malformed(format!(
+                "it is for channel {}",
+                c.channel()
+            ))));
+        }
+        Err(e) => return Ok(Err(PushRefused::Malformed(e.to_string()))),
+    };
+    let epoch = pushed.epoch();
+    let deadline = tokio::time::Instant::now() + wait;
+    let row = loop {
+        if let Some(row) = state.db(move |s| s.commit(&channel, epoch)).await? {
+            break row;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Err(PushRefused::NotYet(epoch)));
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        state.channels.wait_accepted(channel, epoch, left).await;
+    };
+    if *pushed.commit_hash().as_bytes() != row.commit_hash {
+        return Ok(Err(PushRefused::AnotherCommit(epoch)));
+    }
+    // Checked even when this server has a certificate already, so that a
+    // bad push is always answered as one.
+    let voters = voter_set(state, channel, epoch).await?;
+    let certificate = match pushed.verify_for(channel, epoch, &row.commit, &voters) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(PushRefused::Invalid(e))),
+    };
+    if row.certificate.is_some() {
+        return Ok(Ok(false));
+    }
+    crate::backfill::before_release(state, channel, epoch).await;
+    store_certificate(state, channel, row, &certificate).await?;
+    Ok(Ok(true))
+}
+
+/// Waits up to `wait` for the certificate of `epoch` to be stored here by
+/// someone else; `true` if it was.
+async fn wait_for_certificate(
+    state: &Shared,
+    channel: ChannelId,
+    epoch: u64,
+    wait: Duration,
+) -> Result<bool, ApiError> {
+    let flights = &state.channels.flights;
+    let flight = flights.join(channel, epoch);
+    let result = async {
+        let stored = flight.stored.notified();
+        tokio::pin!(stored);
+        // Registered before the check, so a store in between is not missed.
+        stored.as_mut().enable();
+        let certified = state
+            .db(move |s| s.commit(&channel, epoch))
+            .await?
+            .is_some_and(|row| row.certificate.is_some());
+        if certified {
+            return Ok(true);
+        }
+        Ok(tokio::time::timeout(wait, stored).await.is_ok())
+    }
+    .await;
+    flights.leave(channel, epoch, flight);
+    result
 }
 
 /// Stores a certificate and appends the `commit` events for the local
@@ -499,6 +721,7 @@ async fn store_certificate(
     let events = state
         .db(move |s| s.certify_commit(&channel, epoch, &cert, &payload, now))
         .await?;
+    state.channels.flights.stored(channel, epoch);
     if let Some(events) = events {
         state.metrics.commits_accepted.inc();
         for (device, event) in events {
@@ -523,21 +746,11 @@ pub(crate) async fn run_certifier(state: Shared, mut accepted: mpsc::UnboundedRe
         let Some((channel, epoch)) = next else { break };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(500);
-            for attempt in 1..=CERTIFY_ATTEMPTS {
-                if *state.shutdown.borrow() {
-                    return;
-                }
-                match certify(&state, channel, epoch).await {
-                    Ok(_) => break,
-                    Err(e) if attempt == CERTIFY_ATTEMPTS => {
-                        tracing::warn!(%channel, epoch, "giving up certifying for now: {}", e.message);
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(delay).await;
-                        delay = delay.saturating_mul(2);
-                    }
-                }
+            // The committer's server collects the votes and pushes the
+            // certificate; collecting them here too would double the work.
+            match wait_for_certificate(&state, channel, epoch, PUSH_WAIT).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => certify_with_retries(&state, channel, epoch).await,
             }
             if let Some(orderer) = state.channels.running(channel)
                 && orderer.is_leader()
@@ -546,6 +759,26 @@ pub(crate) async fn run_certifier(state: Shared, mut accepted: mpsc::UnboundedRe
                 tracing::info!(%channel, "membership not updated yet: {}", e.message);
             }
         });
+    }
+}
+
+/// [`certify`], retried with backoff.
+async fn certify_with_retries(state: &Shared, channel: ChannelId, epoch: u64) {
+    let mut delay = Duration::from_millis(500);
+    for attempt in 1..=CERTIFY_ATTEMPTS {
+        if *state.shutdown.borrow() {
+            return;
+        }
+        match certify(state, channel, epoch).await {
+            Ok(_) => break,
+            Err(e) if attempt == CERTIFY_ATTEMPTS => {
+                tracing::warn!(%channel, epoch, "giving up certifying for now: {}", e.message);
+            }
+            Err(_) => {
+                tokio::time::sleep(delay).await;
+                delay = delay.saturating_mul(2);
+            }
+        }
     }
 }
 

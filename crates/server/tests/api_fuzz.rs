@@ -1884,8 +1884,8 @@ fn the_generator_is_deterministic_and_mutations_differ() {
     );
 }
 
-/// The federation endpoints of channels (genesis, submit, votes, messages,
-/// the Raft RPCs), properly signed by a.test, which serves none of b.test's
+/// The federation endpoints of channels (genesis, submit, votes, pushed
+/// certificates, messages, the Raft RPCs), properly signed by a.test, which serves none of b.test's
 /// channels: for b.test's channel, an unknown channel and malformed ids,
 /// with empty, garbage, wrong-shaped and real-shaped bodies (the Raft
 /// bodies are the `ordering_entry` fuzz seeds). Every answer is a 4xx
@@ -1917,6 +1917,11 @@ async fn federation_channel_endpoints_refuse_bad_input_and_change_nothing() {
             .to_string()
             .into_bytes(),
         seed("submission"),
+        json!({ "certificate": "!!" }).to_string().into_bytes(),
+        json!({ "certificate": "AAAA" }).to_string().into_bytes(),
+        json!({ "certificate": "AAAA", "epoch": 1 })
+            .to_string()
+            .into_bytes(),
     ];
     bodies.extend(raft_bodies.iter().cloned());
     let known = f.channel.to_string();
@@ -1953,7 +1958,7 @@ async fn federation_channel_endpoints_refuse_bad_input_and_change_nothing() {
                 vec![],
             ));
         }
-        for route in ["submit", "votes", "messages"] {
+        for route in ["submit", "votes", "certificate", "messages"] {
             for body in &bodies {
                 requests.push((
                     Method::POST,

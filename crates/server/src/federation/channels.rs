@@ -14,6 +14,11 @@
 //!   for that epoch, once it has applied it (409 `another_commit` if its log
 //!   accepted another, 503 `not_yet` if it has not got that far within a few
 //!   seconds);
+//! - `POST /v0/federation/channels/{id}/certificate` `{"certificate": b64}` →
+//!   `{"stored": bool}`: a certificate pushed by the server that collected
+//!   its votes; stored only if it certifies the commit this server's own log
+//!   accepted for its epoch and verifies against this server's voter set
+//!   (400 `invalid_certificate`, 409 `another_commit`, 503 `not_yet`);
 //! - `POST /v0/federation/channels/{id}/messages` `{"messages": [{"epoch",
 //!   "sender", "message"}]}` → `{"stored": n}`: application messages fanned
 //!   out by the sender's homeserver, deduplicated by MessageId;
@@ -38,7 +43,7 @@ use super::Signed;
 use crate::api::{ApiPath, b64, unb64};
 use crate::channels::{cache_records, catch_up, lock_mls};
 use crate::error::ApiError;
-use crate::ordering::{Ordered, deliver_remote_messages, order_local};
+use crate::ordering::{Ordered, PushRefused, accept_pushed, deliver_remote_messages, order_local};
 use crate::state::Shared;
 
 /// How long a voter waits for its own log to reach the epoch it is asked
@@ -52,6 +57,10 @@ pub(crate) fn routes() -> Router<Shared> {
         .route("/v0/federation/channels/{id}/genesis", get(genesis))
         .route("/v0/federation/channels/{id}/submit", post(submit))
         .route("/v0/federation/channels/{id}/votes", post(vote))
+        .route(
+            "/v0/federation/channels/{id}/certificate",
+            post(pushed_certificate),
+        )
         .route(
             "/v0/federation/channels/{id}/messages",
             post(messages).get(pull_messages),
@@ -313,7 +322,8 @@ async fn vote(
                 format!("this server's log has not accepted a commit for epoch {epoch} yet"),
             ));
         }
-        state.channels.wait_applied(Duration::from_millis(50)).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        state.channels.wait_accepted(channel, epoch, left).await;
     };
     if stored.commit_hash != hash {
         return Err(ApiError::conflict(
@@ -329,6 +339,45 @@ async fn vote(
         CommitHash::from_bytes(hash),
     );
     Ok(Json(json!({ "vote": b64(&vote.encode()) })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushedCertificate {
+    certificate: String,
+}
+
+#[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]
+async fn pushed_certificate(
+    State(state): State<Shared>,
+    ApiPath(id): ApiPath<String>,
+    signed: Signed,
+) -> Result<Json<Value>, ApiError> {
+    let channel = parse_channel(&id)?;
+    let req: PushedCertificate = json_body(&signed)?;
+    let bytes = unb64("certificate", &req.certificate)?;
+    // Only a server of the channel's group may push: checking a certificate
+    // costs signature checks and waiting for the log costs a timer.
+    require_peer(&state, channel, &signed.origin).await?;
+    match accept_pushed(&state, channel, &bytes, APPLY_WAIT).await? {
+        Ok(stored) => Ok(Json(json!({ "stored": stored }))),
+        Err(refused @ PushRefused::NotYet(_)) => Err(ApiError::new(
+            reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            "not_yet",
+            refused.to_string(),
+        )),
+        Err(refused @ PushRefused::AnotherCommit(_)) => {
+            Err(ApiError::conflict("another_commit", refused.to_string()))
+        }
+        Err(refused @ (PushRefused::Malformed(_) | PushRefused::Invalid(_))) => {
+            tracing::warn!(%channel, origin = %signed.origin, "a pushed certificate refused: {refused}");
+            Err(ApiError::new(
+                reqwest::StatusCode::BAD_REQUEST,
+                "invalid_certificate",
+                refused.to_string(),
+            ))
+        }
+    }
 }
 
 #[derive(Deserialize)]
