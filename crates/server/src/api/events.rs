@@ -279,6 +279,7 @@ mod tests {
             kind: kind.into(),
             payload: payload.into(),
             created_at: 1,
+            prev: None,
         }
     }
 
