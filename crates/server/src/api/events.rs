@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use super::{ApiJson, Authed, authenticate, bearer, list_limit};
 use crate::error::ApiError;
-use crate::state::Shared;
+use crate::state::{HandOff, Shared, Subscription};
 use crate::store::Event;
 
 /// Events read from storage per batch on a WebSocket.
@@ -38,7 +38,11 @@ pub(super) fn routes() -> Router<Shared> {
 
 /// `{"cursor", "kind", ...payload fields}`.
 pub(crate) fn event_json(event: &Event) -> Value {
-    let mut map = match serde_json::from_str::<Value>(&event.payload) {
+    json_of(event.cursor, &event.kind, &event.payload)
+}
+
+fn json_of(cursor: u64, kind: &str, payload: &str) -> Value {
+    let mut map = match serde_json::from_str::<Value>(payload) {
         Ok(Value::Object(map)) => map,
         Ok(other) => {
             let mut map = serde_json::Map::new();
@@ -47,8 +51,8 @@ pub(crate) fn event_json(event: &Event) -> Value {
         }
         Err(_) => serde_json::Map::new(),
     };
-    map.insert("cursor".into(), event.cursor.into());
-    map.insert("kind".into(), event.kind.clone().into());
+    map.insert("cursor".into(), cursor.into());
+    map.insert("kind".into(), kind.into());
     Value::Object(map)
 }
 
@@ -59,21 +63,34 @@ pub(crate) fn event_json(event: &Event) -> Value {
 /// kithd's CPU.) A payload that is not a JSON object, or that has a field
 /// named like those two, takes the general path.
 pub(crate) fn event_text(event: &Event) -> String {
-    let payload = event.payload.trim();
-    let rest = match payload.strip_prefix('{') {
-        Some(rest)
-            if !payload.contains(r#""cursor""#)
-                && !payload.contains(r#""kind""#)
-                && serde_json::from_str::<serde::de::IgnoredAny>(payload).is_ok() =>
-        {
-            rest.trim_start()
-        }
-        _ => return event_json(event).to_string(),
-    };
-    let kind = Value::from(event.kind.as_str()).to_string();
-    let mut text = String::with_capacity(payload.len() + kind.len() + 32);
+    match splice_at(&event.payload) {
+        Some(at) => spliced(event.cursor, &event.kind, &event.payload, at),
+        None => event_json(event).to_string(),
+    }
+}
+
+/// Where the fields of a payload that can be spliced start (after its
+/// `{`), or `None` if it must take the general path.
+fn splice_at(payload: &str) -> Option<usize> {
+    let trimmed = payload.trim();
+    let fields = trimmed.strip_prefix('{')?.trim_start();
+    if trimmed.contains(r#""cursor""#)
+        || trimmed.contains(r#""kind""#)
+        || serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_err()
+    {
+        return None;
+    }
+    let leading = payload.len() - payload.trim_start().len();
+    Some(leading + trimmed.len() - fields.len())
+}
+
+/// `{"cursor":C,"kind":K,` and the payload's fields from `at` on.
+fn spliced(cursor: u64, kind: &str, payload: &str, at: usize) -> String {
+    let rest = payload.get(at..).unwrap_or("}").trim_end();
+    let kind = Value::from(kind).to_string();
+    let mut text = String::with_capacity(rest.len() + kind.len() + 40);
     text.push_str(r#"{"cursor":"#);
-    text.push_str(&event.cursor.to_string());
+    text.push_str(&cursor.to_string());
     text.push_str(r#","kind":"#);
     text.push_str(&kind);
     if !rest.starts_with('}') {
@@ -81,6 +98,43 @@ pub(crate) fn event_text(event: &Event) -> String {
     }
     text.push_str(rest);
     text
+}
+
+/// An event's text prepared once for the many devices it went to (a
+/// message to a channel's members): [`event_text`] for any cursor, with
+/// the payload checked once.
+pub(crate) struct EventText {
+    kind: String,
+    payload: String,
+    splice: Option<usize>,
+}
+
+impl EventText {
+    pub(crate) fn new(kind: &str, payload: &str) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            payload: payload.to_owned(),
+            splice: splice_at(payload),
+        }
+    }
+
+    /// Whether this is the text of events with this kind and payload.
+    pub(crate) fn is(&self, kind: &str, payload: &str) -> bool {
+        self.kind == kind && self.payload == payload
+    }
+
+    /// The bytes this holds (for bounding queues of it).
+    pub(crate) fn len(&self) -> usize {
+        self.kind.len() + self.payload.len()
+    }
+
+    /// The event's JSON text at `cursor`: the same as [`event_text`].
+    pub(crate) fn text(&self, cursor: u64) -> String {
+        match self.splice {
+            Some(at) => spliced(cursor, &self.kind, &self.payload, at),
+            None => json_of(cursor, &self.kind, &self.payload).to_string(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -181,23 +235,22 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
     let mut shutdown = state.shutdown.clone();
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
-    let mut fetch = true;
+    // The first pass replays the log from the store.
+    let mut woken = Some(Source::Store);
     let reason = loop {
         if *shutdown.borrow() {
             break "server shutting down";
         }
-        if fetch {
-            live.borrow_and_update();
-            match send_stored(&state, device, &mut socket, &mut sent).await {
+        if let Some(source) = woken.take() {
+            match catch_up(&state, device, &mut live, &mut socket, &mut sent, source).await {
                 Ok(()) => {}
                 Err(why) => break why,
             }
-            fetch = false;
         }
         tokio::select! {
-            changed = live.changed() => {
+            changed = live.newest.changed() => {
                 if changed.is_err() { break "event hub closed" }
-                fetch = true;
+                woken = Some(Source::Handed);
             }
             message = socket.recv() => match message {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break "client closed",
@@ -230,6 +283,7 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
             }
         }
     };
+    drop(live);
     if reason == "server shutting down" {
         let _ = socket
             .send(Message::Close(Some(CloseFrame {
@@ -240,6 +294,79 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
     }
     state.metrics.event_streams.dec();
     tracing::debug!(reason, "event stream closed");
+}
+
+/// Where a pass of [`catch_up`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The events the hub handed over, as far as they follow on.
+    Handed,
+    /// The store, whatever was handed.
+    Store,
+}
+
+/// What a stream does with the events handed to it, given the cursor it
+/// has sent and the device's newest: the leading run that follows on from
+/// `sent` (each event's `prev` is the one before), skipping any it has
+/// already sent; and whether it must then read the store, because an
+/// event does not follow on (one before it was not handed: a full queue,
+/// an event only notified, an append racing another) or the newest cursor
+/// is beyond what the run reaches.
+pub(crate) fn plan(
+    mut sent: u64,
+    newest: u64,
+    handed: impl IntoIterator<Item = HandOff>,
+) -> (Vec<HandOff>, bool) {
+    let mut run = Vec::new();
+    for event in handed {
+        if event.cursor <= sent {
+            continue;
+        }
+        if event.prev != sent {
+            return (run, true);
+        }
+        sent = event.cursor;
+        run.push(event);
+    }
+    (run, newest > sent)
+}
+
+/// Sends what the device's log holds after `sent`, advancing it: the
+/// handed events that follow on from it, then, if there is more (or
+/// `source` says so), the rest from the store. Everything handed was on
+/// disk before it was handed, and the store read comes after: nothing is
+/// skipped, repeated or sent out of order.
+async fn catch_up(
+    state: &Shared,
+    device: DeviceId,
+    live: &mut Subscription<'_>,
+    socket: &mut WebSocket,
+    sent: &mut u64,
+    source: Source,
+) -> Result<(), &'static str> {
+    // Seen before taking the queue: a hand-off is queued before the newest
+    // cursor moves, so whatever the newest names is in the queue or older.
+    let newest = *live.newest.borrow_and_update();
+    let handed = live.take();
+    let read = if source == Source::Store {
+        true
+    } else {
+        let (run, read) = plan(*sent, newest, handed);
+        for event in run {
+            socket
+                .send(Message::Text(event.body.text(event.cursor).into()))
+                .await
+                .map_err(|_| "send failed")?;
+            *sent = event.cursor;
+            state.metrics.event_stream_handed.inc();
+        }
+        read
+    };
+    if read {
+        state.metrics.event_stream_reads.inc();
+        send_stored(state, device, socket, sent).await?;
+    }
+    Ok(())
 }
 
 /// Sends every stored event after `sent`, advancing it.
@@ -280,6 +407,71 @@ mod tests {
             payload: payload.into(),
             created_at: 1,
             prev: None,
+        }
+    }
+
+    fn handed(prev: u64, cursor: u64) -> HandOff {
+        HandOff {
+            prev,
+            cursor,
+            body: std::sync::Arc::new(EventText::new("message", "{}")),
+        }
+    }
+
+    fn cursors(run: &[HandOff]) -> Vec<u64> {
+        run.iter().map(|h| h.cursor).collect()
+    }
+
+    /// Handed events that follow on are sent; a gap, an event sent
+    /// already, a newest cursor beyond the run: each is seen.
+    #[test]
+    fn plan_sends_what_follows_on_and_reads_the_rest() {
+        // Caught up: everything handed follows on.
+        let (run, read) = plan(4, 9, [handed(4, 6), handed(6, 9)]);
+        assert_eq!((cursors(&run), read), (vec![6, 9], false));
+        // An event missing in between (a full queue, or only notified):
+        // the run stops before it and the store is read.
+        let (run, read) = plan(4, 12, [handed(4, 6), handed(7, 9), handed(9, 12)]);
+        assert_eq!((cursors(&run), read), (vec![6], true));
+        // The first does not follow on from what was sent.
+        let (run, read) = plan(4, 9, [handed(5, 9)]);
+        assert_eq!((cursors(&run), read), (vec![], true));
+        // Already sent (read from the store first): skipped, not repeated.
+        let (run, read) = plan(9, 12, [handed(4, 6), handed(6, 9), handed(9, 12)]);
+        assert_eq!((cursors(&run), read), (vec![12], false));
+        // Handed out of order (the later append's task ran first): the
+        // later one does not follow on, so the store is read.
+        let (run, read) = plan(4, 9, [handed(6, 9), handed(4, 6)]);
+        assert_eq!((cursors(&run), read), (vec![], true));
+        // Nothing handed, but the log grew (a dropped hand-off).
+        let (run, read) = plan(4, 6, []);
+        assert_eq!((cursors(&run), read), (vec![], true));
+        // Woken with nothing new.
+        let (run, read) = plan(6, 6, []);
+        assert_eq!((cursors(&run), read), (vec![], false));
+        // A stream started past the log's end (an explicit `after`) skips
+        // what lies before it, as a read would.
+        let (run, read) = plan(100, 9, [handed(4, 9)]);
+        assert_eq!((cursors(&run), read), (vec![], false));
+    }
+
+    /// A prepared text is [`event_text`] at any cursor.
+    #[test]
+    fn prepared_text_is_event_text() {
+        for payload in [
+            r#"{"channel":"c","seq":3,"message":"AAE="}"#,
+            " { \"a\" : 1 } ",
+            "{}",
+            r#"{"kind":"other"}"#,
+            "[1]",
+            "nope",
+        ] {
+            let prepared = EventText::new("message", payload);
+            for cursor in [1, 7, u64::MAX] {
+                let mut e = event("message", payload);
+                e.cursor = cursor;
+                assert_eq!(prepared.text(cursor), event_text(&e), "{payload:?}");
+            }
         }
     }
 
