@@ -97,9 +97,10 @@ impl AppState {
 /// the device's log is known ([`Event::prev`]) is also handed to each
 /// stream's small queue, ready to send, so a stream that is caught up sends
 /// it without reading the store. The store stays authoritative: a stream
-/// reads it whenever what it was handed does not follow on from what it
-/// sent, or the newest cursor is beyond it (a queue that was full, an
-/// event only notified). Devices without an open stream have no entry.
+/// reads it whenever an event was not queued for it (its queue was full,
+/// or the event's place in the log is unknown), or what it was handed
+/// leaves a gap that is not filled soon (see `api::events`). Devices
+/// without an open stream have no entry.
 #[derive(Default)]
 pub(crate) struct EventHub {
     devices: Mutex<HashMap<DeviceId, Live>>,
@@ -126,6 +127,10 @@ struct HandedQueue {
     /// The sum of the queued bodies' sizes (each counted whole, though
     /// shared with the other streams).
     bytes: usize,
+    /// An event was appended that is not in the queue (it was full, or
+    /// the event's place in the log is unknown): the stream must read the
+    /// store.
+    missed: bool,
 }
 
 impl Handed {
@@ -135,35 +140,43 @@ impl Handed {
     /// event is not queued and the stream reads it from the store.
     pub(crate) const MAX_BYTES: usize = 64 * 1024;
 
-    /// Queues `event` unless the queue is full; says whether it did.
-    fn push(&self, event: HandOff) -> bool {
-        let mut queue = self
-            .queue
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandedQueue> {
+        self.queue
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `event`, or, when the queue is full, notes that the stream
+    /// missed one.
+    fn push(&self, event: HandOff) {
+        let mut queue = self.lock();
         let size = event.body.len();
         if queue.events.len() >= Self::MAX_EVENTS || queue.bytes + size > Self::MAX_BYTES {
-            return false;
+            queue.missed = true;
+            return;
         }
         queue.bytes += size;
         queue.events.push_back(event);
-        true
     }
 
-    /// Everything queued, emptying the queue (and freeing its buffer).
-    fn take(&self) -> VecDeque<HandOff> {
-        let mut queue = self
-            .queue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// Notes that the stream missed an event.
+    fn miss(&self) {
+        self.lock().missed = true;
+    }
+
+    /// Everything queued, emptying the queue (and freeing its buffer), and
+    /// whether an event was missed since the last call.
+    fn take(&self) -> (Vec<HandOff>, bool) {
+        let mut queue = self.lock();
         queue.bytes = 0;
-        std::mem::take(&mut queue.events)
+        let missed = std::mem::take(&mut queue.missed);
+        (std::mem::take(&mut queue.events).into(), missed)
     }
 }
 
 /// One event handed to a stream: where it sits in the device's log, and
 /// its text, shared by every device the same event went to.
-#[derive(Clone)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct HandOff {
     /// The device's event before this one ([`Event::prev`]).
     pub(crate) prev: u64,
@@ -206,6 +219,10 @@ impl EventHub {
                         body: Arc::clone(&text),
                     });
                 }
+            } else {
+                for stream in &live.streams {
+                    stream.miss();
+                }
             }
             // Always a wake-up: the queues changed even when the newest
             // cursor did not (an event handed after a later one).
@@ -243,8 +260,11 @@ pub(crate) struct Subscription<'a> {
 }
 
 impl Subscription<'_> {
-    /// The events handed to this stream since the last call, oldest first.
-    pub(crate) fn take(&self) -> VecDeque<HandOff> {
+    /// The events handed to this stream since the last call, in the order
+    /// they were handed (not always the log's: appends that share a disk
+    /// sync are handed in any order), and whether one was missed (not
+    /// queued: the stream must read the store).
+    pub(crate) fn take(&self) -> (Vec<HandOff>, bool) {
         self.handed.take()
     }
 }
@@ -338,21 +358,21 @@ mod tests {
             (device(2), appended(6, Some(3), payload)),
             (device(3), appended(7, Some(4), payload)),
         ]);
-        let (a, b, c) = (one.take(), also_one.take(), two.take());
+        let (a, b, c) = (one.take().0, also_one.take().0, two.take().0);
         assert_eq!((a.len(), b.len(), c.len()), (1, 1, 1));
         assert_eq!((a[0].prev, a[0].cursor, c[0].cursor), (2, 5, 6));
         assert!(Arc::ptr_eq(&a[0].body, &c[0].body));
-        assert!(one.take().is_empty());
+        assert_eq!(one.take(), (vec![], false));
         assert!(!hub.lock().contains_key(&device(3)));
 
         hub.hand_off(&[(device(2), appended(9, None, payload))]);
-        assert!(two.take().is_empty());
+        assert_eq!(two.take(), (vec![], true));
         assert!(two.newest.has_changed().unwrap());
         assert_eq!(*two.newest.borrow_and_update(), 9);
         // The newest cursor never goes back (a later append handed first).
         hub.hand_off(&[(device(2), appended(8, Some(6), payload))]);
         assert_eq!(*two.newest.borrow_and_update(), 9);
-        assert_eq!(two.take().len(), 1);
+        assert_eq!(two.take().0.len(), 1);
 
         drop((one, also_one));
         assert!(!hub.lock().contains_key(&device(1)));
@@ -371,15 +391,18 @@ mod tests {
         for cursor in 1..=total {
             hub.hand_off(&[(device(1), appended(cursor, Some(cursor - 1), "{}"))]);
         }
-        let queued = stream.take();
+        let (queued, missed) = stream.take();
+        assert!(missed);
         assert_eq!(queued.len(), Handed::MAX_EVENTS);
-        assert_eq!(queued.back().unwrap().cursor, Handed::MAX_EVENTS as u64);
+        assert_eq!(queued.last().unwrap().cursor, Handed::MAX_EVENTS as u64);
         assert_eq!(*stream.newest.borrow_and_update(), total);
 
         let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(Handed::MAX_BYTES / 3));
         for cursor in 1..=4 {
             hub.hand_off(&[(device(1), appended(100 + cursor, Some(99 + cursor), &big))]);
         }
-        assert_eq!(stream.take().len(), 2);
+        let (queued, missed) = stream.take();
+        assert_eq!((queued.len(), missed), (2, true));
+        assert_eq!(stream.take(), (vec![], false));
     }
 }

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use super::{ApiJson, Authed, authenticate, bearer, list_limit};
 use crate::error::ApiError;
-use crate::state::{HandOff, Shared, Subscription};
+use crate::state::{HandOff, Handed, Shared, Subscription};
 use crate::store::Event;
 
 /// Events read from storage per batch on a WebSocket.
@@ -103,6 +103,7 @@ fn spliced(cursor: u64, kind: &str, payload: &str, at: usize) -> String {
 /// An event's text prepared once for the many devices it went to (a
 /// message to a channel's members): [`event_text`] for any cursor, with
 /// the payload checked once.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct EventText {
     kind: String,
     payload: String,
@@ -237,13 +238,32 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
     ping.tick().await;
     // The first pass replays the log from the store.
     let mut woken = Some(Source::Store);
+    let mut held = Vec::new();
+    // While a gap in what was handed waits to be filled: where it starts
+    // and until when it may (a gap that moves on restarts the wait).
+    let mut gap: Option<(u64, tokio::time::Instant)> = None;
     let reason = loop {
         if *shutdown.borrow() {
             break "server shutting down";
         }
         if let Some(source) = woken.take() {
-            match catch_up(&state, device, &mut live, &mut socket, &mut sent, source).await {
-                Ok(()) => {}
+            match catch_up(
+                &state,
+                device,
+                &mut live,
+                &mut socket,
+                &mut sent,
+                &mut held,
+                source,
+            )
+            .await
+            {
+                Ok(true) => {
+                    if gap.is_none_or(|(at, _)| at != sent) {
+                        gap = Some((sent, tokio::time::Instant::now() + GAP_GRACE));
+                    }
+                }
+                Ok(false) => gap = None,
                 Err(why) => break why,
             }
         }
@@ -251,6 +271,10 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
             changed = live.newest.changed() => {
                 if changed.is_err() { break "event hub closed" }
                 woken = Some(Source::Handed);
+            }
+            () = tokio::time::sleep_until(gap.map_or_else(tokio::time::Instant::now, |g| g.1)),
+                if gap.is_some() => {
+                woken = Some(Source::Store);
             }
             message = socket.recv() => match message {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break "client closed",
@@ -305,54 +329,79 @@ enum Source {
     Store,
 }
 
-/// What a stream does with the events handed to it, given the cursor it
-/// has sent and the device's newest: the leading run that follows on from
-/// `sent` (each event's `prev` is the one before), skipping any it has
-/// already sent; and whether it must then read the store, because an
-/// event does not follow on (one before it was not handed: a full queue,
-/// an event only notified, an append racing another) or the newest cursor
-/// is beyond what the run reaches.
-pub(crate) fn plan(
-    mut sent: u64,
-    newest: u64,
-    handed: impl IntoIterator<Item = HandOff>,
-) -> (Vec<HandOff>, bool) {
+/// What a stream does with the events handed to it (`held`: those it
+/// kept from earlier passes and the newly queued ones), given the cursor
+/// it has sent and the device's newest. The events are put in log order
+/// (appends that share a disk sync are handed in any order); those it has
+/// sent already are dropped; the run that follows on from `sent` (each
+/// event's `prev` the one before) is to be sent; the rest, beyond a gap,
+/// is kept for the next pass, when the events of the gap have most likely
+/// been handed too.
+pub(crate) fn plan(mut sent: u64, newest: u64, mut held: Vec<HandOff>) -> Plan {
+    held.sort_unstable_by_key(|e| e.cursor);
+    held.dedup_by_key(|e| e.cursor);
     let mut run = Vec::new();
-    for event in handed {
+    let mut rest = Vec::new();
+    for event in held {
         if event.cursor <= sent {
             continue;
         }
-        if event.prev != sent {
-            return (run, true);
+        if rest.is_empty() && event.prev == sent {
+            sent = event.cursor;
+            run.push(event);
+        } else {
+            rest.push(event);
         }
-        sent = event.cursor;
-        run.push(event);
     }
-    (run, newest > sent)
+    Plan {
+        run,
+        behind: newest > sent,
+        held: rest,
+    }
 }
 
+/// See [`plan`].
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// To send now, in order.
+    pub(crate) run: Vec<HandOff>,
+    /// Handed, but beyond a gap.
+    pub(crate) held: Vec<HandOff>,
+    /// Whether the log reaches beyond the run (a gap, or events not
+    /// handed).
+    pub(crate) behind: bool,
+}
+
+/// How long a stream with a gap in what it was handed waits for the gap
+/// to be handed too before it reads the store. Only an append whose
+/// request was dropped between its disk sync and its hand-off leaves a
+/// gap that is never filled.
+const GAP_GRACE: Duration = Duration::from_millis(20);
+
 /// Sends what the device's log holds after `sent`, advancing it: the
-/// handed events that follow on from it, then, if there is more (or
-/// `source` says so), the rest from the store. Everything handed was on
-/// disk before it was handed, and the store read comes after: nothing is
-/// skipped, repeated or sent out of order.
+/// handed events that follow on from it, or, if one was missed (or
+/// `source` says so), everything from the store. Everything handed was on
+/// disk before it was handed, and a store read comes after: nothing is
+/// skipped, repeated or sent out of order. Returns whether the stream is
+/// still behind (a gap in what it was handed; `held` keeps what lies
+/// beyond it).
 async fn catch_up(
     state: &Shared,
     device: DeviceId,
     live: &mut Subscription<'_>,
     socket: &mut WebSocket,
     sent: &mut u64,
+    held: &mut Vec<HandOff>,
     source: Source,
-) -> Result<(), &'static str> {
+) -> Result<bool, &'static str> {
     // Seen before taking the queue: a hand-off is queued before the newest
     // cursor moves, so whatever the newest names is in the queue or older.
     let newest = *live.newest.borrow_and_update();
-    let handed = live.take();
-    let read = if source == Source::Store {
-        true
-    } else {
-        let (run, read) = plan(*sent, newest, handed);
-        for event in run {
+    let (queued, missed) = live.take();
+    if source == Source::Handed && !missed {
+        held.extend(queued);
+        let plan = plan(*sent, newest, std::mem::take(held));
+        for event in plan.run {
             socket
                 .send(Message::Text(event.body.text(event.cursor).into()))
                 .await
@@ -360,13 +409,15 @@ async fn catch_up(
             *sent = event.cursor;
             state.metrics.event_stream_handed.inc();
         }
-        read
-    };
-    if read {
-        state.metrics.event_stream_reads.inc();
-        send_stored(state, device, socket, sent).await?;
+        if plan.held.len() <= Handed::MAX_EVENTS {
+            *held = plan.held;
+            return Ok(plan.behind);
+        }
     }
-    Ok(())
+    held.clear();
+    state.metrics.event_stream_reads.inc();
+    send_stored(state, device, socket, sent).await?;
+    Ok(false)
 }
 
 /// Sends every stored event after `sent`, advancing it.
@@ -422,37 +473,45 @@ mod tests {
         run.iter().map(|h| h.cursor).collect()
     }
 
-    /// Handed events that follow on are sent; a gap, an event sent
-    /// already, a newest cursor beyond the run: each is seen.
+    fn run_of(sent: u64, newest: u64, handed: Vec<HandOff>) -> (Vec<u64>, Vec<u64>, bool) {
+        let plan = plan(sent, newest, handed);
+        (cursors(&plan.run), cursors(&plan.held), plan.behind)
+    }
+
+    /// Handed events that follow on are sent, in log order; beyond a gap
+    /// they wait; those sent already are dropped; a newest cursor beyond
+    /// the run is seen.
     #[test]
-    fn plan_sends_what_follows_on_and_reads_the_rest() {
+    fn plan_sends_what_follows_on_and_holds_the_rest() {
         // Caught up: everything handed follows on.
-        let (run, read) = plan(4, 9, [handed(4, 6), handed(6, 9)]);
-        assert_eq!((cursors(&run), read), (vec![6, 9], false));
-        // An event missing in between (a full queue, or only notified):
-        // the run stops before it and the store is read.
-        let (run, read) = plan(4, 12, [handed(4, 6), handed(7, 9), handed(9, 12)]);
-        assert_eq!((cursors(&run), read), (vec![6], true));
+        let got = run_of(4, 9, vec![handed(4, 6), handed(6, 9)]);
+        assert_eq!(got, (vec![6, 9], vec![], false));
+        // Handed out of order (appends that shared a disk sync): sent in
+        // the log's order.
+        let got = run_of(4, 12, vec![handed(9, 12), handed(4, 6), handed(6, 9)]);
+        assert_eq!(got, (vec![6, 9, 12], vec![], false));
+        // An event missing in between: the run stops before it, the rest
+        // waits, the stream is behind.
+        let got = run_of(4, 12, vec![handed(4, 6), handed(7, 9), handed(9, 12)]);
+        assert_eq!(got, (vec![6], vec![9, 12], true));
         // The first does not follow on from what was sent.
-        let (run, read) = plan(4, 9, [handed(5, 9)]);
-        assert_eq!((cursors(&run), read), (vec![], true));
-        // Already sent (read from the store first): skipped, not repeated.
-        let (run, read) = plan(9, 12, [handed(4, 6), handed(6, 9), handed(9, 12)]);
-        assert_eq!((cursors(&run), read), (vec![12], false));
-        // Handed out of order (the later append's task ran first): the
-        // later one does not follow on, so the store is read.
-        let (run, read) = plan(4, 9, [handed(6, 9), handed(4, 6)]);
-        assert_eq!((cursors(&run), read), (vec![], true));
-        // Nothing handed, but the log grew (a dropped hand-off).
-        let (run, read) = plan(4, 6, []);
-        assert_eq!((cursors(&run), read), (vec![], true));
+        let got = run_of(4, 9, vec![handed(5, 9)]);
+        assert_eq!(got, (vec![], vec![9], true));
+        // Already sent (read from the store meanwhile), or handed twice:
+        // dropped, not repeated.
+        let got = run_of(
+            9,
+            12,
+            vec![handed(4, 6), handed(6, 9), handed(9, 12), handed(9, 12)],
+        );
+        assert_eq!(got, (vec![12], vec![], false));
+        // Nothing handed, but the log grew.
+        assert_eq!(run_of(4, 6, vec![]), (vec![], vec![], true));
         // Woken with nothing new.
-        let (run, read) = plan(6, 6, []);
-        assert_eq!((cursors(&run), read), (vec![], false));
+        assert_eq!(run_of(6, 6, vec![]), (vec![], vec![], false));
         // A stream started past the log's end (an explicit `after`) skips
         // what lies before it, as a read would.
-        let (run, read) = plan(100, 9, [handed(4, 9)]);
-        assert_eq!((cursors(&run), read), (vec![], false));
+        assert_eq!(run_of(100, 9, vec![handed(4, 9)]), (vec![], vec![], false));
     }
 
     /// A prepared text is [`event_text`] at any cursor.
