@@ -23,6 +23,9 @@ use super::{
     StoreError,
 };
 
+/// WAL pages between automatic checkpoints (`PRAGMA wal_autocheckpoint`).
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 8192;
+
 /// The schema version this code writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 4;
 
@@ -206,6 +209,13 @@ impl SqliteStore {
         // No fsync at commit: `GroupCommit` makes each write durable before
         // its call returns. (NORMAL still syncs around checkpoints.)
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // A message to many devices dirties one `events_by_device` leaf per
+        // recipient, the same leaves message after message. Checkpointing
+        // every 1,000 WAL pages (SQLite's default; every ~7 messages to 100
+        // devices) wrote those leaves back again and again, on the
+        // connection's lock; every 8,192 pages (a WAL of up to 32 MiB)
+        // writes each of them back once per ~60 messages.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // Without the query planner stability guarantee, SQLite (built with
         // STAT4) plans with the bound `LIMIT ?` value, and rebinding it
