@@ -21,6 +21,8 @@ pub(crate) struct Metrics {
     pub(crate) registered_devices: Gauge,
     pub(crate) inbox_deposits: Counter,
     pub(crate) event_streams: Gauge,
+    pub(crate) event_stream_handed: Counter,
+    pub(crate) event_stream_reads: Counter,
     pub(crate) storage_seconds: Histogram,
     pub(crate) commits_accepted: Counter,
     pub(crate) commits_rejected: Counter,
@@ -53,6 +55,18 @@ impl Metrics {
             "event_streams_connected",
             "Event-stream WebSockets currently open",
             event_streams.clone(),
+        );
+        let event_stream_handed = Counter::default();
+        registry.register(
+            "event_stream_handed",
+            "Events event streams sent as the hub handed them, without a store read",
+            event_stream_handed.clone(),
+        );
+        let event_stream_reads = Counter::default();
+        registry.register(
+            "event_stream_reads",
+            "Times an event stream read its device's log from the store",
+            event_stream_reads.clone(),
         );
         // 50 µs to about 3.3 s.
         let storage_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 17));
@@ -88,6 +102,8 @@ impl Metrics {
             registered_devices,
             inbox_deposits,
             event_streams,
+            event_stream_handed,
+            event_stream_reads,
             storage_seconds,
         }
     }

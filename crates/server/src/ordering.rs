@@ -724,9 +724,7 @@ async fn store_certificate(
     state.channels.flights.stored(channel, epoch);
     if let Some(events) = events {
         state.metrics.commits_accepted.inc();
-        for (device, event) in events {
-            state.hub.notify(device, event.cursor);
-        }
+        state.hub.hand_off(&events);
         tracing::info!(%channel, epoch, "commit certified");
     }
     row.certificate = Some(certificate);
@@ -895,9 +893,7 @@ pub(crate) async fn store_remote_message(
             })
         })
         .await?;
-    for (to, event) in &events {
-        state.hub.notify(*to, event.cursor);
-    }
+    state.hub.hand_off(&events);
     let new = row.received_at == received_at;
     if new {
         state.metrics.channel_messages.inc();

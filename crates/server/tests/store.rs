@@ -194,6 +194,56 @@ fn event_log_and_acks(s: &dyn Store) {
     assert_eq!(s.events(&dev(2), 0, 10).unwrap(), vec![other]);
 }
 
+/// An append names the device's append before it (`prev`), whatever path
+/// it came by and whatever was acked since; or names nothing. Reads name
+/// nothing.
+fn appends_name_the_event_before(s: &dyn Store) {
+    for (n, local) in [(1, "one"), (2, "two"), (3, "three")] {
+        s.register(&crate::row(n, local)).unwrap();
+    }
+    let e1 = s.append_event(&dev(1), "test", "{}", 1).unwrap();
+    assert!(matches!(e1.prev, None | Some(0)), "{e1:?}");
+    let other = s.append_event(&dev(2), "test", "{}", 2).unwrap();
+    let e2 = s.append_event(&dev(1), "test", "{}", 3).unwrap();
+    assert_eq!(e2.prev, Some(e1.cursor));
+    // Acked and gone, the event before is still the one before.
+    s.ack_events(&dev(1), e2.cursor).unwrap();
+    let (_, e3) = s
+        .deposit_inbox(&dev(1), b"env", 4, 10, &|_| "{}".into())
+        .unwrap();
+    assert_eq!(e3.prev, Some(e2.cursor));
+    // A message's events, one per recipient, each after its own log's.
+    let row = ChannelRow {
+        channel: chan(1),
+        name: "general".into(),
+        content_type: "text/plain".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1, 2, 3])).unwrap();
+    let message = NewMessage {
+        id: [1; 32],
+        epoch: 0,
+        sender: dev(3),
+        message: vec![1; 3],
+        received_at: 50,
+    };
+    let (_, events) = s
+        .store_message(&chan(1), &message, &|m| format!("{{\"seq\":{}}}", m.seq))
+        .unwrap();
+    let prevs: Vec<(DeviceId, Option<u64>)> = events.iter().map(|(d, e)| (*d, e.prev)).collect();
+    assert_eq!(
+        prevs,
+        vec![(dev(1), Some(e3.cursor)), (dev(2), Some(other.cursor))]
+    );
+    assert!(
+        s.events(&dev(1), 0, 10)
+            .unwrap()
+            .iter()
+            .all(|e| e.prev.is_none())
+    );
+}
+
 fn chan(n: u8) -> ChannelId {
     ChannelId::from_bytes([n; 16])
 }
@@ -602,6 +652,10 @@ macro_rules! store_suite {
                 super::event_log_and_acks(make().as_ref());
             }
             #[test]
+            fn appends_name_the_event_before() {
+                super::appends_name_the_event_before(make().as_ref());
+            }
+            #[test]
             fn channels_and_commits() {
                 super::channels_and_commits(make().as_ref());
             }
@@ -670,8 +724,11 @@ fn sqlite_survives_reopen() {
     drop(s);
     let s = kith_server::SqliteStore::open(&path).unwrap();
     assert_eq!(s.due_outbox(8, 10).unwrap().len(), 1);
-    // Cursors keep growing after a restart.
-    assert!(s.append_event(&dev(1), "test", "{}", 7).unwrap().cursor > cursor);
+    // Cursors keep growing after a restart; an append names the event
+    // before it only if that is the one before.
+    let next = s.append_event(&dev(1), "test", "{}", 7).unwrap();
+    assert!(next.cursor > cursor);
+    assert!(next.prev.is_none_or(|c| c == cursor), "{next:?}");
 }
 
 /// Writers on several threads at once (whose fsyncs the SQLite backend

@@ -150,9 +150,7 @@ async fn accept(
         })
         .await?;
     state.db(move |s| s.wait_durable(token)).await?;
-    for (to, event) in &events {
-        state.hub.notify(*to, event.cursor);
-    }
+    state.hub.hand_off(&events);
     if stored.received_at == received_at {
         state.metrics.channel_messages.inc();
     }

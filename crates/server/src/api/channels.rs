@@ -641,9 +641,7 @@ pub(super) async fn post_message(
             })
         })
         .await?;
-    for (to, event) in &events {
-        state.hub.notify(*to, event.cursor);
-    }
+    state.hub.hand_off(&events);
     // A repeated id returns the row stored the first time (and queues it
     // again for the other servers, which deduplicate: a retry after a lost
     // answer cannot leave it unsent).

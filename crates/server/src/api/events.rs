@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use super::{ApiJson, Authed, authenticate, bearer, list_limit};
 use crate::error::ApiError;
-use crate::state::Shared;
+use crate::state::{HandOff, Handed, Shared, Subscription};
 use crate::store::Event;
 
 /// Events read from storage per batch on a WebSocket.
@@ -38,7 +38,11 @@ pub(super) fn routes() -> Router<Shared> {
 
 /// `{"cursor", "kind", ...payload fields}`.
 pub(crate) fn event_json(event: &Event) -> Value {
-    let mut map = match serde_json::from_str::<Value>(&event.payload) {
+    json_of(event.cursor, &event.kind, &event.payload)
+}
+
+fn json_of(cursor: u64, kind: &str, payload: &str) -> Value {
+    let mut map = match serde_json::from_str::<Value>(payload) {
         Ok(Value::Object(map)) => map,
         Ok(other) => {
             let mut map = serde_json::Map::new();
@@ -47,8 +51,8 @@ pub(crate) fn event_json(event: &Event) -> Value {
         }
         Err(_) => serde_json::Map::new(),
     };
-    map.insert("cursor".into(), event.cursor.into());
-    map.insert("kind".into(), event.kind.clone().into());
+    map.insert("cursor".into(), cursor.into());
+    map.insert("kind".into(), kind.into());
     Value::Object(map)
 }
 
@@ -59,21 +63,34 @@ pub(crate) fn event_json(event: &Event) -> Value {
 /// kithd's CPU.) A payload that is not a JSON object, or that has a field
 /// named like those two, takes the general path.
 pub(crate) fn event_text(event: &Event) -> String {
-    let payload = event.payload.trim();
-    let rest = match payload.strip_prefix('{') {
-        Some(rest)
-            if !payload.contains(r#""cursor""#)
-                && !payload.contains(r#""kind""#)
-                && serde_json::from_str::<serde::de::IgnoredAny>(payload).is_ok() =>
-        {
-            rest.trim_start()
-        }
-        _ => return event_json(event).to_string(),
-    };
-    let kind = Value::from(event.kind.as_str()).to_string();
-    let mut text = String::with_capacity(payload.len() + kind.len() + 32);
+    match splice_at(&event.payload) {
+        Some(at) => spliced(event.cursor, &event.kind, &event.payload, at),
+        None => event_json(event).to_string(),
+    }
+}
+
+/// Where the fields of a payload that can be spliced start (after its
+/// `{`), or `None` if it must take the general path.
+fn splice_at(payload: &str) -> Option<usize> {
+    let trimmed = payload.trim();
+    let fields = trimmed.strip_prefix('{')?.trim_start();
+    if trimmed.contains(r#""cursor""#)
+        || trimmed.contains(r#""kind""#)
+        || serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_err()
+    {
+        return None;
+    }
+    let leading = payload.len() - payload.trim_start().len();
+    Some(leading + trimmed.len() - fields.len())
+}
+
+/// `{"cursor":C,"kind":K,` and the payload's fields from `at` on.
+fn spliced(cursor: u64, kind: &str, payload: &str, at: usize) -> String {
+    let rest = payload.get(at..).unwrap_or("}").trim_end();
+    let kind = Value::from(kind).to_string();
+    let mut text = String::with_capacity(rest.len() + kind.len() + 40);
     text.push_str(r#"{"cursor":"#);
-    text.push_str(&event.cursor.to_string());
+    text.push_str(&cursor.to_string());
     text.push_str(r#","kind":"#);
     text.push_str(&kind);
     if !rest.starts_with('}') {
@@ -81,6 +98,44 @@ pub(crate) fn event_text(event: &Event) -> String {
     }
     text.push_str(rest);
     text
+}
+
+/// An event's text prepared once for the many devices it went to (a
+/// message to a channel's members): [`event_text`] for any cursor, with
+/// the payload checked once.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct EventText {
+    kind: String,
+    payload: String,
+    splice: Option<usize>,
+}
+
+impl EventText {
+    pub(crate) fn new(kind: &str, payload: &str) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            payload: payload.to_owned(),
+            splice: splice_at(payload),
+        }
+    }
+
+    /// Whether this is the text of events with this kind and payload.
+    pub(crate) fn is(&self, kind: &str, payload: &str) -> bool {
+        self.kind == kind && self.payload == payload
+    }
+
+    /// The bytes this holds (for bounding queues of it).
+    pub(crate) fn len(&self) -> usize {
+        self.kind.len() + self.payload.len()
+    }
+
+    /// The event's JSON text at `cursor`: the same as [`event_text`].
+    pub(crate) fn text(&self, cursor: u64) -> String {
+        match self.splice {
+            Some(at) => spliced(cursor, &self.kind, &self.payload, at),
+            None => json_of(cursor, &self.kind, &self.payload).to_string(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -181,23 +236,45 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
     let mut shutdown = state.shutdown.clone();
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
-    let mut fetch = true;
+    // The first pass replays the log from the store.
+    let mut woken = Some(Source::Store);
+    let mut held = Vec::new();
+    // While a gap in what was handed waits to be filled: where it starts
+    // and until when it may (a gap that moves on restarts the wait).
+    let mut gap: Option<(u64, tokio::time::Instant)> = None;
     let reason = loop {
         if *shutdown.borrow() {
             break "server shutting down";
         }
-        if fetch {
-            live.borrow_and_update();
-            match send_stored(&state, device, &mut socket, &mut sent).await {
-                Ok(()) => {}
+        if let Some(source) = woken.take() {
+            match catch_up(
+                &state,
+                device,
+                &mut live,
+                &mut socket,
+                &mut sent,
+                &mut held,
+                source,
+            )
+            .await
+            {
+                Ok(true) => {
+                    if gap.is_none_or(|(at, _)| at != sent) {
+                        gap = Some((sent, tokio::time::Instant::now() + GAP_GRACE));
+                    }
+                }
+                Ok(false) => gap = None,
                 Err(why) => break why,
             }
-            fetch = false;
         }
         tokio::select! {
-            changed = live.changed() => {
+            changed = live.newest.changed() => {
                 if changed.is_err() { break "event hub closed" }
-                fetch = true;
+                woken = Some(Source::Handed);
+            }
+            () = tokio::time::sleep_until(gap.map_or_else(tokio::time::Instant::now, |g| g.1)),
+                if gap.is_some() => {
+                woken = Some(Source::Store);
             }
             message = socket.recv() => match message {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break "client closed",
@@ -230,6 +307,7 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
             }
         }
     };
+    drop(live);
     if reason == "server shutting down" {
         let _ = socket
             .send(Message::Close(Some(CloseFrame {
@@ -240,6 +318,106 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
     }
     state.metrics.event_streams.dec();
     tracing::debug!(reason, "event stream closed");
+}
+
+/// Where a pass of [`catch_up`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The events the hub handed over, as far as they follow on.
+    Handed,
+    /// The store, whatever was handed.
+    Store,
+}
+
+/// What a stream does with the events handed to it (`held`: those it
+/// kept from earlier passes and the newly queued ones), given the cursor
+/// it has sent and the device's newest. The events are put in log order
+/// (appends that share a disk sync are handed in any order); those it has
+/// sent already are dropped; the run that follows on from `sent` (each
+/// event's `prev` the one before) is to be sent; the rest, beyond a gap,
+/// is kept for the next pass, when the events of the gap have most likely
+/// been handed too.
+pub(crate) fn plan(mut sent: u64, newest: u64, mut held: Vec<HandOff>) -> Plan {
+    held.sort_unstable_by_key(|e| e.cursor);
+    held.dedup_by_key(|e| e.cursor);
+    let mut run = Vec::new();
+    let mut rest = Vec::new();
+    for event in held {
+        if event.cursor <= sent {
+            continue;
+        }
+        if rest.is_empty() && event.prev == sent {
+            sent = event.cursor;
+            run.push(event);
+        } else {
+            rest.push(event);
+        }
+    }
+    Plan {
+        run,
+        behind: newest > sent,
+        held: rest,
+    }
+}
+
+/// See [`plan`].
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// To send now, in order.
+    pub(crate) run: Vec<HandOff>,
+    /// Handed, but beyond a gap.
+    pub(crate) held: Vec<HandOff>,
+    /// Whether the log reaches beyond the run (a gap, or events not
+    /// handed).
+    pub(crate) behind: bool,
+}
+
+/// How long a stream with a gap in what it was handed waits for the gap
+/// to be handed too before it reads the store. Only an append whose
+/// request was dropped between its disk sync and its hand-off leaves a
+/// gap that is never filled.
+const GAP_GRACE: Duration = Duration::from_millis(20);
+
+/// Sends what the device's log holds after `sent`, advancing it: the
+/// handed events that follow on from it, or, if one was missed (or
+/// `source` says so), everything from the store. Everything handed was on
+/// disk before it was handed, and a store read comes after: nothing is
+/// skipped, repeated or sent out of order. Returns whether the stream is
+/// still behind (a gap in what it was handed; `held` keeps what lies
+/// beyond it).
+async fn catch_up(
+    state: &Shared,
+    device: DeviceId,
+    live: &mut Subscription<'_>,
+    socket: &mut WebSocket,
+    sent: &mut u64,
+    held: &mut Vec<HandOff>,
+    source: Source,
+) -> Result<bool, &'static str> {
+    // Seen before taking the queue: a hand-off is queued before the newest
+    // cursor moves, so whatever the newest names is in the queue or older.
+    let newest = *live.newest.borrow_and_update();
+    let (queued, missed) = live.take();
+    if source == Source::Handed && !missed {
+        held.extend(queued);
+        let plan = plan(*sent, newest, std::mem::take(held));
+        for event in plan.run {
+            socket
+                .send(Message::Text(event.body.text(event.cursor).into()))
+                .await
+                .map_err(|_| "send failed")?;
+            *sent = event.cursor;
+            state.metrics.event_stream_handed.inc();
+        }
+        if plan.held.len() <= Handed::MAX_EVENTS {
+            *held = plan.held;
+            return Ok(plan.behind);
+        }
+    }
+    held.clear();
+    state.metrics.event_stream_reads.inc();
+    send_stored(state, device, socket, sent).await?;
+    Ok(false)
 }
 
 /// Sends every stored event after `sent`, advancing it.
@@ -279,6 +457,80 @@ mod tests {
             kind: kind.into(),
             payload: payload.into(),
             created_at: 1,
+            prev: None,
+        }
+    }
+
+    fn handed(prev: u64, cursor: u64) -> HandOff {
+        HandOff {
+            prev,
+            cursor,
+            body: std::sync::Arc::new(EventText::new("message", "{}")),
+        }
+    }
+
+    fn cursors(run: &[HandOff]) -> Vec<u64> {
+        run.iter().map(|h| h.cursor).collect()
+    }
+
+    fn run_of(sent: u64, newest: u64, handed: Vec<HandOff>) -> (Vec<u64>, Vec<u64>, bool) {
+        let plan = plan(sent, newest, handed);
+        (cursors(&plan.run), cursors(&plan.held), plan.behind)
+    }
+
+    /// Handed events that follow on are sent, in log order; beyond a gap
+    /// they wait; those sent already are dropped; a newest cursor beyond
+    /// the run is seen.
+    #[test]
+    fn plan_sends_what_follows_on_and_holds_the_rest() {
+        // Caught up: everything handed follows on.
+        let got = run_of(4, 9, vec![handed(4, 6), handed(6, 9)]);
+        assert_eq!(got, (vec![6, 9], vec![], false));
+        // Handed out of order (appends that shared a disk sync): sent in
+        // the log's order.
+        let got = run_of(4, 12, vec![handed(9, 12), handed(4, 6), handed(6, 9)]);
+        assert_eq!(got, (vec![6, 9, 12], vec![], false));
+        // An event missing in between: the run stops before it, the rest
+        // waits, the stream is behind.
+        let got = run_of(4, 12, vec![handed(4, 6), handed(7, 9), handed(9, 12)]);
+        assert_eq!(got, (vec![6], vec![9, 12], true));
+        // The first does not follow on from what was sent.
+        let got = run_of(4, 9, vec![handed(5, 9)]);
+        assert_eq!(got, (vec![], vec![9], true));
+        // Already sent (read from the store meanwhile), or handed twice:
+        // dropped, not repeated.
+        let got = run_of(
+            9,
+            12,
+            vec![handed(4, 6), handed(6, 9), handed(9, 12), handed(9, 12)],
+        );
+        assert_eq!(got, (vec![12], vec![], false));
+        // Nothing handed, but the log grew.
+        assert_eq!(run_of(4, 6, vec![]), (vec![], vec![], true));
+        // Woken with nothing new.
+        assert_eq!(run_of(6, 6, vec![]), (vec![], vec![], false));
+        // A stream started past the log's end (an explicit `after`) skips
+        // what lies before it, as a read would.
+        assert_eq!(run_of(100, 9, vec![handed(4, 9)]), (vec![], vec![], false));
+    }
+
+    /// A prepared text is [`event_text`] at any cursor.
+    #[test]
+    fn prepared_text_is_event_text() {
+        for payload in [
+            r#"{"channel":"c","seq":3,"message":"AAE="}"#,
+            " { \"a\" : 1 } ",
+            "{}",
+            r#"{"kind":"other"}"#,
+            "[1]",
+            "nope",
+        ] {
+            let prepared = EventText::new("message", payload);
+            for cursor in [1, 7, u64::MAX] {
+                let mut e = event("message", payload);
+                e.cursor = cursor;
+                assert_eq!(prepared.text(cursor), event_text(&e), "{payload:?}");
+            }
         }
     }
 

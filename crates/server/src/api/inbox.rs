@@ -110,7 +110,7 @@ async fn deposit(
         })
         .await?;
     state.metrics.inbox_deposits.inc();
-    state.hub.notify(recipient, event.cursor);
+    state.hub.hand_off(&[(recipient, event)]);
     Ok((StatusCode::OK, Json(json!({ "id": item.id }))))
 }
 

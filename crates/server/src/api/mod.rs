@@ -11,7 +11,7 @@
 
 mod binary;
 pub(crate) mod channels;
-mod events;
+pub(crate) mod events;
 pub(crate) mod identity;
 pub(crate) mod inbox;
 pub(crate) mod keypackages;

@@ -147,7 +147,7 @@ async fn deposit(
     let duplicate = event.is_none();
     if let Some(event) = event {
         state.metrics.inbox_deposits.inc();
-        state.hub.notify(recipient, event.cursor);
+        state.hub.hand_off(&[(recipient, event)]);
     }
     Ok(Json(json!({ "id": id, "duplicate": duplicate })))
 }

@@ -31,6 +31,8 @@ struct State {
     inbox: HashMap<DeviceId, BTreeMap<u64, InboxItem>>,
     next_inbox_id: u64,
     events: HashMap<DeviceId, BTreeMap<u64, Event>>,
+    /// The newest cursor ever appended to each device's log.
+    tails: HashMap<DeviceId, u64>,
     next_cursor: u64,
     acked: HashMap<DeviceId, u64>,
     channels: BTreeMap<ChannelId, ChannelState>,
@@ -72,11 +74,16 @@ impl MemoryStore {
 impl State {
     fn append(&mut self, device: &DeviceId, kind: &str, payload: String, now: Millis) -> Event {
         self.next_cursor += 1;
+        let prev = self
+            .tails
+            .insert(*device, self.next_cursor)
+            .unwrap_or_default();
         let event = Event {
             cursor: self.next_cursor,
             kind: kind.to_owned(),
             payload,
             created_at: now,
+            prev: Some(prev),
         };
         self.events
             .entry(*device)
@@ -332,7 +339,10 @@ impl Store for MemoryStore {
             .map(|log| {
                 log.range(after.saturating_add(1)..)
                     .take(limit)
-                    .map(|(_, e)| e.clone())
+                    .map(|(_, e)| Event {
+                        prev: None,
+                        ..e.clone()
+                    })
                     .collect()
             })
             .unwrap_or_default())

@@ -63,7 +63,7 @@ pub struct InboxItem {
 }
 
 /// One entry of a device's event log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Event {
     /// Position in the log; strictly increasing along one device's log.
     pub cursor: u64,
@@ -73,7 +73,28 @@ pub struct Event {
     pub payload: String,
     /// When the event was appended.
     pub created_at: Millis,
+    /// On an event just appended: the cursor of the device's event appended
+    /// right before it (0 for the first ever), when the store knows it for
+    /// certain; `None` otherwise, and always on events read back. A live
+    /// stream that has sent exactly `prev` may send this event without
+    /// reading the log: nothing lies between them. A store may only name a
+    /// `prev` that no event of the device's log lies above (an event rolled
+    /// back after being counted is harmless: nothing lies between either).
+    pub prev: Option<u64>,
 }
+
+/// Two events are equal when they are the same entry of a log: `prev` is
+/// what the appender knew, not part of the entry.
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        self.cursor == other.cursor
+            && self.kind == other.kind
+            && self.payload == other.payload
+            && self.created_at == other.created_at
+    }
+}
+
+impl Eq for Event {}
 
 /// What a key-package claim found for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]

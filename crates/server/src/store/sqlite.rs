@@ -9,6 +9,7 @@
 //! shared by all the calls waiting for it. Integers are stored as SQLite's signed 64-bit integers;
 //! every value Kith stores (times in ms, cursors, ids) fits.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
@@ -21,6 +22,9 @@ use super::{
     MessageRow, Millis, NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Store,
     StoreError,
 };
+
+/// WAL pages between automatic checkpoints (`PRAGMA wal_autocheckpoint`).
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 8192;
 
 /// The schema version this code writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 4;
@@ -163,6 +167,27 @@ CREATE TABLE IF NOT EXISTS remote_deposits (
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     sync: GroupCommit,
+    tails: Tails,
+}
+
+/// The newest cursor appended to each device's log since the store opened,
+/// so an append can name the event before it ([`Event::prev`]) without a
+/// query. Advanced under the connection's lock at every insert into
+/// `events`, before its transaction commits: a rollback leaves a cursor no
+/// event has, above which nothing of the device lies, which is still a
+/// true `prev`. A device not appended to since the store opened has no
+/// entry and its next event no `prev`.
+#[derive(Debug, Default)]
+struct Tails(Mutex<HashMap<DeviceId, u64>>);
+
+impl Tails {
+    /// Records `cursor` as the device's newest and returns the one before.
+    fn advance(&self, device: DeviceId, cursor: u64) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(device, cursor)
+    }
 }
 
 impl SqliteStore {
@@ -184,6 +209,13 @@ impl SqliteStore {
         // No fsync at commit: `GroupCommit` makes each write durable before
         // its call returns. (NORMAL still syncs around checkpoints.)
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // A message to many devices dirties one `events_by_device` leaf per
+        // recipient, the same leaves message after message. Checkpointing
+        // every 1,000 WAL pages (SQLite's default; every ~7 messages to 100
+        // devices) wrote those leaves back again and again, on the
+        // connection's lock; every 8,192 pages (a WAL of up to 32 MiB)
+        // writes each of them back once per ~60 messages.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // Without the query planner stability guarantee, SQLite (built with
         // STAT4) plans with the bound `LIMIT ?` value, and rebinding it
@@ -210,6 +242,7 @@ impl SqliteStore {
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let store = Self {
+            tails: Tails::default(),
             conn: Mutex::new(conn),
             sync: GroupCommit::new(wal),
         };
@@ -444,6 +477,7 @@ impl Drop for Conn<'_> {
 /// [`Store::store_message`]).
 fn insert_message(
     conn: &mut Connection,
+    tails: &Tails,
     channel: &ChannelId,
     message: &NewMessage,
     payload: &dyn Fn(&MessageRow) -> String,
@@ -512,7 +546,14 @@ fn insert_message(
         .iter()
         .map(|raw| device_id(raw))
         .collect::<Result<Vec<_>, _>>()?;
-    let events = insert_shared_events(&tx, recipients, "message", &payload(&row), row.received_at)?;
+    let events = insert_shared_events(
+        &tx,
+        tails,
+        recipients,
+        "message",
+        &payload(&row),
+        row.received_at,
+    )?;
     tx.commit()?;
     Ok((row, events))
 }
@@ -578,11 +619,13 @@ fn to_event(
         kind,
         payload,
         created_at: uint(created_at)?,
+        prev: None,
     })
 }
 
 fn insert_event(
     conn: &Connection,
+    tails: &Tails,
     device: &DeviceId,
     kind: &str,
     payload: &str,
@@ -592,11 +635,13 @@ fn insert_event(
         "INSERT INTO events (device, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
         params![device.as_bytes(), kind, payload, int(now)?],
     )?;
+    let cursor = uint(conn.last_insert_rowid())?;
     Ok(Event {
-        cursor: uint(conn.last_insert_rowid())?,
+        cursor,
         kind: kind.to_owned(),
         payload: payload.to_owned(),
         created_at: now,
+        prev: tails.advance(*device, cursor),
     })
 }
 
@@ -606,6 +651,7 @@ fn insert_event(
 /// ~1.7 KB of JSON once, not 100 times.
 fn insert_shared_events(
     conn: &Connection,
+    tails: &Tails,
     recipients: Vec<DeviceId>,
     kind: &str,
     payload: &str,
@@ -614,7 +660,12 @@ fn insert_shared_events(
     if recipients.len() < 2 {
         return recipients
             .into_iter()
-            .map(|device| Ok((device, insert_event(conn, &device, kind, payload, now)?)))
+            .map(|device| {
+                Ok((
+                    device,
+                    insert_event(conn, tails, &device, kind, payload, now)?,
+                ))
+            })
             .collect();
     }
     conn.prepare_cached("INSERT INTO event_payloads (payload, refs) VALUES (?1, ?2)")?
@@ -627,13 +678,15 @@ fn insert_shared_events(
     let mut events = Vec::with_capacity(recipients.len());
     for device in recipients {
         insert.execute(params![device.as_bytes(), kind, int(now)?, shared])?;
+        let cursor = uint(conn.last_insert_rowid())?;
         events.push((
             device,
             Event {
-                cursor: uint(conn.last_insert_rowid())?,
+                cursor,
                 kind: kind.to_owned(),
                 payload: payload.to_owned(),
                 created_at: now,
+                prev: tails.advance(device, cursor),
             },
         ));
     }
@@ -1088,7 +1141,14 @@ impl Store for SqliteStore {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let item = insert_inbox_item(&tx, recipient, envelope, received_at, max_items)?;
-        let event = insert_event(&tx, recipient, "inbox", &payload(&item), received_at)?;
+        let event = insert_event(
+            &tx,
+            &self.tails,
+            recipient,
+            "inbox",
+            &payload(&item),
+            received_at,
+        )?;
         tx.commit()?;
         Ok((item, event))
     }
@@ -1138,7 +1198,7 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Event, StoreError> {
         let conn = self.lock()?;
-        insert_event(&conn, device, kind, payload, now)
+        insert_event(&conn, &self.tails, device, kind, payload, now)
     }
 
     fn events(
@@ -1445,7 +1505,7 @@ impl Store for SqliteStore {
         // servers' to notify.
         let mut recipients = epoch_members(&tx, channel, epoch)?.unwrap_or_default();
         recipients.retain(|d| is_local(&tx, d).unwrap_or(false));
-        let events = insert_shared_events(&tx, recipients, "commit", payload, now)?;
+        let events = insert_shared_events(&tx, &self.tails, recipients, "commit", payload, now)?;
         tx.commit()?;
         Ok(Some(events))
     }
@@ -1457,7 +1517,7 @@ impl Store for SqliteStore {
         payload: &dyn Fn(&MessageRow) -> String,
     ) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError> {
         let mut conn = self.lock()?;
-        insert_message(&mut conn, channel, message, payload)
+        insert_message(&mut conn, &self.tails, channel, message, payload)
     }
 
     fn store_message_deferred(
@@ -1467,7 +1527,7 @@ impl Store for SqliteStore {
         payload: &dyn Fn(&MessageRow) -> String,
     ) -> Result<DeferredMessage, StoreError> {
         let mut conn = self.lock()?;
-        let stored = insert_message(&mut conn, channel, message, payload);
+        let stored = insert_message(&mut conn, &self.tails, channel, message, payload);
         let token = conn.release();
         stored.map(|(row, events)| (row, events, token))
     }
@@ -1635,7 +1695,14 @@ impl Store for SqliteStore {
             "INSERT INTO remote_deposits (origin, deposit_id, item) VALUES (?1, ?2, ?3)",
             params![origin.as_str(), deposit_id.as_slice(), int(item.id)?],
         )?;
-        let event = insert_event(&tx, recipient, "inbox", &payload(&item), received_at)?;
+        let event = insert_event(
+            &tx,
+            &self.tails,
+            recipient,
+            "inbox",
+            &payload(&item),
+            received_at,
+        )?;
         tx.commit()?;
         Ok((item.id, Some(event)))
     }
