@@ -69,6 +69,17 @@ impl AppState {
         result.map_err(ApiError::from)
     }
 
+    /// As [`AppState::db`], for reads that are only a check on the way to
+    /// a write of the caller's own: they do not wait for other callers'
+    /// writes to reach the disk (see [`crate::store::unsynced`]).
+    pub(crate) async fn db_check<T, F>(&self, op: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.db(move |s| crate::store::unsynced(|| op(s))).await
+    }
+
     /// Appends an event to `device`'s log, durably, and wakes its open
     /// streams. `payload` is a JSON object whose fields travel beside
     /// `cursor` and `kind`. This is the one way events enter a log (the

@@ -23,11 +23,13 @@ use kith_proto::events::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::channels::{self, channel_row, parse_channel, require_member};
+use super::channels::{
+    self, channel_row_check, parse_channel, require_epoch_started, require_member,
+};
 use super::events::event_text;
 use super::{ApiJson, ApiPath, Authed, unb64};
 use crate::error::ApiError;
-use crate::ordering::{certify, fan_out};
+use crate::ordering::fan_out;
 use crate::state::{Shared, now_ms};
 use crate::store::{Event, NewMessage};
 
@@ -97,7 +99,7 @@ async fn accept(
             message.len()
         )));
     }
-    let row = channel_row(state, channel).await?;
+    let row = channel_row_check(state, channel).await?;
     require_member(state, channel, device).await?;
     // Across servers, only a log known to be up to date may acknowledge
     // (§11.3): its epoch is then the group's, give or take a lease.
@@ -105,7 +107,7 @@ async fn accept(
     let row = if alone {
         row
     } else {
-        channel_row(state, channel).await?
+        channel_row_check(state, channel).await?
     };
     if epoch != row.epoch {
         return Err(ApiError::wrong_epoch(
@@ -125,10 +127,7 @@ async fn accept(
             "the body is not an MLS PrivateMessage of channel {channel} at epoch {epoch}"
         )));
     }
-    // The commit that started the message's epoch is delivered first.
-    if let Some(previous) = epoch.checked_sub(1) {
-        certify(state, channel, previous).await?;
-    }
+    require_epoch_started(state, channel, epoch).await?;
     let received_at = now_ms();
     let new = NewMessage {
         id: kith_proto::sign::message_id(&message),

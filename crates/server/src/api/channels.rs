@@ -56,16 +56,59 @@ pub(super) async fn channel_row(
     state
         .db(move |s| s.channel(&channel))
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no channel {channel} here")))
+        .ok_or_else(|| no_channel(channel))
 }
 
-/// 403 `not_member` unless `device` is a current member.
+/// As [`channel_row`], read as a check before a write of the caller's own
+/// (it does not wait for others' writes to reach the disk, see
+/// [`crate::store::unsynced`]); not for rows that are served.
+pub(super) async fn channel_row_check(
+    state: &Shared,
+    channel: ChannelId,
+) -> Result<ChannelRow, ApiError> {
+    state
+        .db_check(move |s| s.channel(&channel))
+        .await?
+        .ok_or_else(|| no_channel(channel))
+}
+
+/// Before a message of `epoch` is stored: the commit that started the
+/// epoch is certified here, so its `commit` events are delivered before
+/// the message. Certified already (read as a check) is the usual case.
+pub(super) async fn require_epoch_started(
+    state: &Shared,
+    channel: ChannelId,
+    epoch: u64,
+) -> Result<(), ApiError> {
+    let Some(previous) = epoch.checked_sub(1) else {
+        return Ok(());
+    };
+    let certified = state
+        .db_check(move |s| s.commit(&channel, previous))
+        .await?
+        .is_some_and(|row| row.certificate.is_some());
+    if !certified {
+        certify(state, channel, previous).await?;
+    }
+    Ok(())
+}
+
+fn no_channel(channel: ChannelId) -> ApiError {
+    ApiError::not_found(format!("no channel {channel} here"))
+}
+
+/// 403 `not_member` unless `device` is a current member. A check: what a
+/// request then serves or stores is read or written with the usual wait
+/// for the disk.
 pub(super) async fn require_member(
     state: &Shared,
     channel: ChannelId,
     device: DeviceId,
 ) -> Result<(), ApiError> {
-    if state.db(move |s| s.is_member(&channel, &device)).await? {
+    if state
+        .db_check(move |s| s.is_member(&channel, &device))
+        .await?
+    {
         Ok(())
     } else {
         Err(ApiError::not_member(
@@ -595,7 +638,7 @@ pub(super) async fn post_message(
             message.len()
         )));
     }
-    let row = channel_row(&state, channel).await?;
+    let row = channel_row_check(&state, channel).await?;
     require_member(&state, channel, device).await?;
     // Across servers, only a log known to be up to date may acknowledge,
     // and only at its current epoch (§11.3): a message of an older epoch
@@ -604,7 +647,7 @@ pub(super) async fn post_message(
     let row = if alone {
         row
     } else {
-        channel_row(&state, channel).await?
+        channel_row_check(&state, channel).await?
     };
     if !alone && req.epoch != row.epoch {
         return Err(ApiError::wrong_epoch(
@@ -622,10 +665,7 @@ pub(super) async fn post_message(
             req.epoch, row.epoch
         )));
     }
-    // The commit that started the message's epoch is delivered first.
-    if let Some(previous) = req.epoch.checked_sub(1) {
-        certify(&state, channel, previous).await?;
-    }
+    require_epoch_started(&state, channel, req.epoch).await?;
     let received_at = now_ms();
     let new = NewMessage {
         id: kith_proto::sign::message_id(&message),

@@ -174,7 +174,9 @@ pub(crate) fn token_hash(token: &str) -> [u8; 32] {
 /// The device whose unexpired session `token` is.
 pub(crate) async fn authenticate(state: &Shared, token: &str) -> Result<DeviceId, ApiError> {
     let hash = token_hash(token);
-    let session = state.db(move |s| s.session(&hash)).await?;
+    // A check: a session not yet on disk belongs to a login whose answer
+    // (the token) has not been sent, so nobody can present it yet.
+    let session = state.db_check(move |s| s.session(&hash)).await?;
     match session {
         Some((device, expires_at)) if expires_at > now_ms() => Ok(device),
         Some(_) => Err(ApiError::unauthorized(

@@ -17,6 +17,38 @@ mod sqlite;
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
+std::thread_local! {
+    static UNSYNCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `check` (store reads on this thread) without waiting for other
+/// callers' writes to reach the disk.
+///
+/// Reads normally wait for every write committed before them, so that
+/// nothing a crash could take back is served. A read whose result is only
+/// a **check** on the way to a write of the caller's own (is the device a
+/// member, which epoch is the channel at) does not need to: the caller's
+/// write commits after everything the check saw, and the caller waits for
+/// its own write before answering, which covers what the check saw. A
+/// refusal based on such a read (a 409 `wrong_epoch` naming an epoch that
+/// a crash then takes back) tells the client only to catch up, which it
+/// then finds nothing to do for. Writes inside `check` still wait.
+pub fn unsynced<T>(check: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            UNSYNCED.with(|flag| flag.set(self.0));
+        }
+    }
+    let _reset = Reset(UNSYNCED.with(|flag| flag.replace(true)));
+    check()
+}
+
+/// Whether this thread is inside [`unsynced`].
+fn is_unsynced() -> bool {
+    UNSYNCED.with(std::cell::Cell::get)
+}
+
 use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
 
 /// Milliseconds since the Unix epoch.
@@ -581,4 +613,27 @@ pub trait Store: Send + Sync + 'static {
         max_items: usize,
         payload: &dyn Fn(&InboxItem) -> String,
     ) -> Result<(u64, Option<Event>), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsynced_is_scoped_to_its_closure_and_thread() {
+        assert!(!is_unsynced());
+        let inner = unsynced(|| {
+            let nested = unsynced(is_unsynced);
+            let other_thread = std::thread::spawn(is_unsynced).join().ok();
+            (is_unsynced(), nested, other_thread)
+        });
+        assert_eq!(inner, (true, true, Some(false)));
+        assert!(!is_unsynced());
+        let unwound = std::panic::catch_unwind(|| unsynced(|| panic!("a check failed")));
+        assert!(unwound.is_err());
+        assert!(
+            !is_unsynced(),
+            "a panic inside a check must not leave it on"
+        );
+    }
 }

@@ -309,6 +309,7 @@ impl SqliteStore {
     fn lock(&self) -> Result<Conn<'_>, StoreError> {
         let guard = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
         Ok(Conn {
+            changes_at_lock: guard.total_changes(),
             guard: Some(guard),
             sync: &self.sync,
         })
@@ -432,6 +433,8 @@ impl GroupCommit {
 struct Conn<'a> {
     guard: Option<MutexGuard<'a, Connection>>,
     sync: &'a GroupCommit,
+    /// The connection's `total_changes()` when locked.
+    changes_at_lock: u64,
 }
 
 impl std::ops::Deref for Conn<'_> {
@@ -467,8 +470,13 @@ impl Drop for Conn<'_> {
         let Some(guard) = self.guard.take() else {
             return;
         };
-        let ticket = self.sync.ticket(guard.total_changes());
+        let changes = guard.total_changes();
+        let ticket = self.sync.ticket(changes);
         drop(guard);
+        // A check that wrote nothing need not wait (see `store::unsynced`).
+        if changes == self.changes_at_lock && super::is_unsynced() {
+            return;
+        }
         self.sync.wait(ticket);
     }
 }
