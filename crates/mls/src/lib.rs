@@ -66,7 +66,7 @@ pub use extension::{
 };
 pub use identity::{BindingError, DeviceSigner};
 pub use server::{PublicChannel, ServerError, ValidatedCommit};
-pub use storage::{MlsStore, StoreError};
+pub use storage::{BINARY_MARKER, CodecError, MlsStore, StoreCodec, StoreError};
 
 /// The OpenMLS types that appear in this crate's API.
 pub use openmls::prelude::Ciphersuite;
