@@ -751,7 +751,7 @@ impl Client {
             // may have been accepted: catching up merges it if so (as this
             // device's own commit); only one the server never took is
             // dropped.
-            let pending = self.mls.channel(id)?.has_pending_commit();
+            let pending = self.mls.has_pending_commit(id)?;
             if attempt > 0 || pending {
                 // Events first, as a send does: merging the missed commits
                 // straight from the commit listing would move this device
@@ -1024,7 +1024,7 @@ impl Client {
             // a commit of its own pending) does it process what is queued,
             // in order, so that it moves through epochs one at a time and
             // can still read every message sent in the ones it passes.
-            if attempt > 0 || self.mls.channel(id)?.has_pending_commit() {
+            if attempt > 0 || self.mls.has_pending_commit(id)? {
                 self.sync().await?;
                 self.catch_up(id).await?;
             }
@@ -1104,7 +1104,7 @@ impl Client {
             }
             // As in `send_payload`: catch up only when the server said this
             // device is behind, or with a commit of its own pending.
-            if attempt > 0 || self.mls.channel(id)?.has_pending_commit() {
+            if attempt > 0 || self.mls.has_pending_commit(id)? {
                 self.sync().await?;
                 self.catch_up(id).await?;
             }
