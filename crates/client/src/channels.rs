@@ -279,6 +279,46 @@ impl Client {
             .await
     }
 
+    /// Adds every device of each of `handles` in **one** commit and sends
+    /// each its Welcome (one epoch for all of them instead of one each).
+    /// Returns how many devices were added. Fails, adding nobody, if a
+    /// handle is invalid or one of the users has no device with a key
+    /// package.
+    pub async fn invite_many(
+        &mut self,
+        id: ChannelId,
+        handles: &[&str],
+    ) -> Result<usize, ClientError> {
+        let mut invitees = Vec::with_capacity(handles.len());
+        for handle in handles {
+            let target: Handle = handle
+                .parse()
+                .map_err(|e| ClientError::Invalid(format!("handle {handle:?}: {e}")))?;
+            let who = target.to_string();
+            let claim = self
+                .authed(|api| {
+                    let h = who.clone();
+                    async move { api.claim_key_packages(&h).await }
+                })
+                .instrument(tracing::debug_span!("client.claim"))
+                .await?;
+            let records = self
+                .user_devices(&who)
+                .instrument(tracing::debug_span!("client.user_devices"))
+                .await?;
+            invitees.push((who, records, claim));
+        }
+        let invitees: Vec<Invitee<'_>> = invitees
+            .iter()
+            .map(|(who, records, claim)| Invitee {
+                who,
+                records,
+                claim,
+            })
+            .collect();
+        self.add_users(id, &invitees).await
+    }
+
     /// Adds to the channel the devices of `records` (the verified records of
     /// `who`'s devices) that `claim` has key packages for and that are not
     /// members yet, then sends each its Welcome. Returns how many it reached.
@@ -289,22 +329,56 @@ impl Client {
         records: &[DeviceRecord],
         claim: &crate::api::Claim,
     ) -> Result<usize, ClientError> {
-        let theirs: Vec<DeviceId> = records.iter().map(DeviceRecord::device_id).collect();
+        self.add_users(
+            id,
+            &[Invitee {
+                who,
+                records,
+                claim,
+            }],
+        )
+        .await
+    }
+
+    /// [`Self::add_devices`] for several users at once, in one commit.
+    async fn add_users(
+        &mut self,
+        id: ChannelId,
+        invitees: &[Invitee<'_>],
+    ) -> Result<usize, ClientError> {
+        let theirs: Vec<DeviceId> = invitees
+            .iter()
+            .flat_map(|i| i.records.iter().map(DeviceRecord::device_id))
+            .collect();
         let mut packages: Vec<(DeviceId, Vec<u8>)> = Vec::new();
-        for p in &claim.packages {
-            let device: DeviceId = p.device.parse().map_err(protocol)?;
-            if !theirs.contains(&device) {
-                return Err(protocol(format!(
-                    "the server offered a key package of {device}, which is not a device of {who}"
+        for Invitee {
+            who,
+            records,
+            claim,
+        } in invitees
+        {
+            let mut offered = false;
+            for p in &claim.packages {
+                let device: DeviceId = p.device.parse().map_err(protocol)?;
+                if !records.iter().any(|r| r.device_id() == device) {
+                    return Err(protocol(format!(
+                        "the server offered a key package of {device}, which is not a device of {who}"
+                    )));
+                }
+                packages.push((device, unb64("package", &p.package)?));
+                offered = true;
+            }
+            if !offered {
+                return Err(ClientError::Invalid(format!(
+                    "{who} has no devices with key packages"
                 )));
             }
-            packages.push((device, unb64("package", &p.package)?));
         }
-        if packages.is_empty() {
-            return Err(ClientError::Invalid(format!(
-                "{who} has no devices with key packages"
-            )));
-        }
+        let whom = invitees
+            .iter()
+            .map(|i| i.who)
+            .collect::<Vec<_>>()
+            .join(", ");
         let outcome = self
             .commit_with_retry(id, |channel| {
                 let members = channel.members();
@@ -317,12 +391,14 @@ impl Client {
                     return Ok(None);
                 }
                 let output = channel.add(&fresh)?;
-                // The key packages' own credentials must name those devices.
+                // The key packages' own credentials must name devices of
+                // the invited users (a package swapped between two of them
+                // adds the same devices).
                 if let Some(stranger) = output.info.added.iter().find(|d| !theirs.contains(d)) {
                     let stranger = *stranger;
                     channel.clear_pending()?;
                     return Err(protocol(format!(
-                        "a key package offered for {who} belongs to device {stranger}"
+                        "a key package offered for {whom} belongs to device {stranger}"
                     )));
                 }
                 Ok(Some(output))
@@ -336,8 +412,9 @@ impl Client {
         };
         let body = welcome_body(id, epoch + 1, welcome);
         let mut sent = 0;
-        for record in records
+        for record in invitees
             .iter()
+            .flat_map(|i| i.records.iter())
             .filter(|r| output.info.added.contains(&r.device_id()))
         {
             let envelope = kith_proto::inbox::seal(
@@ -702,7 +779,7 @@ impl Client {
             // may have been accepted: catching up merges it if so (as this
             // device's own commit); only one the server never took is
             // dropped.
-            let pending = self.mls.channel(id)?.has_pending_commit();
+            let pending = self.mls.has_pending_commit(id)?;
             if attempt > 0 || pending {
                 // Events first, as a send does: merging the missed commits
                 // straight from the commit listing would move this device
@@ -975,7 +1052,7 @@ impl Client {
             // a commit of its own pending) does it process what is queued,
             // in order, so that it moves through epochs one at a time and
             // can still read every message sent in the ones it passes.
-            if attempt > 0 || self.mls.channel(id)?.has_pending_commit() {
+            if attempt > 0 || self.mls.has_pending_commit(id)? {
                 self.sync().await?;
                 self.catch_up(id).await?;
             }
@@ -1055,7 +1132,7 @@ impl Client {
             }
             // As in `send_payload`: catch up only when the server said this
             // device is behind, or with a commit of its own pending.
-            if attempt > 0 || self.mls.channel(id)?.has_pending_commit() {
+            if attempt > 0 || self.mls.has_pending_commit(id)? {
                 self.sync().await?;
                 self.catch_up(id).await?;
             }
@@ -1531,4 +1608,12 @@ impl Client {
         self.flush_future(id).await?;
         Ok(id)
     }
+}
+
+/// A user being added: their handle (for errors), the verified records of
+/// their devices and the key packages claimed for them.
+struct Invitee<'a> {
+    who: &'a str,
+    records: &'a [DeviceRecord],
+    claim: &'a crate::api::Claim,
 }

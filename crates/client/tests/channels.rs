@@ -32,6 +32,57 @@ fn pair(sender: &str, text: &str) -> (String, String) {
 }
 
 #[tokio::test]
+async fn several_users_are_invited_in_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let mut alice = user(dir.path(), &server, "alice").await;
+    let mut bob = user(dir.path(), &server, "bob").await;
+    let mut carol = user(dir.path(), &server, "carol").await;
+    let channel = alice.create_channel("general", "text/plain").await.unwrap();
+
+    // A bad handle fails the whole call before anything is committed.
+    assert!(matches!(
+        alice
+            .invite_many(channel, &["bob@a.test", "not a handle"])
+            .await,
+        Err(ClientError::Invalid(_))
+    ));
+    assert_eq!(alice.members(channel).unwrap().len(), 1);
+    let (epoch, _) = alice.channel_state(channel).unwrap();
+
+    assert_eq!(
+        alice
+            .invite_many(channel, &["bob@a.test", "carol@a.test"])
+            .await
+            .unwrap(),
+        2
+    );
+    // One commit, one epoch for both.
+    assert_eq!(alice.channel_state(channel).unwrap().0, epoch + 1);
+    assert_eq!(alice.members(channel).unwrap().len(), 3);
+    assert_eq!(bob.sync().await.unwrap().joined, vec![channel]);
+    assert_eq!(carol.sync().await.unwrap().joined, vec![channel]);
+    // Inviting members again adds nobody.
+    assert_eq!(
+        alice
+            .invite_many(channel, &["bob@a.test", "carol@a.test"])
+            .await
+            .unwrap(),
+        0
+    );
+
+    alice.send(channel, b"hello both").await.unwrap();
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    let expected = vec![pair("alice@a.test", "hello both")];
+    assert_eq!(texts(&bob, channel), expected);
+    assert_eq!(texts(&carol, channel), expected);
+    let auth = alice.channel_state(channel).unwrap();
+    assert_eq!(bob.channel_state(channel).unwrap(), auth);
+    assert_eq!(carol.channel_state(channel).unwrap(), auth);
+}
+
+#[tokio::test]
 async fn three_users_talk_and_a_removed_one_cannot_read() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server"), "a.test").await;

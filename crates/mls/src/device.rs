@@ -12,6 +12,7 @@
 //! certificate ([`Channel::merge_staged`]).
 
 use kith_proto::{ChannelId, DeviceId, SecretKey};
+use openmls::group::MlsGroupState;
 use openmls::group::PURE_PLAINTEXT_WIRE_FORMAT_POLICY;
 use openmls::prelude::{Capabilities, ExtensionType, LeafNodeParameters};
 use openmls::prelude::{
@@ -21,6 +22,7 @@ use openmls::prelude::{
     StagedCommit, StagedWelcome,
 };
 use openmls_traits::OpenMlsProvider;
+use openmls_traits::storage::StorageProvider as _;
 use tls_codec::Deserialize as _;
 
 use crate::check::{CommitInfo, PolicyError, check_commit, check_proposal};
@@ -445,6 +447,23 @@ impl Device {
             .map_err(mls("loading a channel"))?
             .ok_or(DeviceError::UnknownChannel(id))?;
         Channel::new(self, group)
+    }
+
+    /// Whether this device has a commit of its own pending in channel `id`
+    /// ([`Channel::has_pending_commit`]), read from the store without
+    /// loading the whole group: the group's ratchet tree is O(members) to
+    /// decode, and callers ask this before every commit and send.
+    pub fn has_pending_commit(&self, id: ChannelId) -> Result<bool, DeviceError> {
+        let state: Option<MlsGroupState> = self
+            .store
+            .storage()
+            .group_state(&GroupId::from_slice(id.as_bytes()))
+            .map_err(mls("reading a channel's state"))?;
+        match state {
+            Some(MlsGroupState::PendingCommit(_)) => Ok(true),
+            Some(MlsGroupState::Operational | MlsGroupState::Inactive) => Ok(false),
+            None => Err(DeviceError::UnknownChannel(id)),
+        }
     }
 
     /// Joins a channel from a Welcome (an MLSMessage) and the ratchet tree

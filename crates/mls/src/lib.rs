@@ -66,7 +66,9 @@ pub use extension::{
 };
 pub use identity::{BindingError, DeviceSigner};
 pub use server::{PublicChannel, ServerError, ValidatedCommit};
-pub use storage::{BatchError, MlsStore, OpenBatch, StoreError};
+pub use storage::{
+    BINARY_MARKER, BatchError, CodecError, MlsStore, OpenBatch, StoreCodec, StoreError,
+};
 
 /// The OpenMLS types that appear in this crate's API.
 pub use openmls::prelude::Ciphersuite;

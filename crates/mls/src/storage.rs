@@ -29,20 +29,131 @@ pub enum StoreError {
     Migrate(String),
 }
 
-/// Serialises OpenMLS's stored values as JSON.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct JsonCodec;
+/// The first byte of every value [`StoreCodec`] writes. JSON text (what
+/// stores written before it hold) never starts with a NUL byte, so the
+/// two formats cannot be mistaken for each other.
+pub const BINARY_MARKER: u8 = 0x00;
 
-impl Codec for JsonCodec {
-    type Error = serde_json::Error;
+/// How OpenMLS's stored values and keys are encoded: MessagePack (named
+/// fields, like JSON, so the same serde data model) behind
+/// [`BINARY_MARKER`]; values stored as JSON by earlier versions still
+/// read, and are rewritten in the binary format when OpenMLS next writes
+/// them.
+///
+/// JSON wrote each byte string as an array of decimal numbers: a large
+/// group's ratchet tree was several times its size and slow to parse, and
+/// OpenMLS loads and stores the whole tree for every commit. MessagePack
+/// writes an integer below 128 in one byte and one below 256 in two.
+/// It is self-describing, as some of OpenMLS's stored types need (an
+/// untagged enum in the group's join configuration, byte strings that
+/// accept several forms).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StoreCodec;
+
+/// Why a stored OpenMLS value could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Encoding a value failed.
+    #[error("cannot encode an MLS state value: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    /// A value in the binary format does not decode.
+    #[error("cannot decode an MLS state value: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    /// A value stored as JSON (by an earlier version) does not decode.
+    #[error("cannot decode an MLS state value stored as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl Codec for StoreCodec {
+    type Error = CodecError;
 
     fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
-        serde_json::to_vec(value)
+        let mut out = vec![BINARY_MARKER];
+        value.serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())?;
+        Ok(out)
     }
 
     fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
-        serde_json::from_slice(slice)
+        match slice.split_first() {
+            Some((&BINARY_MARKER, binary)) => Ok(rmp_serde::from_slice(binary)?),
+            _ => Ok(serde_json::from_slice(slice)?),
+        }
     }
+}
+
+/// The columns of OpenMLS's tables that hold keys: values the codec
+/// encodes and SQLite then compares byte for byte, so unlike stored
+/// values they cannot stay in the old format and must all be rewritten at
+/// once. The `vc_` tables belong to a draft extension Kith does not enable
+/// (always empty here), listed so that enabling it later cannot strand rows.
+const KEY_COLUMNS: &[(&str, &str)] = &[
+    ("openmls_encryption_keys", "public_key"),
+    ("openmls_epoch_keys_pairs", "group_id"),
+    ("openmls_epoch_keys_pairs", "epoch_id"),
+    ("openmls_group_data", "group_id"),
+    ("openmls_key_packages", "key_package_ref"),
+    ("openmls_own_leaf_nodes", "group_id"),
+    ("openmls_proposals", "group_id"),
+    ("openmls_proposals", "proposal_ref"),
+    ("openmls_psks", "psk_id"),
+    ("openmls_signature_keys", "public_key"),
+    ("vc_emulation_group_secrets", "epoch_id"),
+    ("vc_emulation_bindings", "group_id"),
+    ("vc_operation_trees", "epoch_id"),
+    ("vc_retained_key_package_material", "key_package_ref"),
+    ("vc_retained_key_package_material", "epoch_id"),
+    ("registered_vc_emulation_epochs", "group_id"),
+];
+
+/// Rewrites every key still stored as JSON in the binary format, in one
+/// transaction; returns how many were rewritten. The JSON is transcoded
+/// event by event (field order kept), which gives the same bytes as
+/// encoding the typed key, because the binary format keeps JSON's data
+/// model (named fields, variants by name, integers by value); a test checks
+/// this for each key type Kith stores.
+fn migrate_keys(connection: &mut Connection) -> Result<usize, StoreError> {
+    let tx = connection.transaction()?;
+    let mut rewritten = 0;
+    for &(table, column) in KEY_COLUMNS {
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            [table],
+            |row| row.get(0),
+        )?;
+        if !exists {
+            continue;
+        }
+        let old: Vec<(i64, Vec<u8>)> = tx
+            .prepare(&format!(
+                "SELECT rowid, {column} FROM {table} WHERE substr({column}, 1, 1) <> x'00'"
+            ))?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (rowid, json) in old {
+            let binary = json_to_binary(&json)
+                .map_err(|e| StoreError::Migrate(format!("a key in {table}.{column}: {e}")))?;
+            tx.execute(
+                &format!("UPDATE {table} SET {column} = ?1 WHERE rowid = ?2"),
+                rusqlite::params![binary, rowid],
+            )?;
+            rewritten += 1;
+        }
+    }
+    tx.commit()?;
+    Ok(rewritten)
+}
+
+/// The binary form of a value stored as JSON.
+fn json_to_binary(json: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = vec![BINARY_MARKER];
+    let mut from = serde_json::Deserializer::from_slice(json);
+    serde_transcode::transcode(
+        &mut from,
+        &mut rmp_serde::Serializer::new(&mut out).with_struct_map(),
+    )
+    .map_err(|e| e.to_string())?;
+    from.end().map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// What a batch asks of the connection the next time OpenMLS's storage
@@ -117,7 +228,7 @@ pub enum BatchError<E> {
 /// randomness, SQLite for state.
 pub struct MlsStore {
     crypto: RustCrypto,
-    storage: SqliteStorageProvider<JsonCodec, MlsConnection>,
+    storage: SqliteStorageProvider<StoreCodec, MlsConnection>,
     batch: Arc<Mutex<Batch>>,
 }
 
@@ -141,8 +252,11 @@ impl MlsStore {
         Self::from_connection(Connection::open_in_memory()?)
     }
 
-    /// Uses an open SQLite connection, creating OpenMLS's tables if needed.
-    pub fn from_connection(connection: Connection) -> Result<Self, StoreError> {
+    /// Uses an open SQLite connection, creating OpenMLS's tables if needed
+    /// and rewriting the keys of a store written as JSON (see
+    /// [`StoreCodec`]).
+    pub fn from_connection(mut connection: Connection) -> Result<Self, StoreError> {
+        migrate_keys(&mut connection)?;
         let batch = Arc::new(Mutex::new(Batch::default()));
         let mut storage = SqliteStorageProvider::new(MlsConnection {
             connection,
@@ -370,7 +484,7 @@ impl Drop for Unwind<'_> {
 impl OpenMlsProvider for MlsStore {
     type CryptoProvider = RustCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = SqliteStorageProvider<JsonCodec, MlsConnection>;
+    type StorageProvider = SqliteStorageProvider<StoreCodec, MlsConnection>;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage
@@ -388,5 +502,184 @@ impl OpenMlsProvider for MlsStore {
 impl std::fmt::Debug for MlsStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MlsStore").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use openmls::ciphersuite::hash_ref::HashReference;
+    use openmls::prelude::{GroupEpoch, MlsGroupJoinConfig};
+    use openmls::schedule::psk::ResumptionPskUsage;
+    use openmls::schedule::{ExternalPsk, PreSharedKeyId, Psk};
+    use openmls::treesync::EncryptionKey;
+    use serde::Serialize;
+
+    use super::*;
+
+    /// What the codec before [`StoreCodec`] (`JsonCodec`) wrote: exactly
+    /// `serde_json::to_vec`.
+    fn old_json(value: &impl Serialize) -> Vec<u8> {
+        serde_json::to_vec(value).unwrap()
+    }
+
+    fn group_id() -> GroupId {
+        GroupId::from_slice(&[7; 16])
+    }
+
+    fn join_config() -> MlsGroupJoinConfig {
+        crate::device::join_config()
+    }
+
+    #[test]
+    fn a_value_written_as_json_still_reads() {
+        let config = join_config();
+        let read: MlsGroupJoinConfig = StoreCodec::from_slice(&old_json(&config)).unwrap();
+        assert_eq!(read, config);
+        let psk = PreSharedKeyId::resumption(
+            ResumptionPskUsage::Application,
+            group_id(),
+            GroupEpoch::from(3),
+            vec![9; 32],
+        );
+        let read: PreSharedKeyId = StoreCodec::from_slice(&old_json(&psk)).unwrap();
+        assert_eq!(read, psk);
+    }
+
+    #[test]
+    fn new_values_carry_the_marker_and_round_trip() {
+        let config = join_config();
+        let binary = StoreCodec::to_vec(&config).unwrap();
+        assert_eq!(binary.first(), Some(&BINARY_MARKER));
+        assert_eq!(
+            StoreCodec::from_slice::<MlsGroupJoinConfig>(&binary).unwrap(),
+            config
+        );
+        // JSON text never starts with the marker, so the two cannot be confused.
+        assert_ne!(old_json(&config).first(), Some(&BINARY_MARKER));
+        assert_ne!(old_json(&group_id()).first(), Some(&BINARY_MARKER));
+        assert_ne!(old_json(&7u64).first(), Some(&BINARY_MARKER));
+        // Byte strings no longer cost up to four bytes a byte.
+        let key = EncryptionKey::from(vec![200; 1000]);
+        assert!(StoreCodec::to_vec(&key).unwrap().len() <= 2 * 1000 + 16);
+        assert!(old_json(&key).len() >= 4 * 1000);
+        assert_eq!(
+            StoreCodec::from_slice::<EncryptionKey>(&StoreCodec::to_vec(&key).unwrap()).unwrap(),
+            key
+        );
+    }
+
+    #[test]
+    fn damaged_values_are_errors() {
+        for bad in [
+            &[][..],
+            &[BINARY_MARKER],
+            &[BINARY_MARKER, 0xc1],
+            b"{\"value\":",
+            &[0xff],
+        ] {
+            assert!(StoreCodec::from_slice::<GroupId>(bad).is_err(), "{bad:?}");
+        }
+        // A binary value of another type.
+        let epoch = StoreCodec::to_vec(&GroupEpoch::from(5)).unwrap();
+        assert!(StoreCodec::from_slice::<GroupId>(&epoch).is_err());
+    }
+
+    /// A key stored as JSON and rewritten by [`migrate_keys`] must be the
+    /// bytes OpenMLS's lookups now ask for: the typed key's encoding.
+    #[test]
+    fn transcoded_keys_equal_typed_keys() {
+        fn check(key: &impl Serialize) {
+            assert_eq!(
+                json_to_binary(&old_json(key)).unwrap(),
+                StoreCodec::to_vec(key).unwrap(),
+                "{}",
+                String::from_utf8_lossy(&old_json(key))
+            );
+        }
+        check(&group_id());
+        check(&GroupEpoch::from(0));
+        check(&GroupEpoch::from(u64::MAX));
+        // A hash reference (key packages, proposals) is not constructible
+        // from bytes outside OpenMLS; the JSON form is its serde form.
+        let reference: HashReference =
+            serde_json::from_str(&format!("{{\"value\":{{\"vec\":{:?}}}}}", [0xabu8; 32])).unwrap();
+        check(&reference);
+        check(&EncryptionKey::from((0..=255).collect::<Vec<u8>>()));
+        let resumption = PreSharedKeyId::resumption(
+            ResumptionPskUsage::Reinit,
+            group_id(),
+            GroupEpoch::from(300),
+            vec![1; 32],
+        );
+        check(&resumption);
+        check(resumption.psk());
+        let external = PreSharedKeyId::external(vec![5; 20], vec![6; 32]);
+        check(&external);
+        check(external.psk());
+        check(&Psk::External(ExternalPsk::new(vec![])));
+    }
+
+    fn table_with_json_key(key: &[u8]) -> Connection {
+        let connection = Connection::open_in_memory().unwrap();
+        connection
+            .execute_batch(
+                "CREATE TABLE openmls_group_data (group_id BLOB NOT NULL, data_type TEXT NOT NULL, \
+                 group_data BLOB NOT NULL, PRIMARY KEY (group_id, data_type))",
+            )
+            .unwrap();
+        connection
+            .execute(
+                "INSERT INTO openmls_group_data VALUES (?1, 'tree', x'7b7d')",
+                [key],
+            )
+            .unwrap();
+        connection
+    }
+
+    fn stored_key(connection: &Connection) -> Vec<u8> {
+        connection
+            .query_row("SELECT group_id FROM openmls_group_data", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn keys_are_rewritten_once() {
+        let mut connection = table_with_json_key(&old_json(&group_id()));
+        assert_eq!(migrate_keys(&mut connection).unwrap(), 1);
+        assert_eq!(
+            stored_key(&connection),
+            StoreCodec::to_vec(&group_id()).unwrap()
+        );
+        assert_eq!(migrate_keys(&mut connection).unwrap(), 0);
+        assert_eq!(
+            stored_key(&connection),
+            StoreCodec::to_vec(&group_id()).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_damaged_key_stops_the_migration_and_changes_nothing() {
+        let mut connection = table_with_json_key(b"{\"value\":");
+        connection
+            .execute(
+                "INSERT INTO openmls_group_data VALUES (?1, 'context', x'7b7d')",
+                [old_json(&group_id())],
+            )
+            .unwrap();
+        let err = migrate_keys(&mut connection).unwrap_err();
+        assert!(
+            err.to_string().contains("openmls_group_data.group_id"),
+            "{err}"
+        );
+        let keys: Vec<Vec<u8>> = connection
+            .prepare("SELECT group_id FROM openmls_group_data ORDER BY data_type")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(keys, vec![old_json(&group_id()), b"{\"value\":".to_vec()]);
     }
 }

@@ -167,3 +167,32 @@ fn an_open_batch_commits_rolls_back_and_drops_cleanly() {
 fn a_bug() -> Result<(), DeviceError> {
     panic!("a bug in the middle of a batch")
 }
+
+#[test]
+fn the_pending_flag_is_read_without_loading_the_group() {
+    let a = device();
+    let b = device();
+    let server_store = MlsStore::in_memory().unwrap();
+    let id = new_channel_id();
+    assert!(matches!(
+        a.has_pending_commit(id),
+        Err(DeviceError::UnknownChannel(_))
+    ));
+    let mut ca = a.create_channel(id, &settings(&[])).unwrap();
+    let mut server = PublicChannel::create(
+        &server_store,
+        &ca.group_info().unwrap(),
+        &ca.ratchet_tree().unwrap(),
+    )
+    .unwrap();
+    assert!(!a.has_pending_commit(id).unwrap());
+    let out = ca.add(&[key_package(&b)]).unwrap();
+    assert!(a.has_pending_commit(id).unwrap());
+    assert_eq!(a.has_pending_commit(id).unwrap(), ca.has_pending_commit());
+    order(&mut server, &mut ca, &out);
+    assert!(!a.has_pending_commit(id).unwrap());
+    ca.self_update().unwrap();
+    assert!(a.has_pending_commit(id).unwrap());
+    ca.clear_pending().unwrap();
+    assert!(!a.has_pending_commit(id).unwrap());
+}
