@@ -218,12 +218,12 @@ impl Client {
 
     /// Finds a channel by id or by name (names must be unambiguous).
     pub fn resolve_channel(&self, text: &str) -> Result<ChannelRow, ClientError> {
-        let channels = self.store.channels()?;
         if let Ok(id) = text.parse::<ChannelId>()
-            && let Some(row) = channels.iter().find(|c| c.id == id)
+            && let Some(row) = self.store.channel(&id)?
         {
-            return Ok(row.clone());
+            return Ok(row);
         }
+        let channels = self.store.channels()?;
         let named: Vec<&ChannelRow> = channels.iter().filter(|c| c.name == text).collect();
         match named.as_slice() {
             [one] => Ok((*one).clone()),
@@ -1481,7 +1481,7 @@ impl Client {
         m: &FutureMessage,
         report: &mut SyncReport,
     ) -> Result<bool, ClientError> {
-        let row = self.resolve_channel(&id.to_string()).ok();
+        let row = self.store.channel(&id)?;
         if row.as_ref().is_some_and(|r| !r.active) {
             // Left (or removed): nothing more is read.
             return Ok(false);

@@ -424,6 +424,22 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// One channel by id.
+    pub fn channel(&self, id: &ChannelId) -> Result<Option<ChannelRow>, ClientError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT id, name, content_type, active FROM channels WHERE id = ?1")?
+            .query_row([id.as_bytes()], |r| {
+                Ok(ChannelRow {
+                    id: ChannelId::from_bytes(blob16(r.get(0)?)?),
+                    name: r.get(1)?,
+                    content_type: r.get(2)?,
+                    active: r.get(3)?,
+                })
+            })
+            .optional()?)
+    }
+
     /// Stores a decrypted message (once per id).
     pub fn save_message(&self, channel: &ChannelId, m: &MessageRow) -> Result<(), ClientError> {
         insert_message(&self.conn, channel, m)
