@@ -176,6 +176,10 @@ pub(crate) async fn order(state: &Shared, submission: Submission) -> Result<Outc
                 match forward(state, &leader, &submission).await {
                     Ok(Some(outcome)) => return Ok(outcome),
                     Ok(None) => format!("{leader} is no longer the leader"),
+                    // The leader limits what this server forwards (§10.8):
+                    // the client hears it, with the leader's wait, rather
+                    // than retrying here until the deadline.
+                    Err(e) if e.status == reqwest::StatusCode::TOO_MANY_REQUESTS => return Err(e),
                     Err(e) => {
                         tracing::info!(%leader, error = %e.message, "forwarding a commit to the leader");
                         e.message

@@ -79,6 +79,8 @@ pub(crate) enum FederationError {
         status: StatusCode,
         /// The error code from the body, or the body's start.
         body: String,
+        /// With 429: the body's `retry_after_ms`, if it had one.
+        retry_after_ms: Option<u64>,
     },
     /// The destination's answer is not what the protocol allows.
     #[error("{server} sent an invalid answer: {why}")]
@@ -118,13 +120,25 @@ impl From<FederationError> for ApiError {
             FederationError::Status { status, .. } if *status == StatusCode::NOT_FOUND => {
                 ApiError::not_found(e.to_string())
             }
-            FederationError::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string())
+            FederationError::Status {
+                status,
+                retry_after_ms,
+                ..
+            } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                // The remote's wait, bounded (a remote cannot make our
+                // clients wait for ever); 1 s when it named none.
+                let wait = retry_after_ms
+                    .unwrap_or(1_000)
+                    .min(MAX_REMOTE_RETRY_AFTER_MS);
+                ApiError::rate_limited(e.to_string(), Duration::from_millis(wait))
             }
             _ => ApiError::new(StatusCode::BAD_GATEWAY, "remote_unavailable", e.to_string()),
         }
     }
 }
+
+/// The longest `retry_after_ms` passed on from another server's 429.
+const MAX_REMOTE_RETRY_AFTER_MS: u64 = 60_000;
 
 /// 403 `blocked`.
 pub(crate) fn blocked(message: impl Into<String>) -> ApiError {
@@ -332,14 +346,20 @@ impl Client {
             body.extend_from_slice(&chunk);
         }
         if !status.is_success() {
-            let code = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
+            let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
+            let code = json
+                .as_ref()
                 .and_then(|v| v.get("error").and_then(|c| c.as_str()).map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+            let retry_after_ms = json
+                .as_ref()
+                .and_then(|v| v.get("retry_after_ms"))
+                .and_then(serde_json::Value::as_u64);
             return Err(FederationError::Status {
                 server: server.clone(),
                 status,
                 body: code,
+                retry_after_ms,
             });
         }
         Ok(Answer { status, body })
