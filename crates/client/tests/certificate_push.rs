@@ -11,17 +11,20 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use kith_client::{Client, ClientError};
+use common::{server_key, signed_post, sync_until};
+use kith_client::Client;
 use kith_order::{CommitHash, OrderingCertificate, OrderingCertificateIn, Vote, VoterSet};
 use kith_proto::{ChannelId, SecretKey, ServerName};
 use kith_testkit::{Cluster, LinkFaults};
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn tweak(config: &mut kith_testkit::Config, faults: &Arc<LinkFaults>) {
     config.federation.raft_heartbeat_ms = 150;
@@ -50,21 +53,6 @@ async fn user(dir: &Path, cluster: &Cluster, server: &str, user: &str) -> Client
     Client::register(&dir.join(user), cluster.server(server).url(), user, None)
         .await
         .unwrap()
-}
-
-/// Syncs until `done` holds, at most ~30 s.
-async fn sync_until(client: &mut Client, what: &str, done: impl Fn(&Client) -> bool) {
-    for _ in 0..300 {
-        match client.sync().await {
-            Ok(_) | Err(ClientError::Unreachable(..)) | Err(ClientError::Server { .. }) => {}
-            Err(e) => panic!("{what}: sync failed: {e}"),
-        }
-        if done(client) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not reached");
 }
 
 fn epoch(client: &Client, channel: ChannelId) -> u64 {
@@ -113,59 +101,6 @@ async fn until_certified(base: &str, want: f64, what: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{what}: the server never certified the commit");
-}
-
-/// The signing key of a server, read from its data directory.
-fn server_key(dir: &Path) -> SecretKey {
-    let text = std::fs::read_to_string(dir.join("server-key.toml")).unwrap();
-    let table: toml::Table = toml::from_str(&text).unwrap();
-    let mut seed = [0u8; 32];
-    hex::decode_to_slice(table["seed"].as_str().unwrap(), &mut seed).unwrap();
-    SecretKey::from_seed(seed)
-}
-
-/// POSTs `body` to `path` on `to`, signed by `from` with `key`.
-async fn signed_post(
-    key: &SecretKey,
-    from: &str,
-    to: &str,
-    base: &str,
-    path: &str,
-    body: &[u8],
-) -> (u16, Value) {
-    let now = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap();
-    let mut nonce = [0u8; 16];
-    nonce[..8].copy_from_slice(&now.to_be_bytes());
-    nonce[8..].copy_from_slice(&(body.len() as u64).to_be_bytes());
-    let request = kith_proto::FederationRequest::new(
-        from.parse().unwrap(),
-        to.parse().unwrap(),
-        "POST",
-        path,
-        body,
-        now,
-        nonce,
-    );
-    let answer = reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .header("Kith-Origin", from)
-        .header(
-            "Kith-Signature",
-            URL_SAFE_NO_PAD.encode(request.sign(key).encode()),
-        )
-        .header("Content-Type", "application/json")
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap();
-    let status = answer.status().as_u16();
-    (status, answer.json().await.unwrap_or(Value::Null))
 }
 
 /// The commit of `epoch` as `client`'s server lists it: its certificate and

@@ -10,9 +10,12 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
+use common::sync_until;
 use kith_client::{Client, ClientError};
 use kith_proto::ChannelId;
 use kith_testkit::Cluster;
@@ -42,21 +45,6 @@ fn texts(client: &Client, channel: ChannelId) -> Vec<String> {
         .collect();
     texts.sort();
     texts
-}
-
-/// Syncs until `done` holds, at most ~30 s.
-async fn sync_until(client: &mut Client, what: &str, done: impl Fn(&Client) -> bool) {
-    for _ in 0..300 {
-        match client.sync().await {
-            Ok(_) | Err(ClientError::Unreachable(..)) | Err(ClientError::Server { .. }) => {}
-            Err(e) => panic!("{what}: sync failed: {e}"),
-        }
-        if done(client) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not reached");
 }
 
 /// Sends, retrying while the server answers 503 (its log is not yet known

@@ -10,6 +10,8 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::{server_key, signed_post};
 use kith_client::{Client, ClientError};
 use kith_order::{OrderingCertificateIn, Vote, VoteSig};
 use kith_proto::{ChannelId, SecretKey};
@@ -242,59 +245,6 @@ async fn stored_messages(base: &str) -> f64 {
 {text}"
             )
         })
-}
-
-/// The signing key of a server, read from its data directory.
-fn server_key(dir: &std::path::Path) -> SecretKey {
-    let text = std::fs::read_to_string(dir.join("server-key.toml")).unwrap();
-    let table: toml::Table = toml::from_str(&text).unwrap();
-    let mut seed = [0u8; 32];
-    hex::decode_to_slice(table["seed"].as_str().unwrap(), &mut seed).unwrap();
-    SecretKey::from_seed(seed)
-}
-
-/// POSTs `body` to `path` on `to`, signed by `from` with `key`.
-async fn signed_post(
-    key: &SecretKey,
-    from: &str,
-    to: &str,
-    base: &str,
-    path: &str,
-    body: &[u8],
-) -> (u16, Value) {
-    let now = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap();
-    let mut nonce = [0u8; 16];
-    nonce[..8].copy_from_slice(&now.to_be_bytes());
-    nonce[8] = body.len() as u8;
-    let request = kith_proto::FederationRequest::new(
-        from.parse().unwrap(),
-        to.parse().unwrap(),
-        "POST",
-        path,
-        body,
-        now,
-        nonce,
-    );
-    let answer = reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .header("Kith-Origin", from)
-        .header(
-            "Kith-Signature",
-            URL_SAFE_NO_PAD.encode(request.sign(key).encode()),
-        )
-        .header("Content-Type", "application/json")
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap();
-    let status = answer.status().as_u16();
-    (status, answer.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,6 +11,8 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,17 +56,7 @@ fn texts(client: &Client, channel: ChannelId) -> Vec<String> {
 
 /// Syncs until `done` holds, at most ~60 s.
 async fn sync_until(client: &mut Client, what: &str, done: impl Fn(&Client) -> bool) {
-    for _ in 0..600 {
-        match client.sync().await {
-            Ok(_) | Err(ClientError::Unreachable(..)) | Err(ClientError::Server { .. }) => {}
-            Err(e) => panic!("{what}: sync failed: {e}"),
-        }
-        if done(client) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not reached");
+    common::sync_until_within(client, what, 600, done).await;
 }
 
 fn epoch(client: &Client, channel: ChannelId) -> u64 {

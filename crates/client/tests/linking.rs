@@ -10,13 +10,15 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
 use std::path::Path;
 
 use kith_chat::{Body, ChatMessage, Edit, MessageRef, RichText, Text};
 use kith_client::{Client, ClientError};
 use kith_proto::{ChannelId, DeviceId};
-use std::time::Duration;
 
+use common::sync_until;
 use kith_testkit::{Cluster, Registration, TestServer};
 
 const CHAT: &str = kith_chat::CONTENT_TYPE;
@@ -282,22 +284,6 @@ async fn read_markers_and_edits_follow_the_user_across_its_devices() {
     assert!(!bob.members(side).unwrap().contains(&mallory.device_id()));
     // The requests were dropped, not kept for ever.
     assert!(bob.sync().await.unwrap().linked_added.is_empty());
-}
-
-/// Syncs until `done` holds, at most ~30 s (federated delivery is
-/// asynchronous).
-async fn sync_until(client: &mut Client, what: &str, done: impl Fn(&Client) -> bool) {
-    for _ in 0..300 {
-        match client.sync().await {
-            Ok(_) | Err(ClientError::Unreachable(..)) | Err(ClientError::Server { .. }) => {}
-            Err(e) => panic!("{what}: sync failed: {e}"),
-        }
-        if done(client) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not reached");
 }
 
 #[tokio::test]
