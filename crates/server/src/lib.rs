@@ -36,6 +36,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod api;
 mod backfill;
 mod channels;

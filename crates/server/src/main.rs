@@ -60,6 +60,71 @@ struct Args {
     /// comma-separated list).
     #[arg(long, env = "KITH_BLOCK", value_name = "NAME", value_delimiter = ',')]
     block: Vec<String>,
+    /// An operator command on the data directory instead of serving.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Operator commands (run them with the server stopped).
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// A user's devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DeviceCommand {
+    /// Lists the devices registered under a local name.
+    List {
+        /// The local name (the part of the handle before `@`).
+        name: String,
+    },
+    /// Removes a device from a local name (a lost or stolen device, when
+    /// the user has no other device to remove it from): it can no longer
+    /// log in, its sessions, key packages and inbox are deleted, and the
+    /// user's other devices remove it from their channels.
+    Remove {
+        /// The local name.
+        name: String,
+        /// The device id (64 hex digits).
+        device: String,
+    },
+}
+
+/// Runs an operator command on the data directory `settings` names.
+fn operate(command: Command, data_dir: &std::path::Path) -> Result<()> {
+    let Command::Device(command) = command;
+    let parse_name = |name: &str| -> Result<kith_proto::LocalName> {
+        name.parse()
+            .map_err(|e| anyhow::anyhow!("local name {name:?}: {e}"))
+    };
+    match command {
+        DeviceCommand::List { name } => {
+            let name = parse_name(&name)?;
+            let devices = kith_server::admin::list_devices(data_dir, &name)?;
+            if devices.is_empty() {
+                println!("no device is registered under {name}");
+            }
+            for d in devices {
+                println!(
+                    "{}  {}  registered at {} ms",
+                    d.device, d.display_name, d.registered_at
+                );
+            }
+        }
+        DeviceCommand::Remove { name, device } => {
+            let name = parse_name(&name)?;
+            let device: kith_proto::DeviceId = device
+                .parse()
+                .map_err(|e| anyhow::anyhow!("device id {device:?}: {e}"))?;
+            let told = kith_server::admin::remove_device(data_dir, &name, &device)?;
+            println!(
+                "removed {device} from {name}; {told} remaining device(s) will remove it from their channels"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn env_flag(name: &str) -> Result<Option<bool>> {
@@ -228,7 +293,12 @@ async fn serve() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let (listen, config) = settings(Args::parse())?;
+    let mut args = Args::parse();
+    let command = args.command.take();
+    let (listen, config) = settings(args)?;
+    if let Some(command) = command {
+        return operate(command, &config.data_dir);
+    }
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

@@ -242,6 +242,14 @@ impl EventHub {
         }
     }
 
+    /// Ends every open stream of `device` (it was removed, spec §6.4): its
+    /// streams see the hub closed and close their sockets.
+    pub(crate) fn close(&self, device: &DeviceId) {
+        // Dropping the device's entry drops its `watch` sender, which
+        // every stream's `changed()` then reports.
+        self.lock().remove(device);
+    }
+
     /// Opens a stream on `device`: its wake-ups and hand-offs, until the
     /// returned subscription is dropped.
     pub(crate) fn subscribe(&self, device: DeviceId) -> Subscription<'_> {

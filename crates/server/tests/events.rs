@@ -335,3 +335,59 @@ async fn record_updates_and_low_key_packages_become_events() {
     assert_eq!(to_alice[1]["remaining"], 2);
     server.stop().await;
 }
+
+/// Removing a device (spec §6.4) ends its open event stream at once (close
+/// code 1008) and tells the name's remaining devices with a
+/// `device_removed` event; a malformed id is 400 and changes nothing.
+#[tokio::test]
+async fn removing_a_device_closes_its_stream_and_tells_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "a.example").await;
+    let mut laptop = Device::join(&server, "alice").await;
+    let mut phone = Device::new();
+    let linked = laptop.next_record(|f| f.links = vec![phone.id]);
+    assert_eq!(
+        laptop.put_record(&server, &linked).await.1["result"],
+        "newer"
+    );
+    laptop.record = linked;
+    let (status, body) = phone.register_raw(&server, "alice", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    phone.login(&server).await;
+    let mut ws = connect(&server, &phone, "").await;
+
+    let bad = send(laptop.authed(client().delete(server.url("/v0/devices/nothex")))).await;
+    assert_error(&bad, StatusCode::BAD_REQUEST, "bad_request");
+    let gone =
+        send(laptop.authed(client().delete(server.url(&format!("/v0/devices/{}", phone.id)))))
+            .await;
+    assert_eq!(gone.0, StatusCode::NO_CONTENT, "{}", gone.1);
+    let end = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                None | Some(Err(_)) => break None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert_eq!(end, Some(1008));
+
+    let (status, body) = laptop.get(&server, "/v0/events").await;
+    assert_eq!(status, StatusCode::OK);
+    let events = body["events"].as_array().unwrap();
+    let removed = events
+        .iter()
+        .find(|e| e["kind"] == "device_removed")
+        .unwrap();
+    assert_eq!(removed["device"], phone.id.to_string());
+    assert_eq!(removed["by"], laptop.id.to_string());
+    assert_error(
+        &phone.get(&server, "/v0/events").await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    server.stop().await;
+}

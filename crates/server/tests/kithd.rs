@@ -208,3 +208,58 @@ async fn two_kithd_processes_federate_through_resolve() {
     assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{body}");
     assert_eq!(body["error"], "not_found");
 }
+
+/// `kithd device list|remove` act on the data directory: the operator's
+/// recovery path for a user with no device left to act from (§6.4).
+#[test]
+fn kithd_device_commands_list_and_remove() {
+    use kith_server::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let kithd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kithd"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .env_remove("KITH_CONFIG")
+            .env("KITH_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    // No database yet: a clear failure, nothing created.
+    let none = kithd(&["device", "list", "alice"]);
+    assert!(!none.status.success());
+    assert!(!data.join(kith_server::DB_FILE).exists());
+
+    std::fs::create_dir_all(&data).unwrap();
+    let device = kith_proto::DeviceId::from_bytes([5; 32]);
+    {
+        let store = kith_server::SqliteStore::open(&data.join(kith_server::DB_FILE)).unwrap();
+        store
+            .register(&kith_server::store::DeviceRow {
+                device,
+                name: "alice".parse().unwrap(),
+                identity_key: [5; 32],
+                record: vec![1],
+                record_at: 1,
+                registered_at: 1,
+            })
+            .unwrap();
+    }
+    let listed = kithd(&["device", "list", "alice"]);
+    assert!(listed.status.success());
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&device.to_string()));
+    let id = device.to_string();
+    let bad = kithd(&["device", "remove", "alice", "not-a-device"]);
+    assert!(!bad.status.success());
+    let removed = kithd(&["device", "remove", "alice", &id]);
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    let again = kithd(&["device", "remove", "alice", &id]);
+    assert!(!again.status.success());
+    let listed = kithd(&["device", "list", "alice"]);
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains(&id));
+}

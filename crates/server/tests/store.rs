@@ -53,6 +53,59 @@ fn register_and_names(s: &dyn Store) {
     assert!(s.devices_named(&name("carol")).unwrap().is_empty());
 }
 
+/// Removing a device (spec §6.4) takes it off its name with everything it
+/// held, remembers it with its last row, and bars it from registering
+/// again; the name's other devices keep theirs.
+fn removing_a_device(s: &dyn Store) {
+    s.register(&row(1, "alice")).unwrap();
+    s.register_linked(&row(2, "alice")).unwrap();
+    for d in [1, 2] {
+        s.put_session(&[d; 32], &dev(d), 99).unwrap();
+        s.put_challenge(&dev(d), &[d + 10; 32], 500, 100, 4)
+            .unwrap();
+        s.add_key_packages(&dev(d), &[vec![d]], Some(&[d, d]), 10)
+            .unwrap();
+        s.deposit_inbox(&dev(d), b"sealed", 10, 10, &|_| "{}".into())
+            .unwrap();
+        s.append_event(&dev(d), "test", "{}", 11).unwrap();
+    }
+    assert_eq!(
+        s.remove_device(&dev(1), 5000).unwrap(),
+        Some(row(1, "alice"))
+    );
+    assert_eq!(s.device(&dev(1)).unwrap(), None);
+    assert_eq!(
+        s.devices_named(&name("alice")).unwrap(),
+        vec![row(2, "alice")]
+    );
+    assert_eq!(s.device_count().unwrap(), 1);
+    assert_eq!(s.session(&[1; 32]).unwrap(), None);
+    assert_eq!(s.take_challenge(&dev(1), &[11; 32]).unwrap(), None);
+    assert_eq!(s.claim_key_package(&dev(1)).unwrap(), Claimed::Exhausted);
+    assert!(s.inbox(&dev(1), 0, 10).unwrap().is_empty());
+    assert!(s.events(&dev(1), 0, 10).unwrap().is_empty());
+    let removed = s.removed_device(&dev(1)).unwrap().unwrap();
+    assert_eq!((removed.row, removed.removed_at), (row(1, "alice"), 5000));
+    assert!(matches!(
+        s.register(&row(1, "alice")),
+        Err(StoreError::DeviceRemoved(_))
+    ));
+    assert!(matches!(
+        s.register_linked(&row(1, "alice")),
+        Err(StoreError::DeviceRemoved(_))
+    ));
+    assert_eq!(s.remove_device(&dev(1), 6000).unwrap(), None);
+    assert_eq!(s.remove_device(&dev(9), 6000).unwrap(), None);
+    assert_eq!(s.removed_device(&dev(9)).unwrap(), None);
+    assert_eq!(s.removed_device(&dev(2)).unwrap(), None);
+    // The other device of the name keeps everything.
+    assert_eq!(s.session(&[2; 32]).unwrap(), Some((dev(2), 99)));
+    assert_eq!(s.take_challenge(&dev(2), &[12; 32]).unwrap(), Some(500));
+    assert_eq!(s.key_package_count(&dev(2)).unwrap(), (1, true));
+    assert_eq!(s.inbox(&dev(2), 0, 10).unwrap().len(), 1);
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 2);
+}
+
 fn replace_record_is_compare_and_swap(s: &dyn Store) {
     s.register(&row(1, "alice")).unwrap();
     assert!(!s.replace_record(&dev(1), b"stale", b"new", 2000).unwrap());
@@ -624,6 +677,10 @@ macro_rules! store_suite {
                 super::register_and_names(make().as_ref());
             }
             #[test]
+            fn removing_a_device() {
+                super::removing_a_device(make().as_ref());
+            }
+            #[test]
             fn replace_record_is_compare_and_swap() {
                 super::replace_record_is_compare_and_swap(make().as_ref());
             }
@@ -837,4 +894,54 @@ fn sqlite_opens_a_schema_3_database() {
     // Opening it again (the column is there now) works too.
     let s = kith_server::SqliteStore::open(&path).unwrap();
     assert_eq!(s.events(&dev(2), 0, 10).unwrap(), old);
+}
+
+/// Removing a device releases its references to shared payloads, as an
+/// ack does: the payload goes with the last event that holds it.
+#[test]
+fn sqlite_a_removed_device_releases_its_shared_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kith.db");
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    let row = ChannelRow {
+        channel: chan(1),
+        name: "general".into(),
+        content_type: "text/plain".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1, 2, 3])).unwrap();
+    for (n, local) in [(1, "one"), (2, "two"), (3, "three")] {
+        s.register(&crate::row(n, local)).unwrap();
+    }
+    let message = NewMessage {
+        id: [1; 32],
+        epoch: 0,
+        sender: dev(1),
+        message: vec![1; 3],
+        received_at: 51,
+    };
+    let (_, events) = s
+        .store_message(&chan(1), &message, &|m| format!("{{\"seq\":{}}}", m.seq))
+        .unwrap();
+    assert_eq!(events.len(), 2);
+    let shared = || -> i64 {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM event_payloads", [], |r| r.get(0))
+            .unwrap()
+    };
+    s.remove_device(&dev(2), 60).unwrap().unwrap();
+    assert_eq!(shared(), 1, "device 3 still has it");
+    assert_eq!(s.events(&dev(3), 0, 10).unwrap()[0].payload, "{\"seq\":1}");
+    // No more events for the removed device, though still a member.
+    let next = NewMessage {
+        id: [2; 32],
+        ..message
+    };
+    let (_, events) = s
+        .store_message(&chan(1), &next, &|m| format!("{{\"seq\":{}}}", m.seq))
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    s.ack_events(&dev(3), events[0].1.cursor).unwrap();
+    assert_eq!(shared(), 0);
 }

@@ -269,7 +269,9 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
         }
         tokio::select! {
             changed = live.newest.changed() => {
-                if changed.is_err() { break "event hub closed" }
+                // The hub drops a device's streams only when the device
+                // is removed (spec §6.4).
+                if changed.is_err() { break "device removed" }
                 woken = Some(Source::Handed);
             }
             () = tokio::time::sleep_until(gap.map_or_else(tokio::time::Instant::now, |g| g.1)),
@@ -308,11 +310,16 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
         }
     };
     drop(live);
-    if reason == "server shutting down" {
+    let close = match reason {
+        "server shutting down" => Some(close_code::AWAY),
+        "device removed" => Some(close_code::POLICY),
+        _ => None,
+    };
+    if let Some(code) = close {
         let _ = socket
             .send(Message::Close(Some(CloseFrame {
-                code: close_code::AWAY,
-                reason: "server shutting down".into(),
+                code,
+                reason: reason.into(),
             })))
             .await;
     }

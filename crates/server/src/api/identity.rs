@@ -2,6 +2,7 @@
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
@@ -37,7 +38,10 @@ pub(super) fn routes() -> Router<Shared> {
         .route("/v0/login", post(login))
         .route("/v0/devices/self", put(put_record))
         .route("/v0/devices/self/sponsorship", post(renew_sponsorship))
-        .route("/v0/devices/{device}", get(get_device))
+        .route(
+            "/v0/devices/{device}",
+            get(get_device).delete(remove_device),
+        )
         .route("/v0/users/{handle}", get(get_user))
 }
 
@@ -96,6 +100,13 @@ async fn register(
     let now = now_ms();
     let record = verified_record("record", &req.record, now)?;
     let device = record.device_id();
+    if state
+        .db(move |s| s.removed_device(&device))
+        .await?
+        .is_some()
+    {
+        return Err(crate::store::StoreError::DeviceRemoved(device).into());
+    }
     // A device that one of the name's devices links joins that user: it is
     // not a new account, so the registration mode does not apply (§6.3).
     let linked = sponsored_devices(&state, name.clone())
@@ -339,6 +350,81 @@ async fn put_record(
     Ok(Json(json!({ "result": result })))
 }
 
+/// `DELETE /v0/devices/{device}` (spec §6.4): another device registered
+/// under the same name removes `device` from it, for a lost or stolen
+/// device. Atomically, the device is no longer registered (not listed for
+/// the name, cannot log in), its sessions, key packages, inbox and events
+/// are gone; then its open event streams close and every remaining device
+/// of the name gets a `device_removed` event.
+#[tracing::instrument(skip_all, fields(by = %caller))]
+async fn remove_device(
+    State(state): State<Shared>,
+    Authed(caller): Authed,
+    ApiPath(device): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let device = parse_device(&device)?;
+    if device == caller {
+        return Err(ApiError::bad_request(
+            "a device cannot remove itself; remove it from another device of the user",
+        ));
+    }
+    let me = state
+        .db(move |s| s.device(&caller))
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("the device is not registered here"))?;
+    let target = state
+        .db(move |s| s.device(&device))
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such device is registered here"))?;
+    if target.name != me.name {
+        return Err(ApiError::forbidden(
+            "only a device registered under the same name may remove a device",
+        ));
+    }
+    let removed = removed_device_effects(&state, device, Some(caller)).await?;
+    if !removed {
+        // Removed by a concurrent request since it was looked up.
+        return Err(ApiError::not_found("no such device is registered here"));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes `device` in the store and then closes its event streams and
+/// tells the remaining devices of its name (`device_removed`, with `by`
+/// when a device removed it). Returns whether the device was registered.
+pub(crate) async fn removed_device_effects(
+    state: &Shared,
+    device: DeviceId,
+    by: Option<DeviceId>,
+) -> Result<bool, ApiError> {
+    let now = now_ms();
+    let Some(row) = state.db(move |s| s.remove_device(&device, now)).await? else {
+        return Ok(false);
+    };
+    state.hub.close(&device);
+    state.metrics.registered_devices.dec();
+    tracing::info!(%device, name = %row.name, "removed a device");
+    let name = row.name.clone();
+    let remaining = state.db(move |s| s.devices_named(&name)).await?;
+    for other in remaining {
+        let mut payload = serde_json::Map::new();
+        payload.insert("device".into(), device.to_string().into());
+        if let Some(by) = by {
+            payload.insert("by".into(), by.to_string().into());
+        }
+        payload.insert("removed_at".into(), now.into());
+        if let Err(e) = state
+            .append_event(other.device, "device_removed", payload)
+            .await
+        {
+            // The removal stands; the device learns of it from the
+            // directory (the removed device is no longer listed).
+            tracing::warn!(device = %other.device, error = %e.message, "could not queue device_removed");
+        }
+    }
+    Ok(true)
+}
+
 /// Appends a `record_update` event for each local device that is mutually
 /// linked with `record`'s device (one user), so its other devices learn of
 /// the new version. A failure here is logged: the record is already stored.
@@ -385,6 +471,15 @@ async fn get_device(
     let device = parse_device(&device)?;
     if let Some(row) = state.db(move |s| s.device(&device)).await? {
         return Ok(Json(json!({ "record": b64(&row.record) })));
+    }
+    // A removed device's last record is still served (the channels it is
+    // a member of until a commit removes it need it to compute their
+    // voters), marked as removed.
+    if let Some(removed) = state.db(move |s| s.removed_device(&device)).await? {
+        return Ok(Json(json!({
+            "record": b64(&removed.row.record),
+            "removed_at": removed.removed_at,
+        })));
     }
     let server = query
         .server

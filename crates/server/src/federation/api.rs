@@ -61,11 +61,19 @@ async fn device(
     signed: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let device = parse_device(&device)?;
-    let row = state
-        .db(move |s| s.device(&device))
+    if let Some(row) = state.db(move |s| s.device(&device)).await? {
+        return Ok(Json(json!({ "record": b64(&row.record) })));
+    }
+    // A removed device's last record, marked, as the client API serves it
+    // (§6.4): channels it is still in compute their voters from it.
+    let removed = state
+        .db(move |s| s.removed_device(&device))
         .await?
         .ok_or_else(|| ApiError::not_found("no such device is registered here"))?;
-    Ok(Json(json!({ "record": b64(&row.record) })))
+    Ok(Json(json!({
+        "record": b64(&removed.row.record),
+        "removed_at": removed.removed_at,
+    })))
 }
 
 #[derive(Deserialize)]

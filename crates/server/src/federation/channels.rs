@@ -103,7 +103,9 @@ async fn require_peer(
 }
 
 /// The encoded record of `device`: its own if registered here, else the
-/// cached one.
+/// cached one, else its last one if it was removed from this server (it may
+/// still be a member of channels, whose voters every server must compute
+/// alike, §6.4).
 pub(crate) fn record_bytes(
     store: &dyn crate::store::Store,
     device: &DeviceId,
@@ -111,7 +113,10 @@ pub(crate) fn record_bytes(
     if let Some(row) = store.device(device)? {
         return Ok(Some(row.record));
     }
-    Ok(store.remote_record(device)?.map(|r| r.record))
+    if let Some(remote) = store.remote_record(device)? {
+        return Ok(Some(remote.record));
+    }
+    Ok(store.removed_device(device)?.map(|r| r.row.record))
 }
 
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]

@@ -8,7 +8,7 @@ use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
 
 use super::{
     ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, Event, InboxItem, MessageRow, Millis,
-    NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Store, StoreError,
+    NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, RemovedDevice, Store, StoreError,
 };
 
 /// A [`Store`] that keeps everything in memory.
@@ -23,6 +23,7 @@ struct State {
     /// Registration order, for `devices_named`.
     order: Vec<DeviceId>,
     names: HashMap<LocalName, DeviceId>,
+    removed: HashMap<DeviceId, RemovedDevice>,
     challenges: HashMap<[u8; 32], (DeviceId, Millis, u64)>,
     challenge_seq: u64,
     sessions: HashMap<[u8; 32], (DeviceId, Millis)>,
@@ -96,6 +97,9 @@ impl State {
 impl Store for MemoryStore {
     fn register(&self, row: &DeviceRow) -> Result<Registered, StoreError> {
         let mut s = self.lock()?;
+        if s.removed.contains_key(&row.device) {
+            return Err(StoreError::DeviceRemoved(row.device));
+        }
         if let Some(existing) = s.devices.get(&row.device) {
             return if existing.name == row.name {
                 Ok(Registered::Existing)
@@ -114,6 +118,9 @@ impl Store for MemoryStore {
 
     fn register_linked(&self, row: &DeviceRow) -> Result<Registered, StoreError> {
         let mut s = self.lock()?;
+        if s.removed.contains_key(&row.device) {
+            return Err(StoreError::DeviceRemoved(row.device));
+        }
         if let Some(existing) = s.devices.get(&row.device) {
             return if existing.name == row.name {
                 Ok(Registered::Existing)
@@ -143,6 +150,37 @@ impl Store for MemoryStore {
 
     fn device_count(&self) -> Result<u64, StoreError> {
         Ok(self.lock()?.devices.len() as u64)
+    }
+
+    fn remove_device(
+        &self,
+        device: &DeviceId,
+        now: Millis,
+    ) -> Result<Option<DeviceRow>, StoreError> {
+        let mut s = self.lock()?;
+        let Some(row) = s.devices.remove(device) else {
+            return Ok(None);
+        };
+        s.order.retain(|d| d != device);
+        s.sessions.retain(|_, (d, _)| d != device);
+        s.challenges.retain(|_, (d, _, _)| d != device);
+        s.key_packages.remove(device);
+        s.last_resort.remove(device);
+        s.inbox.remove(device);
+        s.events.remove(device);
+        s.acked.remove(device);
+        s.removed.insert(
+            *device,
+            RemovedDevice {
+                row: row.clone(),
+                removed_at: now,
+            },
+        );
+        Ok(Some(row))
+    }
+
+    fn removed_device(&self, device: &DeviceId) -> Result<Option<RemovedDevice>, StoreError> {
+        Ok(self.lock()?.removed.get(device).cloned())
     }
 
     fn replace_record(

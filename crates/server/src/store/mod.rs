@@ -73,6 +73,17 @@ pub struct DeviceRow {
     pub registered_at: Millis,
 }
 
+/// A device removed from this server (spec §6.4, "Remove a device"): its
+/// last row, kept so that the channels it is still a member of can compute
+/// their voters from its record, and so that it can never register again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovedDevice {
+    /// The device as it was registered when it was removed.
+    pub row: DeviceRow,
+    /// When it was removed.
+    pub removed_at: Millis,
+}
+
 /// The outcome of [`Store::register`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Registered {
@@ -280,6 +291,9 @@ pub enum StoreError {
     /// The device is not registered here.
     #[error("unknown device {0}")]
     UnknownDevice(DeviceId),
+    /// The device was removed from this server and may not register again.
+    #[error("device {0} was removed from this server and cannot register again; make a new device")]
+    DeviceRemoved(DeviceId),
     /// Storing the key packages would exceed the per-device limit.
     #[error("a device may keep at most {limit} key packages; {stored} are stored")]
     TooManyKeyPackages {
@@ -348,6 +362,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many devices are registered.
     fn device_count(&self) -> Result<u64, StoreError>;
+
+    /// Removes a registered device (spec §6.4), in one transaction: it is
+    /// no longer registered (nor listed under its name), its sessions,
+    /// login challenges, key packages, inbox items and events are deleted,
+    /// and it is remembered as removed at `now`, with its last record. A
+    /// removed device's [`Store::register`] and [`Store::register_linked`]
+    /// fail with [`StoreError::DeviceRemoved`]. Returns the removed row, or
+    /// `None` (changing nothing) if the device is not registered.
+    fn remove_device(
+        &self,
+        device: &DeviceId,
+        now: Millis,
+    ) -> Result<Option<DeviceRow>, StoreError>;
+
+    /// The device, if it was removed from this server.
+    fn removed_device(&self, device: &DeviceId) -> Result<Option<RemovedDevice>, StoreError>;
 
     /// Replaces the device's record with `new`, accepted at `now`, if it is
     /// still `expected` (compare-and-swap). Returns whether it replaced.

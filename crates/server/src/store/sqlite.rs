@@ -19,15 +19,17 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
     ChannelRow, Claimed, CommitRow, DeferredMessage, DeviceRow, EpochState, Event, InboxItem,
-    MessageRow, Millis, NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Store,
-    StoreError,
+    MessageRow, Millis, NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, RemovedDevice,
+    Store, StoreError,
 };
 
 /// WAL pages between automatic checkpoints (`PRAGMA wal_autocheckpoint`).
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 8192;
 
-/// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 4;
+/// The schema version this code writes (`PRAGMA user_version`). Version 5
+/// added `removed_devices`: an older kithd would let a removed device
+/// register again, so it must not open a version 5 database.
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -39,6 +41,18 @@ CREATE TABLE IF NOT EXISTS devices (
     registered_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS devices_by_name ON devices(name);
+-- Devices removed from their name (spec §6.4), with their last row: they
+-- never register again, and their record stays for the channels they are
+-- still members of until a commit removes them.
+CREATE TABLE IF NOT EXISTS removed_devices (
+    device BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    identity_key BLOB NOT NULL,
+    record BLOB NOT NULL,
+    record_at INTEGER NOT NULL,
+    registered_at INTEGER NOT NULL,
+    removed_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS names (
     name TEXT PRIMARY KEY,
     owner BLOB NOT NULL
@@ -256,6 +270,17 @@ impl SqliteStore {
     fn register_device(&self, row: &DeviceRow, shared: bool) -> Result<Registered, StoreError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let removed = tx
+            .query_row(
+                "SELECT 1 FROM removed_devices WHERE device = ?1",
+                [row.device.as_bytes()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if removed {
+            return Err(StoreError::DeviceRemoved(row.device));
+        }
         let existing: Option<String> = tx
             .query_row(
                 "SELECT name FROM devices WHERE device = ?1",
@@ -964,6 +989,86 @@ impl Store for SqliteStore {
     fn device_count(&self) -> Result<u64, StoreError> {
         let conn = self.lock()?;
         uint(conn.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))?)
+    }
+
+    fn remove_device(
+        &self,
+        device: &DeviceId,
+        now: Millis,
+    ) -> Result<Option<DeviceRow>, StoreError> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let key = device.as_bytes();
+        let Some(raw) = tx
+            .query_row(
+                "SELECT device, name, identity_key, record, record_at, registered_at
+                 FROM devices WHERE device = ?1",
+                [key],
+                device_row,
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let row = to_device_row(raw)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO removed_devices
+             (device, name, identity_key, record, record_at, registered_at, removed_at)
+             SELECT device, name, identity_key, record, record_at, registered_at, ?2
+             FROM devices WHERE device = ?1",
+            params![key, int(now)?],
+        )?;
+        for table in [
+            "devices",
+            "sessions",
+            "challenges",
+            "key_packages",
+            "inbox",
+            "event_acks",
+        ] {
+            tx.execute(&format!("DELETE FROM {table} WHERE device = ?1"), [key])?;
+        }
+        // As an ack does: shared payloads lose a reference per event.
+        let released: Vec<(i64, i64)> = tx
+            .prepare(
+                "SELECT shared, COUNT(*) FROM events
+                 WHERE device = ?1 AND shared IS NOT NULL GROUP BY shared",
+            )?
+            .query_map([key], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (shared, count) in released {
+            tx.execute(
+                "UPDATE event_payloads SET refs = refs - ?2 WHERE id = ?1",
+                params![shared, count],
+            )?;
+            tx.execute(
+                "DELETE FROM event_payloads WHERE id = ?1 AND refs <= 0",
+                [shared],
+            )?;
+        }
+        tx.execute("DELETE FROM events WHERE device = ?1", [key])?;
+        tx.commit()?;
+        Ok(Some(row))
+    }
+
+    fn removed_device(&self, device: &DeviceId) -> Result<Option<RemovedDevice>, StoreError> {
+        let conn = self.lock()?;
+        let found = conn
+            .query_row(
+                "SELECT device, name, identity_key, record, record_at, registered_at, removed_at
+                 FROM removed_devices WHERE device = ?1",
+                [device.as_bytes()],
+                |r| Ok((device_row(r)?, r.get::<_, i64>(6)?)),
+            )
+            .optional()?;
+        found
+            .map(|(raw, removed_at)| {
+                Ok(RemovedDevice {
+                    row: to_device_row(raw)?,
+                    removed_at: uint(removed_at)?,
+                })
+            })
+            .transpose()
     }
 
     fn replace_record(

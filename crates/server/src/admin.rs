@@ -1,0 +1,113 @@
+//! Operator commands on a server's data directory (`kithd device ...`),
+//! the recovery path when a user has no device left to act from (spec
+//! §6.4, "Remove a device").
+//!
+//! They open the SQLite store directly. Run them with the server stopped:
+//! a running server keeps serving what it holds in memory (an open event
+//! stream of a removed device stays open until it reconnects, though
+//! nothing more is appended to it, and its device gauge is off by one
+//! until it restarts); sessions and the directory are read from the store,
+//! so they take effect at once either way.
+
+use std::path::Path;
+
+use kith_proto::{DeviceId, DeviceRecordIn, LocalName};
+
+use crate::store::{SqliteStore, Store, StoreError};
+
+/// Why an operator command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The data directory has no database.
+    #[error("no database at {0} (is this the server's data directory?)")]
+    NoDatabase(String),
+    /// No device with this id is registered under this name.
+    #[error("no device {device} is registered under the name {name}")]
+    NotFound {
+        /// The name asked for.
+        name: LocalName,
+        /// The device asked for.
+        device: DeviceId,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One device registered under a name, as `kithd device list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedDevice {
+    /// The device.
+    pub device: DeviceId,
+    /// The display name its current record gives.
+    pub display_name: String,
+    /// When it registered.
+    pub registered_at: u64,
+}
+
+fn open(data_dir: &Path) -> Result<SqliteStore, AdminError> {
+    let path = data_dir.join(crate::DB_FILE);
+    if !path.exists() {
+        return Err(AdminError::NoDatabase(path.display().to_string()));
+    }
+    Ok(SqliteStore::open(&path)?)
+}
+
+/// The devices registered under `name` in the server at `data_dir`.
+pub fn list_devices(data_dir: &Path, name: &LocalName) -> Result<Vec<ListedDevice>, AdminError> {
+    let store = open(data_dir)?;
+    Ok(store
+        .devices_named(name)?
+        .into_iter()
+        .map(|row| ListedDevice {
+            device: row.device,
+            display_name: DeviceRecordIn::decode(&row.record)
+                .ok()
+                .and_then(|r| r.verify(row.record_at).ok())
+                .map(|r| r.display_name().to_owned())
+                .unwrap_or_default(),
+            registered_at: row.registered_at,
+        })
+        .collect())
+}
+
+/// Removes `device` from `name` in the store, as `DELETE
+/// /v0/devices/{device}` does, and appends a `device_removed` event to each
+/// remaining device of the name. Returns how many devices were told.
+pub fn remove_device_in(
+    store: &dyn Store,
+    name: &LocalName,
+    device: &DeviceId,
+    now: u64,
+) -> Result<usize, AdminError> {
+    let registered = store.device(device)?.filter(|row| &row.name == name);
+    if registered.is_none() {
+        return Err(AdminError::NotFound {
+            name: name.clone(),
+            device: *device,
+        });
+    }
+    if store.remove_device(device, now)?.is_none() {
+        return Err(AdminError::NotFound {
+            name: name.clone(),
+            device: *device,
+        });
+    }
+    let payload = serde_json::json!({ "device": device.to_string(), "removed_at": now });
+    let payload = payload.to_string();
+    let remaining = store.devices_named(name)?;
+    for other in &remaining {
+        store.append_event(&other.device, "device_removed", &payload, now)?;
+    }
+    Ok(remaining.len())
+}
+
+/// [`remove_device_in`] on the server at `data_dir`.
+pub fn remove_device(
+    data_dir: &Path,
+    name: &LocalName,
+    device: &DeviceId,
+) -> Result<usize, AdminError> {
+    let store = open(data_dir)?;
+    remove_device_in(&store, name, device, crate::state::now_ms())
+}
