@@ -338,6 +338,33 @@ impl Api {
         unb64("record", &r.record)
     }
 
+    /// `GET /v0/devices/{device}`, with when the device was removed from
+    /// its name, if its server says it was (§6.4; its last record is still
+    /// served).
+    pub async fn device_status(&self, device: &str) -> Result<(Vec<u8>, Option<u64>), ClientError> {
+        #[derive(Deserialize)]
+        struct Record {
+            record: String,
+            #[serde(default)]
+            removed_at: Option<u64>,
+        }
+        let r: Record = self
+            .call(reqwest::Method::GET, &format!("/v0/devices/{device}"), None)
+            .await?;
+        Ok((unb64("record", &r.record)?, r.removed_at))
+    }
+
+    /// `DELETE /v0/devices/{device}`: removes another device of this
+    /// device's name from its server (§6.4).
+    pub async fn remove_device(&self, device: &str) -> Result<(), ClientError> {
+        self.call::<()>(
+            reqwest::Method::DELETE,
+            &format!("/v0/devices/{device}"),
+            None,
+        )
+        .await
+    }
+
     /// `POST /v0/keypackages`.
     pub async fn upload_key_packages(
         &self,

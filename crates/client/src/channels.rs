@@ -53,6 +53,13 @@ pub struct SyncReport {
     pub removed_on_request: Vec<(ChannelId, DeviceId)>,
     /// This user's linked devices that this (admin) device added to channels.
     pub linked_added: Vec<(ChannelId, DeviceId)>,
+    /// Devices removed from their user's name (spec §6.4) that this device
+    /// removed from channels: its own user's, or (as an admin) on a
+    /// remove-device request.
+    pub removed_devices: Vec<(ChannelId, DeviceId)>,
+    /// Removed devices of this user that this (non-admin) device asked a
+    /// channel's admins to remove, by a remove-device request (§9.5).
+    pub removal_requested: Vec<(ChannelId, DeviceId)>,
 }
 
 /// What [`Client::leave`] did.
@@ -74,7 +81,7 @@ fn welcome_body(channel: ChannelId, epoch: u64, welcome: &[u8]) -> Vec<u8> {
         .into_bytes()
 }
 
-fn protocol(e: impl std::fmt::Display) -> ClientError {
+pub(crate) fn protocol(e: impl std::fmt::Display) -> ClientError {
     ClientError::Protocol(e.to_string())
 }
 
@@ -529,7 +536,16 @@ impl Client {
     /// for the admins to act on. Each device once per channel: one that
     /// later leaves stays out. Cheap when nothing is missing: no request.
     async fn add_linked_devices(&mut self, report: &mut SyncReport) -> Result<(), ClientError> {
-        let links: Vec<DeviceId> = self.record()?.links().collect();
+        let mut links: Vec<DeviceId> = self.record()?.links().collect();
+        // A removed device (§6.4) is never added back, even while a link
+        // to it is still in this device's record.
+        let mut kept = Vec::with_capacity(links.len());
+        for d in links {
+            if !self.store.is_removed_device(&d)? {
+                kept.push(d);
+            }
+        }
+        links = kept;
         if links.is_empty() {
             return Ok(());
         }
@@ -672,7 +688,11 @@ impl Client {
             && self.mls.channel(id).is_ok_and(|c| c.is_active())
             && self.channel_admins(id).is_ok_and(|a| a.contains(&me));
         let members = self.members(id)?;
-        if !admin || members.contains(&device) || !members.contains(&sender) {
+        if !admin
+            || members.contains(&device)
+            || !members.contains(&sender)
+            || self.store.is_removed_device(&device)?
+        {
             return Ok(false);
         }
         // Both records fresh from the sender's user's directory (its home
@@ -757,7 +777,7 @@ impl Client {
     /// again on the new epoch. `intent` returning `None` means there is
     /// nothing left to do. Returns the merged commit and the epoch it
     /// applied to.
-    async fn commit_with_retry<F>(
+    pub(crate) async fn commit_with_retry<F>(
         &mut self,
         id: ChannelId,
         mut intent: F,
@@ -969,7 +989,10 @@ impl Client {
 
     /// A member's verified record: from the local cache if it still
     /// verifies, else from the homeserver.
-    async fn member_record(&mut self, device: &DeviceId) -> Result<DeviceRecord, ClientError> {
+    pub(crate) async fn member_record(
+        &mut self,
+        device: &DeviceId,
+    ) -> Result<DeviceRecord, ClientError> {
         let now = now_ms();
         if let Some(bytes) = self.store.record(device)?
             && let Some(record) = self.records.verify(&bytes, now)
@@ -1027,7 +1050,7 @@ impl Client {
 
     /// Sends `data` with MLS `authenticated_data` `aad` (empty for every
     /// application payload; only control messages carry AAD).
-    async fn send_with_aad(
+    pub(crate) async fn send_with_aad(
         &mut self,
         id: ChannelId,
         data: &[u8],
@@ -1293,6 +1316,8 @@ impl Client {
             self.acknowledge(after, last).await?;
         }
         self.honor_leave_requests(&mut report).await?;
+        self.honor_remove_requests(&mut report).await?;
+        self.remove_removed_devices(&mut report).await?;
         self.honor_add_requests(&mut report).await?;
         self.add_linked_devices(&mut report).await?;
         Ok(report)
@@ -1400,6 +1425,9 @@ impl Client {
         report: &mut SyncReport,
     ) -> Result<(), ClientError> {
         let kind = field_str(event, "kind")?;
+        if kind == "device_removed" {
+            return self.device_removed_event(event).await;
+        }
         if kind != "commit" && kind != "message" {
             return Ok(());
         }
@@ -1494,6 +1522,16 @@ impl Client {
             let me = self.device_id();
             if self.channel_admins(id).is_ok_and(|a| a.contains(&me)) {
                 self.store.save_add_request(&id, &sender, &device)?;
+            }
+            return Ok(false);
+        }
+        if let Ok(incoming) = &processed
+            && let Some((sender, device)) = incoming.remove_device_request()
+        {
+            // Only admins act on it, after checking the directory (§9.5).
+            let me = self.device_id();
+            if self.channel_admins(id).is_ok_and(|a| a.contains(&me)) {
+                self.store.save_remove_request(&id, &sender, &device)?;
             }
             return Ok(false);
         }

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod channels;
 pub mod chat;
+pub mod devices;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use kith_proto::{
 pub use api::Api;
 pub use channels::{LeaveOutcome, SyncReport};
 pub use chat::{ChatTimeline, TypingEvent};
+pub use devices::DeviceRemoval;
 pub use kith_chat;
 pub use store::{ChannelRow, MessageRow};
 use store::{Identity, Store};
@@ -306,14 +308,19 @@ impl Client {
         let mut linked = Vec::new();
         for device in self.record()?.links().collect::<Vec<_>>() {
             let text = device.to_string();
+            if self.store.is_removed_device(&device)? {
+                continue;
+            }
             let bytes = match self
                 .authed(|api| {
                     let d = text.clone();
-                    async move { api.device_record(&d).await }
+                    async move { api.device_status(&d).await }
                 })
                 .await
             {
-                Ok(bytes) => bytes,
+                Ok((bytes, None)) => bytes,
+                // Removed from the name (§6.4): no longer part of the user.
+                Ok((_, Some(_))) => continue,
                 // Not registered (yet): not part of the user.
                 Err(ClientError::Server { status: 404, .. }) => continue,
                 Err(e) => return Err(e),
@@ -335,7 +342,10 @@ impl Client {
 
     /// Signs and publishes the next version of this device's record with
     /// `fields` (its sequence and time advanced here), and keeps it.
-    async fn publish_fields(&mut self, mut fields: DeviceRecordFields) -> Result<(), ClientError> {
+    pub(crate) async fn publish_fields(
+        &mut self,
+        mut fields: DeviceRecordFields,
+    ) -> Result<(), ClientError> {
         fields.sequence += 1;
         fields.updated_at = now_ms().max(fields.updated_at);
         let next = DeviceRecord::sign(&self.key, fields, now_ms())
@@ -457,7 +467,7 @@ impl Client {
     }
 
     /// Runs `op`, logging in again once if the session has expired.
-    async fn authed<T, F, Fut>(&mut self, op: F) -> Result<T, ClientError>
+    pub(crate) async fn authed<T, F, Fut>(&mut self, op: F) -> Result<T, ClientError>
     where
         F: Fn(Api) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,

@@ -132,6 +132,26 @@ CREATE TABLE IF NOT EXISTS linked_added (
     device BLOB NOT NULL,
     PRIMARY KEY (channel, device)
 );
+-- Devices of this user removed from its name (spec §6.4): never added
+-- back; `pending` while this device may still have to remove them from
+-- channels.
+CREATE TABLE IF NOT EXISTS removed_devices (
+    device BLOB PRIMARY KEY,
+    pending INTEGER NOT NULL
+);
+-- Remove-device requests (spec §9.5) this device sent, once per channel.
+CREATE TABLE IF NOT EXISTS removal_requested (
+    channel BLOB NOT NULL,
+    device BLOB NOT NULL,
+    PRIMARY KEY (channel, device)
+);
+-- Remove-device requests for this (admin) device to act on.
+CREATE TABLE IF NOT EXISTS remove_requests (
+    channel BLOB NOT NULL,
+    sender BLOB NOT NULL,
+    device BLOB NOT NULL,
+    PRIMARY KEY (channel, sender, device)
+);
 CREATE TABLE IF NOT EXISTS records (
     device BLOB PRIMARY KEY,
     record BLOB NOT NULL
@@ -659,6 +679,135 @@ impl Store {
             )
             .optional()?
             .is_some())
+    }
+
+    /// Remembers that `device`, of this user, was removed from its name:
+    /// it is never added back, and channels still holding it are to be
+    /// rid of it (pending).
+    pub fn save_removed_device(&self, device: &DeviceId) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT INTO removed_devices (device, pending) VALUES (?1, 1)
+             ON CONFLICT (device) DO UPDATE SET pending = 1",
+            params![&device.as_bytes()[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Whether `device` is one of this user's removed devices.
+    pub fn is_removed_device(&self, device: &DeviceId) -> Result<bool, ClientError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM removed_devices WHERE device = ?1",
+                params![&device.as_bytes()[..]],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// The removed devices this device may still have to remove from
+    /// channels.
+    pub fn pending_removed_devices(&self) -> Result<Vec<DeviceId>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device FROM removed_devices WHERE pending = 1 ORDER BY rowid")?;
+        let rows = stmt.query_map([], |r| Ok(DeviceId::from_bytes(blob32(r.get(0)?)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Notes that no channel of this device needs anything more done
+    /// about the removed `device`.
+    pub fn settle_removed_device(&self, device: &DeviceId) -> Result<(), ClientError> {
+        self.conn.execute(
+            "UPDATE removed_devices SET pending = 0 WHERE device = ?1",
+            params![&device.as_bytes()[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Records that this device asked `channel`'s admins to remove
+    /// `device`.
+    pub fn save_removal_requested(
+        &self,
+        channel: &ChannelId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO removal_requested (channel, device) VALUES (?1, ?2)",
+            params![&channel.as_bytes()[..], &device.as_bytes()[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Whether this device asked `channel`'s admins to remove `device`.
+    pub fn removal_requested(
+        &self,
+        channel: &ChannelId,
+        device: &DeviceId,
+    ) -> Result<bool, ClientError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM removal_requested WHERE channel = ?1 AND device = ?2",
+                params![&channel.as_bytes()[..], &device.as_bytes()[..]],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Keeps a remove-device request (spec §9.5) for this admin device to
+    /// act on at the end of the sync.
+    pub fn save_remove_request(
+        &self,
+        channel: &ChannelId,
+        sender: &DeviceId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO remove_requests (channel, sender, device) VALUES (?1, ?2, ?3)",
+            params![
+                &channel.as_bytes()[..],
+                &sender.as_bytes()[..],
+                &device.as_bytes()[..]
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The remove-device requests not acted on yet: (channel, sender,
+    /// device).
+    pub fn remove_requests(&self) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT channel, sender, device FROM remove_requests ORDER BY rowid")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                ChannelId::from_bytes(blob16(r.get(0)?)?),
+                DeviceId::from_bytes(blob32(r.get(1)?)?),
+                DeviceId::from_bytes(blob32(r.get(2)?)?),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets a remove-device request.
+    pub fn drop_remove_request(
+        &self,
+        channel: &ChannelId,
+        sender: &DeviceId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
+        self.conn.execute(
+            "DELETE FROM remove_requests WHERE channel = ?1 AND sender = ?2 AND device = ?3",
+            params![
+                &channel.as_bytes()[..],
+                &sender.as_bytes()[..],
+                &device.as_bytes()[..]
+            ],
+        )?;
+        Ok(())
     }
 
     /// A cached device record.

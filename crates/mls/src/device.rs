@@ -65,6 +65,12 @@ pub const LEAVE_REQUEST_AAD: &[u8] = b"kith-leave-v0";
 /// must be mutually linked with the sender (the same user, §5.7).
 pub const ADD_DEVICE_REQUEST_AAD: &[u8] = b"kith-add-device-v0";
 
+/// The MLS `authenticated_data` of a **remove-device request** (spec
+/// §9.5): an application message with this AAD whose payload is exactly
+/// one 32-byte DeviceId asks the channel's admins to remove that device,
+/// which its user removed from its name (§6.4).
+pub const REMOVE_DEVICE_REQUEST_AAD: &[u8] = b"kith-remove-device-v0";
+
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -318,6 +324,24 @@ impl Incoming {
         match self {
             Incoming::Application { sender, data, aad }
                 if aad.as_slice() == ADD_DEVICE_REQUEST_AAD =>
+            {
+                let bytes: [u8; 32] = data.as_slice().try_into().ok()?;
+                Some((*sender, DeviceId::from_bytes(bytes)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The sender and the device it asks to have removed, if this is a
+    /// remove-device request (spec §9.5): application data of exactly 32
+    /// bytes (a DeviceId) with `authenticated_data` exactly
+    /// [`REMOVE_DEVICE_REQUEST_AAD`]. Whether the sender may ask it (the
+    /// device was removed from the sender's own name) is for the caller to
+    /// check against the directory.
+    pub fn remove_device_request(&self) -> Option<(DeviceId, DeviceId)> {
+        match self {
+            Incoming::Application { sender, data, aad }
+                if aad.as_slice() == REMOVE_DEVICE_REQUEST_AAD =>
             {
                 let bytes: [u8; 32] = data.as_slice().try_into().ok()?;
                 Some((*sender, DeviceId::from_bytes(bytes)))

@@ -12,7 +12,8 @@ mod common;
 
 use common::*;
 use kith_mls::{
-    ADD_DEVICE_REQUEST_AAD, Incoming, LEAVE_REQUEST_AAD, MlsStore, PublicChannel, ServerError,
+    ADD_DEVICE_REQUEST_AAD, Incoming, LEAVE_REQUEST_AAD, MlsStore, PublicChannel,
+    REMOVE_DEVICE_REQUEST_AAD, ServerError,
 };
 use openmls::prelude::WireFormat;
 
@@ -358,5 +359,25 @@ fn an_add_device_request_names_its_sender_and_exactly_one_device() {
     ] {
         let message = cb.encrypt_with_aad(data, aad).unwrap();
         assert_eq!(ca.process(&message).unwrap().add_device_request(), None);
+    }
+
+    // A remove-device request has the same shape under its own AAD, and
+    // is never taken for an add-device request or the other way round.
+    let request = cb
+        .encrypt_with_aad(wanted.as_bytes(), REMOVE_DEVICE_REQUEST_AAD)
+        .unwrap();
+    let incoming = ca.process(&request).unwrap();
+    assert_eq!(
+        incoming.remove_device_request(),
+        Some((b.device_id(), wanted))
+    );
+    assert_eq!(incoming.add_device_request(), None);
+    for (data, aad) in [
+        (&wanted.as_bytes()[..31], REMOVE_DEVICE_REQUEST_AAD),
+        (&wanted.as_bytes()[..], ADD_DEVICE_REQUEST_AAD),
+        (&wanted.as_bytes()[..], LEAVE_REQUEST_AAD),
+    ] {
+        let message = cb.encrypt_with_aad(data, aad).unwrap();
+        assert_eq!(ca.process(&message).unwrap().remove_device_request(), None);
     }
 }

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kith_server::ServerError;
-pub use kith_server::{Config, LinkFaults, Registration};
+pub use kith_server::{Config, LinkFaults, Registration, admin};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

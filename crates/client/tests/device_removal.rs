@@ -1,0 +1,341 @@
+//! Removing a lost or stolen device (spec §6.4, §9.5): another device of
+//! the user, or the server's operator, removes it from the user's name; it
+//! loses its sessions and its place in the directory at once, and the
+//! user's remaining devices (or, where they are not admins, the admins on
+//! their request) remove it from every channel. Real homeservers on
+//! loopback, driven through the client SDK.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::path::Path;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::sync_until;
+use kith_client::{Client, ClientError};
+use kith_proto::{ChannelId, DeviceId, LocalName, SecretKey};
+use kith_testkit::{Cluster, TestServer};
+use serde_json::{Value, json};
+
+const CHAT: &str = kith_chat::CONTENT_TYPE;
+
+async fn user(dir: &Path, url: &str, name: &str) -> Client {
+    Client::register(&dir.join(name), url, name, None)
+        .await
+        .unwrap()
+}
+
+/// Registers another device of `first`'s user in `home` (refused until
+/// `first` links it) and returns it.
+async fn second_device(home: &Path, url: &str, first: &mut Client) -> Client {
+    let name = first.handle().split('@').next().unwrap().to_owned();
+    let device = match Client::register(home, url, &name, None).await {
+        Err(ClientError::NameTaken { device, .. }) => device,
+        Err(e) => panic!("expected name_taken, got {e}"),
+        Ok(_) => panic!("an unlinked device registered under a taken name"),
+    };
+    assert!(first.link_device(device).await.unwrap());
+    Client::register(home, url, &name, None).await.unwrap()
+}
+
+fn ids(records: &[kith_proto::DeviceRecord]) -> Vec<DeviceId> {
+    let mut ids: Vec<DeviceId> = records.iter().map(|r| r.device_id()).collect();
+    ids.sort();
+    ids
+}
+
+fn texts(client: &Client, channel: ChannelId) -> Vec<String> {
+    client
+        .messages(channel, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|m| String::from_utf8(m.body).unwrap())
+        .collect()
+}
+
+async fn get(url: &str, token: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let answer = request.send().await.unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    let answer = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_removed_device_loses_its_name_its_sessions_and_its_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let url = server.url().to_owned();
+    let mut laptop = user(dir.path(), &url, "alice").await;
+    let mut bob = user(dir.path(), &url, "bob").await;
+    // The laptop administers `general`; Bob administers `side`.
+    let general = laptop.create_channel("general", CHAT).await.unwrap();
+    assert_eq!(laptop.invite(general, "bob@a.test").await.unwrap(), 1);
+    bob.sync().await.unwrap();
+    let side = bob.create_channel("side", CHAT).await.unwrap();
+    assert_eq!(bob.invite(side, "alice@a.test").await.unwrap(), 1);
+    laptop.sync().await.unwrap();
+
+    let phone_home = dir.path().join("phone");
+    let mut phone = second_device(&phone_home, &url, &mut laptop).await;
+    let phone_id = phone.device_id();
+    laptop.sync().await.unwrap();
+    bob.sync().await.unwrap();
+    phone.sync().await.unwrap();
+    bob.sync().await.unwrap();
+    assert!(bob.members(general).unwrap().contains(&phone_id));
+    assert!(bob.members(side).unwrap().contains(&phone_id));
+    phone.send(general, b"from the phone").await.unwrap();
+    let token = phone.api().token().unwrap().to_owned();
+    let events = format!("{url}/v0/events");
+
+    // Another user's device may not remove it, and nothing changes.
+    let refused = bob.remove_device(phone_id).await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Server { status: 403, code, .. } if code == "forbidden"),
+        "{refused}"
+    );
+    assert_eq!(
+        ids(&laptop.user_devices("alice@a.test").await.unwrap()),
+        ids(&[laptop.record().unwrap(), phone.record().unwrap()])
+    );
+    assert_eq!(get(&events, Some(&token)).await.0, 200);
+    assert!(bob.members(side).unwrap().contains(&phone_id));
+    // A device nobody registered: 404. Itself: refused before asking.
+    let unknown = DeviceId::from_bytes([7; 32]);
+    let missing = laptop.remove_device(unknown).await.unwrap_err();
+    assert!(
+        matches!(&missing, ClientError::Server { status: 404, .. }),
+        "{missing}"
+    );
+    let me = laptop.device_id();
+    assert!(matches!(
+        laptop.remove_device(me).await,
+        Err(ClientError::Invalid(_))
+    ));
+    // Nor can a device get a sibling still listed for the handle removed
+    // from a channel by asking its admins: Bob's client refuses.
+    phone.request_remove_device(side, me).await.unwrap();
+    let report = bob.sync().await.unwrap();
+    assert!(report.removed_devices.is_empty(), "{report:?}");
+    assert!(bob.members(side).unwrap().contains(&me));
+
+    // The laptop removes the phone: from `general` itself (it is an
+    // admin there), from `side` by asking Bob's client.
+    let removal = laptop.remove_device(phone_id).await.unwrap();
+    assert_eq!(removal.removed_from, vec![general]);
+    assert_eq!(removal.requested, vec![side]);
+    assert!(!laptop.members(general).unwrap().contains(&phone_id));
+    assert!(!laptop.record().unwrap().links_to(&phone_id));
+    // Done once: a second removal finds nothing registered.
+    let again = laptop.remove_device(phone_id).await.unwrap_err();
+    assert!(
+        matches!(&again, ClientError::Server { status: 404, .. }),
+        "{again}"
+    );
+
+    // Its session is dead, it cannot log in, nor register again.
+    assert_eq!(get(&events, Some(&token)).await.0, 401);
+    let (status, _) = post(
+        &format!("{url}/v0/login/challenge"),
+        json!({ "device": phone_id.to_string() }),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, body) = post(
+        &format!("{url}/v0/register"),
+        json!({ "record": URL_SAFE_NO_PAD.encode(phone.record().unwrap().encode()), "name": "alice" }),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(phone.sync().await.is_err());
+    assert!(phone.send(general, b"still here?").await.is_err());
+
+    // The directory no longer lists it; its last record is still served,
+    // marked removed, for the channels that compute voters from it.
+    assert_eq!(
+        ids(&bob.user_devices("alice@a.test").await.unwrap()),
+        vec![me]
+    );
+    let (status, body) = get(&format!("{url}/v0/devices/{phone_id}"), None).await;
+    assert_eq!(status, 200);
+    assert!(body["removed_at"].as_u64().is_some(), "{body}");
+
+    // Bob's client honours the request: the phone is out of both channels.
+    let report = bob.sync().await.unwrap();
+    assert_eq!(report.removed_devices, vec![(side, phone_id)]);
+    assert!(!bob.members(side).unwrap().contains(&phone_id));
+    assert!(!bob.members(general).unwrap().contains(&phone_id));
+    laptop.sync().await.unwrap();
+    assert!(!laptop.members(side).unwrap().contains(&phone_id));
+
+    // What is sent now is at an epoch the phone's group state never
+    // reaches: it cannot read it.
+    let after = bob.send(general, b"after the removal").await.unwrap();
+    laptop.sync().await.unwrap();
+    assert!(texts(&laptop, general).contains(&"after the removal".to_owned()));
+    let stored = laptop
+        .api()
+        .channel_messages(&general.to_string(), 0)
+        .await
+        .unwrap();
+    let message = stored.iter().find(|m| m.id == after).unwrap();
+    let bytes = URL_SAFE_NO_PAD.decode(&message.message).unwrap();
+    let seed = phone.secret_key().to_seed();
+    drop(phone);
+    let mls = kith_mls::Device::new(
+        &SecretKey::from_seed(seed),
+        kith_mls::MlsStore::open(phone_home.join("mls.db")).unwrap(),
+    );
+    let mut group = mls.channel(general).unwrap();
+    assert!(group.epoch() < message.epoch);
+    assert!(
+        !matches!(
+            group.process(&bytes),
+            Ok(kith_mls::Incoming::Application { .. })
+        ),
+        "the removed phone decrypted a message sent after its removal"
+    );
+    drop(group);
+
+    // Inviting alice now adds only the laptop; the laptop's syncs never
+    // add the phone back.
+    let mut carol = user(dir.path(), &url, "carol").await;
+    let third = carol.create_channel("third", CHAT).await.unwrap();
+    assert_eq!(carol.invite(third, "alice@a.test").await.unwrap(), 1);
+    assert!(!carol.members(third).unwrap().contains(&phone_id));
+    let report = laptop.sync().await.unwrap();
+    assert!(report.linked_added.is_empty(), "{report:?}");
+    assert!(!laptop.members(general).unwrap().contains(&phone_id));
+}
+
+#[tokio::test]
+async fn the_operator_removes_a_device_and_the_users_devices_act_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let url = server.url().to_owned();
+    let mut laptop = user(dir.path(), &url, "alice").await;
+    let general = laptop.create_channel("general", CHAT).await.unwrap();
+    let mut phone = second_device(&dir.path().join("phone"), &url, &mut laptop).await;
+    let mut tablet = second_device(&dir.path().join("tablet"), &url, &mut laptop).await;
+    let phone_id = phone.device_id();
+    let report = laptop.sync().await.unwrap();
+    assert_eq!(report.linked_added.len(), 2, "{report:?}");
+    phone.sync().await.unwrap();
+    tablet.sync().await.unwrap();
+    assert_eq!(tablet.members(general).unwrap().len(), 3);
+
+    // The user has lost the phone; the operator removes it (server
+    // stopped, on its data directory).
+    let mut stopped = server.stop_keeping().await;
+    let data_dir = stopped.config_mut().data_dir.clone();
+    let alice: LocalName = "alice".parse().unwrap();
+    let bob: LocalName = "bob".parse().unwrap();
+    assert!(matches!(
+        kith_testkit::admin::remove_device(&data_dir, &bob, &phone_id),
+        Err(kith_testkit::admin::AdminError::NotFound { .. })
+    ));
+    assert_eq!(
+        kith_testkit::admin::list_devices(&data_dir, &alice)
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        kith_testkit::admin::remove_device(&data_dir, &alice, &phone_id).unwrap(),
+        2
+    );
+    let listed: Vec<DeviceId> = kith_testkit::admin::list_devices(&data_dir, &alice)
+        .unwrap()
+        .iter()
+        .map(|d| d.device)
+        .collect();
+    assert!(!listed.contains(&phone_id) && listed.len() == 2);
+    let _server = stopped.start().await;
+
+    // Each remaining device learns it from its event stream: the laptop
+    // (an admin) removes the phone from the channel and drops its link.
+    let report = laptop.sync().await.unwrap();
+    assert_eq!(report.removed_devices, vec![(general, phone_id)]);
+    assert!(!laptop.record().unwrap().links_to(&phone_id));
+    tablet.sync().await.unwrap();
+    assert!(!tablet.members(general).unwrap().contains(&phone_id));
+    assert!(phone.sync().await.is_err());
+}
+
+/// Faster Raft timers, as in the other federated tests.
+fn quick(config: &mut kith_testkit::Config) {
+    config.federation.raft_heartbeat_ms = 150;
+    config.federation.raft_election_min_ms = 600;
+    config.federation.raft_election_max_ms = 1200;
+    config.federation.retry_base_ms = 200;
+    config.federation.retry_max_ms = 2_000;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removal_reaches_a_channel_across_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test"], quick).await;
+    let a = cluster.server("a.test").url().to_owned();
+    let b = cluster.server("b.test").url().to_owned();
+    let mut laptop = user(dir.path(), &a, "alice").await;
+    let mut bob = user(dir.path(), &b, "bob").await;
+    let side = bob.create_channel("side", CHAT).await.unwrap();
+    assert_eq!(bob.invite(side, "alice@a.test").await.unwrap(), 1);
+    sync_until(&mut laptop, "joining", |c| c.channel_state(side).is_ok()).await;
+
+    let mut phone = second_device(&dir.path().join("phone"), &a, &mut laptop).await;
+    let phone_id = phone.device_id();
+    // The laptop asks Bob (the admin, on b.test) to add the phone.
+    laptop.sync().await.unwrap();
+    sync_until(&mut bob, "adding the phone", |c| {
+        c.members(side).unwrap().contains(&phone_id)
+    })
+    .await;
+    sync_until(&mut phone, "the phone joining", |c| {
+        c.channel_state(side).is_ok()
+    })
+    .await;
+
+    let removal = laptop.remove_device(phone_id).await.unwrap();
+    assert_eq!(removal.requested, vec![side]);
+    // b.test answers for alice without the phone.
+    assert_eq!(
+        ids(&bob.user_devices("alice@a.test").await.unwrap()),
+        vec![laptop.device_id()]
+    );
+    // Bob's client honours the request that crossed from a.test.
+    sync_until(&mut bob, "removing the phone", |c| {
+        !c.members(side).unwrap().contains(&phone_id)
+    })
+    .await;
+    sync_until(&mut laptop, "seeing the removal", |c| {
+        !c.members(side).unwrap().contains(&phone_id)
+    })
+    .await;
+    bob.send(side, b"after the removal").await.unwrap();
+    sync_until(&mut laptop, "reading on", |c| {
+        texts(c, side).contains(&"after the removal".to_owned())
+    })
+    .await;
+    assert!(phone.sync().await.is_err());
+}
