@@ -168,6 +168,14 @@ enum DeviceCommand {
         /// The other device's id (64 hex digits).
         device: String,
     },
+    /// Remove another device of this user (lost or stolen) from its name
+    /// and from this device's channels: it can no longer log in, is no
+    /// longer invited with the user, and the user's other devices and the
+    /// channels' admins remove it from the rest on their next sync.
+    Remove {
+        /// The device's id (64 hex digits; `kith device list` shows them).
+        device: String,
+    },
     /// This device and its user's other devices.
     List {
         /// Print JSON.
@@ -287,11 +295,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|(c, d)| json!({ "channel": c.to_string(), "device": d.to_string() }))
                 .collect();
+            let removed_devices: Vec<Value> = report
+                .removed_devices
+                .iter()
+                .map(|(c, d)| json!({ "channel": c.to_string(), "device": d.to_string() }))
+                .collect();
             if json {
                 println!(
                     "{}",
                     json!({ "joined": joined, "messages": report.messages, "commits": report.commits,
-                            "removed_on_request": removed, "linked_added": linked })
+                            "removed_on_request": removed, "linked_added": linked,
+                            "removed_devices": removed_devices })
                 );
             } else {
                 for c in &joined {
@@ -302,6 +316,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 for (c, d) in &report.linked_added {
                     println!("added this user's device {d} to channel {c}");
+                }
+                for (c, d) in &report.removed_devices {
+                    println!("removed device {d} from channel {c}: its user removed it");
+                }
+                for (c, d) in &report.removal_requested {
+                    println!(
+                        "asked the admins of channel {c} to remove this user's removed device {d}"
+                    );
                 }
                 eprintln!(
                     "{} new message(s), {} commit(s)",
@@ -504,6 +526,22 @@ async fn device(home: &std::path::Path, command: DeviceCommand) -> anyhow::Resul
                 );
             } else {
                 eprintln!("{id} was already linked");
+            }
+        }
+        DeviceCommand::Remove { device } => {
+            let id: kith_proto::DeviceId = device
+                .parse()
+                .map_err(|e| anyhow::anyhow!("device id {device:?}: {e}"))?;
+            let removal = client.remove_device(id).await?;
+            eprintln!(
+                "removed {id} from {}: it can no longer log in",
+                client.handle()
+            );
+            for c in &removal.removed_from {
+                println!("removed it from channel {c}");
+            }
+            for c in &removal.requested {
+                println!("asked the admins of channel {c} to remove it");
             }
         }
         DeviceCommand::List { json } => {

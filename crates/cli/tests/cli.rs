@@ -142,4 +142,12 @@ fn a_second_device_joins_its_user_through_the_binaries() {
         read_texts(&phone, "general"),
         [(format!("alice@{host}"), "from the laptop".to_owned())]
     );
+
+    // The phone is lost: the laptop removes it from alice and the channel.
+    assert!(ok(&laptop, &["device", "remove", &id]).contains("removed it from channel"));
+    let listed: serde_json::Value =
+        serde_json::from_str(ok(&laptop, &["device", "list", "--json"]).trim()).unwrap();
+    assert_eq!(listed["linked"], serde_json::json!([]));
+    assert!(!kith(&phone, &["sync"]).status.success());
+    assert!(!kith(&laptop, &["device", "remove", &id]).status.success());
 }
