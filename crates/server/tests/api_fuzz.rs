@@ -1353,8 +1353,32 @@ async fn client_endpoints_refuse_bad_input_and_change_nothing() {
         .await;
         assert_handled(&what, &answer);
     }
+    // Removing a device (§6.4): bad ids, an unknown device, another
+    // user's device, the caller itself; each refused, nothing removed.
+    for (path, status, code) in [
+        ("abc".to_owned(), StatusCode::BAD_REQUEST, "bad_request"),
+        ("%FF".into(), StatusCode::BAD_REQUEST, "bad_request"),
+        ("ab".repeat(33), StatusCode::BAD_REQUEST, "bad_request"),
+        ("ab".repeat(32), StatusCode::NOT_FOUND, "not_found"),
+        (f.alice.id.to_string(), StatusCode::FORBIDDEN, "forbidden"),
+        (
+            f.carol.id.to_string(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ] {
+        let what = format!("DELETE /v0/devices/{path}");
+        let answer = call(
+            &what,
+            f.carol
+                .authed(f.http.delete(f.b.url(&format!("/v0/devices/{path}")))),
+        )
+        .await;
+        assert_refused_with(&what, &answer, status, code);
+    }
     // Every endpoint that needs a session, without one.
     for (method, path) in [
+        (Method::DELETE, format!("/v0/devices/{}", f.bob.id)),
         (Method::GET, "/v0/keypackages/count".to_owned()),
         (Method::GET, "/v0/inbox".into()),
         (Method::DELETE, "/v0/inbox/1".into()),
