@@ -140,7 +140,6 @@ impl Client {
         let me = self.device_id();
         let handle = self.own_handle()?;
         for device in pending {
-            let mut settled = true;
             for row in self.channels()? {
                 if !row.active {
                     continue;
@@ -176,22 +175,29 @@ impl Client {
                     match outcome {
                         Ok(Some(_)) => report.removed_devices.push((row.id, device)),
                         Ok(None) => {}
+                        // Kept pending: the next sync tries again.
                         Err(e) if is_retryable(&e) => return Err(e),
+                        // Refused for good (say, this device lost its
+                        // admin rights meanwhile): not tried on every sync.
                         Err(e) => {
-                            settled = false;
                             tracing::warn!(channel = %row.id, %device, "cannot remove a removed device: {e}");
                         }
                     }
                 } else if !self.store.removal_requested(&row.id, &device)? {
                     // Boxed: sending may sync, which comes back here.
-                    Box::pin(self.request_remove_device(row.id, device)).await?;
-                    self.store.save_removal_requested(&row.id, &device)?;
-                    report.removal_requested.push((row.id, device));
+                    match Box::pin(self.request_remove_device(row.id, device)).await {
+                        Ok(_) => {
+                            self.store.save_removal_requested(&row.id, &device)?;
+                            report.removal_requested.push((row.id, device));
+                        }
+                        Err(e) if is_retryable(&e) => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(channel = %row.id, %device, "cannot ask to remove a removed device: {e}");
+                        }
+                    }
                 }
             }
-            if settled {
-                self.store.settle_removed_device(&device)?;
-            }
+            self.store.settle_removed_device(&device)?;
         }
         Ok(())
     }
