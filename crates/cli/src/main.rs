@@ -176,11 +176,15 @@ enum DeviceCommand {
         /// The device's id (64 hex digits; `kith device list` shows them).
         device: String,
     },
-    /// This device and its user's other devices.
+    /// This device and its user's other devices; with `--user`, the
+    /// devices another user's server lists for a handle.
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// A handle (`name@server`) whose devices to list instead.
+        #[arg(long, value_name = "HANDLE")]
+        user: Option<String>,
     },
 }
 
@@ -544,7 +548,23 @@ async fn device(home: &std::path::Path, command: DeviceCommand) -> anyhow::Resul
                 println!("asked the admins of channel {c} to remove it");
             }
         }
-        DeviceCommand::List { json } => {
+        DeviceCommand::List {
+            json,
+            user: Some(handle),
+        } => {
+            let records = client.user_devices(&handle).await?;
+            for r in &records {
+                if json {
+                    println!(
+                        "{}",
+                        json!({ "device": r.device_id().to_string(), "name": r.display_name() })
+                    );
+                } else {
+                    println!("{}  {}", r.device_id(), r.display_name());
+                }
+            }
+        }
+        DeviceCommand::List { json, user: None } => {
             let me = client.device_id();
             let linked: Vec<kith_proto::DeviceId> = client
                 .linked_devices()

@@ -148,6 +148,10 @@ fn a_second_device_joins_its_user_through_the_binaries() {
     let listed: serde_json::Value =
         serde_json::from_str(ok(&laptop, &["device", "list", "--json"]).trim()).unwrap();
     assert_eq!(listed["linked"], serde_json::json!([]));
+    let handle = format!("alice@{host}");
+    let of_alice = ok(&laptop, &["device", "list", "--user", &handle]);
+    assert_eq!(of_alice.lines().count(), 1, "{of_alice}");
+    assert!(!of_alice.contains(&id));
     assert!(!kith(&phone, &["sync"]).status.success());
     assert!(!kith(&laptop, &["device", "remove", &id]).status.success());
 }
