@@ -155,12 +155,16 @@ async fn a_removed_device_loses_its_name_its_sessions_and_its_channels() {
 
     // Its session is dead, it cannot log in, nor register again.
     assert_eq!(get(&events, Some(&token)).await.0, 401);
-    let (status, _) = post(
+    let (status, body) = post(
         &format!("{url}/v0/login/challenge"),
         json!({ "device": phone_id.to_string() }),
     )
     .await;
     assert_eq!(status, 404);
+    assert!(
+        body["message"].as_str().unwrap().contains("was removed"),
+        "{body}"
+    );
     let (status, body) = post(
         &format!("{url}/v0/register"),
         json!({ "record": URL_SAFE_NO_PAD.encode(phone.record().unwrap().encode()), "name": "alice" }),

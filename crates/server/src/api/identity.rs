@@ -211,6 +211,13 @@ async fn login_challenge(
 ) -> Result<Json<Value>, ApiError> {
     let device = parse_device(&req.device)?;
     if state.db(move |s| s.device(&device)).await?.is_none() {
+        // Say why to a removed device's user: it will never log in again.
+        if let Some(removed) = state.db(move |s| s.removed_device(&device)).await? {
+            return Err(ApiError::not_found(format!(
+                "this device was removed from {}@{}; register a new device",
+                removed.row.name, state.config.server_name
+            )));
+        }
         return Err(ApiError::not_found("no such device is registered here"));
     }
     let challenge = random_32();
