@@ -87,7 +87,7 @@ pub fn remove_device_in(
             device: *device,
         });
     }
-    if store.remove_device(device, now)?.is_none() {
+    if store.remove_device(device, None, now)?.is_none() {
         return Err(AdminError::NotFound {
             name: name.clone(),
             device: *device,

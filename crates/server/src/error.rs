@@ -150,6 +150,7 @@ impl From<StoreError> for ApiError {
             StoreError::NameTaken(_) => Self::conflict("name_taken", e.to_string()),
             StoreError::DeviceHasOtherName(_) => Self::conflict("conflict", e.to_string()),
             StoreError::DeviceRemoved(_) => Self::forbidden(e.to_string()),
+            StoreError::RemoverGone(_) => Self::unauthorized(e.to_string()),
             StoreError::UnknownDevice(_) | StoreError::UnknownChannel(_) => {
                 Self::not_found(e.to_string())
             }

@@ -70,7 +70,7 @@ fn removing_a_device(s: &dyn Store) {
         s.append_event(&dev(d), "test", "{}", 11).unwrap();
     }
     assert_eq!(
-        s.remove_device(&dev(1), 5000).unwrap(),
+        s.remove_device(&dev(1), Some(&dev(2)), 5000).unwrap(),
         Some(row(1, "alice"))
     );
     assert_eq!(s.device(&dev(1)).unwrap(), None);
@@ -94,8 +94,18 @@ fn removing_a_device(s: &dyn Store) {
         s.register_linked(&row(1, "alice")),
         Err(StoreError::DeviceRemoved(_))
     ));
-    assert_eq!(s.remove_device(&dev(1), 6000).unwrap(), None);
-    assert_eq!(s.remove_device(&dev(9), 6000).unwrap(), None);
+    assert_eq!(s.remove_device(&dev(1), None, 6000).unwrap(), None);
+    assert_eq!(s.remove_device(&dev(9), None, 6000).unwrap(), None);
+    // The removed device cannot remove its sibling back, nor can a device
+    // of another name: refused, nothing changes.
+    s.register(&row(3, "bob")).unwrap();
+    for by in [dev(1), dev(3), dev(9)] {
+        assert!(matches!(
+            s.remove_device(&dev(2), Some(&by), 6000),
+            Err(StoreError::RemoverGone(d)) if d == by
+        ));
+    }
+    assert_eq!(s.device(&dev(2)).unwrap(), Some(row(2, "alice")));
     assert_eq!(s.removed_device(&dev(9)).unwrap(), None);
     assert_eq!(s.removed_device(&dev(2)).unwrap(), None);
     // The other device of the name keeps everything.
@@ -930,7 +940,7 @@ fn sqlite_a_removed_device_releases_its_shared_payloads() {
         conn.query_row("SELECT COUNT(*) FROM event_payloads", [], |r| r.get(0))
             .unwrap()
     };
-    s.remove_device(&dev(2), 60).unwrap().unwrap();
+    s.remove_device(&dev(2), None, 60).unwrap().unwrap();
     assert_eq!(shared(), 1, "device 3 still has it");
     assert_eq!(s.events(&dev(3), 0, 10).unwrap()[0].payload, "{\"seq\":1}");
     // No more events for the removed device, though still a member.

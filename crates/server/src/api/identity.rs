@@ -405,7 +405,10 @@ pub(crate) async fn removed_device_effects(
     by: Option<DeviceId>,
 ) -> Result<bool, ApiError> {
     let now = now_ms();
-    let Some(row) = state.db(move |s| s.remove_device(&device, now)).await? else {
+    let Some(row) = state
+        .db(move |s| s.remove_device(&device, by.as_ref(), now))
+        .await?
+    else {
         return Ok(false);
     };
     state.hub.close(&device);

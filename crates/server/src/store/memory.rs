@@ -155,9 +155,18 @@ impl Store for MemoryStore {
     fn remove_device(
         &self,
         device: &DeviceId,
+        by: Option<&DeviceId>,
         now: Millis,
     ) -> Result<Option<DeviceRow>, StoreError> {
         let mut s = self.lock()?;
+        let Some(name) = s.devices.get(device).map(|row| row.name.clone()) else {
+            return Ok(None);
+        };
+        if let Some(by) = by
+            && s.devices.get(by).is_none_or(|row| row.name != name)
+        {
+            return Err(StoreError::RemoverGone(*by));
+        }
         let Some(row) = s.devices.remove(device) else {
             return Ok(None);
         };

@@ -291,6 +291,10 @@ pub enum StoreError {
     /// The device is not registered here.
     #[error("unknown device {0}")]
     UnknownDevice(DeviceId),
+    /// The device asking for a removal is no longer registered under the
+    /// removed device's name (another removal took it first).
+    #[error("device {0} is no longer registered under that name")]
+    RemoverGone(DeviceId),
     /// The device was removed from this server and may not register again.
     #[error("device {0} was removed from this server and cannot register again; make a new device")]
     DeviceRemoved(DeviceId),
@@ -368,11 +372,16 @@ pub trait Store: Send + Sync + 'static {
     /// login challenges, key packages, inbox items and events are deleted,
     /// and it is remembered as removed at `now`, with its last record. A
     /// removed device's [`Store::register`] and [`Store::register_linked`]
-    /// fail with [`StoreError::DeviceRemoved`]. Returns the removed row, or
-    /// `None` (changing nothing) if the device is not registered.
+    /// fail with [`StoreError::DeviceRemoved`]. With `by`, the device asking
+    /// for it must still be registered under the same name, checked in the
+    /// same transaction (else [`StoreError::RemoverGone`], changing
+    /// nothing), so of two devices removing each other at once only the
+    /// first succeeds. Returns the removed row, or `None` (changing
+    /// nothing) if the device is not registered.
     fn remove_device(
         &self,
         device: &DeviceId,
+        by: Option<&DeviceId>,
         now: Millis,
     ) -> Result<Option<DeviceRow>, StoreError>;
 

@@ -994,6 +994,7 @@ impl Store for SqliteStore {
     fn remove_device(
         &self,
         device: &DeviceId,
+        by: Option<&DeviceId>,
         now: Millis,
     ) -> Result<Option<DeviceRow>, StoreError> {
         let mut conn = self.lock()?;
@@ -1011,6 +1012,19 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let row = to_device_row(raw)?;
+        if let Some(by) = by {
+            let same_name = tx
+                .query_row(
+                    "SELECT 1 FROM devices WHERE device = ?1 AND name = ?2",
+                    params![by.as_bytes(), row.name.as_str()],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if !same_name {
+                return Err(StoreError::RemoverGone(*by));
+            }
+        }
         tx.execute(
             "INSERT OR REPLACE INTO removed_devices
              (device, name, identity_key, record, record_at, registered_at, removed_at)
