@@ -102,6 +102,15 @@ pub fn remove_device_in(
     Ok(remaining.len())
 }
 
+/// Frees `name` at the server at `data_dir` once every device of it was
+/// removed, so that the user can register a new device under it (the
+/// registration mode applies: it is a new account). Returns `false` if a
+/// device still holds the name or it was never taken.
+pub fn release_name(data_dir: &Path, name: &LocalName) -> Result<bool, AdminError> {
+    let store = open(data_dir)?;
+    Ok(store.release_name(name)?)
+}
+
 /// [`remove_device_in`] on the server at `data_dir`.
 pub fn remove_device(
     data_dir: &Path,

@@ -71,6 +71,20 @@ enum Command {
     /// A user's devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Local names.
+    #[command(subcommand)]
+    Name(NameCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum NameCommand {
+    /// Frees a name whose devices were all removed, so that its user can
+    /// register a new device under it (as a new account: the registration
+    /// mode applies, and whoever registers it first holds it).
+    Release {
+        /// The local name.
+        name: String,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -94,10 +108,22 @@ enum DeviceCommand {
 
 /// Runs an operator command on the data directory `settings` names.
 fn operate(command: Command, data_dir: &std::path::Path) -> Result<()> {
-    let Command::Device(command) = command;
     let parse_name = |name: &str| -> Result<kith_proto::LocalName> {
         name.parse()
             .map_err(|e| anyhow::anyhow!("local name {name:?}: {e}"))
+    };
+    let command = match command {
+        Command::Device(command) => command,
+        Command::Name(NameCommand::Release { name }) => {
+            let name = parse_name(&name)?;
+            if !kith_server::admin::release_name(data_dir, &name)? {
+                bail!(
+                    "{name} is not released: a device is still registered under it, or it was never taken"
+                );
+            }
+            println!("released {name}: the next device to register under it holds it");
+            return Ok(());
+        }
     };
     match command {
         DeviceCommand::List { name } => {
@@ -122,6 +148,11 @@ fn operate(command: Command, data_dir: &std::path::Path) -> Result<()> {
             println!(
                 "removed {device} from {name}; {told} remaining device(s) will remove it from their channels"
             );
+            if told == 0 {
+                println!(
+                    "{name} has no device left; the name stays reserved until `kithd name release {name}`"
+                );
+            }
         }
     }
     Ok(())

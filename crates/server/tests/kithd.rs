@@ -262,4 +262,8 @@ fn kithd_device_commands_list_and_remove() {
     assert!(!again.status.success());
     let listed = kithd(&["device", "list", "alice"]);
     assert!(!String::from_utf8_lossy(&listed.stdout).contains(&id));
+    // Its last device gone, the name can be freed, once.
+    assert!(String::from_utf8_lossy(&removed.stdout).contains("name release alice"));
+    assert!(kithd(&["name", "release", "alice"]).status.success());
+    assert!(!kithd(&["name", "release", "alice"]).status.success());
 }

@@ -106,6 +106,9 @@ fn removing_a_device(s: &dyn Store) {
         ));
     }
     assert_eq!(s.device(&dev(2)).unwrap(), Some(row(2, "alice")));
+    // A name is released only once no device holds it.
+    assert!(!s.release_name(&name("alice")).unwrap());
+    assert!(!s.release_name(&name("carol")).unwrap());
     assert_eq!(s.removed_device(&dev(9)).unwrap(), None);
     assert_eq!(s.removed_device(&dev(2)).unwrap(), None);
     // The other device of the name keeps everything.
@@ -114,6 +117,21 @@ fn removing_a_device(s: &dyn Store) {
     assert_eq!(s.key_package_count(&dev(2)).unwrap(), (1, true));
     assert_eq!(s.inbox(&dev(2), 0, 10).unwrap().len(), 1);
     assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 2);
+
+    // Once the last device is gone (the operator's path), the name can be
+    // released and a new device registers under it as a new account.
+    s.remove_device(&dev(2), None, 7000).unwrap().unwrap();
+    assert!(matches!(
+        s.register(&row(4, "alice")),
+        Err(StoreError::NameTaken(_))
+    ));
+    assert!(s.release_name(&name("alice")).unwrap());
+    assert!(!s.release_name(&name("alice")).unwrap());
+    assert_eq!(s.register(&row(4, "alice")).unwrap(), Registered::New);
+    assert!(matches!(
+        s.register_linked(&row(2, "alice")),
+        Err(StoreError::DeviceRemoved(_))
+    ));
 }
 
 fn replace_record_is_compare_and_swap(s: &dyn Store) {

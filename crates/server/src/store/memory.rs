@@ -192,6 +192,14 @@ impl Store for MemoryStore {
         Ok(self.lock()?.removed.get(device).cloned())
     }
 
+    fn release_name(&self, name: &LocalName) -> Result<bool, StoreError> {
+        let mut s = self.lock()?;
+        if s.devices.values().any(|row| &row.name == name) {
+            return Ok(false);
+        }
+        Ok(s.names.remove(name).is_some())
+    }
+
     fn replace_record(
         &self,
         device: &DeviceId,

@@ -388,6 +388,11 @@ pub trait Store: Send + Sync + 'static {
     /// The device, if it was removed from this server.
     fn removed_device(&self, device: &DeviceId) -> Result<Option<RemovedDevice>, StoreError>;
 
+    /// Frees `name` for a new registration, once no device is registered
+    /// under it (its devices were all removed). Returns `false`, changing
+    /// nothing, if a device still holds it or it was never taken.
+    fn release_name(&self, name: &LocalName) -> Result<bool, StoreError>;
+
     /// Replaces the device's record with `new`, accepted at `now`, if it is
     /// still `expected` (compare-and-swap). Returns whether it replaced.
     fn replace_record(

@@ -1065,6 +1065,16 @@ impl Store for SqliteStore {
         Ok(Some(row))
     }
 
+    fn release_name(&self, name: &LocalName) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        let released = conn.execute(
+            "DELETE FROM names WHERE name = ?1
+             AND NOT EXISTS (SELECT 1 FROM devices WHERE name = ?1)",
+            [name.as_str()],
+        )?;
+        Ok(released == 1)
+    }
+
     fn removed_device(&self, device: &DeviceId) -> Result<Option<RemovedDevice>, StoreError> {
         let conn = self.lock()?;
         let found = conn
