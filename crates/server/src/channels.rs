@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use kith_mls::storage::BatchError;
 use kith_mls::{MlsStore, PublicChannel, ServerError, ValidatedCommit};
-use kith_order::raft::{MemLogStore, SqliteLogStore};
+use kith_order::raft::{LogDb, MemLogStore, SqliteLogStore};
 use kith_order::{ChannelOrder, ChannelOrderer, CommitValidator, OrderConfig, Submission};
 use kith_proto::{ChannelId, DeviceId, DeviceRecordIn, ServerName, VerifiedRecords};
 use tokio::sync::mpsc;
@@ -61,8 +61,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Where channels' Raft logs live.
 enum RaftLogs {
-    /// One SQLite database (`raft.db`) shared by every channel's log.
-    Sqlite(Arc<Mutex<rusqlite::Connection>>),
+    /// One SQLite database (`raft.db`) shared by every channel's log, with
+    /// group commit: concurrent appends of different channels share an
+    /// fsync.
+    Sqlite(Arc<LogDb>),
     /// In memory, for the memory backend.
     Memory,
 }
@@ -120,6 +122,9 @@ pub(crate) enum ChannelsError {
     /// The Raft log database could not be opened.
     #[error("Raft log: {0}")]
     Raft(#[from] rusqlite::Error),
+    /// The Raft log database could not be set up.
+    #[error("{0}")]
+    RaftLog(#[from] kith_order::raft::OpenError),
 }
 
 /// Page cache of `mls.db` and `raft.db`, in KiB (SQLite's default is
@@ -127,12 +132,20 @@ pub(crate) enum ChannelsError {
 /// a small cache keeps idle channels cheap (docs/performance.md).
 const CHANNEL_DB_CACHE_KIB: i64 = 512;
 
-/// Opens one of the channel databases: WAL with `synchronous = FULL` (each
-/// write durable when it returns, one fsync), a small page cache.
+/// Opens one of the channel databases in WAL mode with a small page cache.
+///
+/// `synchronous = NORMAL`: a commit is not synced (a crash of the machine,
+/// not of the process, may take back the last ones; the file stays
+/// consistent). For `mls.db` that is safe because everything in it is
+/// derived from the server's store, written durably first: an MLS state
+/// behind the store is caught up by re-applying stored commits
+/// ([`catch_up`]), and one ahead of it cannot happen, since every MLS write
+/// follows the durable store write it derives from. `raft.db` syncs through
+/// its own group commit ([`LogDb`]).
 fn open_db(path: &std::path::Path) -> Result<rusqlite::Connection, rusqlite::Error> {
     let conn = rusqlite::Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "cache_size", -CHANNEL_DB_CACHE_KIB)?;
     Ok(conn)
 }
@@ -151,8 +164,9 @@ impl Channels {
                 let mls = open_db(&dir.join(crate::MLS_DB_FILE))
                     .map_err(kith_mls::StoreError::Open)
                     .and_then(MlsStore::from_connection)?;
-                let raft = open_db(&dir.join(crate::RAFT_DB_FILE))?;
-                (mls, RaftLogs::Sqlite(Arc::new(Mutex::new(raft))))
+                let path = dir.join(crate::RAFT_DB_FILE);
+                let raft = LogDb::on_disk(open_db(&path)?, &path)?;
+                (mls, RaftLogs::Sqlite(raft))
             }
             None => (MlsStore::in_memory()?, RaftLogs::Memory),
         };
@@ -291,8 +305,7 @@ impl Channels {
         let server = self.server.clone();
         let orderer = match (&self.logs, alone) {
             (RaftLogs::Sqlite(db), alone) => {
-                let log = SqliteLogStore::with_connection(Arc::clone(db), channel)
-                    .map_err(|e| e.to_string())?;
+                let log = SqliteLogStore::with_db(Arc::clone(db), channel);
                 if alone {
                     ChannelOrderer::start_single_with(
                         config, server, order, validator, log, network,

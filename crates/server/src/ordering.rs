@@ -68,11 +68,59 @@ const CERTIFY_ATTEMPTS: u32 = 8;
 /// the votes itself.
 pub(crate) const PUSH_WAIT: Duration = Duration::from_secs(2);
 
+/// The shortest wait for a vote before another voter is asked too.
+const HEDGE_MIN: Duration = Duration::from_millis(20);
+/// The longest wait for a vote before another voter is asked too.
+const HEDGE_MAX: Duration = Duration::from_secs(1);
+/// What a voter that failed to answer counts as, in [`VoteLatency`]: it is
+/// asked after every voter that answered faster, until it answers again.
+const FAILED_VOTER: Duration = Duration::from_secs(2);
+
 /// The certifications under way on this server, per (channel, epoch): one
 /// collection of votes at a time, and a wake-up for those waiting for a
-/// certificate to be stored.
+/// certificate to be stored; and how fast each voter answered lately.
 #[derive(Default)]
-pub(crate) struct Flights(Mutex<HashMap<(ChannelId, u64), Arc<Flight>>>);
+pub(crate) struct Flights(Mutex<HashMap<(ChannelId, u64), Arc<Flight>>>, VoteLatency);
+
+/// A smoothed time each server took to answer a vote request (over all
+/// channels), to ask the fastest voters first.
+#[derive(Default)]
+struct VoteLatency(Mutex<HashMap<ServerName, Duration>>);
+
+impl VoteLatency {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<ServerName, Duration>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `servers` in the order to ask them: fastest first, never-asked ones
+    /// (to learn how fast they are) before all others.
+    fn order(&self, mut servers: Vec<ServerName>) -> Vec<ServerName> {
+        let map = self.map();
+        servers.sort_by_key(|s| map.get(s).copied().unwrap_or_default());
+        servers
+    }
+
+    /// How long to wait for `server`'s vote before asking another voter.
+    fn hedge(&self, server: &ServerName) -> Duration {
+        let expected = self.map().get(server).copied().unwrap_or_default();
+        expected.saturating_mul(2).clamp(HEDGE_MIN, HEDGE_MAX)
+    }
+
+    /// `server` answered in `took`, or (`None`) did not answer.
+    fn record(&self, server: &ServerName, took: Option<Duration>) {
+        let mut map = self.map();
+        let next = match (map.get(server).copied(), took) {
+            (_, None) => FAILED_VOTER,
+            (None, Some(took)) => took,
+            (Some(before), Some(took)) if before >= FAILED_VOTER => took,
+            (Some(before), Some(took)) => (before.saturating_mul(3) + took) / 4,
+        };
+        // Bounded by the servers this one shares channels with.
+        map.insert(server.clone(), next);
+    }
+}
 
 /// One commit's certification on this server.
 #[derive(Default)]
@@ -89,6 +137,10 @@ impl Flights {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn latency(&self) -> &VoteLatency {
+        &self.1
     }
 
     fn join(&self, channel: ChannelId, epoch: u64) -> Arc<Flight> {
@@ -520,34 +572,16 @@ async fn collect(
             .map_err(|e| ApiError::internal(format!("this server's own vote: {e}")))?;
     }
     if certificate.is_none() {
-        let mut asks = tokio::task::JoinSet::new();
-        for server in voters.servers().filter(|s| **s != me) {
-            asks.spawn(request_vote(
-                Arc::clone(state),
-                server.clone(),
-                channel,
-                epoch,
-                hash,
-            ));
-        }
-        let collected = tokio::time::timeout(VOTE_WAIT, async {
-            while let Some(joined) = asks.join_next().await {
-                match joined {
-                    Ok(Ok(vote)) => match collector.add(vote) {
-                        Ok(Some(c)) => return Some(c),
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(%channel, epoch, "a refused vote: {e}"),
-                    },
-                    Ok(Err(e)) => tracing::info!(%channel, epoch, "no vote: {e}"),
-                    Err(_) => {}
-                }
-            }
-            None
-        })
-        .instrument(tracing::debug_span!("certify.votes"))
-        .await;
-        asks.abort_all();
-        certificate = collected.ok().flatten();
+        let others: Vec<ServerName> = voters.servers().filter(|s| **s != me).cloned().collect();
+        let ballot = Ballot {
+            channel,
+            epoch,
+            hash,
+            quorum: voters.quorum(),
+        };
+        certificate = ask_votes(state, &mut collector, ballot, others)
+            .instrument(tracing::debug_span!("certify.votes"))
+            .await;
     }
     let Some(certificate) = certificate else {
         return Err(ApiError::unavailable(format!(
@@ -565,6 +599,107 @@ async fn collect(
         .await?;
     push_certificate(state, channel, &voters, &certificate);
     Ok(row)
+}
+
+/// What a collection of votes is for.
+#[derive(Clone, Copy)]
+struct Ballot {
+    channel: ChannelId,
+    epoch: u64,
+    hash: CommitHash,
+    /// Votes a certificate needs.
+    quorum: usize,
+}
+
+/// Asks `others` (voters of the collector's epoch) for their votes until
+/// the collector makes a certificate, for up to [`VOTE_WAIT`]. Only as many
+/// as a majority still needs are asked at once, the fastest lately first
+/// ([`VoteLatency`]); one more is asked whenever an ask fails or its vote
+/// is refused, and when the slowest awaited answer takes longer than its
+/// hedge delay (twice the server's usual time, 20 ms to 1 s). Asking every
+/// voter at once cost a signed request, a vote signature and its check per
+/// voter beyond the majority, for nothing.
+async fn ask_votes(
+    state: &Shared,
+    collector: &mut VoteCollector,
+    ballot: Ballot,
+    others: Vec<ServerName>,
+) -> Option<OrderingCertificate> {
+    let Ballot {
+        channel,
+        epoch,
+        hash,
+        quorum,
+    } = ballot;
+    let latency = state.channels.flights.latency();
+    let mut queue = latency.order(others).into_iter();
+    let mut asks = tokio::task::JoinSet::new();
+    let ask = |asks: &mut tokio::task::JoinSet<_>, server: ServerName| {
+        let state = Arc::clone(state);
+        asks.spawn(async move {
+            let started = tokio::time::Instant::now();
+            let vote = request_vote(state, server.clone(), channel, epoch, hash).await;
+            (server, started.elapsed(), vote)
+        });
+    };
+    let needed = quorum.saturating_sub(collector.count());
+    let mut hedge = HEDGE_MIN;
+    for server in queue.by_ref().take(needed.max(1)) {
+        hedge = latency.hedge(&server);
+        ask(&mut asks, server);
+    }
+    let collected = tokio::time::timeout(VOTE_WAIT, async {
+        loop {
+            let joined = tokio::select! {
+                joined = asks.join_next() => joined,
+                () = tokio::time::sleep(hedge) => {
+                    // Slower than usual: ask one more voter as well.
+                    if let Some(server) = queue.next() {
+                        hedge = latency.hedge(&server).max(hedge);
+                        ask(&mut asks, server);
+                    } else {
+                        hedge = VOTE_WAIT;
+                    }
+                    continue;
+                }
+            };
+            let answered = match joined? {
+                Ok((server, took, Ok(vote))) => match collector.add(vote) {
+                    Ok(Some(c)) => {
+                        latency.record(&server, Some(took));
+                        return Some(c);
+                    }
+                    Ok(None) => {
+                        latency.record(&server, Some(took));
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(%channel, epoch, %server, "a refused vote: {e}");
+                        latency.record(&server, None);
+                        false
+                    }
+                },
+                Ok((server, _, Err(e))) => {
+                    tracing::info!(%channel, epoch, %server, "no vote: {e}");
+                    latency.record(&server, None);
+                    false
+                }
+                Err(_) => false,
+            };
+            // Whatever still lacks: one more voter now, unless the
+            // answers awaited already suffice.
+            let awaited = asks.len();
+            let needed = quorum.saturating_sub(collector.count());
+            if !answered || awaited < needed {
+                for server in queue.by_ref().take(needed.saturating_sub(awaited).max(1)) {
+                    ask(&mut asks, server);
+                }
+            }
+        }
+    })
+    .await;
+    asks.abort_all();
+    collected.ok().flatten()
 }
 
 /// Sends `certificate` to every other voter of its epoch and every other
@@ -903,4 +1038,50 @@ pub(crate) async fn store_remote_message(
         state.metrics.channel_messages.inc();
     }
     Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> ServerName {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn voters_are_asked_fastest_first_and_failed_ones_last() {
+        let latency = VoteLatency::default();
+        let (a, b, c) = (name("a.test"), name("b.test"), name("c.test"));
+        latency.record(&a, Some(Duration::from_millis(8)));
+        latency.record(&b, Some(Duration::from_millis(3)));
+        // Never asked: first, to learn how fast it is.
+        assert_eq!(
+            latency.order(vec![a.clone(), b.clone(), c.clone()]),
+            vec![c.clone(), b.clone(), a.clone()]
+        );
+        latency.record(&c, None);
+        assert_eq!(
+            latency.order(vec![a.clone(), b.clone(), c.clone()]),
+            vec![b.clone(), a.clone(), c.clone()]
+        );
+        // A failed voter that answers again counts at its new speed.
+        latency.record(&c, Some(Duration::from_millis(1)));
+        assert_eq!(latency.order(vec![a, b, c.clone()])[0], c);
+    }
+
+    #[test]
+    fn the_hedge_delay_follows_the_voter_within_bounds() {
+        let latency = VoteLatency::default();
+        let (fast, slow, failed) = (name("fast.test"), name("slow.test"), name("failed.test"));
+        latency.record(&fast, Some(Duration::from_millis(1)));
+        latency.record(&slow, Some(Duration::from_millis(100)));
+        latency.record(&failed, None);
+        assert_eq!(latency.hedge(&name("new.test")), HEDGE_MIN);
+        assert_eq!(latency.hedge(&fast), HEDGE_MIN);
+        assert_eq!(latency.hedge(&slow), Duration::from_millis(200));
+        assert_eq!(latency.hedge(&failed), HEDGE_MAX);
+        // Smoothed: one fast answer moves a slow voter a quarter of the way.
+        latency.record(&slow, Some(Duration::from_millis(20)));
+        assert_eq!(latency.hedge(&slow), Duration::from_millis(160));
+    }
 }

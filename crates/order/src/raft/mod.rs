@@ -71,7 +71,7 @@ use sha2::{Digest, Sha256};
 
 pub use log_store::MemLogStore;
 pub use network::{InProcessConnection, InProcessNetwork, Router};
-pub use sqlite_store::{OpenError, SqliteLogStore};
+pub use sqlite_store::{LogDb, OpenError, SqliteLogStore};
 pub use state_machine::OrderStateMachine;
 
 use crate::machine::{ChannelOrder, CommitValidator, Outcome, Submission};
