@@ -123,6 +123,63 @@ async fn users_on_three_servers_share_a_channel() {
     cluster.stop().await;
 }
 
+/// A multi-message send (spec §6.7) on a channel of two servers: more
+/// messages than one request carries go as several batches, and the
+/// member on the other server receives every one of them, once, in the
+/// order they were sent, as do the sender's own copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_sent_on_one_server_arrives_whole_and_in_order_on_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test"], quick).await;
+    let mut alice = user(dir.path(), &cluster, "a.test", "alice").await;
+    let mut bob = user(dir.path(), &cluster, "b.test", "bob").await;
+    let channel = alice.create_channel("batches", "text/plain").await.unwrap();
+    assert_eq!(alice.invite(channel, "bob@b.test").await.unwrap(), 1);
+    join(&mut bob, channel).await;
+
+    let count = kith_client::channels::MAX_BATCH + 6;
+    let sent: Vec<String> = (0..count).map(|i| format!("batched {i:03}")).collect();
+    let payloads: Vec<&[u8]> = sent.iter().map(String::as_bytes).collect();
+    let mut ids = None;
+    // b.test's log must be known fresh before a.test takes messages (§11.3).
+    for _ in 0..100 {
+        match alice.send_many(channel, &payloads).await {
+            Ok(got) => {
+                ids = Some(got);
+                break;
+            }
+            Err(ClientError::Server { status: 503, .. }) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("sending the batch: {e}"),
+        }
+    }
+    let ids = ids.expect("the server never took the batch");
+    assert_eq!(ids.len(), count);
+    let in_order = |client: &Client| -> Vec<String> {
+        client
+            .messages(channel, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|m| String::from_utf8(m.body).unwrap())
+            .collect()
+    };
+    assert_eq!(in_order(&alice), sent);
+    sync_until(&mut bob, "bob receives the batches", |c| {
+        in_order(c).len() >= count
+    })
+    .await;
+    assert_eq!(in_order(&bob), sent);
+    let bob_ids: Vec<String> = bob
+        .messages(channel, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(bob_ids, ids);
+    cluster.stop().await;
+}
+
 /// Alice on a.test creates a channel and adds Bob (b.test) and Carol
 /// (c.test); returns once both joined.
 async fn three_server_channel(
