@@ -1123,7 +1123,11 @@ impl Client {
     /// most [`MAX_SEND_ATTEMPTS`] times), as [`Client::send`] does. Returns
     /// the message ids in the order of `payloads`. On an error, the
     /// requests accepted before it are still stored here; the server
-    /// accepts each request whole or not at all.
+    /// accepts each request whole or not at all. A refused request's
+    /// messages are dropped, and with them up to [`MAX_BATCH`] steps of
+    /// this device's sending ratchet: members skip at most 1,000 at once
+    /// (spec §9.7), so a caller should not retry a failing `send_many`
+    /// more than a few times at one epoch.
     pub async fn send_many(
         &mut self,
         id: ChannelId,
