@@ -46,6 +46,14 @@ pub const MAX_BATCH: usize = kith_proto::batch::MAX_BATCH_MESSAGES;
 /// alone.
 pub const BATCH_PAYLOAD_BYTES: usize = 512 * 1024;
 
+/// How many processed events a device gathers before it acknowledges them
+/// to its homeserver (spec §6.8). Its own cursor is stored with every page
+/// it processes, so it never reads an event twice; an acknowledgement only
+/// lets the server delete what was read, and is a durable server write: one
+/// per fetched page cost the server a disk sync per page. Up to this many
+/// events stay on the server until more arrive.
+pub const ACK_EVERY_EVENTS: usize = 64;
+
 /// What one sync did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncReport {
@@ -1250,7 +1258,9 @@ impl Client {
     }
 
     /// Processes the inbox (direct messages, Welcomes) and then every event
-    /// the homeserver holds for this device, acknowledging what was handled.
+    /// the homeserver holds for this device, storing its cursor past what
+    /// was handled, and acknowledging it to the homeserver once
+    /// [`ACK_EVERY_EVENTS`] have gathered.
     pub async fn sync(&mut self) -> Result<SyncReport, ClientError> {
         let mut report = SyncReport::default();
         self.commits_since_sync = 0;
@@ -1266,6 +1276,7 @@ impl Client {
             let Some(last) = frames.last().map(EventFrame::cursor) else {
                 break;
             };
+            let page = frames.len();
             let mut done = after;
             let mut frames = frames.into_iter().peekable();
             while let Some(frame) = frames.next() {
@@ -1310,7 +1321,12 @@ impl Client {
                 }
                 done = cursor;
             }
-            self.acknowledge(after, last).await?;
+            self.unacked_events = self.unacked_events.saturating_add(page);
+            if self.unacked_events >= ACK_EVERY_EVENTS {
+                self.acknowledge(after, last).await?;
+            } else {
+                self.keep_cursor(after, last)?;
+            }
         }
         self.honor_leave_requests(&mut report).await?;
         self.honor_add_requests(&mut report).await?;
@@ -1325,12 +1341,21 @@ impl Client {
         if cursor <= from {
             return Ok(());
         }
+        self.keep_cursor(from, cursor)?;
+        self.authed(|api| async move { api.ack_events(cursor).await })
+            .await?;
+        self.unacked_events = 0;
+        Ok(())
+    }
+
+    /// Stores `cursor` as this device's event cursor, without telling the
+    /// homeserver: the events up to it are processed.
+    fn keep_cursor(&mut self, from: u64, cursor: u64) -> Result<(), ClientError> {
         // A run of messages stored its cursor already: no second write.
-        if cursor > self.store.events_after()? {
+        if cursor > from && cursor > self.store.events_after()? {
             self.store.set_events_after(cursor)?;
         }
-        self.authed(|api| async move { api.ack_events(cursor).await })
-            .await
+        Ok(())
     }
 
     /// A run of `message` frames from one page of events, as one unit:
