@@ -28,8 +28,12 @@ use serde_json::{Value, json};
 /// The payload size of every application message.
 const PAYLOAD: usize = 1024;
 
-/// Messages in flight at once in scenario 2b (`Client::send_many`).
-const IN_FLIGHT: usize = 8;
+/// Messages per `Client::send_many` call (one request) in scenario 2b.
+const BATCH: usize = 8;
+
+/// Messages per `Client::send_many` call in scenario 2c: the largest batch
+/// one request may carry (spec §6.9).
+const LARGE_BATCH: usize = kith_client::channels::MAX_BATCH;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,7 +56,7 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     kithd: Option<std::path::PathBuf>,
     /// Run only these scenarios (after the floor, which their ratios
-    /// use): `2` (1:1 delivery, 2 and 2b, with the disk floor), `3b`
+    /// use): `2` (1:1 delivery, 2, 2b and 2c, with the disk floor), `3b`
     /// and/or `5` (on a kithd process of their own, e.g. to profile that
     /// process), `4b`, `5b`. Default: every scenario.
     #[arg(long, value_name = "SCENARIO", value_delimiter = ',', value_parser = ["2", "3b", "4b", "5", "5b"])]
@@ -283,7 +287,7 @@ async fn deliver(
     channel: ChannelId,
     max_msgs: usize,
     time: Duration,
-    in_flight: usize,
+    batch: usize,
 ) -> Result<Delivery> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -332,7 +336,7 @@ async fn deliver(
     let mut failure = None;
     while sent < max_msgs && start.elapsed() < time {
         let t = Instant::now();
-        if in_flight <= 1 {
+        if batch <= 1 {
             if let Err(e) = sender.send(channel, &data).await {
                 failure = Some(e);
                 break;
@@ -340,9 +344,9 @@ async fn deliver(
             latency.push(t.elapsed());
             sent += 1;
         } else {
-            // `in_flight` posts at once, each acked on its own; every
+            // `batch` messages in one request, acked together; every
             // message's latency is the round's.
-            let batch = vec![&data[..]; in_flight.min(max_msgs - sent)];
+            let batch = vec![&data[..]; batch.min(max_msgs - sent)];
             if let Err(e) = sender.send_many(channel, &batch).await {
                 failure = Some(e);
                 break;
@@ -466,9 +470,9 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
     let floor_ms = 1000.0 / floor_rate.max(1e-9);
     let (sync_ms, syncs) = disk_floor(dir, limits)?;
 
-    // 2 and 2b. 1:1 delivery.
-    let (mut alice, one, d, p) = one_to_one(dir, &server, limits).await?;
-    let [row_2, row_2b] = delivery_rows(d, p, floor_rate, sync_ms);
+    // 2, 2b and 2c. 1:1 delivery.
+    let (mut alice, one, deliveries) = one_to_one(dir, &server, limits).await?;
+    let [row_2, row_2b, row_2c] = delivery_rows(deliveries, floor_rate, sync_ms);
 
     // 4. Certified commit latency (self_update on the 1:1 channel).
     let mut commit_latency = Vec::new();
@@ -532,6 +536,7 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
         },
         row_2,
         row_2b,
+        row_2c,
         Row {
             scenario: "3. fan-out to member devices, end to end",
             figure: format!(
@@ -583,14 +588,15 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
     ])
 }
 
-/// Scenarios 2 and 2b on `server`: a sender and a receiver in one channel,
-/// sequential sends, then [`IN_FLIGHT`] at once. Returns the sender and the
-/// channel (scenario 4 commits on it) with both deliveries.
+/// Scenarios 2, 2b and 2c on `server`: a sender and a receiver in one
+/// channel, sequential sends, then [`BATCH`] per request, then
+/// [`LARGE_BATCH`] per request. Returns the sender and the channel
+/// (scenario 4 commits on it) with the three deliveries.
 async fn one_to_one(
     dir: &Path,
     server: &TestServer,
     limits: &Limits,
-) -> Result<(Client, ChannelId, Delivery, Delivery)> {
+) -> Result<(Client, ChannelId, [Delivery; 3])> {
     let mut alice = register(dir, server, "alice").await?;
     let bob = register(dir, server, "bob").await?;
     let mut receivers = vec![bob];
@@ -610,14 +616,24 @@ async fn one_to_one(
         one,
         limits.delivery_msgs,
         limits.time,
-        IN_FLIGHT,
+        BATCH,
     )
     .await?;
-    Ok((alice, one, d, p))
+    let large = deliver(
+        &mut alice,
+        &mut receivers,
+        one,
+        limits.delivery_msgs,
+        limits.time,
+        LARGE_BATCH,
+    )
+    .await?;
+    Ok((alice, one, [d, p, large]))
 }
 
-/// The rows of scenarios 2 and 2b; `sync_ms` is the disk floor's p50.
-fn delivery_rows(mut d: Delivery, mut p: Delivery, floor_rate: f64, sync_ms: f64) -> [Row; 2] {
+/// The rows of scenarios 2, 2b and 2c; `sync_ms` is the disk floor's p50.
+fn delivery_rows(deliveries: [Delivery; 3], floor_rate: f64, sync_ms: f64) -> [Row; 3] {
+    let [mut d, mut p, mut l] = deliveries;
     // A delivery rate as disk syncs' worth of time per message.
     let in_syncs = |rate: f64| 1000.0 / rate.max(1e-9) / sync_ms;
     let one_rate = rate(d.received, d.elapsed);
@@ -626,6 +642,9 @@ fn delivery_rows(mut d: Delivery, mut p: Delivery, floor_rate: f64, sync_ms: f64
     let piped_rate = rate(p.received, p.elapsed);
     let piped_p50 = quantile_ms(&mut p.send_latency, 0.5);
     let piped_p99 = quantile_ms(&mut p.send_latency, 0.99);
+    let large_rate = rate(l.received, l.elapsed);
+    let large_p50 = quantile_ms(&mut l.send_latency, 0.5);
+    let large_p99 = quantile_ms(&mut l.send_latency, 0.99);
     [
         Row {
             scenario: "2. 1:1 delivery, 1 server, durable ack",
@@ -641,9 +660,9 @@ fn delivery_rows(mut d: Delivery, mut p: Delivery, floor_rate: f64, sync_ms: f64
             detail: json!({ "disk_syncs_per_msg": in_syncs(one_rate), "msgs_per_s": one_rate, "send_p50_ms": one_p50, "send_p99_ms": one_p99, "sent": d.sent, "received": d.received, "ratio_to_floor": one_rate / floor_rate }),
         },
         Row {
-            scenario: "2b. 1:1 delivery, 8 sends in flight, durable acks",
+            scenario: "2b. 1:1 delivery, batches of 8 (one request each), durable acks",
             figure: format!(
-                "{piped_rate:.0} msgs/s; send p50 {piped_p50:.2} ms, p99 {piped_p99:.2} ms per round of {IN_FLIGHT} ({} sent, {} received)",
+                "{piped_rate:.0} msgs/s; send p50 {piped_p50:.2} ms, p99 {piped_p99:.2} ms per round of {BATCH} ({} sent, {} received)",
                 p.sent, p.received
             ),
             ratio: format!(
@@ -651,7 +670,20 @@ fn delivery_rows(mut d: Delivery, mut p: Delivery, floor_rate: f64, sync_ms: f64
                 piped_rate / floor_rate,
                 in_syncs(piped_rate)
             ),
-            detail: json!({ "disk_syncs_per_msg": in_syncs(piped_rate), "in_flight": IN_FLIGHT, "msgs_per_s": piped_rate, "round_p50_ms": piped_p50, "round_p99_ms": piped_p99, "sent": p.sent, "received": p.received, "ratio_to_floor": piped_rate / floor_rate }),
+            detail: json!({ "disk_syncs_per_msg": in_syncs(piped_rate), "batch": BATCH, "msgs_per_s": piped_rate, "round_p50_ms": piped_p50, "round_p99_ms": piped_p99, "sent": p.sent, "received": p.received, "ratio_to_floor": piped_rate / floor_rate }),
+        },
+        Row {
+            scenario: "2c. 1:1 delivery, batches of 64 (one request each), durable acks",
+            figure: format!(
+                "{large_rate:.0} msgs/s; send p50 {large_p50:.2} ms, p99 {large_p99:.2} ms per round of {LARGE_BATCH} ({} sent, {} received)",
+                l.sent, l.received
+            ),
+            ratio: format!(
+                "{:.4} of floor rate; {:.2} disk syncs per msg",
+                large_rate / floor_rate,
+                in_syncs(large_rate)
+            ),
+            detail: json!({ "disk_syncs_per_msg": in_syncs(large_rate), "batch": LARGE_BATCH, "msgs_per_s": large_rate, "round_p50_ms": large_p50, "round_p99_ms": large_p99, "sent": l.sent, "received": l.received, "ratio_to_floor": large_rate / floor_rate }),
         },
     ]
 }
@@ -753,8 +785,8 @@ async fn run_only(limits: &Limits, kithd: &Path, only: &[String], dir: &Path) ->
         config.registration = Registration::Open;
         lift_commit_limits(&mut config);
         let server = TestServer::start_with(config).await;
-        let (_, _, d, p) = one_to_one(dir, &server, limits).await?;
-        rows.extend(delivery_rows(d, p, floor_rate, sync_ms));
+        let (_, _, deliveries) = one_to_one(dir, &server, limits).await?;
+        rows.extend(delivery_rows(deliveries, floor_rate, sync_ms));
         server.stop().await;
     }
     if only.iter().any(|s| s == "3b") {

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use kith_proto::batch::{MESSAGE_BATCH, encode_batch};
 use kith_proto::events::{EventFrame, OCTET_STREAM, decode_frames};
 
 use crate::ClientError;
@@ -568,6 +569,50 @@ impl Api {
         let s: Sent = serde_json::from_slice(&bytes)
             .map_err(|e| ClientError::Protocol(format!("unexpected answer to {path}: {e}")))?;
         Ok((s.id, s.seq, s.received_at))
+    }
+
+    /// `POST /v0/channels/{id}/messages?epoch=E` with a message batch body
+    /// (spec §6.7, "Send several messages, binary"): `messages`, all
+    /// PrivateMessages of `channel` at `epoch`, stored by the server in one
+    /// transaction in this order, or none of them. Returns each message's
+    /// `(id, seq, received_at)`, in order.
+    pub async fn send_messages_binary(
+        &self,
+        channel: &str,
+        epoch: u64,
+        messages: &[Vec<u8>],
+    ) -> Result<Vec<(String, u64, u64)>, ClientError> {
+        #[derive(Deserialize)]
+        struct Sent {
+            id: String,
+            seq: u64,
+            received_at: u64,
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            messages: Vec<Sent>,
+        }
+        let path = format!("/v0/channels/{channel}/messages?epoch={epoch}");
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, MESSAGE_BATCH)
+            .body(encode_batch(messages.iter().map(Vec::as_slice)));
+        let bytes = self.fetch(request).await?;
+        let answer: Answer = serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("unexpected answer to {path}: {e}")))?;
+        if answer.messages.len() != messages.len() {
+            return Err(ClientError::Protocol(format!(
+                "the server answered {} of {} messages sent",
+                answer.messages.len(),
+                messages.len()
+            )));
+        }
+        Ok(answer
+            .messages
+            .into_iter()
+            .map(|s| (s.id, s.seq, s.received_at))
+            .collect())
     }
 
     /// `GET /v0/events?after=CURSOR` with `Accept: application/octet-stream`

@@ -33,8 +33,26 @@ pub const MAX_SEND_ATTEMPTS: usize = 8;
 /// §11.3).
 pub const SYNC_EVERY_COMMITS: usize = kith_mls::MAX_PAST_EPOCHS / 2;
 
-/// How many messages [`Client::send_many`] has in flight at once.
-pub const MAX_IN_FLIGHT: usize = 8;
+/// The most messages [`Client::send_many`] sends in one request (a
+/// multi-message send, spec §6.7): the servers' default limit. The server
+/// stores them in the request's order, so each member's receiving ratchet
+/// meets them in the order they were encrypted, and the ratchet's
+/// out-of-order tolerance (16, spec §9.7) does not bound the batch.
+pub const MAX_BATCH: usize = kith_proto::batch::MAX_BATCH_MESSAGES;
+
+/// The most payload bytes [`Client::send_many`] puts in one request: half
+/// the servers' default request body limit (1 MiB, spec §6.9), leaving
+/// room for each message's MLS overhead and framing. A larger payload goes
+/// alone.
+pub const BATCH_PAYLOAD_BYTES: usize = 512 * 1024;
+
+/// How many processed events a device gathers before it acknowledges them
+/// to its homeserver (spec §6.8). Its own cursor is stored with every page
+/// it processes, so it never reads an event twice; an acknowledgement only
+/// lets the server delete what was read, and is a durable server write: one
+/// per fetched page cost the server a disk sync per page. Up to this many
+/// events stay on the server until more arrive.
+pub const ACK_EVERY_EVENTS: usize = 64;
 
 /// What one sync did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -1126,33 +1144,56 @@ impl Client {
     }
 
     /// Sends several payloads at once: encrypted in order at the current
-    /// epoch, posted concurrently (each acknowledged on its own, durably),
-    /// and stored here in one transaction. Members may receive them in
-    /// another order than `payloads`; at most [`MAX_IN_FLIGHT`] go at once,
-    /// well within the sender ratchet's out-of-order tolerance (16, spec
-    /// §9.7). Returns the message ids in the order of `payloads`. On an
-    /// error, the messages accepted before it are still stored here.
+    /// epoch (one ratchet write), and posted in one request (a
+    /// multi-message send, spec §6.7) that the server stores in one
+    /// transaction at consecutive positions, so every member receives them
+    /// in the order of `payloads`; stored here in one transaction. More
+    /// than [`MAX_BATCH`] payloads, or more than [`BATCH_PAYLOAD_BYTES`],
+    /// go in several requests, one after the other. A request the server
+    /// refuses with `wrong_epoch` is encrypted again at the new epoch (at
+    /// most [`MAX_SEND_ATTEMPTS`] times), as [`Client::send`] does. Returns
+    /// the message ids in the order of `payloads`. On an error, the
+    /// requests accepted before it are still stored here; the server
+    /// accepts each request whole or not at all. A refused request's
+    /// messages are dropped, and with them up to [`MAX_BATCH`] steps of
+    /// this device's sending ratchet: members skip at most 1,000 at once
+    /// (spec §9.7), so a caller should not retry a failing `send_many`
+    /// more than a few times at one epoch.
     pub async fn send_many(
         &mut self,
         id: ChannelId,
         payloads: &[&[u8]],
     ) -> Result<Vec<String>, ClientError> {
-        if payloads.len() > MAX_IN_FLIGHT {
-            return Err(ClientError::Invalid(format!(
-                "at most {MAX_IN_FLIGHT} messages go at once, not {}",
-                payloads.len()
-            )));
-        }
-        let text = id.to_string();
-        let mut sent: Vec<Option<MessageRow>> = vec![None; payloads.len()];
-        let mut failure = None;
-        for attempt in 0..MAX_SEND_ATTEMPTS {
-            let waiting: Vec<usize> = (0..payloads.len())
-                .filter(|i| sent.get(*i).is_some_and(Option::is_none))
-                .collect();
-            if waiting.is_empty() || failure.is_some() {
-                break;
+        let mut ids = Vec::with_capacity(payloads.len());
+        let mut rest = payloads;
+        while !rest.is_empty() {
+            let mut take = 1;
+            let mut bytes = rest.first().map_or(0, |p| p.len());
+            while let Some(next) = rest.get(take)
+                && take < MAX_BATCH
+                && bytes + next.len() <= BATCH_PAYLOAD_BYTES
+            {
+                bytes += next.len();
+                take += 1;
             }
+            let (batch, after) = rest.split_at(take);
+            rest = after;
+            let rows = self.send_batch(id, batch).await?;
+            self.store.save_messages(&id, &rows)?;
+            ids.extend(rows.into_iter().map(|r| r.id));
+        }
+        Ok(ids)
+    }
+
+    /// One request of [`Client::send_many`]: the rows to store for
+    /// `payloads`, once the server has accepted them all.
+    async fn send_batch(
+        &mut self,
+        id: ChannelId,
+        payloads: &[&[u8]],
+    ) -> Result<Vec<MessageRow>, ClientError> {
+        let text = id.to_string();
+        for attempt in 0..MAX_SEND_ATTEMPTS {
             // As in `send_payload`: catch up only when the server said this
             // device is behind, or with a commit of its own pending.
             if attempt > 0 || self.mls.has_pending_commit(id)? {
@@ -1172,59 +1213,46 @@ impl Client {
                 // must never step back after a crash (its keys would be
                 // used twice).
                 let messages = self.mls.store().batch(|| {
-                    let mut messages = Vec::with_capacity(waiting.len());
-                    for i in waiting {
-                        if let Some(data) = payloads.get(i) {
-                            messages.push((i, channel.encrypt(data)?));
-                        }
-                    }
-                    Ok::<_, kith_mls::DeviceError>(messages)
+                    payloads
+                        .iter()
+                        .map(|data| channel.encrypt(data))
+                        .collect::<Result<Vec<_>, _>>()
                 });
                 (epoch, mls_batch(messages)?)
             };
-            let mut posts = tokio::task::JoinSet::new();
-            for (i, message) in messages {
-                let (api, c) = (self.api.clone(), text.clone());
-                posts.spawn(async move {
-                    (i, epoch, api.send_message_binary(&c, epoch, &message).await)
-                });
-            }
-            let (me, handle) = (self.device_id(), self.handle().to_owned());
-            while let Some(joined) = posts.join_next().await {
-                let (i, epoch, result) = joined
-                    .map_err(|e| ClientError::Protocol(format!("a send task failed: {e}")))?;
-                match result {
-                    Ok((message_id, seq, received_at)) => {
-                        if let (Some(slot), Some(data)) = (sent.get_mut(i), payloads.get(i)) {
-                            *slot = Some(MessageRow {
-                                id: message_id,
-                                seq,
-                                epoch,
-                                sender_device: me,
-                                sender: handle.clone(),
-                                body: data.to_vec(),
-                                received_at,
-                            });
-                        }
-                    }
-                    // Sent again on the next round, at the new epoch.
-                    Err(e) if is_wrong_epoch(&e) => {}
-                    Err(ClientError::Server { status: 401, .. }) => self.login().await?,
-                    Err(e) => failure = Some(e),
+            let sent = self
+                .authed(|api| {
+                    let (c, m) = (text.clone(), messages.clone());
+                    async move { api.send_messages_binary(&c, epoch, &m).await }
+                })
+                .await;
+            match sent {
+                Ok(answers) => {
+                    let (me, handle) = (self.device_id(), self.handle().to_owned());
+                    return Ok(answers
+                        .into_iter()
+                        .zip(payloads)
+                        .map(|((message_id, seq, received_at), data)| MessageRow {
+                            id: message_id,
+                            seq,
+                            epoch,
+                            sender_device: me,
+                            sender: handle.clone(),
+                            body: data.to_vec(),
+                            received_at,
+                        })
+                        .collect());
                 }
+                // Encrypted again on the next round, at the new epoch.
+                Err(e) if is_wrong_epoch(&e) => {
+                    tracing::debug!(channel = %id, epoch, "behind the channel's epoch; catching up");
+                }
+                Err(e) => return Err(e),
             }
         }
-        let rows: Vec<MessageRow> = sent.iter().flatten().cloned().collect();
-        self.store.save_messages(&id, &rows)?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if rows.len() < payloads.len() {
-            return Err(ClientError::Protocol(format!(
-                "gave up after {MAX_SEND_ATTEMPTS} attempts: channel {id} keeps moving to new epochs"
-            )));
-        }
-        Ok(rows.into_iter().map(|r| r.id).collect())
+        Err(ClientError::Protocol(format!(
+            "gave up after {MAX_SEND_ATTEMPTS} attempts: channel {id} keeps moving to new epochs"
+        )))
     }
 
     /// Encrypts `data` for channel `id` at this device's current epoch
@@ -1253,7 +1281,9 @@ impl Client {
     }
 
     /// Processes the inbox (direct messages, Welcomes) and then every event
-    /// the homeserver holds for this device, acknowledging what was handled.
+    /// the homeserver holds for this device, storing its cursor past what
+    /// was handled, and acknowledging it to the homeserver once
+    /// [`ACK_EVERY_EVENTS`] have gathered.
     pub async fn sync(&mut self) -> Result<SyncReport, ClientError> {
         let mut report = SyncReport::default();
         self.commits_since_sync = 0;
@@ -1269,6 +1299,7 @@ impl Client {
             let Some(last) = frames.last().map(EventFrame::cursor) else {
                 break;
             };
+            let page = frames.len();
             let mut done = after;
             let mut frames = frames.into_iter().peekable();
             while let Some(frame) = frames.next() {
@@ -1313,7 +1344,12 @@ impl Client {
                 }
                 done = cursor;
             }
-            self.acknowledge(after, last).await?;
+            self.unacked_events = self.unacked_events.saturating_add(page);
+            if self.unacked_events >= ACK_EVERY_EVENTS {
+                self.acknowledge(after, last).await?;
+            } else {
+                self.keep_cursor(after, last)?;
+            }
         }
         self.honor_leave_requests(&mut report).await?;
         self.honor_remove_requests(&mut report).await?;
@@ -1330,12 +1366,21 @@ impl Client {
         if cursor <= from {
             return Ok(());
         }
+        self.keep_cursor(from, cursor)?;
+        self.authed(|api| async move { api.ack_events(cursor).await })
+            .await?;
+        self.unacked_events = 0;
+        Ok(())
+    }
+
+    /// Stores `cursor` as this device's event cursor, without telling the
+    /// homeserver: the events up to it are processed.
+    fn keep_cursor(&mut self, from: u64, cursor: u64) -> Result<(), ClientError> {
         // A run of messages stored its cursor already: no second write.
-        if cursor > self.store.events_after()? {
+        if cursor > from && cursor > self.store.events_after()? {
             self.store.set_events_after(cursor)?;
         }
-        self.authed(|api| async move { api.ack_events(cursor).await })
-            .await
+        Ok(())
     }
 
     /// A run of `message` frames from one page of events, as one unit:

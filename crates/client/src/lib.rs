@@ -147,6 +147,10 @@ pub struct Client {
     /// [`channels::SYNC_EVERY_COMMITS`] it reads them before committing
     /// again, so messages queued for it stay within the epochs it keeps.
     commits_since_sync: usize,
+    /// Events processed (their cursor stored here) but not yet
+    /// acknowledged to the homeserver: acknowledged once
+    /// [`channels::ACK_EVERY_EVENTS`] have gathered.
+    unacked_events: usize,
     /// Members' records already verified (voter sets check every member's
     /// record for each commit).
     records: kith_proto::VerifiedRecords,
@@ -265,6 +269,7 @@ impl Client {
             mls,
             commit_conflicts: 0,
             commits_since_sync: 0,
+            unacked_events: 0,
             records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
         };
         client.login().await?;
@@ -382,6 +387,7 @@ impl Client {
             mls,
             commit_conflicts: 0,
             commits_since_sync: 0,
+            unacked_events: 0,
             records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
         })
     }

@@ -15,7 +15,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::sync_until;
+use common::{sync_until, sync_until_within};
 use kith_client::{Client, ClientError};
 use kith_proto::ChannelId;
 use kith_testkit::Cluster;
@@ -120,6 +120,76 @@ async fn users_on_three_servers_share_a_channel() {
     let (epoch_b, auth_b) = bob.channel_state(channel).unwrap();
     assert_eq!(epoch_a, epoch_b);
     assert_eq!(auth_a, auth_b, "alice and bob disagree on the group state");
+    cluster.stop().await;
+}
+
+/// A multi-message send (spec §6.7) on a channel of two servers: more
+/// messages than one request carries go as several batches; the sender
+/// stores them in the order sent, and the member on the other server
+/// receives every one of them, once. (That server's order is its arrival
+/// order, §11.2: usually the same, but a fan-out that times out while the
+/// other server is still storing it can be overtaken by the next one, as
+/// seen once on a loaded machine.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_sent_on_one_server_arrives_whole_on_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test"], quick).await;
+    let mut alice = user(dir.path(), &cluster, "a.test", "alice").await;
+    let mut bob = user(dir.path(), &cluster, "b.test", "bob").await;
+    let channel = alice.create_channel("batches", "text/plain").await.unwrap();
+    assert_eq!(alice.invite(channel, "bob@b.test").await.unwrap(), 1);
+    join(&mut bob, channel).await;
+
+    let count = kith_client::channels::MAX_BATCH + 6;
+    let sent: Vec<String> = (0..count).map(|i| format!("batched {i:03}")).collect();
+    let payloads: Vec<&[u8]> = sent.iter().map(String::as_bytes).collect();
+    let mut ids = None;
+    // b.test's log must be known fresh before a.test takes messages
+    // (§11.3). Each refused try wastes up to 64 ratchet steps, and Bob
+    // skips at most 1,000: a few tries only.
+    for _ in 0..10 {
+        match alice.send_many(channel, &payloads).await {
+            Ok(got) => {
+                ids = Some(got);
+                break;
+            }
+            Err(ClientError::Server { status: 503, .. }) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("sending the batch: {e}"),
+        }
+    }
+    let ids = ids.expect("the server never took the batch");
+    assert_eq!(ids.len(), count);
+    let in_order = |client: &Client| -> Vec<String> {
+        client
+            .messages(channel, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|m| String::from_utf8(m.body).unwrap())
+            .collect()
+    };
+    assert_eq!(in_order(&alice), sent);
+    // b.test stores each fanned-out message in a transaction of its own:
+    // on a loaded machine, with the file's other clusters running, 70 of
+    // them took longer than `sync_until`'s 300 syncs once.
+    sync_until_within(&mut bob, "bob receives the batches", 1200, |c| {
+        in_order(c).len() >= count
+    })
+    .await;
+    let mut received = in_order(&bob);
+    received.sort();
+    assert_eq!(received, sent);
+    let mut bob_ids: Vec<String> = bob
+        .messages(channel, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    bob_ids.sort();
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(bob_ids, ids);
     cluster.stop().await;
 }
 

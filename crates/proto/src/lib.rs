@@ -43,6 +43,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod codec;
 pub mod events;
 pub mod federation;

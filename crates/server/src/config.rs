@@ -77,6 +77,9 @@ pub struct Limits {
     pub max_list_items: usize,
     /// Largest channel message (an MLS PrivateMessage), in bytes.
     pub max_message_bytes: usize,
+    /// Most messages in one multi-message send (spec §6.7); the request
+    /// body limit applies to the whole batch.
+    pub max_batch_messages: usize,
     /// Inbox deposits one origin server may make per minute (also its
     /// burst).
     pub federation_deposits_per_minute: u32,
@@ -107,6 +110,7 @@ impl Default for Limits {
             inbox_deposit_burst: 60,
             max_list_items: 500,
             max_message_bytes: 256 * 1024,
+            max_batch_messages: kith_proto::batch::MAX_BATCH_MESSAGES,
             federation_deposits_per_minute: 600,
             commits_per_minute: 60,
             commit_burst: 30,

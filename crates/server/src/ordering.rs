@@ -943,6 +943,57 @@ pub(crate) async fn fan_out(
     Ok(())
 }
 
+/// [`fan_out`] for the messages of one multi-message send (spec §6.7), in
+/// order: to each other server in as few fan-outs as fit, each of at most
+/// [`MAX_FANOUT_BATCH`] messages and about one largest message's bytes
+/// (`max_message_bytes`), so no fan-out grows past what one message's
+/// would be allowed.
+pub(crate) async fn fan_out_many(
+    state: &Shared,
+    channel: ChannelId,
+    messages: &[MessageRow],
+) -> Result<(), ApiError> {
+    let (_, servers) = current_servers(state, channel).await?;
+    let me = &state.config.server_name;
+    let servers: Vec<ServerName> = servers.into_iter().filter(|s| s != me).collect();
+    if servers.is_empty() {
+        return Ok(());
+    }
+    let budget = state.config.limits.max_message_bytes;
+    let path = format!("/v0/federation/channels/{channel}/messages");
+    let mut rest = messages;
+    while !rest.is_empty() {
+        // At least one message per fan-out, however large.
+        let mut take = 1;
+        let mut bytes = rest.first().map_or(0, |m| m.message.len());
+        while let Some(next) = rest.get(take)
+            && take < MAX_FANOUT_BATCH
+            && bytes + next.message.len() <= budget
+        {
+            bytes += next.message.len();
+            take += 1;
+        }
+        let (chunk, after) = rest.split_at(take);
+        rest = after;
+        let items: Vec<Value> = chunk
+            .iter()
+            .map(|m| {
+                json!({
+                    "epoch": m.epoch,
+                    "sender": m.sender.to_string(),
+                    "message": b64(&m.message),
+                })
+            })
+            .collect();
+        let body = json!({ "messages": items }).to_string().into_bytes();
+        for server in &servers {
+            crate::federation::outbox::enqueue(state, server.clone(), path.clone(), body.clone())
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Stores messages fanned out by `origin` and appends their events for the
 /// local members; returns how many were new. Each message's epoch must
 /// have been reached here (its starting commit certified first), its

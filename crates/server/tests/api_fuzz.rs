@@ -1816,12 +1816,54 @@ async fn random_and_mutated_bodies_are_refused_or_harmless() {
         }
         f.assert_alive(post.name).await;
     }
+    message_batches(&f, &mut rng, &mut seen).await;
     event_stream_frames(&f, &mut rng).await;
     for ((endpoint, status, code), n) in &seen {
         println!("{endpoint}: {status} {code} x{n}");
     }
 
     f.finish(&before).await;
+}
+
+/// Multi-message sends (spec §6.7): random bodies and mutations of a valid
+/// batch (the channel's stored message, twice) posted by carol, who is not
+/// a member, so none may store anything; then the valid batch posted by
+/// alice, who sent the message, answered as already stored.
+async fn message_batches(
+    f: &Fixture,
+    rng: &mut Rng,
+    seen: &mut BTreeMap<(&'static str, u16, String), usize>,
+) {
+    use kith_proto::batch::{MESSAGE_BATCH, encode_batch};
+    let name = "message batch (not a member)";
+    let path = format!("/v0/channels/{}/messages?epoch=1", f.channel);
+    let message = common::unb64(f.message_body["message"].as_str().unwrap());
+    let valid = encode_batch([&message[..], &message[..]]);
+    let post = |who: &Device, body: Vec<u8>| {
+        let mut req = f
+            .http
+            .post(f.b.url(&path))
+            .header("Content-Type", MESSAGE_BATCH)
+            .body(body);
+        if let Some(token) = Fixture::token(who) {
+            req = req.bearer_auth(token);
+        }
+        req
+    };
+    for i in 0..RANDOM_BODIES + MUTATIONS {
+        let body = if i < RANDOM_BODIES {
+            rng.body()
+        } else {
+            mutate(rng, &valid)
+        };
+        let what = format!("{name}: #{i} {body:?}");
+        let answer = call(&what, post(&f.carol, body)).await;
+        assert_refused(&what, &answer);
+        *seen.entry(tally(name, &answer)).or_default() += 1;
+    }
+    let answer = call("message batch (stored)", post(&f.alice, valid)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    f.assert_alive(name).await;
 }
 
 /// What the event stream accepts from clients.

@@ -895,6 +895,268 @@ async fn messages_travel_in_binary_both_ways() {
     server.stop().await;
 }
 
+/// `POST .../messages?epoch=E` with a message batch body (spec §6.7).
+async fn post_batch(
+    server: &TestServer,
+    who: &Member,
+    id: ChannelId,
+    query: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (StatusCode, Value) {
+    send(
+        who.http
+            .authed(
+                who.http
+                    .http
+                    .post(server.url(&format!("/v0/channels/{id}/messages{query}"))),
+            )
+            .header("content-type", content_type)
+            .body(body.to_vec()),
+    )
+    .await
+}
+
+/// A refused batch: what it is, who posts it, the query, the content type,
+/// the body, and the status, code and the words that must name the message.
+type BatchCase<'a> = (
+    &'a str,
+    &'a Member,
+    &'a str,
+    &'a str,
+    Vec<u8>,
+    StatusCode,
+    &'a str,
+    Option<&'a str>,
+);
+
+/// A multi-message send stores every message of the body in its order, at
+/// consecutive positions, and delivers them so; a body with any bad
+/// message (another epoch, not MLS, over the limit, cut short, too many)
+/// is refused whole, naming the message, and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_batch_is_stored_whole_and_in_order_or_not_at_all() {
+    use kith_proto::batch::{MAX_BATCH_MESSAGES, MESSAGE_BATCH, encode_batch};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "batch.example").await;
+    let voters = voters(&server).await;
+    let alice = Member::join(&server, "alice").await;
+    let bob = Member::join(&server, "bob").await;
+    let dave = Member::join(&server, "dave").await;
+    let channel = alice
+        .mls
+        .create_channel(ChannelId::random(), &settings(&alice))
+        .unwrap();
+    let id = channel.id();
+    assert_eq!(create(&server, &alice, &channel).await.0, StatusCode::OK);
+    drop(channel);
+    let out = alice.channel(id).add(&[bob.key_package()]).unwrap();
+    let answer = alice.post_commit(&server, id, 0, &out).await;
+    certified(&voters, id, 0, &out, &answer);
+    alice.channel(id).merge_pending().unwrap();
+    let (_, tree) = bob
+        .http
+        .get(&server, &format!("/v0/channels/{id}/tree?epoch=1"))
+        .await;
+    bob.mls
+        .join(
+            &out.welcome.clone().unwrap(),
+            &unb64(tree["ratchet_tree"].as_str().unwrap()),
+        )
+        .unwrap();
+    let stored = || async {
+        let (status, body) = alice
+            .http
+            .get(&server, &format!("/v0/channels/{id}/messages?limit=500"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["messages"].as_array().unwrap().len()
+    };
+
+    // A refused batch stores nothing and appends no event: checked after
+    // every refusal below.
+    let texts: Vec<String> = (0..5).map(|i| format!("batched {i}")).collect();
+    let good: Vec<Vec<u8>> = texts
+        .iter()
+        .map(|t| alice.channel(id).encrypt(t.as_bytes()).unwrap())
+        .collect();
+    let mut other_epoch = good[2].clone();
+    // The header: version 2, wire format 2, group id length 1, 16 bytes of
+    // group id, then the 8-byte epoch.
+    other_epoch[5 + 16 + 7] ^= 3;
+    let with = |index: usize, bad: &[u8]| {
+        let mut messages: Vec<&[u8]> = good.iter().map(Vec::as_slice).collect();
+        messages[index] = bad;
+        encode_batch(messages)
+    };
+    let good_body = encode_batch(good.iter().map(Vec::as_slice));
+    let too_big = vec![7u8; 300 * 1024];
+    let too_many = encode_batch(vec![&good[0][..]; MAX_BATCH_MESSAGES + 1]);
+    let cases: Vec<BatchCase<'_>> = vec![
+        (
+            "another epoch in the header",
+            &alice,
+            "?epoch=1",
+            MESSAGE_BATCH,
+            with(2, &other_epoch),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            Some("message 2 "),
+        ),
+        (
+            "garbage",
+            &alice,
+            "?epoch=1",
+            MESSAGE_BATCH,
+            with(1, b"not MLS at all"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            Some("message 1 "),
+        ),
+        (
+            "a message over the limit",
+            &alice,
+            "?epoch=1",
+            MESSAGE_BATCH,
+            with(3, &too_big),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            Some("message 3 "),
+        ),
+        (
+            "cut short",
+            &alice,
+            "?epoch=1",
+            MESSAGE_BATCH,
+            good_body[..good_body.len() - 1].to_vec(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            Some("message 4"),
+        ),
+        (
+            "an empty message",
+            &alice,
+            "?epoch=1",
+            MESSAGE_BATCH,
+            [&good_body[..], &[0, 0, 0, 0]].concat(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            Some("message 5 "),
+        ),
+        (
+            "too many messages",
+            &alice,
+            "?epoch=1",
+            MESSAGE_BATCH,
+            too_many,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            None,
+        ),
+        (
+            "no message",
+            &alice,
+            "?epoch=1",
+            MESSAGE_BATCH,
+            Vec::new(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            None,
+        ),
+        (
+            "a stale epoch",
+            &alice,
+            "?epoch=0",
+            MESSAGE_BATCH,
+            good_body.clone(),
+            StatusCode::CONFLICT,
+            "wrong_epoch",
+            None,
+        ),
+        (
+            "no epoch",
+            &alice,
+            "",
+            MESSAGE_BATCH,
+            good_body.clone(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            None,
+        ),
+        (
+            "a non-member",
+            &dave,
+            "?epoch=1",
+            MESSAGE_BATCH,
+            good_body.clone(),
+            StatusCode::FORBIDDEN,
+            "not_member",
+            None,
+        ),
+        (
+            "an unknown content type",
+            &alice,
+            "?epoch=1",
+            "application/x-kith-unknown",
+            good_body.clone(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            None,
+        ),
+    ];
+    for (what, who, query, content_type, body, status, code, names) in cases {
+        let got = post_batch(&server, who, id, query, content_type, &body).await;
+        assert_error(&got, status, code);
+        if let Some(names) = names {
+            let message = got.1["message"].as_str().unwrap();
+            assert!(message.contains(names), "{what}: {message}");
+        }
+        assert_eq!(stored().await, 0, "{what} stored something");
+        assert!(
+            bob.events(&server, "message", 0).await.0.is_empty(),
+            "{what}"
+        );
+    }
+
+    // The good batch: one answer per message, in order, at consecutive
+    // positions.
+    let got = post_batch(&server, &alice, id, "?epoch=1", MESSAGE_BATCH, &good_body).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    let answers = got.1["messages"].as_array().unwrap();
+    assert_eq!(answers.len(), good.len());
+    for (i, (answer, message)) in answers.iter().zip(&good).enumerate() {
+        assert_eq!(answer["seq"], json!(i + 1));
+        assert_eq!(
+            answer["id"],
+            hex::encode(kith_proto::sign::message_id(message))
+        );
+        assert_eq!(answer["received_at"], answers[0]["received_at"]);
+    }
+    // Bob receives them in that order and reads them.
+    let frames = binary_events(&server, &bob, 0).await;
+    assert_eq!(frames.len(), good.len());
+    let mut channel = bob.channel(id);
+    for (i, frame) in frames.iter().enumerate() {
+        let EventFrame::Compact { event: m, .. } = frame else {
+            panic!("expected a compact message frame, got {frame:?}");
+        };
+        assert_eq!(m.seq, i as u64 + 1);
+        match channel.process(m.message()).unwrap() {
+            Incoming::Application { sender, data, .. } => {
+                assert_eq!((sender, &data[..]), (alice.http.id, texts[i].as_bytes()));
+            }
+            other => panic!("expected application data, got {other:?}"),
+        }
+    }
+    drop(channel);
+    // The same body again is answered as stored, with no new events.
+    let again = post_batch(&server, &alice, id, "?epoch=1", MESSAGE_BATCH, &good_body).await;
+    assert_eq!(again, got);
+    assert_eq!(stored().await, good.len());
+    assert_eq!(binary_events(&server, &bob, 0).await.len(), good.len());
+    server.stop().await;
+}
+
 /// A device that floods a channel with commits gets 429 `rate_limited`
 /// once its burst is spent (spec §10.8), and the refused commit changes
 /// nothing; another device of the channel still commits. (With one token a

@@ -478,6 +478,52 @@ fn deferred_messages_match(s: &dyn Store) {
     assert_eq!((again, events.len()), (stored, 0));
 }
 
+/// A batch is stored in its order at consecutive sequence numbers, each
+/// message with its events, a repeat (also within the batch) deduplicated;
+/// a batch for an unknown channel stores nothing.
+fn batches_are_stored_in_order(s: &dyn Store) {
+    let row = ChannelRow {
+        channel: chan(3),
+        name: "general".into(),
+        content_type: "text/plain".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1, 2])).unwrap();
+    s.register(&crate::row(2, "two")).unwrap();
+    let payload = |m: &kith_server::store::MessageRow| format!("{{\"seq\":{}}}", m.seq);
+    let message = |n: u8| NewMessage {
+        id: [n; 32],
+        epoch: 0,
+        sender: dev(1),
+        message: vec![n; 3],
+        received_at: 80,
+    };
+    let batch = [message(5), message(6), message(5), message(7)];
+    let (rows, events, token) = s
+        .store_messages_deferred(&chan(3), &batch, &payload)
+        .unwrap();
+    s.wait_durable(token).unwrap();
+    let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2, 1, 3]);
+    let payloads: Vec<&str> = events.iter().map(|(_, e)| e.payload.as_str()).collect();
+    assert_eq!(payloads, ["{\"seq\":1}", "{\"seq\":2}", "{\"seq\":3}"]);
+    assert!(events.iter().all(|(d, _)| *d == dev(2)));
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 3);
+    let stored: Vec<[u8; 32]> = s
+        .messages(&chan(3), 0, 10)
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(stored, [[5; 32], [6; 32], [7; 32]]);
+    assert!(matches!(
+        s.store_messages_deferred(&chan(4), &[message(8)], &payload),
+        Err(StoreError::UnknownChannel(_))
+    ));
+    assert!(s.messages(&chan(4), 0, 10).unwrap().is_empty());
+}
+
 fn messages_and_their_events(s: &dyn Store) {
     let row = ChannelRow {
         channel: chan(1),
@@ -772,6 +818,11 @@ macro_rules! store_suite {
             #[test]
             fn deferred_messages_match() {
                 super::deferred_messages_match(make().as_ref());
+            }
+
+            #[test]
+            fn batches_are_stored_in_order() {
+                super::batches_are_stored_in_order(make().as_ref());
             }
         }
     };

@@ -8,6 +8,9 @@
 //!   channel's current epoch (else 409 `wrong_epoch`), so a sender learns
 //!   from the answer that it is behind instead of sending at a stale epoch.
 //!   Any other content type is the JSON form of `channels`.
+//! - The same with `Content-Type: application/vnd.kith.message-batch`: the
+//!   body is several such messages, each after its 4-byte length
+//!   ([`kith_proto::batch`]), stored in one transaction, all or none.
 //! - `GET /v0/events` with `Accept: application/octet-stream`: the events
 //!   as [`kith_proto::events`] frames.
 
@@ -17,6 +20,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, RequestExt as _};
 use kith_proto::ChannelId;
+use kith_proto::batch::{MESSAGE_BATCH, decode_batch};
 use kith_proto::events::{
     EventFrame, MessageEvent, OCTET_STREAM, encode_frame, private_message_header,
 };
@@ -29,18 +33,23 @@ use super::channels::{
 use super::events::event_text;
 use super::{ApiJson, ApiPath, Authed, unb64};
 use crate::error::ApiError;
-use crate::ordering::fan_out;
+use crate::ordering::{fan_out, fan_out_many};
 use crate::state::{Shared, now_ms};
 use crate::store::{Event, NewMessage};
 
 /// Whether a header names `application/octet-stream` (parameters ignored).
 pub(super) fn is_octet_stream(headers: &HeaderMap, name: header::HeaderName) -> bool {
+    names_media_type(headers, name, OCTET_STREAM)
+}
+
+/// Whether a header names media type `media` (parameters ignored).
+fn names_media_type(headers: &HeaderMap, name: header::HeaderName, media: &str) -> bool {
     headers
         .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|v| v.split(';').next().map(str::trim) == Some(OCTET_STREAM))
+        .any(|v| v.split(';').next().map(str::trim) == Some(media))
 }
 
 #[derive(Deserialize)]
@@ -50,14 +59,16 @@ struct EpochQuery {
 }
 
 /// `POST /v0/channels/{id}/messages`: the binary form when the body is
-/// `application/octet-stream`, else the JSON form.
+/// `application/octet-stream`, several messages when it is a message
+/// batch, else the JSON form.
 pub(super) async fn post_message(
     State(state): State<Shared>,
     authed: Authed,
     path: ApiPath<String>,
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
-    if !is_octet_stream(request.headers(), header::CONTENT_TYPE) {
+    let batch = names_media_type(request.headers(), header::CONTENT_TYPE, MESSAGE_BATCH);
+    if !batch && !is_octet_stream(request.headers(), header::CONTENT_TYPE) {
         let body = ApiJson::from_request(request, &state).await?;
         return channels::post_message(State(state), authed, path, body).await;
     }
@@ -77,7 +88,99 @@ pub(super) async fn post_message(
                 }
             })?;
     let channel = parse_channel(&id)?;
+    if batch {
+        return accept_batch(&state, device, channel, epoch, &body).await;
+    }
     accept(&state, device, channel, epoch, body.to_vec()).await
+}
+
+/// Checks and stores the messages of a batch body: each is checked as
+/// [`accept`] checks one, and then all are stored in one transaction, at
+/// consecutive positions in the body's order, with one disk sync; any fault
+/// refuses the whole request (naming the message) and stores nothing.
+/// Answers `{"messages": [{id, seq, received_at}]}` in the body's order.
+#[tracing::instrument(skip_all, fields(device = %device, channel = %channel))]
+async fn accept_batch(
+    state: &Shared,
+    device: kith_proto::DeviceId,
+    channel: ChannelId,
+    epoch: u64,
+    body: &[u8],
+) -> Result<Json<Value>, ApiError> {
+    let limits = &state.config.limits;
+    let messages = decode_batch(body, limits.max_batch_messages, limits.max_message_bytes)
+        .map_err(|e| {
+            if e.is_too_large() {
+                ApiError::too_large(e.to_string())
+            } else {
+                ApiError::bad_request(e.to_string())
+            }
+        })?;
+    let row = channel_row_check(state, channel).await?;
+    require_member(state, channel, device).await?;
+    // Across servers, the freshness rule of §11.3 holds for the whole
+    // batch: it is checked here, and every message is stored after it, in
+    // the one transaction, at the epoch it confirms.
+    let alone = crate::freshness::require_fresh(state, channel).await?;
+    let row = if alone {
+        row
+    } else {
+        channel_row_check(state, channel).await?
+    };
+    if epoch != row.epoch {
+        return Err(ApiError::wrong_epoch(
+            row.epoch,
+            format!(
+                "the messages are for epoch {epoch}, the channel is at epoch {}",
+                row.epoch
+            ),
+        ));
+    }
+    for (index, message) in messages.iter().enumerate() {
+        if private_message_header(message) != Some((channel, epoch)) {
+            return Err(ApiError::bad_request(format!(
+                "message {index} of the batch is not an MLS PrivateMessage of channel \
+                 {channel} at epoch {epoch}"
+            )));
+        }
+    }
+    require_epoch_started(state, channel, epoch).await?;
+    let received_at = now_ms();
+    let new: Vec<NewMessage> = messages
+        .into_iter()
+        .map(|message| NewMessage {
+            id: kith_proto::sign::message_id(message),
+            epoch,
+            sender: device,
+            message: message.to_vec(),
+            received_at,
+        })
+        .collect();
+    // As in `accept`: committed, then waited for on disk (one sync for the
+    // whole batch, shared with concurrent writes) before anyone hears of
+    // any of the messages.
+    let (stored, events, token) = state
+        .db(move |s| {
+            s.store_messages_deferred(&channel, &new, &|m| {
+                Value::Object(channels::message_json(channel, m)).to_string()
+            })
+        })
+        .await?;
+    state.db(move |s| s.wait_durable(token)).await?;
+    state.hub.hand_off(&events);
+    // New messages only (a repeat, also within the batch, is not counted).
+    let fresh: std::collections::BTreeSet<u64> = stored
+        .iter()
+        .filter(|m| m.received_at == received_at)
+        .map(|m| m.seq)
+        .collect();
+    state.metrics.channel_messages.inc_by(fresh.len() as u64);
+    fan_out_many(state, channel, &stored).await?;
+    let answers: Vec<Value> = stored
+        .iter()
+        .map(|m| json!({ "id": hex::encode(m.id), "seq": m.seq, "received_at": m.received_at }))
+        .collect();
+    Ok(Json(json!({ "messages": answers })))
 }
 
 /// Checks and stores one message sent in binary; answers as the JSON form.

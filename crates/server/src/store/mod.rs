@@ -245,6 +245,10 @@ pub struct NewMessage {
 /// events appended, and the token to wait for before answering.
 pub type DeferredMessage = (MessageRow, Vec<(DeviceId, Event)>, u64);
 
+/// What [`Store::store_messages_deferred`] returns: the stored rows in
+/// order, the events appended, and the token to wait for before answering.
+pub type DeferredMessages = (Vec<MessageRow>, Vec<(DeviceId, Event)>, u64);
+
 /// A device record fetched from another server, as cached here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteRecord {
@@ -590,6 +594,32 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<DeferredMessage, StoreError> {
         self.store_message(channel, message, payload)
             .map(|(row, events)| (row, events, 0))
+    }
+
+    /// Stores `messages` (all of one channel) in order, as
+    /// [`Store::store_message`] stores each, **in one transaction**: at
+    /// consecutive sequence numbers, or, on an error, none of them. A
+    /// message whose id is stored already (also earlier in `messages`)
+    /// gets the stored row and no events. It may return before the
+    /// messages are on disk, as [`Store::store_message_deferred`]. The
+    /// default stores them one by one, for backends whose
+    /// [`Store::store_message`] can fail only before it changes anything
+    /// of the channel (an unknown channel), so that the first message's
+    /// failure is the only one possible.
+    fn store_messages_deferred(
+        &self,
+        channel: &ChannelId,
+        messages: &[NewMessage],
+        payload: &dyn Fn(&MessageRow) -> String,
+    ) -> Result<DeferredMessages, StoreError> {
+        let mut rows = Vec::with_capacity(messages.len());
+        let mut events = Vec::new();
+        for message in messages {
+            let (row, appended) = self.store_message(channel, message, payload)?;
+            rows.push(row);
+            events.extend(appended);
+        }
+        Ok((rows, events, 0))
     }
 
     /// Returns once the writes behind a token of

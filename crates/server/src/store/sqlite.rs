@@ -17,6 +17,7 @@ use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+use super::DeferredMessages;
 use super::{
     ChannelRow, Claimed, CommitRow, DeferredMessage, DeviceRow, EpochState, Event, InboxItem,
     MessageRow, Millis, NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, RemovedDevice,
@@ -516,6 +517,44 @@ fn insert_message(
     payload: &dyn Fn(&MessageRow) -> String,
 ) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let stored = append_message(&tx, tails, channel, message, payload)?;
+    tx.commit()?;
+    Ok(stored)
+}
+
+/// Messages stored in order, and the events appended for them.
+type StoredMessages = (Vec<MessageRow>, Vec<(DeviceId, Event)>);
+
+/// Stores several messages of one channel and their events in one
+/// transaction, in order, at consecutive positions (see
+/// [`Store::store_messages_deferred`]): all of them, or none.
+fn insert_messages(
+    conn: &mut Connection,
+    tails: &Tails,
+    channel: &ChannelId,
+    messages: &[NewMessage],
+    payload: &dyn Fn(&MessageRow) -> String,
+) -> Result<StoredMessages, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut rows = Vec::with_capacity(messages.len());
+    let mut events = Vec::new();
+    for message in messages {
+        let (row, appended) = append_message(&tx, tails, channel, message, payload)?;
+        rows.push(row);
+        events.extend(appended);
+    }
+    tx.commit()?;
+    Ok((rows, events))
+}
+
+/// A message and its events, inside the caller's transaction.
+fn append_message(
+    tx: &rusqlite::Transaction<'_>,
+    tails: &Tails,
+    channel: &ChannelId,
+    message: &NewMessage,
+    payload: &dyn Fn(&MessageRow) -> String,
+) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError> {
     let known = tx
         .query_row(
             "SELECT 1 FROM channels WHERE channel = ?1",
@@ -580,14 +619,13 @@ fn insert_message(
         .map(|raw| device_id(raw))
         .collect::<Result<Vec<_>, _>>()?;
     let events = insert_shared_events(
-        &tx,
+        tx,
         tails,
         recipients,
         "message",
         &payload(&row),
         row.received_at,
     )?;
-    tx.commit()?;
     Ok((row, events))
 }
 
@@ -1667,6 +1705,18 @@ impl Store for SqliteStore {
         let stored = insert_message(&mut conn, &self.tails, channel, message, payload);
         let token = conn.release();
         stored.map(|(row, events)| (row, events, token))
+    }
+
+    fn store_messages_deferred(
+        &self,
+        channel: &ChannelId,
+        messages: &[NewMessage],
+        payload: &dyn Fn(&MessageRow) -> String,
+    ) -> Result<DeferredMessages, StoreError> {
+        let mut conn = self.lock()?;
+        let stored = insert_messages(&mut conn, &self.tails, channel, messages, payload);
+        let token = conn.release();
+        stored.map(|(rows, events)| (rows, events, token))
     }
 
     fn wait_durable(&self, token: u64) -> Result<(), StoreError> {
