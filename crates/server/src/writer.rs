@@ -183,3 +183,39 @@ fn take_batch(posts: &mut VecDeque<Post>) -> Vec<Post> {
     }
     posts.drain(..count).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(bytes: usize) -> Post {
+        Post {
+            channel: ChannelId::from_bytes([1; 16]),
+            message: NewMessage {
+                id: [0; 32],
+                epoch: 0,
+                sender: kith_proto::DeviceId::from_bytes([2; 32]),
+                message: vec![0; bytes],
+                received_at: 0,
+            },
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_bounded_in_count_and_bytes_and_never_empty() {
+        let mut posts: VecDeque<Post> = (0..100).map(|_| post(10)).collect();
+        assert_eq!(take_batch(&mut posts).len(), MAX_BATCH);
+        assert_eq!(take_batch(&mut posts).len(), 100 - MAX_BATCH);
+        assert!(take_batch(&mut posts).is_empty());
+
+        let big = MAX_BATCH_BYTES / 2 + 1;
+        let mut posts: VecDeque<Post> = [post(big), post(big), post(1)].into();
+        assert_eq!(take_batch(&mut posts).len(), 1);
+        assert_eq!(take_batch(&mut posts).len(), 2);
+        // A message larger than the bound still goes, alone.
+        let mut posts: VecDeque<Post> = [post(MAX_BATCH_BYTES * 2), post(1)].into();
+        assert_eq!(take_batch(&mut posts).len(), 1);
+        assert_eq!(take_batch(&mut posts).len(), 1);
+    }
+}
