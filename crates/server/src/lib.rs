@@ -50,6 +50,7 @@ mod metrics;
 mod ordering;
 mod state;
 pub mod store;
+mod writer;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -168,13 +169,19 @@ pub async fn run(
     });
     channels.set_federation(Arc::clone(&federation));
     let accepted = channels.take_accepted();
+    let hub = Arc::new(state::EventHub::default());
+    let writer =
+        writer::MessageWriter::new(Arc::clone(&store), Arc::clone(&hub), |channel, row| {
+            serde_json::Value::Object(api::channels::message_json(*channel, row)).to_string()
+        });
     let state = Arc::new(state::AppState {
         config,
         store,
+        writer,
         key: key.key,
         server_keys: server_keys.encode(),
         metrics,
-        hub: state::EventHub::default(),
+        hub,
         inbox_limiter,
         commit_limiter,
         channels: Arc::clone(&channels),

@@ -30,7 +30,7 @@ pub(crate) struct AppState {
     /// The encoded `ServerKeys` this server publishes.
     pub(crate) server_keys: Vec<u8>,
     pub(crate) metrics: Metrics,
-    pub(crate) hub: EventHub,
+    pub(crate) hub: Arc<EventHub>,
     pub(crate) inbox_limiter: RateLimiter,
     /// Commits per submitting device (spec §10.8).
     pub(crate) commit_limiter: RateLimiter,
@@ -43,6 +43,8 @@ pub(crate) struct AppState {
     pub(crate) tasks: mpsc::Sender<()>,
     /// The federation client, key and replay caches, and outbox wake-up.
     pub(crate) federation: Arc<crate::federation::Federation>,
+    /// Stores the channel messages clients post, several to a transaction.
+    pub(crate) writer: crate::writer::MessageWriter,
 }
 
 pub(crate) type Shared = Arc<AppState>;

@@ -346,3 +346,155 @@ async fn a_stream_opened_mid_burst_gets_everything_once() {
     assert_eq!(distinct.len(), MESSAGES);
     server.stop().await;
 }
+
+/// The bytes `post` sends as message `n`.
+fn message_bytes(n: usize, size: usize) -> Vec<u8> {
+    let mut message = format!("message {n} ").into_bytes();
+    message.resize(size.max(message.len()), b'.');
+    message
+}
+
+/// As `post`, by `sender`, returning the answer's status and the seq of
+/// an accepted message.
+async fn try_post(
+    server: &TestServer,
+    sender: &Member,
+    id: ChannelId,
+    n: usize,
+    size: usize,
+) -> (StatusCode, Option<u64>) {
+    let (status, body) = sender
+        .http
+        .post(
+            server,
+            &format!("/v0/channels/{id}/messages"),
+            json!({ "epoch": 1, "message": b64(&message_bytes(n, size)) }),
+        )
+        .await;
+    (status, body["seq"].as_u64())
+}
+
+/// Every member posts at once, several messages in flight each, so the
+/// server stores them in batches (`writer`): every post is acknowledged
+/// with its own seq, the seqs are 1..=N without a gap or a repeat, and
+/// every member's stream gets every other member's messages once, in seq
+/// order, and none of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_from_many_senders_are_each_delivered_once_in_order() {
+    const MEMBERS: usize = 6;
+    const PER_SENDER: usize = 20;
+    const TOTAL: usize = MEMBERS * PER_SENDER;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "many.example").await;
+    let owner = Member::join(&server, "owner").await;
+    let mut others = Vec::new();
+    for i in 1..MEMBERS {
+        others.push(Member::join(&server, &format!("m{i}")).await);
+    }
+    let id = channel(&server, &owner, &others).await;
+    let members: Vec<&Member> = std::iter::once(&owner).chain(&others).collect();
+    let mut readers = Vec::new();
+    for m in &members {
+        let mut ws = connect(&server, &m.http, None).await;
+        readers.push(tokio::spawn(async move {
+            let mut cursor = 0;
+            messages(&mut ws, TOTAL - PER_SENDER, &mut cursor).await
+        }));
+    }
+
+    let at = &server;
+    let acked: Vec<Vec<u64>> =
+        futures_util::future::join_all(members.iter().enumerate().map(|(i, m)| {
+            stream::iter(0..PER_SENDER)
+                .map(move |k| async move {
+                    let (status, seq) = try_post(at, m, id, i * 1000 + k, 300).await;
+                    assert_eq!(status, StatusCode::OK);
+                    seq.unwrap()
+                })
+                .buffer_unordered(4)
+                .collect::<Vec<_>>()
+        }))
+        .await;
+    let mut all: Vec<u64> = acked.iter().flatten().copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=TOTAL as u64).collect::<Vec<_>>());
+    for (own, reader) in acked.iter().zip(readers) {
+        let got = reader.await.unwrap();
+        let own: BTreeSet<u64> = own.iter().copied().collect();
+        let want: Vec<u64> = (1..=TOTAL as u64).filter(|s| !own.contains(s)).collect();
+        assert_eq!(got, want);
+    }
+    server.stop().await;
+}
+
+/// A message whose storing fails halfway (a trigger refuses its second
+/// event row, injected with another connection to the server's database)
+/// fails alone: its sender gets an error, the messages posted with it are
+/// stored and delivered once each with seqs that skip nothing, and it
+/// left nothing behind (posted again without the fault, it is new).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_failing_to_store_fails_alone() {
+    const MESSAGES: usize = 40;
+    const DOOMED: usize = 17;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "doom.example").await;
+    let owner = Member::join(&server, "owner").await;
+    let receivers = vec![
+        Member::join(&server, "r1").await,
+        Member::join(&server, "r2").await,
+    ];
+    let id = channel(&server, &owner, &receivers).await;
+    let doomed_id = kith_proto::sign::message_id(&message_bytes(DOOMED, 300));
+    let hex: String = doomed_id.iter().map(|b| format!("{b:02x}")).collect();
+    let db = rusqlite::Connection::open(server.data_dir.join(kith_server::DB_FILE)).unwrap();
+    db.execute_batch(&format!(
+        "CREATE TRIGGER doomed BEFORE INSERT ON events
+         WHEN NEW.shared IS NOT NULL
+          AND EXISTS (SELECT 1 FROM events WHERE shared = NEW.shared)
+          AND (SELECT payload FROM event_payloads WHERE id = NEW.shared) LIKE '%{hex}%'
+         BEGIN SELECT RAISE(ABORT, 'injected fault'); END;"
+    ))
+    .unwrap();
+    let mut readers = Vec::new();
+    for r in &receivers {
+        let mut ws = connect(&server, &r.http, None).await;
+        readers.push(tokio::spawn(async move {
+            let mut cursor = 0;
+            let seqs = messages(&mut ws, MESSAGES - 1, &mut cursor).await;
+            (ws, cursor, seqs)
+        }));
+    }
+
+    let (at, sender) = (&server, &owner);
+    let answers: Vec<(usize, (StatusCode, Option<u64>))> = stream::iter(0..MESSAGES)
+        .map(|n| async move { (n, try_post(at, sender, id, n, 300).await) })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut seqs = Vec::new();
+    for (n, (status, seq)) in answers {
+        if n == DOOMED {
+            assert!(status.is_server_error(), "{status}");
+        } else {
+            assert_eq!(status, StatusCode::OK, "message {n}");
+            seqs.push(seq.unwrap());
+        }
+    }
+    seqs.sort_unstable();
+    let all: Vec<u64> = (1..MESSAGES as u64).collect();
+    assert_eq!(seqs, all);
+    let mut streams = Vec::new();
+    for reader in readers {
+        let (ws, cursor, got) = reader.await.unwrap();
+        assert_eq!(got, all);
+        streams.push((ws, cursor));
+    }
+
+    db.execute_batch("DROP TRIGGER doomed").unwrap();
+    let (status, seq) = try_post(&server, &owner, id, DOOMED, 300).await;
+    assert_eq!((status, seq), (StatusCode::OK, Some(MESSAGES as u64)));
+    for (ws, cursor) in &mut streams {
+        assert_eq!(messages(ws, 1, cursor).await, [MESSAGES as u64]);
+    }
+    server.stop().await;
+}

@@ -524,6 +524,86 @@ fn batches_are_stored_in_order(s: &dyn Store) {
     assert!(s.messages(&chan(4), 0, 10).unwrap().is_empty());
 }
 
+/// Several messages stored as one batch: each gets what it would alone, in
+/// the order given; one that fails (here: an unknown channel) fails alone,
+/// and a repeated id in the same batch is found, not stored twice.
+fn batched_messages_match(s: &dyn Store) {
+    let row = ChannelRow {
+        channel: chan(1),
+        name: "general".into(),
+        content_type: "text/plain".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1, 2, 3])).unwrap();
+    for (n, local) in [(1, "one"), (2, "two"), (3, "three")] {
+        s.register(&crate::row(n, local)).unwrap();
+    }
+    let before = s.append_event(&dev(2), "test", "{}", 1).unwrap();
+    let message = |n: u8, sender: u8| NewMessage {
+        id: [n; 32],
+        epoch: 0,
+        sender: dev(sender),
+        message: vec![n; 3],
+        received_at: 50 + u64::from(n),
+    };
+    let batch = [
+        (chan(1), message(1, 1)),
+        (chan(9), message(2, 1)),
+        (chan(1), message(3, 2)),
+        (chan(1), message(1, 1)),
+        (chan(1), message(4, 3)),
+    ];
+    let payload = |c: &ChannelId, m: &kith_server::store::MessageRow| {
+        format!("{{\"channel\":\"{c}\",\"seq\":{}}}", m.seq)
+    };
+    let results = s.store_messages(&batch, &payload);
+    assert_eq!(results.len(), 5);
+    let mut results = results.into_iter();
+    let (m1, e1) = results.next().unwrap().unwrap();
+    assert!(matches!(
+        results.next().unwrap(),
+        Err(StoreError::UnknownChannel(c)) if c == chan(9)
+    ));
+    let (m3, e3) = results.next().unwrap().unwrap();
+    let (again, none) = results.next().unwrap().unwrap();
+    let (m4, e4) = results.next().unwrap().unwrap();
+    assert_eq!((m1.seq, m3.seq, m4.seq), (1, 2, 3));
+    assert_eq!((again, none.len()), (m1.clone(), 0));
+    let to = |events: &[(DeviceId, kith_server::store::Event)]| -> Vec<DeviceId> {
+        events.iter().map(|(d, _)| *d).collect()
+    };
+    assert_eq!(to(&e1), [dev(2), dev(3)]);
+    assert_eq!(to(&e3), [dev(1), dev(3)]);
+    assert_eq!(to(&e4), [dev(1), dev(2)]);
+    assert_eq!(
+        e1[0].1.payload,
+        format!("{{\"channel\":\"{}\",\"seq\":1}}", chan(1))
+    );
+    // Each event names the one before it in its device's log, also within
+    // the batch.
+    assert_eq!(e1[0].1.prev, Some(before.cursor));
+    assert_eq!(e4[1].1.prev, Some(e1[0].1.cursor));
+    assert_eq!(e4[0].1.prev, Some(e3[0].1.cursor));
+    assert_eq!(
+        s.messages(&chan(1), 0, 10).unwrap(),
+        vec![m1.clone(), m3, m4]
+    );
+    let seqs = |d: u8| -> Vec<String> {
+        s.events(&dev(d), 0, 10)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "message")
+            .map(|e| e.payload)
+            .collect()
+    };
+    let p = |seq: u64| format!("{{\"channel\":\"{}\",\"seq\":{seq}}}", chan(1));
+    assert_eq!(seqs(1), [p(2), p(3)]);
+    assert_eq!(seqs(2), [p(1), p(3)]);
+    assert_eq!(seqs(3), [p(1), p(2)]);
+    assert!(s.store_messages(&[], &payload).is_empty());
+}
+
 fn messages_and_their_events(s: &dyn Store) {
     let row = ChannelRow {
         channel: chan(1),
@@ -824,6 +904,11 @@ macro_rules! store_suite {
             fn batches_are_stored_in_order() {
                 super::batches_are_stored_in_order(make().as_ref());
             }
+
+            #[test]
+            fn batched_messages_match() {
+                super::batched_messages_match(make().as_ref());
+            }
         }
     };
 }
@@ -1023,4 +1108,96 @@ fn sqlite_a_removed_device_releases_its_shared_payloads() {
     assert_eq!(events.len(), 1);
     s.ack_events(&dev(3), events[0].1.cursor).unwrap();
     assert_eq!(shared(), 0);
+}
+
+/// A message that fails halfway through its rows, inside a batch (here a
+/// trigger refuses its second event row), leaves nothing behind: not its
+/// row, not its first event, not its sequence number, not a cursor that a
+/// later event would name as the one before it. The batch's other
+/// messages are stored, durably, as if it had not been there.
+#[test]
+fn sqlite_a_message_failing_inside_a_batch_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kith.db");
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    let row = ChannelRow {
+        channel: chan(1),
+        name: "general".into(),
+        content_type: "text/plain".into(),
+        epoch: 0,
+        created_at: 100,
+    };
+    s.create_channel(&row, &epoch_state(0, &[1, 2, 3])).unwrap();
+    for (n, local) in [(1, "one"), (2, "two"), (3, "three")] {
+        s.register(&crate::row(n, local)).unwrap();
+    }
+    // Another connection, as an operator's tool would be: the store sees
+    // the trigger at its next statement.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER doomed BEFORE INSERT ON events
+             WHEN NEW.shared IS NOT NULL
+              AND EXISTS (SELECT 1 FROM events WHERE shared = NEW.shared)
+              AND (SELECT payload FROM event_payloads WHERE id = NEW.shared) LIKE '%doomed%'
+             BEGIN SELECT RAISE(ABORT, 'injected fault'); END;",
+        )
+        .unwrap();
+    let message = |n: u8| NewMessage {
+        id: [n; 32],
+        epoch: 0,
+        sender: dev(1),
+        message: vec![n; 3],
+        received_at: 50 + u64::from(n),
+    };
+    let payload = |_: &ChannelId, m: &kith_server::store::MessageRow| {
+        let tag = if m.message[0] == 2 { "doomed" } else { "fine" };
+        format!("{{\"seq\":{},\"tag\":\"{tag}\"}}", m.seq)
+    };
+    let batch = [
+        (chan(1), message(1)),
+        (chan(1), message(2)),
+        (chan(1), message(3)),
+    ];
+    let results = s.store_messages(&batch, &payload);
+    let mut results = results.into_iter();
+    let (m1, e1) = results.next().unwrap().unwrap();
+    assert!(matches!(
+        results.next().unwrap(),
+        Err(StoreError::Sqlite(_))
+    ));
+    let (m3, e3) = results.next().unwrap().unwrap();
+    assert_eq!((m1.seq, m3.seq), (1, 2));
+    for ((d1, first), (d3, second)) in e1.iter().zip(&e3) {
+        assert_eq!(d1, d3);
+        assert_eq!(second.prev, Some(first.cursor), "{d1}");
+    }
+    drop(s);
+    // Durable, and nothing of the failed message.
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    assert_eq!(s.messages(&chan(1), 0, 10).unwrap(), vec![m1, m3]);
+    for d in [2, 3] {
+        let tags: Vec<String> = s
+            .events(&dev(d), 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.payload)
+            .collect();
+        assert_eq!(
+            tags,
+            [
+                "{\"seq\":1,\"tag\":\"fine\"}",
+                "{\"seq\":2,\"tag\":\"fine\"}"
+            ],
+            "device {d}"
+        );
+    }
+    // Its id was never stored: sent again (the fault gone), it is new.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("DROP TRIGGER doomed")
+        .unwrap();
+    let again = s.store_messages(&[(chan(1), message(2))], &payload);
+    let (m2, e2) = again.into_iter().next().unwrap().unwrap();
+    assert_eq!((m2.seq, e2.len()), (3, 2));
 }

@@ -27,9 +27,7 @@ use kith_proto::events::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::channels::{
-    self, channel_row_check, parse_channel, require_epoch_started, require_member,
-};
+use super::channels::{self, channel_row_check, parse_channel};
 use super::events::event_text;
 use super::{ApiJson, ApiPath, Authed, unb64};
 use crate::error::ApiError;
@@ -116,8 +114,7 @@ async fn accept_batch(
                 ApiError::bad_request(e.to_string())
             }
         })?;
-    let row = channel_row_check(state, channel).await?;
-    require_member(state, channel, device).await?;
+    let (row, started) = channels::message_checks(state, channel, device, epoch).await?;
     // Across servers, the freshness rule of §11.3 holds for the whole
     // batch: it is checked here, and every message is stored after it, in
     // the one transaction, at the epoch it confirms.
@@ -144,7 +141,7 @@ async fn accept_batch(
             )));
         }
     }
-    require_epoch_started(state, channel, epoch).await?;
+    channels::start_epoch(state, channel, epoch, started).await?;
     let received_at = now_ms();
     let new: Vec<NewMessage> = messages
         .into_iter()
@@ -202,8 +199,7 @@ async fn accept(
             message.len()
         )));
     }
-    let row = channel_row_check(state, channel).await?;
-    require_member(state, channel, device).await?;
+    let (row, started) = channels::message_checks(state, channel, device, epoch).await?;
     // Across servers, only a log known to be up to date may acknowledge
     // (§11.3): its epoch is then the group's, give or take a lease.
     let alone = crate::freshness::require_fresh(state, channel).await?;
@@ -230,7 +226,7 @@ async fn accept(
             "the body is not an MLS PrivateMessage of channel {channel} at epoch {epoch}"
         )));
     }
-    require_epoch_started(state, channel, epoch).await?;
+    channels::start_epoch(state, channel, epoch, started).await?;
     let received_at = now_ms();
     let new = NewMessage {
         id: kith_proto::sign::message_id(&message),
@@ -241,18 +237,11 @@ async fn accept(
     };
     // Committed after the commit that started its epoch was certified here,
     // which fixes the message's place after every commit event of its
-    // epoch; the disk sync is waited for separately, so other messages can
-    // share it (group commit). Nobody hears of the message before it is on
-    // disk: not the sender, not the members (reads wait for it too).
-    let (stored, events, token) = state
-        .db(move |s| {
-            s.store_message_deferred(&channel, &new, &|m| {
-                Value::Object(channels::message_json(channel, m)).to_string()
-            })
-        })
-        .await?;
-    state.db(move |s| s.wait_durable(token)).await?;
-    state.hub.hand_off(&events);
+    // epoch; stored with the other messages posted meanwhile, in one
+    // transaction and one disk sync (`writer`). Nobody hears of the message
+    // before it is on disk: not the sender, not the members (reads wait for
+    // it too).
+    let (stored, _handed) = state.writer.store(channel, new).await?;
     if stored.received_at == received_at {
         state.metrics.channel_messages.inc();
     }

@@ -72,29 +72,58 @@ pub(super) async fn channel_row_check(
         .ok_or_else(|| no_channel(channel))
 }
 
+fn no_channel(channel: ChannelId) -> ApiError {
+    ApiError::not_found(format!("no channel {channel} here"))
+}
+
+/// The checks before a message of `epoch` by `device` is stored, read in
+/// one trip to the store (each a check, see [`crate::store::unsynced`]):
+/// the channel (404 if unknown), the sender's membership (403
+/// `not_member`), and whether the commit that started `epoch` is certified
+/// here (so that its `commit` events are delivered before the message;
+/// [`start_epoch`] acts on it).
+pub(super) async fn message_checks(
+    state: &Shared,
+    channel: ChannelId,
+    device: DeviceId,
+    epoch: u64,
+) -> Result<(ChannelRow, bool), ApiError> {
+    let (row, member, started) = state
+        .db_check(move |s| {
+            let row = s.channel(&channel)?;
+            let member = row.is_some() && s.is_member(&channel, &device)?;
+            let started = match epoch.checked_sub(1) {
+                Some(previous) if row.is_some() => s
+                    .commit(&channel, previous)?
+                    .is_some_and(|c| c.certificate.is_some()),
+                _ => true,
+            };
+            Ok((row, member, started))
+        })
+        .await?;
+    let row = row.ok_or_else(|| no_channel(channel))?;
+    if !member {
+        return Err(ApiError::not_member(
+            "this device is not a member of the channel",
+        ));
+    }
+    Ok((row, started))
+}
+
 /// Before a message of `epoch` is stored: the commit that started the
 /// epoch is certified here, so its `commit` events are delivered before
-/// the message. Certified already (read as a check) is the usual case.
-pub(super) async fn require_epoch_started(
+/// the message. [`message_checks`] read whether it is already (the usual
+/// case; a certificate, once stored, stays); if not, certifies it now.
+pub(super) async fn start_epoch(
     state: &Shared,
     channel: ChannelId,
     epoch: u64,
+    started: bool,
 ) -> Result<(), ApiError> {
-    let Some(previous) = epoch.checked_sub(1) else {
-        return Ok(());
-    };
-    let certified = state
-        .db_check(move |s| s.commit(&channel, previous))
-        .await?
-        .is_some_and(|row| row.certificate.is_some());
-    if !certified {
-        certify(state, channel, previous).await?;
+    match epoch.checked_sub(1) {
+        Some(previous) if !started => certify(state, channel, previous).await.map(drop),
+        _ => Ok(()),
     }
-    Ok(())
-}
-
-fn no_channel(channel: ChannelId) -> ApiError {
-    ApiError::not_found(format!("no channel {channel} here"))
 }
 
 /// 403 `not_member` unless `device` is a current member. A check: what a
@@ -638,8 +667,7 @@ pub(super) async fn post_message(
             message.len()
         )));
     }
-    let row = channel_row_check(&state, channel).await?;
-    require_member(&state, channel, device).await?;
+    let (row, started) = message_checks(&state, channel, device, req.epoch).await?;
     // Across servers, only a log known to be up to date may acknowledge,
     // and only at its current epoch (§11.3): a message of an older epoch
     // could reach the other servers' devices after they left it behind.
@@ -665,7 +693,7 @@ pub(super) async fn post_message(
             req.epoch, row.epoch
         )));
     }
-    require_epoch_started(&state, channel, req.epoch).await?;
+    start_epoch(&state, channel, req.epoch, started).await?;
     let received_at = now_ms();
     let new = NewMessage {
         id: kith_proto::sign::message_id(&message),
@@ -674,14 +702,7 @@ pub(super) async fn post_message(
         message,
         received_at,
     };
-    let (stored, events) = state
-        .db(move |s| {
-            s.store_message(&channel, &new, &|m| {
-                Value::Object(message_json(channel, m)).to_string()
-            })
-        })
-        .await?;
-    state.hub.hand_off(&events);
+    let (stored, _handed) = state.writer.store(channel, new).await?;
     // A repeated id returns the row stored the first time (and queues it
     // again for the other servers, which deduplicate: a retry after a lost
     // answer cannot leave it unsent).

@@ -249,6 +249,10 @@ pub type DeferredMessage = (MessageRow, Vec<(DeviceId, Event)>, u64);
 /// order, the events appended, and the token to wait for before answering.
 pub type DeferredMessages = (Vec<MessageRow>, Vec<(DeviceId, Event)>, u64);
 
+/// A stored message and the events appended for it (none when its id was
+/// stored before).
+pub type StoredMessage = (MessageRow, Vec<(DeviceId, Event)>);
+
 /// A device record fetched from another server, as cached here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteRecord {
@@ -626,6 +630,28 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::store_message_deferred`] are on disk.
     fn wait_durable(&self, _token: u64) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Stores several messages, each as [`Store::store_message`] would, in
+    /// the order given (so a channel's messages take their sequence numbers
+    /// in that order), and returns once every stored one is durable. Each
+    /// result is its message's own: a message that fails changes nothing
+    /// and fails alone, and the others are stored as if it had not been
+    /// there. A backend may write them all in one transaction (SQLite does:
+    /// one `COMMIT` and one disk sync for all, and the index pages the
+    /// recipients' events share are written once, not once per message);
+    /// this default stores them one by one.
+    fn store_messages(
+        &self,
+        batch: &[(ChannelId, NewMessage)],
+        payload: &dyn Fn(&ChannelId, &MessageRow) -> String,
+    ) -> Vec<Result<StoredMessage, StoreError>> {
+        batch
+            .iter()
+            .map(|(channel, message)| {
+                self.store_message(channel, message, &|row| payload(channel, row))
+            })
+            .collect()
     }
 
     /// Up to `limit` messages of the channel with `seq` greater than
