@@ -94,6 +94,12 @@ fn removing_a_device(s: &dyn Store) {
         s.register_linked(&row(1, "alice")),
         Err(StoreError::DeviceRemoved(_))
     ));
+    // A login that looked the device up before the removal gets no session.
+    assert!(matches!(
+        s.put_session(&[7; 32], &dev(1), 99),
+        Err(StoreError::UnknownDevice(d)) if d == dev(1)
+    ));
+    assert_eq!(s.session(&[7; 32]).unwrap(), None);
     assert_eq!(s.remove_device(&dev(1), None, 6000).unwrap(), None);
     assert_eq!(s.remove_device(&dev(9), None, 6000).unwrap(), None);
     // The removed device cannot remove its sibling back, nor can a device
@@ -170,6 +176,12 @@ fn challenges_are_bounded(s: &dyn Store) {
 
 fn sessions(s: &dyn Store) {
     assert_eq!(s.session(&[3; 32]).unwrap(), None);
+    assert!(matches!(
+        s.put_session(&[3; 32], &dev(1), 99),
+        Err(StoreError::UnknownDevice(d)) if d == dev(1)
+    ));
+    assert_eq!(s.session(&[3; 32]).unwrap(), None);
+    s.register(&row(1, "alice")).unwrap();
     s.put_session(&[3; 32], &dev(1), 99).unwrap();
     assert_eq!(s.session(&[3; 32]).unwrap(), Some((dev(1), 99)));
 }

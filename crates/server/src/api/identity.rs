@@ -188,11 +188,18 @@ async fn renew_sponsorship(
     let sponsorship = Sponsorship::issue(
         &state.key,
         state.config.server_name.clone(),
-        row.name,
+        row.name.clone(),
         device,
         now,
         now.saturating_add(state.config.limits.sponsorship_ms),
     );
+    // Looked up again after issuing: if the device is still registered
+    // under its name now, any removal comes after the issue, and a removed
+    // device never receives a sponsorship issued after its removal.
+    let still = state.db(move |s| s.device(&device)).await?;
+    if still.is_none_or(|r| r.name != row.name) {
+        return Err(ApiError::unauthorized("the device is not registered here"));
+    }
     Ok(Json(json!({
         "handle": sponsorship.handle().to_string(),
         "sponsorship": b64(&sponsorship.encode()),
@@ -275,9 +282,18 @@ async fn login(
     let token = b64(&random_32());
     let hash = token_hash(&token);
     let session_expires = now.saturating_add(SESSION_MS);
-    state
-        .db(move |s| s.put_session(&hash, &device, session_expires))
+    // The store refuses if the device was removed since it was looked up.
+    let stored = state
+        .db(
+            move |s| match s.put_session(&hash, &device, session_expires) {
+                Err(crate::store::StoreError::UnknownDevice(_)) => Ok(false),
+                result => result.map(|()| true),
+            },
+        )
         .await?;
+    if !stored {
+        return Err(ApiError::unauthorized("no such device is registered here"));
+    }
     tracing::info!("device logged in");
     Ok(Json(json!({
         "token": token,

@@ -267,9 +267,11 @@ impl Store for MemoryStore {
         device: &DeviceId,
         expires_at: Millis,
     ) -> Result<(), StoreError> {
-        self.lock()?
-            .sessions
-            .insert(*token_hash, (*device, expires_at));
+        let mut s = self.lock()?;
+        if !s.devices.contains_key(device) {
+            return Err(StoreError::UnknownDevice(*device));
+        }
+        s.sessions.insert(*token_hash, (*device, expires_at));
         Ok(())
     }
 

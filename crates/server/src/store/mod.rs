@@ -425,7 +425,10 @@ pub trait Store: Send + Sync + 'static {
         challenge: &[u8; 32],
     ) -> Result<Option<Millis>, StoreError>;
 
-    /// Stores a session under the hash of its token.
+    /// Stores a session under the hash of its token. Fails with
+    /// [`StoreError::UnknownDevice`], storing nothing, unless the device is
+    /// registered, checked atomically with the insert (a device removed
+    /// while it logged in gets no session).
     fn put_session(
         &self,
         token_hash: &[u8; 32],

@@ -1172,10 +1172,16 @@ impl Store for SqliteStore {
         expires_at: Millis,
     ) -> Result<(), StoreError> {
         let conn = self.lock()?;
-        conn.execute(
-            "INSERT INTO sessions (token_hash, device, expires_at) VALUES (?1, ?2, ?3)",
+        // One statement, so a removal cannot slip between the check and the
+        // insert and leave a removed device with a fresh session.
+        let inserted = conn.execute(
+            "INSERT INTO sessions (token_hash, device, expires_at)
+             SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE device = ?2)",
             params![token_hash.as_slice(), device.as_bytes(), int(expires_at)?],
         )?;
+        if inserted == 0 {
+            return Err(StoreError::UnknownDevice(*device));
+        }
         Ok(())
     }
 
