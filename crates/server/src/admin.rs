@@ -72,34 +72,28 @@ pub fn list_devices(data_dir: &Path, name: &LocalName) -> Result<Vec<ListedDevic
 }
 
 /// Removes `device` from `name` in the store, as `DELETE
-/// /v0/devices/{device}` does, and appends a `device_removed` event to each
-/// remaining device of the name. Returns how many devices were told.
+/// /v0/devices/{device}` does, appending a `device_removed` event to each
+/// remaining device of the name in the same transaction. Returns how many
+/// devices were told.
 pub fn remove_device_in(
     store: &dyn Store,
     name: &LocalName,
     device: &DeviceId,
     now: u64,
 ) -> Result<usize, AdminError> {
+    let not_found = || AdminError::NotFound {
+        name: name.clone(),
+        device: *device,
+    };
     let registered = store.device(device)?.filter(|row| &row.name == name);
     if registered.is_none() {
-        return Err(AdminError::NotFound {
-            name: name.clone(),
-            device: *device,
-        });
+        return Err(not_found());
     }
-    if store.remove_device(device, None, now)?.is_none() {
-        return Err(AdminError::NotFound {
-            name: name.clone(),
-            device: *device,
-        });
-    }
-    let payload = serde_json::json!({ "device": device.to_string(), "removed_at": now });
-    let payload = payload.to_string();
-    let remaining = store.devices_named(name)?;
-    for other in &remaining {
-        store.append_event(&other.device, "device_removed", &payload, now)?;
-    }
-    Ok(remaining.len())
+    let payload = crate::state::device_removed_payload(device, None, now);
+    let (_, told) = store
+        .remove_device(device, None, now, &payload)?
+        .ok_or_else(not_found)?;
+    Ok(told.len())
 }
 
 /// Frees `name` at the server at `data_dir` once every device of it was

@@ -69,10 +69,19 @@ fn removing_a_device(s: &dyn Store) {
             .unwrap();
         s.append_event(&dev(d), "test", "{}", 11).unwrap();
     }
+    let (removed, told) = s
+        .remove_device(&dev(1), Some(&dev(2)), 5000, "{\"removed\":1}")
+        .unwrap()
+        .unwrap();
+    assert_eq!(removed, row(1, "alice"));
+    // The remaining device is told in the removal's own transaction.
+    assert_eq!(told.len(), 1);
+    assert_eq!(told[0].0, dev(2));
     assert_eq!(
-        s.remove_device(&dev(1), Some(&dev(2)), 5000).unwrap(),
-        Some(row(1, "alice"))
+        (told[0].1.kind.as_str(), told[0].1.payload.as_str()),
+        ("device_removed", "{\"removed\":1}")
     );
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap().last(), Some(&told[0].1));
     assert_eq!(s.device(&dev(1)).unwrap(), None);
     assert_eq!(
         s.devices_named(&name("alice")).unwrap(),
@@ -100,14 +109,14 @@ fn removing_a_device(s: &dyn Store) {
         Err(StoreError::UnknownDevice(d)) if d == dev(1)
     ));
     assert_eq!(s.session(&[7; 32]).unwrap(), None);
-    assert_eq!(s.remove_device(&dev(1), None, 6000).unwrap(), None);
-    assert_eq!(s.remove_device(&dev(9), None, 6000).unwrap(), None);
+    assert_eq!(s.remove_device(&dev(1), None, 6000, "{}").unwrap(), None);
+    assert_eq!(s.remove_device(&dev(9), None, 6000, "{}").unwrap(), None);
     // The removed device cannot remove its sibling back, nor can a device
     // of another name: refused, nothing changes.
     s.register(&row(3, "bob")).unwrap();
     for by in [dev(1), dev(3), dev(9)] {
         assert!(matches!(
-            s.remove_device(&dev(2), Some(&by), 6000),
+            s.remove_device(&dev(2), Some(&by), 6000, "{}"),
             Err(StoreError::RemoverGone(d)) if d == by
         ));
     }
@@ -122,11 +131,11 @@ fn removing_a_device(s: &dyn Store) {
     assert_eq!(s.take_challenge(&dev(2), &[12; 32]).unwrap(), Some(500));
     assert_eq!(s.key_package_count(&dev(2)).unwrap(), (1, true));
     assert_eq!(s.inbox(&dev(2), 0, 10).unwrap().len(), 1);
-    assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 2);
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 3);
 
     // Once the last device is gone (the operator's path), the name can be
     // released and a new device registers under it as a new account.
-    s.remove_device(&dev(2), None, 7000).unwrap().unwrap();
+    s.remove_device(&dev(2), None, 7000, "{}").unwrap().unwrap();
     assert!(matches!(
         s.register(&row(4, "alice")),
         Err(StoreError::NameTaken(_))
@@ -970,7 +979,7 @@ fn sqlite_a_removed_device_releases_its_shared_payloads() {
         conn.query_row("SELECT COUNT(*) FROM event_payloads", [], |r| r.get(0))
             .unwrap()
     };
-    s.remove_device(&dev(2), None, 60).unwrap().unwrap();
+    s.remove_device(&dev(2), None, 60, "{}").unwrap().unwrap();
     assert_eq!(shared(), 1, "device 3 still has it");
     assert_eq!(s.events(&dev(3), 0, 10).unwrap()[0].payload, "{\"seq\":1}");
     // No more events for the removed device, though still a member.

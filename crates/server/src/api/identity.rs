@@ -412,42 +412,27 @@ async fn remove_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Removes `device` in the store and then closes its event streams and
-/// tells the remaining devices of its name (`device_removed`, with `by`
-/// when a device removed it). Returns whether the device was registered.
+/// Removes `device` in the store, which appends `device_removed` (with
+/// `by` when a device removed it) to the remaining devices of its name in
+/// the same transaction, then closes its event streams and hands the
+/// events to the live streams. Returns whether the device was registered.
 pub(crate) async fn removed_device_effects(
     state: &Shared,
     device: DeviceId,
     by: Option<DeviceId>,
 ) -> Result<bool, ApiError> {
     let now = now_ms();
-    let Some(row) = state
-        .db(move |s| s.remove_device(&device, by.as_ref(), now))
+    let payload = crate::state::device_removed_payload(&device, by.as_ref(), now);
+    let Some((row, events)) = state
+        .db(move |s| s.remove_device(&device, by.as_ref(), now, &payload))
         .await?
     else {
         return Ok(false);
     };
     state.hub.close(&device);
+    state.hub.hand_off(&events);
     state.metrics.registered_devices.dec();
-    tracing::info!(%device, name = %row.name, "removed a device");
-    let name = row.name.clone();
-    let remaining = state.db(move |s| s.devices_named(&name)).await?;
-    for other in remaining {
-        let mut payload = serde_json::Map::new();
-        payload.insert("device".into(), device.to_string().into());
-        if let Some(by) = by {
-            payload.insert("by".into(), by.to_string().into());
-        }
-        payload.insert("removed_at".into(), now.into());
-        if let Err(e) = state
-            .append_event(other.device, "device_removed", payload)
-            .await
-        {
-            // The removal stands; the device learns of it from the
-            // directory (the removed device is no longer listed).
-            tracing::warn!(device = %other.device, error = %e.message, "could not queue device_removed");
-        }
-    }
+    tracing::info!(%device, name = %row.name, told = events.len(), "removed a device");
     Ok(true)
 }
 

@@ -8,7 +8,8 @@ use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
 
 use super::{
     ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, Event, InboxItem, MessageRow, Millis,
-    NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, RemovedDevice, Store, StoreError,
+    NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Removal, RemovedDevice, Store,
+    StoreError,
 };
 
 /// A [`Store`] that keeps everything in memory.
@@ -157,7 +158,8 @@ impl Store for MemoryStore {
         device: &DeviceId,
         by: Option<&DeviceId>,
         now: Millis,
-    ) -> Result<Option<DeviceRow>, StoreError> {
+        payload: &str,
+    ) -> Result<Option<Removal>, StoreError> {
         let mut s = self.lock()?;
         let Some(name) = s.devices.get(device).map(|row| row.name.clone()) else {
             return Ok(None);
@@ -185,7 +187,17 @@ impl Store for MemoryStore {
                 removed_at: now,
             },
         );
-        Ok(Some(row))
+        let remaining: Vec<DeviceId> = s
+            .order
+            .iter()
+            .filter(|d| s.devices.get(d).is_some_and(|r| r.name == name))
+            .copied()
+            .collect();
+        let events = remaining
+            .into_iter()
+            .map(|d| (d, s.append(&d, "device_removed", payload.to_owned(), now)))
+            .collect();
+        Ok(Some((row, events)))
     }
 
     fn removed_device(&self, device: &DeviceId) -> Result<Option<RemovedDevice>, StoreError> {

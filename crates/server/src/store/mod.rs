@@ -245,6 +245,10 @@ pub struct NewMessage {
 /// events appended, and the token to wait for before answering.
 pub type DeferredMessage = (MessageRow, Vec<(DeviceId, Event)>, u64);
 
+/// What [`Store::remove_device`] returns: the removed device's last row and
+/// the `device_removed` events appended to the name's remaining devices.
+pub type Removal = (DeviceRow, Vec<(DeviceId, Event)>);
+
 /// A device record fetched from another server, as cached here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteRecord {
@@ -376,14 +380,18 @@ pub trait Store: Send + Sync + 'static {
     /// for it must still be registered under the same name, checked in the
     /// same transaction (else [`StoreError::RemoverGone`], changing
     /// nothing), so of two devices removing each other at once only the
-    /// first succeeds. Returns the removed row, or `None` (changing
-    /// nothing) if the device is not registered.
+    /// first succeeds. In the same transaction, a `device_removed` event
+    /// with `payload` is appended to each device still registered under the
+    /// name, so a removal is never committed without them. Returns the
+    /// removed row and those events (for the live streams), or `None`
+    /// (changing nothing) if the device is not registered.
     fn remove_device(
         &self,
         device: &DeviceId,
         by: Option<&DeviceId>,
         now: Millis,
-    ) -> Result<Option<DeviceRow>, StoreError>;
+        payload: &str,
+    ) -> Result<Option<Removal>, StoreError>;
 
     /// The device, if it was removed from this server.
     fn removed_device(&self, device: &DeviceId) -> Result<Option<RemovedDevice>, StoreError>;

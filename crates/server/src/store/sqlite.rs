@@ -19,8 +19,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
     ChannelRow, Claimed, CommitRow, DeferredMessage, DeviceRow, EpochState, Event, InboxItem,
-    MessageRow, Millis, NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, RemovedDevice,
-    Store, StoreError,
+    MessageRow, Millis, NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Removal,
+    RemovedDevice, Store, StoreError,
 };
 
 /// WAL pages between automatic checkpoints (`PRAGMA wal_autocheckpoint`).
@@ -996,7 +996,8 @@ impl Store for SqliteStore {
         device: &DeviceId,
         by: Option<&DeviceId>,
         now: Millis,
-    ) -> Result<Option<DeviceRow>, StoreError> {
+        payload: &str,
+    ) -> Result<Option<Removal>, StoreError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let key = device.as_bytes();
@@ -1061,8 +1062,18 @@ impl Store for SqliteStore {
             )?;
         }
         tx.execute("DELETE FROM events WHERE device = ?1", [key])?;
+        let remaining: Vec<Vec<u8>> = tx
+            .prepare("SELECT device FROM devices WHERE name = ?1 ORDER BY rowid")?
+            .query_map([row.name.as_str()], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let remaining = remaining
+            .iter()
+            .map(|raw| device_id(raw))
+            .collect::<Result<Vec<_>, _>>()?;
+        let events =
+            insert_shared_events(&tx, &self.tails, remaining, "device_removed", payload, now)?;
         tx.commit()?;
-        Ok(Some(row))
+        Ok(Some((row, events)))
     }
 
     fn release_name(&self, name: &LocalName) -> Result<bool, StoreError> {
