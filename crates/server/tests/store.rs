@@ -103,6 +103,17 @@ fn removing_a_device(s: &dyn Store) {
         s.register_linked(&row(1, "alice")),
         Err(StoreError::DeviceRemoved(_))
     ));
+    // Nothing more is stored for it, whoever looked it up before.
+    assert!(matches!(
+        s.append_event(&dev(1), "test", "{}", 5001),
+        Err(StoreError::UnknownDevice(_))
+    ));
+    assert!(matches!(
+        s.deposit_inbox(&dev(1), b"late", 5001, 10, &|_| "{}".into()),
+        Err(StoreError::UnknownDevice(_))
+    ));
+    assert!(s.events(&dev(1), 0, 10).unwrap().is_empty());
+    assert!(s.inbox(&dev(1), 0, 10).unwrap().is_empty());
     // A login that looked the device up before the removal gets no session.
     assert!(matches!(
         s.put_session(&[7; 32], &dev(1), 99),
@@ -242,6 +253,13 @@ fn key_packages(s: &dyn Store) {
 
 fn inbox_and_its_events(s: &dyn Store) {
     let payload = |item: &kith_server::store::InboxItem| format!("{{\"id\":{}}}", item.id);
+    // Nothing is filed for a device not registered here (or removed, §6.4).
+    assert!(matches!(
+        s.deposit_inbox(&dev(1), b"one", 10, 2, &payload),
+        Err(StoreError::UnknownDevice(d)) if d == dev(1)
+    ));
+    assert!(s.events(&dev(1), 0, 10).unwrap().is_empty());
+    s.register(&row(1, "alice")).unwrap();
     let (a, ea) = s.deposit_inbox(&dev(1), b"one", 10, 2, &payload).unwrap();
     let (b, eb) = s.deposit_inbox(&dev(1), b"two", 11, 2, &payload).unwrap();
     assert!(b.id > a.id && eb.cursor > ea.cursor);
@@ -267,6 +285,13 @@ fn inbox_and_its_events(s: &dyn Store) {
 fn event_log_and_acks(s: &dyn Store) {
     assert_eq!(s.acked_cursor(&dev(1)).unwrap(), 0);
     assert_eq!(s.ack_events(&dev(1), 5).unwrap(), 0, "nothing to ack yet");
+    assert!(matches!(
+        s.append_event(&dev(1), "test", "{}", 1),
+        Err(StoreError::UnknownDevice(d)) if d == dev(1)
+    ));
+    assert!(s.events(&dev(1), 0, 10).unwrap().is_empty());
+    s.register(&row(1, "alice")).unwrap();
+    s.register(&row(2, "bob")).unwrap();
     let e1 = s.append_event(&dev(1), "test", "{\"n\":1}", 1).unwrap();
     let other = s.append_event(&dev(2), "test", "{}", 2).unwrap();
     let e2 = s.append_event(&dev(1), "test", "{\"n\":2}", 3).unwrap();
@@ -638,6 +663,11 @@ fn outbox_queue(s: &dyn Store) {
 
 fn remote_deposits_are_deduplicated(s: &dyn Store) {
     let a = server("a.test");
+    assert!(matches!(
+        s.deposit_remote_inbox(&a, &[1; 16], &dev(1), b"env", 5, 10, &|_| "{}".into()),
+        Err(StoreError::UnknownDevice(_))
+    ));
+    s.register(&row(1, "alice")).unwrap();
     let (id, event) = s
         .deposit_remote_inbox(&a, &[1; 16], &dev(1), b"env", 5, 10, &|i| {
             format!("{{\"id\":{}}}", i.id)
@@ -698,6 +728,7 @@ fn lookups_past_i64_find_nothing(s: &dyn Store) {
     };
     s.store_message(&chan(1), &message, &|m| format!("{{\"seq\":{}}}", m.seq))
         .unwrap();
+    s.register(&crate::row(1, "alice")).unwrap();
     s.deposit_inbox(&dev(1), b"one", 10, 2, &|i| format!("{{\"id\":{}}}", i.id))
         .unwrap();
     for big in [1 << 63, u64::MAX] {
@@ -845,6 +876,9 @@ fn sqlite_concurrent_writers_all_commit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kith.db");
     let store = std::sync::Arc::new(kith_server::SqliteStore::open(&path).unwrap());
+    for n in 1..=4u8 {
+        store.register(&row(n, &format!("user{n}"))).unwrap();
+    }
     let writers: Vec<_> = (1..=4u8)
         .map(|n| {
             let store = std::sync::Arc::clone(&store);

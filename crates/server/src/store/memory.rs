@@ -343,6 +343,9 @@ impl Store for MemoryStore {
         payload: &dyn Fn(&InboxItem) -> String,
     ) -> Result<(InboxItem, Event), StoreError> {
         let mut s = self.lock()?;
+        if !s.devices.contains_key(recipient) {
+            return Err(StoreError::UnknownDevice(*recipient));
+        }
         if s.inbox.get(recipient).map_or(0, BTreeMap::len) >= max_items {
             return Err(StoreError::InboxFull { limit: max_items });
         }
@@ -393,7 +396,11 @@ impl Store for MemoryStore {
         payload: &str,
         now: Millis,
     ) -> Result<Event, StoreError> {
-        Ok(self.lock()?.append(device, kind, payload.to_owned(), now))
+        let mut s = self.lock()?;
+        if !s.devices.contains_key(device) {
+            return Err(StoreError::UnknownDevice(*device));
+        }
+        Ok(s.append(device, kind, payload.to_owned(), now))
     }
 
     fn events(
@@ -745,6 +752,9 @@ impl Store for MemoryStore {
         let key = (origin.clone(), *deposit_id);
         if let Some(id) = s.remote_deposits.get(&key) {
             return Ok((*id, None));
+        }
+        if !s.devices.contains_key(recipient) {
+            return Err(StoreError::UnknownDevice(*recipient));
         }
         if s.inbox.get(recipient).map_or(0, BTreeMap::len) >= max_items {
             return Err(StoreError::InboxFull { limit: max_items });

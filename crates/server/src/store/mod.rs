@@ -474,7 +474,9 @@ pub trait Store: Send + Sync + 'static {
     /// Files an envelope in `recipient`'s inbox and appends an `inbox` event
     /// to its log, in one transaction. `payload` builds the event's payload
     /// from the new item. Fails with [`StoreError::InboxFull`] when the
-    /// inbox holds `max_items`.
+    /// inbox holds `max_items`, and with [`StoreError::UnknownDevice`] when
+    /// the recipient is not registered (checked in the same transaction:
+    /// nothing is stored for a removed device, §6.4).
     fn deposit_inbox(
         &self,
         recipient: &DeviceId,
@@ -498,6 +500,8 @@ pub trait Store: Send + Sync + 'static {
     // -- events -------------------------------------------------------------
 
     /// Appends an event to the device's log and returns it with its cursor.
+    /// Fails with [`StoreError::UnknownDevice`], appending nothing, when the
+    /// device is not registered (checked in the same transaction).
     fn append_event(
         &self,
         device: &DeviceId,
@@ -656,7 +660,9 @@ pub trait Store: Send + Sync + 'static {
     /// as [`Store::deposit_inbox`] does, unless that deposit was filed
     /// before: then changes nothing and returns the id of the item filed
     /// then, with no event. The deduplication record is written in the same
-    /// transaction as the item.
+    /// transaction as the item. A new deposit for a device not registered
+    /// here fails with [`StoreError::UnknownDevice`], as in
+    /// [`Store::deposit_inbox`].
     #[allow(clippy::too_many_arguments)]
     fn deposit_remote_inbox(
         &self,

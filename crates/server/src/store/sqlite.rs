@@ -656,6 +656,22 @@ fn to_event(
     })
 }
 
+/// Fails with [`StoreError::UnknownDevice`] unless `device` is registered,
+/// read in the caller's transaction so a removal cannot come between the
+/// check and the write (§6.4: nothing is stored for a removed device).
+fn require_registered(conn: &Connection, device: &DeviceId) -> Result<(), StoreError> {
+    let registered = conn
+        .prepare_cached("SELECT 1 FROM devices WHERE device = ?1")?
+        .query_row([device.as_bytes()], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if registered {
+        Ok(())
+    } else {
+        Err(StoreError::UnknownDevice(*device))
+    }
+}
+
 fn insert_event(
     conn: &Connection,
     tails: &Tails,
@@ -1294,6 +1310,7 @@ impl Store for SqliteStore {
     ) -> Result<(InboxItem, Event), StoreError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        require_registered(&tx, recipient)?;
         let item = insert_inbox_item(&tx, recipient, envelope, received_at, max_items)?;
         let event = insert_event(
             &tx,
@@ -1351,8 +1368,12 @@ impl Store for SqliteStore {
         payload: &str,
         now: Millis,
     ) -> Result<Event, StoreError> {
-        let conn = self.lock()?;
-        insert_event(&conn, &self.tails, device, kind, payload, now)
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        require_registered(&tx, device)?;
+        let event = insert_event(&tx, &self.tails, device, kind, payload, now)?;
+        tx.commit()?;
+        Ok(event)
     }
 
     fn events(
@@ -1844,6 +1865,7 @@ impl Store for SqliteStore {
         if let Some(item) = seen {
             return Ok((uint(item)?, None));
         }
+        require_registered(&tx, recipient)?;
         let item = insert_inbox_item(&tx, recipient, envelope, received_at, max_items)?;
         tx.execute(
             "INSERT INTO remote_deposits (origin, deposit_id, item) VALUES (?1, ?2, ?3)",
