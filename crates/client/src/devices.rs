@@ -140,6 +140,19 @@ impl Client {
         if device == self.device_id() {
             return Ok(());
         }
+        // The event alone is the homeserver's word: act only once the
+        // directory agrees the device is no longer this user's. (A failed
+        // lookup fails the sync, and the event is handled again.)
+        let handle = self.own_handle()?.to_string();
+        let listed = match self.user_devices(&handle).await {
+            Ok(records) => records,
+            Err(ClientError::Server { status: 404, .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        if listed.iter().any(|r| r.device_id() == device) {
+            tracing::warn!(%device, "ignored a device_removed event for a device the directory still lists");
+            return Ok(());
+        }
         self.forget_device(device).await
     }
 
