@@ -656,6 +656,34 @@ fn to_event(
     })
 }
 
+/// Deletes the device's events with a cursor up to `cursor`. Shared
+/// payloads lose a reference per deleted event; the last one deletes the
+/// payload.
+fn delete_events_through(
+    conn: &Connection,
+    device: &DeviceId,
+    cursor: i64,
+) -> Result<(), StoreError> {
+    let released: Vec<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT shared, COUNT(*) FROM events
+             WHERE device = ?1 AND cursor <= ?2 AND shared IS NOT NULL GROUP BY shared",
+        )?
+        .query_map(params![device.as_bytes(), cursor], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (shared, count) in released {
+        conn.prepare_cached("UPDATE event_payloads SET refs = refs - ?2 WHERE id = ?1")?
+            .execute(params![shared, count])?;
+        conn.prepare_cached("DELETE FROM event_payloads WHERE id = ?1 AND refs <= 0")?
+            .execute([shared])?;
+    }
+    conn.prepare_cached("DELETE FROM events WHERE device = ?1 AND cursor <= ?2")?
+        .execute(params![device.as_bytes(), cursor])?;
+    Ok(())
+}
+
 /// Fails with [`StoreError::UnknownDevice`] unless `device` is registered,
 /// read in the caller's transaction so a removal cannot come between the
 /// check and the write (§6.4: nothing is stored for a removed device).
@@ -1049,6 +1077,9 @@ impl Store for SqliteStore {
              FROM devices WHERE device = ?1",
             params![key, int(now)?],
         )?;
+        // `sessions` has no index on `device` (it is keyed by token hash):
+        // its delete scans the table, which is fine for a removal, rare and
+        // done once per device.
         for table in [
             "devices",
             "sessions",
@@ -1059,25 +1090,8 @@ impl Store for SqliteStore {
         ] {
             tx.execute(&format!("DELETE FROM {table} WHERE device = ?1"), [key])?;
         }
-        // As an ack does: shared payloads lose a reference per event.
-        let released: Vec<(i64, i64)> = tx
-            .prepare(
-                "SELECT shared, COUNT(*) FROM events
-                 WHERE device = ?1 AND shared IS NOT NULL GROUP BY shared",
-            )?
-            .query_map([key], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (shared, count) in released {
-            tx.execute(
-                "UPDATE event_payloads SET refs = refs - ?2 WHERE id = ?1",
-                params![shared, count],
-            )?;
-            tx.execute(
-                "DELETE FROM event_payloads WHERE id = ?1 AND refs <= 0",
-                [shared],
-            )?;
-        }
-        tx.execute("DELETE FROM events WHERE device = ?1", [key])?;
+        // As an ack does, for every event of the device.
+        delete_events_through(&tx, device, i64::MAX)?;
         let remaining: Vec<Vec<u8>> = tx
             .prepare("SELECT device FROM devices WHERE name = ?1 ORDER BY rowid")?
             .query_map([row.name.as_str()], |r| r.get(0))?
@@ -1423,27 +1437,7 @@ impl Store for SqliteStore {
              ON CONFLICT (device) DO UPDATE SET acked = excluded.acked",
             params![device.as_bytes(), int(new_ack)?],
         )?;
-        // Shared payloads lose a reference per deleted event; the last
-        // one deletes the payload.
-        let released: Vec<(i64, i64)> = tx
-            .prepare_cached(
-                "SELECT shared, COUNT(*) FROM events
-                 WHERE device = ?1 AND cursor <= ?2 AND shared IS NOT NULL GROUP BY shared",
-            )?
-            .query_map(params![device.as_bytes(), int(new_ack)?], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        for (shared, count) in released {
-            tx.prepare_cached("UPDATE event_payloads SET refs = refs - ?2 WHERE id = ?1")?
-                .execute(params![shared, count])?;
-            tx.prepare_cached("DELETE FROM event_payloads WHERE id = ?1 AND refs <= 0")?
-                .execute([shared])?;
-        }
-        tx.execute(
-            "DELETE FROM events WHERE device = ?1 AND cursor <= ?2",
-            params![device.as_bytes(), int(new_ack)?],
-        )?;
+        delete_events_through(&tx, device, int(new_ack)?)?;
         tx.commit()?;
         Ok(new_ack)
     }
