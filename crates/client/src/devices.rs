@@ -26,6 +26,22 @@ pub struct DeviceRemoval {
 }
 
 impl Client {
+    /// Whether the homeserver says `device` was removed (`GET
+    /// /v0/devices/{device}` carries `removed_at`).
+    async fn removed_on_server(&mut self, device: &str) -> Result<bool, ClientError> {
+        match self
+            .authed(|api| {
+                let d = device.to_owned();
+                async move { api.device_status(&d).await }
+            })
+            .await
+        {
+            Ok((_, removed_at)) => Ok(removed_at.is_some()),
+            Err(ClientError::Server { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Removes `device`, another device of this user (lost or stolen),
     /// from the user's name at the homeserver (§6.4): it can no longer log
     /// in, its sessions end, it is no longer listed for the handle, and no
@@ -42,12 +58,22 @@ impl Client {
             ));
         }
         let text = device.to_string();
-        self.authed(|api| {
-            let d = text.clone();
-            async move { api.remove_device(&d).await }
-        })
-        .instrument(tracing::debug_span!("client.remove_device"))
-        .await?;
+        let removal = self
+            .authed(|api| {
+                let d = text.clone();
+                async move { api.remove_device(&d).await }
+            })
+            .instrument(tracing::debug_span!("client.remove_device"))
+            .await;
+        match removal {
+            Ok(()) => {}
+            // Already removed (a retry after an answer that was lost): the
+            // removal still has to be completed here. Only for a device of
+            // this user, which this device's record links.
+            Err(ClientError::Server { status: 404, .. })
+                if self.record()?.links_to(&device) && self.removed_on_server(&text).await? => {}
+            Err(e) => return Err(e),
+        }
         tracing::info!(%device, "removed a device of this user");
         self.forget_device(device).await?;
         // The sync brings the channels up to date and then removes the
@@ -112,6 +138,19 @@ impl Client {
             .parse()
             .map_err(protocol)?;
         if device == self.device_id() {
+            return Ok(());
+        }
+        // The event alone is the homeserver's word: act only once the
+        // directory agrees the device is no longer this user's. (A failed
+        // lookup fails the sync, and the event is handled again.)
+        let handle = self.own_handle()?.to_string();
+        let listed = match self.user_devices(&handle).await {
+            Ok(records) => records,
+            Err(ClientError::Server { status: 404, .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        if listed.iter().any(|r| r.device_id() == device) {
+            tracing::warn!(%device, "ignored a device_removed event for a device the directory still lists");
             return Ok(());
         }
         self.forget_device(device).await

@@ -2,12 +2,13 @@
 //! the recovery path when a user has no device left to act from (spec
 //! §6.4, "Remove a device").
 //!
-//! They open the SQLite store directly. Run them with the server stopped:
-//! a running server keeps serving what it holds in memory (an open event
-//! stream of a removed device stays open until it reconnects, though
-//! nothing more is appended to it, and its device gauge is off by one
-//! until it restarts); sessions and the directory are read from the store,
-//! so they take effect at once either way.
+//! They open the SQLite store directly, and only with the server stopped:
+//! a running server holds the data directory's lock file
+//! ([`crate::LOCK_FILE`]) and these commands refuse while it does
+//! ([`AdminError::ServerRunning`]). A running server keeps state of its own
+//! beside the store (the newest event of each log that its live streams
+//! rely on, open streams, gauges), which a write from another process
+//! would leave wrong.
 
 use std::path::Path;
 
@@ -21,6 +22,12 @@ pub enum AdminError {
     /// The data directory has no database.
     #[error("no database at {0} (is this the server's data directory?)")]
     NoDatabase(String),
+    /// A server is running on the data directory (it holds the lock).
+    #[error("kithd is running on {0}; stop it first, then run this again")]
+    ServerRunning(String),
+    /// The lock file could not be opened.
+    #[error("lock file {0}: {1}")]
+    Lock(String, #[source] std::io::Error),
     /// No device with this id is registered under this name.
     #[error("no device {device} is registered under the name {name}")]
     NotFound {
@@ -45,17 +52,23 @@ pub struct ListedDevice {
     pub registered_at: u64,
 }
 
-fn open(data_dir: &Path) -> Result<SqliteStore, AdminError> {
+/// The store of a stopped server, with the data directory's lock, which
+/// must be held as long as the store is used.
+fn open(data_dir: &Path) -> Result<(SqliteStore, std::fs::File), AdminError> {
     let path = data_dir.join(crate::DB_FILE);
     if !path.exists() {
         return Err(AdminError::NoDatabase(path.display().to_string()));
     }
-    Ok(SqliteStore::open(&path)?)
+    let lock_path = || data_dir.join(crate::LOCK_FILE).display().to_string();
+    let lock = crate::lock_data_dir(data_dir)
+        .map_err(|e| AdminError::Lock(lock_path(), e))?
+        .ok_or_else(|| AdminError::ServerRunning(data_dir.display().to_string()))?;
+    Ok((SqliteStore::open(&path)?, lock))
 }
 
 /// The devices registered under `name` in the server at `data_dir`.
 pub fn list_devices(data_dir: &Path, name: &LocalName) -> Result<Vec<ListedDevice>, AdminError> {
-    let store = open(data_dir)?;
+    let (store, _lock) = open(data_dir)?;
     Ok(store
         .devices_named(name)?
         .into_iter()
@@ -72,34 +85,28 @@ pub fn list_devices(data_dir: &Path, name: &LocalName) -> Result<Vec<ListedDevic
 }
 
 /// Removes `device` from `name` in the store, as `DELETE
-/// /v0/devices/{device}` does, and appends a `device_removed` event to each
-/// remaining device of the name. Returns how many devices were told.
+/// /v0/devices/{device}` does, appending a `device_removed` event to each
+/// remaining device of the name in the same transaction. Returns how many
+/// devices were told.
 pub fn remove_device_in(
     store: &dyn Store,
     name: &LocalName,
     device: &DeviceId,
     now: u64,
 ) -> Result<usize, AdminError> {
+    let not_found = || AdminError::NotFound {
+        name: name.clone(),
+        device: *device,
+    };
     let registered = store.device(device)?.filter(|row| &row.name == name);
     if registered.is_none() {
-        return Err(AdminError::NotFound {
-            name: name.clone(),
-            device: *device,
-        });
+        return Err(not_found());
     }
-    if store.remove_device(device, None, now)?.is_none() {
-        return Err(AdminError::NotFound {
-            name: name.clone(),
-            device: *device,
-        });
-    }
-    let payload = serde_json::json!({ "device": device.to_string(), "removed_at": now });
-    let payload = payload.to_string();
-    let remaining = store.devices_named(name)?;
-    for other in &remaining {
-        store.append_event(&other.device, "device_removed", &payload, now)?;
-    }
-    Ok(remaining.len())
+    let payload = crate::state::device_removed_payload(device, None, now);
+    let (_, told) = store
+        .remove_device(device, None, now, &payload)?
+        .ok_or_else(not_found)?;
+    Ok(told.len())
 }
 
 /// Frees `name` at the server at `data_dir` once every device of it was
@@ -107,7 +114,7 @@ pub fn remove_device_in(
 /// registration mode applies: it is a new account). Returns `false` if a
 /// device still holds the name or it was never taken.
 pub fn release_name(data_dir: &Path, name: &LocalName) -> Result<bool, AdminError> {
-    let store = open(data_dir)?;
+    let (store, _lock) = open(data_dir)?;
     Ok(store.release_name(name)?)
 }
 
@@ -117,6 +124,6 @@ pub fn remove_device(
     name: &LocalName,
     device: &DeviceId,
 ) -> Result<usize, AdminError> {
-    let store = open(data_dir)?;
+    let (store, _lock) = open(data_dir)?;
     remove_device_in(&store, name, device, crate::state::now_ms())
 }

@@ -68,6 +68,27 @@ pub use store::{MemoryStore, SqliteStore, Store, StoreError};
 /// The SQLite database's file name inside the data directory.
 pub const DB_FILE: &str = "kith.db";
 
+/// The lock file in the data directory: a running server (SQLite backend)
+/// holds an exclusive lock on it, and the operator commands (`kithd device
+/// ...`, `kithd name release`) refuse to run while it is held.
+pub const LOCK_FILE: &str = "kithd.lock";
+
+/// Takes the exclusive lock on the data directory's [`LOCK_FILE`], held
+/// until the returned file is dropped. `Ok(None)` if another process (or
+/// server in this one) holds it.
+pub(crate) fn lock_data_dir(data_dir: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join(LOCK_FILE))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// The MLS store of the channels' public states, inside the data directory
 /// (SQLite backend only).
 pub const MLS_DB_FILE: &str = "mls.db";
@@ -95,6 +116,21 @@ pub async fn run(
     let now = state::now_ms();
     let key = keys::load_or_generate(&data_dir, now)?;
     let server_keys = keys::publish(&key, &config.server_name)?;
+    // Held until `run` returns, so the operator commands, which write the
+    // same database with their own view of the event logs, wait for a stop.
+    let _lock = match config.backend {
+        Backend::Sqlite => Some(
+            lock_data_dir(&data_dir)
+                .map_err(|e| ServerError::Io(data_dir.join(LOCK_FILE), e))?
+                .ok_or_else(|| {
+                    ServerError::Io(
+                        data_dir.join(LOCK_FILE),
+                        std::io::Error::other("another kithd is running on this data directory"),
+                    )
+                })?,
+        ),
+        Backend::Memory => None,
+    };
     let store: Arc<dyn Store> = match config.backend {
         Backend::Sqlite => {
             let path = data_dir.join(DB_FILE);

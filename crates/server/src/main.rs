@@ -112,8 +112,7 @@ fn operate(command: Command, data_dir: &std::path::Path) -> Result<()> {
         name.parse()
             .map_err(|e| anyhow::anyhow!("local name {name:?}: {e}"))
     };
-    let command = match command {
-        Command::Device(command) => command,
+    match command {
         Command::Name(NameCommand::Release { name }) => {
             let name = parse_name(&name)?;
             if !kith_server::admin::release_name(data_dir, &name)? {
@@ -122,11 +121,8 @@ fn operate(command: Command, data_dir: &std::path::Path) -> Result<()> {
                 );
             }
             println!("released {name}: the next device to register under it holds it");
-            return Ok(());
         }
-    };
-    match command {
-        DeviceCommand::List { name } => {
+        Command::Device(DeviceCommand::List { name }) => {
             let name = parse_name(&name)?;
             let devices = kith_server::admin::list_devices(data_dir, &name)?;
             if devices.is_empty() {
@@ -139,7 +135,7 @@ fn operate(command: Command, data_dir: &std::path::Path) -> Result<()> {
                 );
             }
         }
-        DeviceCommand::Remove { name, device } => {
+        Command::Device(DeviceCommand::Remove { name, device }) => {
             let name = parse_name(&name)?;
             let device: kith_proto::DeviceId = device
                 .parse()

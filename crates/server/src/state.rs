@@ -104,6 +104,23 @@ impl AppState {
     }
 }
 
+/// The payload of a `device_removed` event (spec §6.4): the removed
+/// device, the device that removed it if one did (not the operator), and
+/// when.
+pub(crate) fn device_removed_payload(
+    device: &DeviceId,
+    by: Option<&DeviceId>,
+    removed_at: u64,
+) -> String {
+    let mut payload = serde_json::Map::new();
+    payload.insert("device".into(), device.to_string().into());
+    if let Some(by) = by {
+        payload.insert("by".into(), by.to_string().into());
+    }
+    payload.insert("removed_at".into(), removed_at.into());
+    serde_json::Value::Object(payload).to_string()
+}
+
 /// The live event streams of every device with one open, and what is
 /// handed to them. Every append wakes the device's streams (the newest
 /// cursor, a `watch`); an append whose event is on disk and whose place in

@@ -250,6 +250,23 @@ fn kithd_device_commands_list_and_remove() {
     assert!(listed.status.success());
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&device.to_string()));
     let id = device.to_string();
+    // While a server holds the data directory's lock, the commands refuse
+    // and change nothing.
+    {
+        let lock = std::fs::File::create(data.join(kith_server::LOCK_FILE)).unwrap();
+        lock.try_lock().unwrap();
+        let refused = kithd(&["device", "remove", "alice", &id]);
+        assert!(!refused.status.success());
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("kithd is running"),
+            "{}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        let listed = kithd(&["device", "list", "alice"]);
+        assert!(!listed.status.success());
+    }
+    let listed = kithd(&["device", "list", "alice"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&id));
     let bad = kithd(&["device", "remove", "alice", "not-a-device"]);
     assert!(!bad.status.success());
     let removed = kithd(&["device", "remove", "alice", &id]);

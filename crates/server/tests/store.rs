@@ -69,10 +69,19 @@ fn removing_a_device(s: &dyn Store) {
             .unwrap();
         s.append_event(&dev(d), "test", "{}", 11).unwrap();
     }
+    let (removed, told) = s
+        .remove_device(&dev(1), Some(&dev(2)), 5000, "{\"removed\":1}")
+        .unwrap()
+        .unwrap();
+    assert_eq!(removed, row(1, "alice"));
+    // The remaining device is told in the removal's own transaction.
+    assert_eq!(told.len(), 1);
+    assert_eq!(told[0].0, dev(2));
     assert_eq!(
-        s.remove_device(&dev(1), Some(&dev(2)), 5000).unwrap(),
-        Some(row(1, "alice"))
+        (told[0].1.kind.as_str(), told[0].1.payload.as_str()),
+        ("device_removed", "{\"removed\":1}")
     );
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap().last(), Some(&told[0].1));
     assert_eq!(s.device(&dev(1)).unwrap(), None);
     assert_eq!(
         s.devices_named(&name("alice")).unwrap(),
@@ -94,14 +103,31 @@ fn removing_a_device(s: &dyn Store) {
         s.register_linked(&row(1, "alice")),
         Err(StoreError::DeviceRemoved(_))
     ));
-    assert_eq!(s.remove_device(&dev(1), None, 6000).unwrap(), None);
-    assert_eq!(s.remove_device(&dev(9), None, 6000).unwrap(), None);
+    // Nothing more is stored for it, whoever looked it up before.
+    assert!(matches!(
+        s.append_event(&dev(1), "test", "{}", 5001),
+        Err(StoreError::UnknownDevice(_))
+    ));
+    assert!(matches!(
+        s.deposit_inbox(&dev(1), b"late", 5001, 10, &|_| "{}".into()),
+        Err(StoreError::UnknownDevice(_))
+    ));
+    assert!(s.events(&dev(1), 0, 10).unwrap().is_empty());
+    assert!(s.inbox(&dev(1), 0, 10).unwrap().is_empty());
+    // A login that looked the device up before the removal gets no session.
+    assert!(matches!(
+        s.put_session(&[7; 32], &dev(1), 99),
+        Err(StoreError::UnknownDevice(d)) if d == dev(1)
+    ));
+    assert_eq!(s.session(&[7; 32]).unwrap(), None);
+    assert_eq!(s.remove_device(&dev(1), None, 6000, "{}").unwrap(), None);
+    assert_eq!(s.remove_device(&dev(9), None, 6000, "{}").unwrap(), None);
     // The removed device cannot remove its sibling back, nor can a device
     // of another name: refused, nothing changes.
     s.register(&row(3, "bob")).unwrap();
     for by in [dev(1), dev(3), dev(9)] {
         assert!(matches!(
-            s.remove_device(&dev(2), Some(&by), 6000),
+            s.remove_device(&dev(2), Some(&by), 6000, "{}"),
             Err(StoreError::RemoverGone(d)) if d == by
         ));
     }
@@ -116,11 +142,11 @@ fn removing_a_device(s: &dyn Store) {
     assert_eq!(s.take_challenge(&dev(2), &[12; 32]).unwrap(), Some(500));
     assert_eq!(s.key_package_count(&dev(2)).unwrap(), (1, true));
     assert_eq!(s.inbox(&dev(2), 0, 10).unwrap().len(), 1);
-    assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 2);
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap().len(), 3);
 
     // Once the last device is gone (the operator's path), the name can be
     // released and a new device registers under it as a new account.
-    s.remove_device(&dev(2), None, 7000).unwrap().unwrap();
+    s.remove_device(&dev(2), None, 7000, "{}").unwrap().unwrap();
     assert!(matches!(
         s.register(&row(4, "alice")),
         Err(StoreError::NameTaken(_))
@@ -170,6 +196,12 @@ fn challenges_are_bounded(s: &dyn Store) {
 
 fn sessions(s: &dyn Store) {
     assert_eq!(s.session(&[3; 32]).unwrap(), None);
+    assert!(matches!(
+        s.put_session(&[3; 32], &dev(1), 99),
+        Err(StoreError::UnknownDevice(d)) if d == dev(1)
+    ));
+    assert_eq!(s.session(&[3; 32]).unwrap(), None);
+    s.register(&row(1, "alice")).unwrap();
     s.put_session(&[3; 32], &dev(1), 99).unwrap();
     assert_eq!(s.session(&[3; 32]).unwrap(), Some((dev(1), 99)));
 }
@@ -221,6 +253,13 @@ fn key_packages(s: &dyn Store) {
 
 fn inbox_and_its_events(s: &dyn Store) {
     let payload = |item: &kith_server::store::InboxItem| format!("{{\"id\":{}}}", item.id);
+    // Nothing is filed for a device not registered here (or removed, §6.4).
+    assert!(matches!(
+        s.deposit_inbox(&dev(1), b"one", 10, 2, &payload),
+        Err(StoreError::UnknownDevice(d)) if d == dev(1)
+    ));
+    assert!(s.events(&dev(1), 0, 10).unwrap().is_empty());
+    s.register(&row(1, "alice")).unwrap();
     let (a, ea) = s.deposit_inbox(&dev(1), b"one", 10, 2, &payload).unwrap();
     let (b, eb) = s.deposit_inbox(&dev(1), b"two", 11, 2, &payload).unwrap();
     assert!(b.id > a.id && eb.cursor > ea.cursor);
@@ -246,6 +285,13 @@ fn inbox_and_its_events(s: &dyn Store) {
 fn event_log_and_acks(s: &dyn Store) {
     assert_eq!(s.acked_cursor(&dev(1)).unwrap(), 0);
     assert_eq!(s.ack_events(&dev(1), 5).unwrap(), 0, "nothing to ack yet");
+    assert!(matches!(
+        s.append_event(&dev(1), "test", "{}", 1),
+        Err(StoreError::UnknownDevice(d)) if d == dev(1)
+    ));
+    assert!(s.events(&dev(1), 0, 10).unwrap().is_empty());
+    s.register(&row(1, "alice")).unwrap();
+    s.register(&row(2, "bob")).unwrap();
     let e1 = s.append_event(&dev(1), "test", "{\"n\":1}", 1).unwrap();
     let other = s.append_event(&dev(2), "test", "{}", 2).unwrap();
     let e2 = s.append_event(&dev(1), "test", "{\"n\":2}", 3).unwrap();
@@ -743,6 +789,11 @@ fn outbox_queue(s: &dyn Store) {
 
 fn remote_deposits_are_deduplicated(s: &dyn Store) {
     let a = server("a.test");
+    assert!(matches!(
+        s.deposit_remote_inbox(&a, &[1; 16], &dev(1), b"env", 5, 10, &|_| "{}".into()),
+        Err(StoreError::UnknownDevice(_))
+    ));
+    s.register(&row(1, "alice")).unwrap();
     let (id, event) = s
         .deposit_remote_inbox(&a, &[1; 16], &dev(1), b"env", 5, 10, &|i| {
             format!("{{\"id\":{}}}", i.id)
@@ -803,6 +854,7 @@ fn lookups_past_i64_find_nothing(s: &dyn Store) {
     };
     s.store_message(&chan(1), &message, &|m| format!("{{\"seq\":{}}}", m.seq))
         .unwrap();
+    s.register(&crate::row(1, "alice")).unwrap();
     s.deposit_inbox(&dev(1), b"one", 10, 2, &|i| format!("{{\"id\":{}}}", i.id))
         .unwrap();
     for big in [1 << 63, u64::MAX] {
@@ -960,6 +1012,9 @@ fn sqlite_concurrent_writers_all_commit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kith.db");
     let store = std::sync::Arc::new(kith_server::SqliteStore::open(&path).unwrap());
+    for n in 1..=4u8 {
+        store.register(&row(n, &format!("user{n}"))).unwrap();
+    }
     let writers: Vec<_> = (1..=4u8)
         .map(|n| {
             let store = std::sync::Arc::clone(&store);
@@ -1094,7 +1149,7 @@ fn sqlite_a_removed_device_releases_its_shared_payloads() {
         conn.query_row("SELECT COUNT(*) FROM event_payloads", [], |r| r.get(0))
             .unwrap()
     };
-    s.remove_device(&dev(2), None, 60).unwrap().unwrap();
+    s.remove_device(&dev(2), None, 60, "{}").unwrap().unwrap();
     assert_eq!(shared(), 1, "device 3 still has it");
     assert_eq!(s.events(&dev(3), 0, 10).unwrap()[0].payload, "{\"seq\":1}");
     // No more events for the removed device, though still a member.

@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::{ApiJson, ApiPath, Authed, b64, list_limit, unb64};
 use crate::channels::{catch_up, lock_mls};
 use crate::error::ApiError;
-use crate::federation::channels::record_bytes;
+use crate::federation::channels::{NoRecord, added_records};
 use crate::federation::remote::refuse_added_device;
 use crate::ordering::{certify, fan_out, order};
 use crate::state::{Shared, now_ms};
@@ -405,25 +405,18 @@ async fn order_commit(
     };
     // Every server of the channel learns who sponsors the new members from
     // the log itself: the records travel with the commit.
-    submission.records = state
-        .db(move |s| {
-            let mut records = Vec::with_capacity(added.len());
-            for d in &added {
-                match record_bytes(s, d)? {
-                    Some(r) => records.push(Ok(r)),
-                    None => records.push(Err(*d)),
-                }
-            }
-            Ok(records)
-        })
-        .await?
-        .into_iter()
-        .collect::<Result<Vec<_>, DeviceId>>()
-        .map_err(|d| {
-            ApiError::bad_request(format!(
-                "device {d} is not known here; look its user up through this server first"
-            ))
-        })?;
+    submission.records =
+        state
+            .db(move |s| added_records(s, &added))
+            .await?
+            .map_err(|no| match no {
+                NoRecord::Unknown(d) => ApiError::bad_request(format!(
+                    "device {d} is not known here; look its user up through this server first"
+                )),
+                NoRecord::Removed(d) => ApiError::forbidden(format!(
+                    "device {d} was removed from this server and cannot be added to a channel"
+                )),
+            })?;
     let ordered = order(state, submission)
         .instrument(tracing::debug_span!("commit.order"))
         .await?;

@@ -233,6 +233,10 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
     state.metrics.event_streams.inc();
     tracing::debug!(after = sent, "event stream opened");
     let mut live = state.hub.subscribe(device);
+    // A removal between the stream's authentication and the subscription
+    // above ran `hub.close` before there was anything to close: look
+    // again, now that any later removal closes this subscription.
+    let removed = matches!(state.db(move |s| s.device(&device)).await, Ok(None));
     let mut shutdown = state.shutdown.clone();
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
@@ -243,6 +247,9 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
     // and until when it may (a gap that moves on restarts the wait).
     let mut gap: Option<(u64, tokio::time::Instant)> = None;
     let reason = loop {
+        if removed {
+            break "device removed";
+        }
         if *shutdown.borrow() {
             break "server shutting down";
         }

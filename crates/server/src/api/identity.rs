@@ -188,11 +188,18 @@ async fn renew_sponsorship(
     let sponsorship = Sponsorship::issue(
         &state.key,
         state.config.server_name.clone(),
-        row.name,
+        row.name.clone(),
         device,
         now,
         now.saturating_add(state.config.limits.sponsorship_ms),
     );
+    // Looked up again after issuing: if the device is still registered
+    // under its name now, any removal comes after the issue, and a removed
+    // device never receives a sponsorship issued after its removal.
+    let still = state.db(move |s| s.device(&device)).await?;
+    if still.is_none_or(|r| r.name != row.name) {
+        return Err(ApiError::unauthorized("the device is not registered here"));
+    }
     Ok(Json(json!({
         "handle": sponsorship.handle().to_string(),
         "sponsorship": b64(&sponsorship.encode()),
@@ -275,9 +282,18 @@ async fn login(
     let token = b64(&random_32());
     let hash = token_hash(&token);
     let session_expires = now.saturating_add(SESSION_MS);
-    state
-        .db(move |s| s.put_session(&hash, &device, session_expires))
+    // The store refuses if the device was removed since it was looked up.
+    let stored = state
+        .db(
+            move |s| match s.put_session(&hash, &device, session_expires) {
+                Err(crate::store::StoreError::UnknownDevice(_)) => Ok(false),
+                result => result.map(|()| true),
+            },
+        )
         .await?;
+    if !stored {
+        return Err(ApiError::unauthorized("no such device is registered here"));
+    }
     tracing::info!("device logged in");
     Ok(Json(json!({
         "token": token,
@@ -396,42 +412,27 @@ async fn remove_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Removes `device` in the store and then closes its event streams and
-/// tells the remaining devices of its name (`device_removed`, with `by`
-/// when a device removed it). Returns whether the device was registered.
+/// Removes `device` in the store, which appends `device_removed` (with
+/// `by` when a device removed it) to the remaining devices of its name in
+/// the same transaction, then closes its event streams and hands the
+/// events to the live streams. Returns whether the device was registered.
 pub(crate) async fn removed_device_effects(
     state: &Shared,
     device: DeviceId,
     by: Option<DeviceId>,
 ) -> Result<bool, ApiError> {
     let now = now_ms();
-    let Some(row) = state
-        .db(move |s| s.remove_device(&device, by.as_ref(), now))
+    let payload = crate::state::device_removed_payload(&device, by.as_ref(), now);
+    let Some((row, events)) = state
+        .db(move |s| s.remove_device(&device, by.as_ref(), now, &payload))
         .await?
     else {
         return Ok(false);
     };
     state.hub.close(&device);
+    state.hub.hand_off(&events);
     state.metrics.registered_devices.dec();
-    tracing::info!(%device, name = %row.name, "removed a device");
-    let name = row.name.clone();
-    let remaining = state.db(move |s| s.devices_named(&name)).await?;
-    for other in remaining {
-        let mut payload = serde_json::Map::new();
-        payload.insert("device".into(), device.to_string().into());
-        if let Some(by) = by {
-            payload.insert("by".into(), by.to_string().into());
-        }
-        payload.insert("removed_at".into(), now.into());
-        if let Err(e) = state
-            .append_event(other.device, "device_removed", payload)
-            .await
-        {
-            // The removal stands; the device learns of it from the
-            // directory (the removed device is no longer listed).
-            tracing::warn!(device = %other.device, error = %e.message, "could not queue device_removed");
-        }
-    }
+    tracing::info!(%device, name = %row.name, told = events.len(), "removed a device");
     Ok(true)
 }
 

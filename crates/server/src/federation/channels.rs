@@ -102,10 +102,11 @@ async fn require_peer(
     }
 }
 
-/// The encoded record of `device`: its own if registered here, else the
-/// cached one, else its last one if it was removed from this server (it may
-/// still be a member of channels, whose voters every server must compute
-/// alike, §6.4).
+/// The encoded record of `device`: its own if registered here, else its
+/// last one if it was removed from this server (it may still be a member of
+/// channels, whose voters every server must compute alike, §6.4), else the
+/// cached one. A local id is never answered from the remote cache: another
+/// server's copy cannot override a local device or its removal.
 pub(crate) fn record_bytes(
     store: &dyn crate::store::Store,
     device: &DeviceId,
@@ -113,10 +114,81 @@ pub(crate) fn record_bytes(
     if let Some(row) = store.device(device)? {
         return Ok(Some(row.record));
     }
-    if let Some(remote) = store.remote_record(device)? {
-        return Ok(Some(remote.record));
+    if let Some(removed) = store.removed_device(device)? {
+        return Ok(Some(removed.row.record));
     }
-    Ok(store.removed_device(device)?.map(|r| r.row.record))
+    Ok(store.remote_record(device)?.map(|r| r.record))
+}
+
+/// Why a device a commit adds has no record to travel with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoRecord {
+    /// Neither registered here nor cached.
+    Unknown(DeviceId),
+    /// Removed from this server (§6.4): it may never be added again, even
+    /// with a key package claimed before its removal.
+    Removed(DeviceId),
+}
+
+/// The records of the devices a commit adds, in order, or the first device
+/// that cannot be added.
+pub(crate) fn added_records(
+    store: &dyn crate::store::Store,
+    added: &[DeviceId],
+) -> Result<Result<Vec<Vec<u8>>, NoRecord>, crate::store::StoreError> {
+    let mut records = Vec::with_capacity(added.len());
+    for d in added {
+        if store.device(d)?.is_none() && store.removed_device(d)?.is_some() {
+            return Ok(Err(NoRecord::Removed(*d)));
+        }
+        match record_bytes(store, d)? {
+            Some(r) => records.push(r),
+            None => return Ok(Err(NoRecord::Unknown(*d))),
+        }
+    }
+    Ok(Ok(records))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::{DeviceRow, MemoryStore, RemoteRecord, Store};
+
+    #[test]
+    fn a_removed_device_is_answered_from_here_and_cannot_be_added() {
+        let store = MemoryStore::new();
+        let d = DeviceId::from_bytes([1; 32]);
+        let row = DeviceRow {
+            device: d,
+            name: "alice".parse().unwrap(),
+            identity_key: [1; 32],
+            record: vec![1],
+            record_at: 1,
+            registered_at: 1,
+        };
+        store.register(&row).unwrap();
+        store.remove_device(&d, None, 2, "{}").unwrap().unwrap();
+        // A copy cached from another server does not override the removal.
+        store
+            .put_remote_record(&RemoteRecord {
+                device: d,
+                server: "b.test".parse().unwrap(),
+                record: vec![2],
+                fetched_at: 3,
+            })
+            .unwrap();
+        assert_eq!(record_bytes(&store, &d).unwrap(), Some(vec![1]));
+        assert_eq!(
+            added_records(&store, &[d]).unwrap(),
+            Err(NoRecord::Removed(d))
+        );
+        let unknown = DeviceId::from_bytes([9; 32]);
+        assert_eq!(
+            added_records(&store, &[unknown]).unwrap(),
+            Err(NoRecord::Unknown(unknown))
+        );
+    }
 }
 
 #[tracing::instrument(skip_all, fields(origin = %signed.origin, %id))]

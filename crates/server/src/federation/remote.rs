@@ -70,6 +70,16 @@ async fn accept_record(
         .check_server_keys(&keys)
         .map_err(|e| e.to_string())?;
     let id = record.device_id();
+    // This server is the authority on its own devices: a record another
+    // server sends for one registered or removed here is not cached (it
+    // would never be read, and must not stand in for a removal).
+    let local = state
+        .db(move |s| Ok(s.device(&id)?.is_some() || s.removed_device(&id)?.is_some()))
+        .await
+        .map_err(|e| e.message)?;
+    if local {
+        return Err(format!("a record of {id}, a device of this server"));
+    }
     let held = state.db(move |s| s.remote_record(&id)).await;
     let held = match held {
         Ok(h) => h,

@@ -8,7 +8,8 @@ use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
 
 use super::{
     ChannelRow, Claimed, CommitRow, DeviceRow, EpochState, Event, InboxItem, MessageRow, Millis,
-    NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, RemovedDevice, Store, StoreError,
+    NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Removal, RemovedDevice, Store,
+    StoreError,
 };
 
 /// A [`Store`] that keeps everything in memory.
@@ -157,7 +158,8 @@ impl Store for MemoryStore {
         device: &DeviceId,
         by: Option<&DeviceId>,
         now: Millis,
-    ) -> Result<Option<DeviceRow>, StoreError> {
+        payload: &str,
+    ) -> Result<Option<Removal>, StoreError> {
         let mut s = self.lock()?;
         let Some(name) = s.devices.get(device).map(|row| row.name.clone()) else {
             return Ok(None);
@@ -185,7 +187,17 @@ impl Store for MemoryStore {
                 removed_at: now,
             },
         );
-        Ok(Some(row))
+        let remaining: Vec<DeviceId> = s
+            .order
+            .iter()
+            .filter(|d| s.devices.get(d).is_some_and(|r| r.name == name))
+            .copied()
+            .collect();
+        let events = remaining
+            .into_iter()
+            .map(|d| (d, s.append(&d, "device_removed", payload.to_owned(), now)))
+            .collect();
+        Ok(Some((row, events)))
     }
 
     fn removed_device(&self, device: &DeviceId) -> Result<Option<RemovedDevice>, StoreError> {
@@ -267,9 +279,11 @@ impl Store for MemoryStore {
         device: &DeviceId,
         expires_at: Millis,
     ) -> Result<(), StoreError> {
-        self.lock()?
-            .sessions
-            .insert(*token_hash, (*device, expires_at));
+        let mut s = self.lock()?;
+        if !s.devices.contains_key(device) {
+            return Err(StoreError::UnknownDevice(*device));
+        }
+        s.sessions.insert(*token_hash, (*device, expires_at));
         Ok(())
     }
 
@@ -329,6 +343,9 @@ impl Store for MemoryStore {
         payload: &dyn Fn(&InboxItem) -> String,
     ) -> Result<(InboxItem, Event), StoreError> {
         let mut s = self.lock()?;
+        if !s.devices.contains_key(recipient) {
+            return Err(StoreError::UnknownDevice(*recipient));
+        }
         if s.inbox.get(recipient).map_or(0, BTreeMap::len) >= max_items {
             return Err(StoreError::InboxFull { limit: max_items });
         }
@@ -379,7 +396,11 @@ impl Store for MemoryStore {
         payload: &str,
         now: Millis,
     ) -> Result<Event, StoreError> {
-        Ok(self.lock()?.append(device, kind, payload.to_owned(), now))
+        let mut s = self.lock()?;
+        if !s.devices.contains_key(device) {
+            return Err(StoreError::UnknownDevice(*device));
+        }
+        Ok(s.append(device, kind, payload.to_owned(), now))
     }
 
     fn events(
@@ -731,6 +752,9 @@ impl Store for MemoryStore {
         let key = (origin.clone(), *deposit_id);
         if let Some(id) = s.remote_deposits.get(&key) {
             return Ok((*id, None));
+        }
+        if !s.devices.contains_key(recipient) {
+            return Err(StoreError::UnknownDevice(*recipient));
         }
         if s.inbox.get(recipient).map_or(0, BTreeMap::len) >= max_items {
             return Err(StoreError::InboxFull { limit: max_items });

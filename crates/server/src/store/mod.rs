@@ -253,6 +253,10 @@ pub type DeferredMessages = (Vec<MessageRow>, Vec<(DeviceId, Event)>, u64);
 /// stored before).
 pub type StoredMessage = (MessageRow, Vec<(DeviceId, Event)>);
 
+/// What [`Store::remove_device`] returns: the removed device's last row and
+/// the `device_removed` events appended to the name's remaining devices.
+pub type Removal = (DeviceRow, Vec<(DeviceId, Event)>);
+
 /// A device record fetched from another server, as cached here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteRecord {
@@ -384,14 +388,18 @@ pub trait Store: Send + Sync + 'static {
     /// for it must still be registered under the same name, checked in the
     /// same transaction (else [`StoreError::RemoverGone`], changing
     /// nothing), so of two devices removing each other at once only the
-    /// first succeeds. Returns the removed row, or `None` (changing
-    /// nothing) if the device is not registered.
+    /// first succeeds. In the same transaction, a `device_removed` event
+    /// with `payload` is appended to each device still registered under the
+    /// name, so a removal is never committed without them. Returns the
+    /// removed row and those events (for the live streams), or `None`
+    /// (changing nothing) if the device is not registered.
     fn remove_device(
         &self,
         device: &DeviceId,
         by: Option<&DeviceId>,
         now: Millis,
-    ) -> Result<Option<DeviceRow>, StoreError>;
+        payload: &str,
+    ) -> Result<Option<Removal>, StoreError>;
 
     /// The device, if it was removed from this server.
     fn removed_device(&self, device: &DeviceId) -> Result<Option<RemovedDevice>, StoreError>;
@@ -433,7 +441,10 @@ pub trait Store: Send + Sync + 'static {
         challenge: &[u8; 32],
     ) -> Result<Option<Millis>, StoreError>;
 
-    /// Stores a session under the hash of its token.
+    /// Stores a session under the hash of its token. Fails with
+    /// [`StoreError::UnknownDevice`], storing nothing, unless the device is
+    /// registered, checked atomically with the insert (a device removed
+    /// while it logged in gets no session).
     fn put_session(
         &self,
         token_hash: &[u8; 32],
@@ -471,7 +482,9 @@ pub trait Store: Send + Sync + 'static {
     /// Files an envelope in `recipient`'s inbox and appends an `inbox` event
     /// to its log, in one transaction. `payload` builds the event's payload
     /// from the new item. Fails with [`StoreError::InboxFull`] when the
-    /// inbox holds `max_items`.
+    /// inbox holds `max_items`, and with [`StoreError::UnknownDevice`] when
+    /// the recipient is not registered (checked in the same transaction:
+    /// nothing is stored for a removed device, §6.4).
     fn deposit_inbox(
         &self,
         recipient: &DeviceId,
@@ -495,6 +508,8 @@ pub trait Store: Send + Sync + 'static {
     // -- events -------------------------------------------------------------
 
     /// Appends an event to the device's log and returns it with its cursor.
+    /// Fails with [`StoreError::UnknownDevice`], appending nothing, when the
+    /// device is not registered (checked in the same transaction).
     fn append_event(
         &self,
         device: &DeviceId,
@@ -701,7 +716,9 @@ pub trait Store: Send + Sync + 'static {
     /// as [`Store::deposit_inbox`] does, unless that deposit was filed
     /// before: then changes nothing and returns the id of the item filed
     /// then, with no event. The deduplication record is written in the same
-    /// transaction as the item.
+    /// transaction as the item. A new deposit for a device not registered
+    /// here fails with [`StoreError::UnknownDevice`], as in
+    /// [`Store::deposit_inbox`].
     #[allow(clippy::too_many_arguments)]
     fn deposit_remote_inbox(
         &self,

@@ -20,8 +20,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use super::DeferredMessages;
 use super::{
     ChannelRow, Claimed, CommitRow, DeferredMessage, DeviceRow, EpochState, Event, InboxItem,
-    MessageRow, Millis, NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, RemovedDevice,
-    Store, StoreError, StoredMessage,
+    MessageRow, Millis, NewCommit, NewMessage, OutboxItem, Registered, RemoteRecord, Removal,
+    RemovedDevice, Store, StoreError, StoredMessage,
 };
 
 /// WAL pages between automatic checkpoints (`PRAGMA wal_autocheckpoint`).
@@ -777,6 +777,50 @@ fn to_event(
     })
 }
 
+/// Deletes the device's events with a cursor up to `cursor`. Shared
+/// payloads lose a reference per deleted event; the last one deletes the
+/// payload.
+fn delete_events_through(
+    conn: &Connection,
+    device: &DeviceId,
+    cursor: i64,
+) -> Result<(), StoreError> {
+    let released: Vec<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT shared, COUNT(*) FROM events
+             WHERE device = ?1 AND cursor <= ?2 AND shared IS NOT NULL GROUP BY shared",
+        )?
+        .query_map(params![device.as_bytes(), cursor], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (shared, count) in released {
+        conn.prepare_cached("UPDATE event_payloads SET refs = refs - ?2 WHERE id = ?1")?
+            .execute(params![shared, count])?;
+        conn.prepare_cached("DELETE FROM event_payloads WHERE id = ?1 AND refs <= 0")?
+            .execute([shared])?;
+    }
+    conn.prepare_cached("DELETE FROM events WHERE device = ?1 AND cursor <= ?2")?
+        .execute(params![device.as_bytes(), cursor])?;
+    Ok(())
+}
+
+/// Fails with [`StoreError::UnknownDevice`] unless `device` is registered,
+/// read in the caller's transaction so a removal cannot come between the
+/// check and the write (§6.4: nothing is stored for a removed device).
+fn require_registered(conn: &Connection, device: &DeviceId) -> Result<(), StoreError> {
+    let registered = conn
+        .prepare_cached("SELECT 1 FROM devices WHERE device = ?1")?
+        .query_row([device.as_bytes()], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if registered {
+        Ok(())
+    } else {
+        Err(StoreError::UnknownDevice(*device))
+    }
+}
+
 fn insert_event(
     conn: &Connection,
     advance: &mut dyn FnMut(DeviceId, u64) -> Option<u64>,
@@ -1117,7 +1161,8 @@ impl Store for SqliteStore {
         device: &DeviceId,
         by: Option<&DeviceId>,
         now: Millis,
-    ) -> Result<Option<DeviceRow>, StoreError> {
+        payload: &str,
+    ) -> Result<Option<Removal>, StoreError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let key = device.as_bytes();
@@ -1153,6 +1198,9 @@ impl Store for SqliteStore {
              FROM devices WHERE device = ?1",
             params![key, int(now)?],
         )?;
+        // `sessions` has no index on `device` (it is keyed by token hash):
+        // its delete scans the table, which is fine for a removal, rare and
+        // done once per device.
         for table in [
             "devices",
             "sessions",
@@ -1163,27 +1211,28 @@ impl Store for SqliteStore {
         ] {
             tx.execute(&format!("DELETE FROM {table} WHERE device = ?1"), [key])?;
         }
-        // As an ack does: shared payloads lose a reference per event.
-        let released: Vec<(i64, i64)> = tx
-            .prepare(
-                "SELECT shared, COUNT(*) FROM events
-                 WHERE device = ?1 AND shared IS NOT NULL GROUP BY shared",
-            )?
-            .query_map([key], |r| Ok((r.get(0)?, r.get(1)?)))?
+        // As an ack does, for every event of the device.
+        delete_events_through(&tx, device, i64::MAX)?;
+        let remaining: Vec<Vec<u8>> = tx
+            .prepare("SELECT device FROM devices WHERE name = ?1 ORDER BY rowid")?
+            .query_map([row.name.as_str()], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        for (shared, count) in released {
-            tx.execute(
-                "UPDATE event_payloads SET refs = refs - ?2 WHERE id = ?1",
-                params![shared, count],
-            )?;
-            tx.execute(
-                "DELETE FROM event_payloads WHERE id = ?1 AND refs <= 0",
-                [shared],
-            )?;
-        }
-        tx.execute("DELETE FROM events WHERE device = ?1", [key])?;
+        let remaining = remaining
+            .iter()
+            .map(|raw| device_id(raw))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut appended = BatchTails::new(&self.tails);
+        let events = insert_shared_events(
+            &tx,
+            &mut |device, cursor| appended.advance(device, cursor),
+            remaining,
+            "device_removed",
+            payload,
+            now,
+        )?;
         tx.commit()?;
-        Ok(Some(row))
+        appended.commit();
+        Ok(Some((row, events)))
     }
 
     fn release_name(&self, name: &LocalName) -> Result<bool, StoreError> {
@@ -1293,10 +1342,16 @@ impl Store for SqliteStore {
         expires_at: Millis,
     ) -> Result<(), StoreError> {
         let conn = self.lock()?;
-        conn.execute(
-            "INSERT INTO sessions (token_hash, device, expires_at) VALUES (?1, ?2, ?3)",
+        // One statement, so a removal cannot slip between the check and the
+        // insert and leave a removed device with a fresh session.
+        let inserted = conn.execute(
+            "INSERT INTO sessions (token_hash, device, expires_at)
+             SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE device = ?2)",
             params![token_hash.as_slice(), device.as_bytes(), int(expires_at)?],
         )?;
+        if inserted == 0 {
+            return Err(StoreError::UnknownDevice(*device));
+        }
         Ok(())
     }
 
@@ -1395,6 +1450,7 @@ impl Store for SqliteStore {
     ) -> Result<(InboxItem, Event), StoreError> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        require_registered(&tx, recipient)?;
         let item = insert_inbox_item(&tx, recipient, envelope, received_at, max_items)?;
         let event = insert_event(
             &tx,
@@ -1452,15 +1508,22 @@ impl Store for SqliteStore {
         payload: &str,
         now: Millis,
     ) -> Result<Event, StoreError> {
-        let conn = self.lock()?;
-        insert_event(
-            &conn,
-            &mut |device, cursor| self.tails.advance(device, cursor),
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        require_registered(&tx, device)?;
+        // The cursor becomes this device's newest only once committed.
+        let mut appended = BatchTails::new(&self.tails);
+        let event = insert_event(
+            &tx,
+            &mut |device, cursor| appended.advance(device, cursor),
             device,
             kind,
             payload,
             now,
-        )
+        )?;
+        tx.commit()?;
+        appended.commit();
+        Ok(event)
     }
 
     fn events(
@@ -1510,27 +1573,7 @@ impl Store for SqliteStore {
              ON CONFLICT (device) DO UPDATE SET acked = excluded.acked",
             params![device.as_bytes(), int(new_ack)?],
         )?;
-        // Shared payloads lose a reference per deleted event; the last
-        // one deletes the payload.
-        let released: Vec<(i64, i64)> = tx
-            .prepare_cached(
-                "SELECT shared, COUNT(*) FROM events
-                 WHERE device = ?1 AND cursor <= ?2 AND shared IS NOT NULL GROUP BY shared",
-            )?
-            .query_map(params![device.as_bytes(), int(new_ack)?], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        for (shared, count) in released {
-            tx.prepare_cached("UPDATE event_payloads SET refs = refs - ?2 WHERE id = ?1")?
-                .execute(params![shared, count])?;
-            tx.prepare_cached("DELETE FROM event_payloads WHERE id = ?1 AND refs <= 0")?
-                .execute([shared])?;
-        }
-        tx.execute(
-            "DELETE FROM events WHERE device = ?1 AND cursor <= ?2",
-            params![device.as_bytes(), int(new_ack)?],
-        )?;
+        delete_events_through(&tx, device, int(new_ack)?)?;
         tx.commit()?;
         Ok(new_ack)
     }
@@ -1996,6 +2039,7 @@ impl Store for SqliteStore {
         if let Some(item) = seen {
             return Ok((uint(item)?, None));
         }
+        require_registered(&tx, recipient)?;
         let item = insert_inbox_item(&tx, recipient, envelope, received_at, max_items)?;
         tx.execute(
             "INSERT INTO remote_deposits (origin, deposit_id, item) VALUES (?1, ?2, ?3)",
