@@ -602,6 +602,9 @@ fn insert_messages(
     Ok(stored)
 }
 
+/// Messages stored in order, and the events appended for them.
+type StoredMessages = (Vec<MessageRow>, Vec<(DeviceId, Event)>);
+
 /// Stores several messages of one channel and their events in one
 /// transaction, in order, at consecutive positions (see
 /// [`Store::store_messages_deferred`]): all of them, or none.
@@ -611,7 +614,7 @@ fn insert_channel_messages(
     channel: &ChannelId,
     messages: &[NewMessage],
     payload: &dyn Fn(&MessageRow) -> String,
-) -> Result<(Vec<MessageRow>, Vec<(DeviceId, Event)>), StoreError> {
+) -> Result<StoredMessages, StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut appended = BatchTails::new(tails);
     let mut rows = Vec::with_capacity(messages.len());
