@@ -134,18 +134,17 @@ const CHANNEL_DB_CACHE_KIB: i64 = 512;
 
 /// Opens one of the channel databases in WAL mode with a small page cache.
 ///
-/// `synchronous = NORMAL`: a commit is not synced (a crash of the machine,
-/// not of the process, may take back the last ones; the file stays
-/// consistent). For `mls.db` that is safe because everything in it is
-/// derived from the server's store, written durably first: an MLS state
-/// behind the store is caught up by re-applying stored commits
-/// ([`catch_up`]), and one ahead of it cannot happen, since every MLS write
-/// follows the durable store write it derives from. `raft.db` syncs through
-/// its own group commit ([`LogDb`]).
+/// `synchronous = FULL`: each commit is synced. `raft.db` switches itself to
+/// its own group commit ([`LogDb`]). `mls.db` could go without the sync,
+/// being derived from the server's store (written durably first, and
+/// re-applied by [`catch_up`] to an MLS state left behind), but measured
+/// without it the idle footprint grew by about 500 B per channel (channels
+/// were made faster, and the heap kept the peak) while certified commits
+/// gained under 5% (docs/performance.md, session 5): it keeps its sync.
 fn open_db(path: &std::path::Path) -> Result<rusqlite::Connection, rusqlite::Error> {
     let conn = rusqlite::Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "cache_size", -CHANNEL_DB_CACHE_KIB)?;
     Ok(conn)
 }
