@@ -577,6 +577,18 @@ async fn device(home: &std::path::Path, command: DeviceCommand) -> anyhow::Resul
                 .links()
                 .filter(|d| !linked.contains(d))
                 .collect();
+            // Every device the directory lists under this user's handle
+            // shares its power (§5.7), also one linked only by another of
+            // its devices (say, by a stolen phone): show those too, so the
+            // user can remove what they do not recognise.
+            let handle = client.handle().to_owned();
+            let unlinked: Vec<kith_proto::DeviceId> = client
+                .user_devices(&handle)
+                .await?
+                .iter()
+                .map(|r| r.device_id())
+                .filter(|d| *d != me && !linked.contains(d))
+                .collect();
             if json {
                 let ids = |v: &[kith_proto::DeviceId]| -> Vec<String> {
                     v.iter().map(ToString::to_string).collect()
@@ -585,6 +597,7 @@ async fn device(home: &std::path::Path, command: DeviceCommand) -> anyhow::Resul
                     "this": me.to_string(),
                     "linked": ids(&linked),
                     "pending": ids(&pending),
+                    "unlinked": ids(&unlinked),
                 });
                 println!("{out}");
             } else {
@@ -594,6 +607,12 @@ async fn device(home: &std::path::Path, command: DeviceCommand) -> anyhow::Resul
                 }
                 for d in &pending {
                     println!("{d} (linked from here, not registered or not linking back yet)");
+                }
+                for d in &unlinked {
+                    println!(
+                        "{d} (registered as {handle} but not linked from this device: \
+                         if you do not know it, `kith device remove` it)"
+                    );
                 }
             }
         }

@@ -143,6 +143,31 @@ fn a_second_device_joins_its_user_through_the_binaries() {
         [(format!("alice@{host}"), "from the laptop".to_owned())]
     );
 
+    // A device linked only by the phone (say, by whoever holds it) is
+    // listed on the laptop as not linked from there, and can be removed.
+    let tablet = dir.path().join("tablet");
+    let refused = kith(&tablet, &register);
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let tablet_id = stderr
+        .split("kith device link ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no link hint in {stderr:?}"))
+        .get(..64)
+        .unwrap()
+        .to_owned();
+    ok(&phone, &["device", "link", &tablet_id]);
+    assert_eq!(ok(&tablet, &register).trim(), format!("alice@{host}"));
+    let listed: serde_json::Value =
+        serde_json::from_str(ok(&laptop, &["device", "list", "--json"]).trim()).unwrap();
+    assert_eq!(listed["linked"], serde_json::json!([id]));
+    assert_eq!(listed["unlinked"], serde_json::json!([tablet_id]));
+    assert!(ok(&laptop, &["device", "list"]).contains("not linked from this device"));
+    ok(&laptop, &["device", "remove", &tablet_id]);
+    let listed: serde_json::Value =
+        serde_json::from_str(ok(&laptop, &["device", "list", "--json"]).trim()).unwrap();
+    assert_eq!(listed["unlinked"], serde_json::json!([]));
+    assert!(!kith(&tablet, &["sync"]).status.success());
+
     // The phone is lost: the laptop removes it from alice and the channel.
     assert!(ok(&laptop, &["device", "remove", &id]).contains("removed it from channel"));
     let listed: serde_json::Value =
