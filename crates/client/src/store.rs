@@ -606,30 +606,12 @@ impl Store {
         sender: &DeviceId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
-        self.conn.execute(
-            "INSERT OR IGNORE INTO add_requests (channel, sender, device) VALUES (?1, ?2, ?3)",
-            params![
-                &channel.as_bytes()[..],
-                &sender.as_bytes()[..],
-                &device.as_bytes()[..]
-            ],
-        )?;
-        Ok(())
+        self.save_request(Requests::Add, channel, sender, device)
     }
 
     /// The add-device requests not acted on yet: (channel, sender, device).
     pub fn add_requests(&self) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT channel, sender, device FROM add_requests ORDER BY rowid")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                ChannelId::from_bytes(blob16(r.get(0)?)?),
-                DeviceId::from_bytes(blob32(r.get(1)?)?),
-                DeviceId::from_bytes(blob32(r.get(2)?)?),
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.requests(Requests::Add)
     }
 
     /// Forgets an add-device request.
@@ -639,15 +621,7 @@ impl Store {
         sender: &DeviceId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
-        self.conn.execute(
-            "DELETE FROM add_requests WHERE channel = ?1 AND sender = ?2 AND device = ?3",
-            params![
-                &channel.as_bytes()[..],
-                &sender.as_bytes()[..],
-                &device.as_bytes()[..]
-            ],
-        )?;
-        Ok(())
+        self.drop_request(Requests::Add, channel, sender, device)
     }
 
     /// Records that this device added its user's linked `device` to
@@ -765,8 +739,37 @@ impl Store {
         sender: &DeviceId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
+        self.save_request(Requests::Remove, channel, sender, device)
+    }
+
+    /// The remove-device requests not acted on yet: (channel, sender,
+    /// device).
+    pub fn remove_requests(&self) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
+        self.requests(Requests::Remove)
+    }
+
+    /// Forgets a remove-device request.
+    pub fn drop_remove_request(
+        &self,
+        channel: &ChannelId,
+        sender: &DeviceId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
+        self.drop_request(Requests::Remove, channel, sender, device)
+    }
+
+    fn save_request(
+        &self,
+        kind: Requests,
+        channel: &ChannelId,
+        sender: &DeviceId,
+        device: &DeviceId,
+    ) -> Result<(), ClientError> {
         self.conn.execute(
-            "INSERT OR IGNORE INTO remove_requests (channel, sender, device) VALUES (?1, ?2, ?3)",
+            &format!(
+                "INSERT OR IGNORE INTO {} (channel, sender, device) VALUES (?1, ?2, ?3)",
+                kind.table()
+            ),
             params![
                 &channel.as_bytes()[..],
                 &sender.as_bytes()[..],
@@ -776,12 +779,14 @@ impl Store {
         Ok(())
     }
 
-    /// The remove-device requests not acted on yet: (channel, sender,
-    /// device).
-    pub fn remove_requests(&self) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT channel, sender, device FROM remove_requests ORDER BY rowid")?;
+    fn requests(
+        &self,
+        kind: Requests,
+    ) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT channel, sender, device FROM {} ORDER BY rowid",
+            kind.table()
+        ))?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 ChannelId::from_bytes(blob16(r.get(0)?)?),
@@ -792,15 +797,18 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Forgets a remove-device request.
-    pub fn drop_remove_request(
+    fn drop_request(
         &self,
+        kind: Requests,
         channel: &ChannelId,
         sender: &DeviceId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
         self.conn.execute(
-            "DELETE FROM remove_requests WHERE channel = ?1 AND sender = ?2 AND device = ?3",
+            &format!(
+                "DELETE FROM {} WHERE channel = ?1 AND sender = ?2 AND device = ?3",
+                kind.table()
+            ),
             params![
                 &channel.as_bytes()[..],
                 &sender.as_bytes()[..],
@@ -885,4 +893,23 @@ fn insert_message(
         ],
     )?;
     Ok(())
+}
+
+/// The two kinds of membership request an admin device keeps until it acts
+/// on them (spec §9.5), one table each, of the same shape.
+#[derive(Debug, Clone, Copy)]
+enum Requests {
+    /// Add-device requests.
+    Add,
+    /// Remove-device requests.
+    Remove,
+}
+
+impl Requests {
+    fn table(self) -> &'static str {
+        match self {
+            Self::Add => "add_requests",
+            Self::Remove => "remove_requests",
+        }
+    }
 }
