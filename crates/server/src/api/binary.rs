@@ -92,6 +92,39 @@ pub(super) async fn post_message(
     accept(&state, device, channel, epoch, body.to_vec()).await
 }
 
+/// The checks before a sender's message(s) at `epoch` may be stored: the
+/// sender is a member ([`channels::message_checks`]); across servers, only a
+/// log known to be up to date may acknowledge (§11.3), and its epoch is
+/// then the group's, give or take a lease; and `epoch` is the channel's
+/// (else 409 `wrong_epoch`, whose message starts with `what`). Returns
+/// whether the commit that started `epoch` is certified here already (for
+/// [`channels::start_epoch`]).
+async fn fresh_at_epoch(
+    state: &Shared,
+    channel: ChannelId,
+    device: kith_proto::DeviceId,
+    epoch: u64,
+    what: &str,
+) -> Result<bool, ApiError> {
+    let (row, started) = channels::message_checks(state, channel, device, epoch).await?;
+    let alone = crate::freshness::require_fresh(state, channel).await?;
+    let row = if alone {
+        row
+    } else {
+        channel_row_check(state, channel).await?
+    };
+    if epoch != row.epoch {
+        return Err(ApiError::wrong_epoch(
+            row.epoch,
+            format!(
+                "{what} for epoch {epoch}, the channel is at epoch {}",
+                row.epoch
+            ),
+        ));
+    }
+    Ok(started)
+}
+
 /// Checks and stores the messages of a batch body: each is checked as
 /// [`accept`] checks one, and then all are stored in one transaction, at
 /// consecutive positions in the body's order, with one disk sync; any fault
@@ -114,25 +147,10 @@ async fn accept_batch(
                 ApiError::bad_request(e.to_string())
             }
         })?;
-    let (row, started) = channels::message_checks(state, channel, device, epoch).await?;
     // Across servers, the freshness rule of §11.3 holds for the whole
-    // batch: it is checked here, and every message is stored after it, in
+    // batch: it is checked once, and every message is stored after it, in
     // the one transaction, at the epoch it confirms.
-    let alone = crate::freshness::require_fresh(state, channel).await?;
-    let row = if alone {
-        row
-    } else {
-        channel_row_check(state, channel).await?
-    };
-    if epoch != row.epoch {
-        return Err(ApiError::wrong_epoch(
-            row.epoch,
-            format!(
-                "the messages are for epoch {epoch}, the channel is at epoch {}",
-                row.epoch
-            ),
-        ));
-    }
+    let started = fresh_at_epoch(state, channel, device, epoch, "the messages are").await?;
     for (index, message) in messages.iter().enumerate() {
         if private_message_header(message) != Some((channel, epoch)) {
             return Err(ApiError::bad_request(format!(
@@ -199,24 +217,7 @@ async fn accept(
             message.len()
         )));
     }
-    let (row, started) = channels::message_checks(state, channel, device, epoch).await?;
-    // Across servers, only a log known to be up to date may acknowledge
-    // (§11.3): its epoch is then the group's, give or take a lease.
-    let alone = crate::freshness::require_fresh(state, channel).await?;
-    let row = if alone {
-        row
-    } else {
-        channel_row_check(state, channel).await?
-    };
-    if epoch != row.epoch {
-        return Err(ApiError::wrong_epoch(
-            row.epoch,
-            format!(
-                "the message is for epoch {epoch}, the channel is at epoch {}",
-                row.epoch
-            ),
-        ));
-    }
+    let started = fresh_at_epoch(state, channel, device, epoch, "the message is").await?;
     // The receivers of the compact frame (§6.8) take the channel and epoch
     // from the MLS header: it must name this channel and epoch (a frame
     // for one that does not would carry them explicitly, but a sender has
