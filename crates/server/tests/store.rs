@@ -746,6 +746,13 @@ fn remote_records(s: &dyn Store) {
             .unwrap(),
         vec![]
     );
+    // A removal mark: kept with its first time, beside the record.
+    assert_eq!(s.remote_removed(&dev(1)).unwrap(), None);
+    s.mark_remote_removed(&dev(1), 30).unwrap();
+    s.mark_remote_removed(&dev(1), 40).unwrap();
+    assert_eq!(s.remote_removed(&dev(1)).unwrap(), Some(30));
+    assert_eq!(s.remote_removed(&dev(2)).unwrap(), None);
+    assert_eq!(s.remote_record(&dev(1)).unwrap(), Some(r));
 }
 
 fn outbox_queue(s: &dyn Store) {

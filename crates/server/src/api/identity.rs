@@ -502,8 +502,11 @@ async fn get_device(
     if server.as_ref() == Some(&state.config.server_name) {
         return Err(ApiError::not_found("no such device is registered here"));
     }
-    let record = remote::device_record(&state, device, server).await?;
-    Ok(Json(json!({ "record": b64(&record) })))
+    let (record, removed_at) = remote::device_record(&state, device, server).await?;
+    Ok(Json(match removed_at {
+        Some(at) => json!({ "record": b64(&record), "removed_at": at }),
+        None => json!({ "record": b64(&record) }),
+    }))
 }
 
 /// Parses a handle (400 `bad_request` if it is not one).

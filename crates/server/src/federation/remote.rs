@@ -121,6 +121,9 @@ struct RecordsAnswer {
 #[derive(Deserialize)]
 struct RecordAnswer {
     record: String,
+    /// Set when the device was removed from its server (§6.4).
+    #[serde(default)]
+    removed_at: Option<u64>,
 }
 
 /// The current records of `handle`, a user of another server, fetched from
@@ -182,13 +185,24 @@ pub(crate) async fn user_records(
     Ok(records)
 }
 
-/// The cached records of `handle`'s devices that still verify now.
+/// The cached records of `handle`'s devices that still verify now, but
+/// those the server said it removed (§12.2).
 async fn cached_user_records(
     state: &Shared,
     handle: &Handle,
 ) -> Result<Vec<DeviceRecord>, ApiError> {
     let server = handle.server().clone();
-    let rows = state.db(move |s| s.remote_records_from(&server)).await?;
+    let rows = state
+        .db(move |s| {
+            let mut kept = Vec::new();
+            for row in s.remote_records_from(&server)? {
+                if s.remote_removed(&row.device)?.is_none() {
+                    kept.push(row);
+                }
+            }
+            Ok(kept)
+        })
+        .await?;
     let now = crate::state::now_ms();
     Ok(rows
         .iter()
@@ -199,12 +213,14 @@ async fn cached_user_records(
 
 /// The record of `device`, not registered here: refreshed from the server
 /// it was cached from (or `server`, if given); the cached record if that
-/// server cannot be reached.
+/// server cannot be reached. With it, when that server removed the device
+/// (§6.4): the time it did, as it said then or earlier (kept as a mark in
+/// the cache, so that cached lookups leave the device out).
 pub(crate) async fn device_record(
     state: &Shared,
     device: DeviceId,
     server: Option<ServerName>,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<(Vec<u8>, Option<u64>), ApiError> {
     let cached = state.db(move |s| s.remote_record(&device)).await?;
     let Some(server) = server.or_else(|| cached.as_ref().map(|c| c.server.clone())) else {
         return Err(ApiError::not_found(
@@ -218,19 +234,27 @@ pub(crate) async fn device_record(
         let answer: RecordAnswer =
             serde_json::from_slice(&answer.body).map_err(|e| bad_remote(&server, e))?;
         let bytes = unb64("record", &answer.record)?;
-        accept_record(state, &server, &bytes, None, Some(device))
+        let record = accept_record(state, &server, &bytes, None, Some(device))
             .await
-            .map_err(|why| bad_remote(&server, why))
+            .map_err(|why| bad_remote(&server, why))?;
+        if let Some(at) = answer.removed_at {
+            state
+                .db(move |s| s.mark_remote_removed(&device, at))
+                .await?;
+        }
+        Ok::<_, ApiError>(record)
     }
     .await;
-    match (fetched, cached) {
-        (Ok(record), _) => Ok(record.encode()),
+    let record = match (fetched, cached) {
+        (Ok(record), _) => record.encode(),
         (Err(e), Some(cached)) if e.code == "remote_unavailable" => {
             tracing::info!(%device, error = %e.message, "serving a cached remote record");
-            Ok(cached.record)
+            cached.record
         }
-        (Err(e), _) => Err(e),
-    }
+        (Err(e), _) => return Err(e),
+    };
+    let removed_at = state.db(move |s| s.remote_removed(&device)).await?;
+    Ok((record, removed_at))
 }
 
 #[derive(Deserialize)]

@@ -39,6 +39,7 @@ struct State {
     acked: HashMap<DeviceId, u64>,
     channels: BTreeMap<ChannelId, ChannelState>,
     remote_records: HashMap<DeviceId, RemoteRecord>,
+    remote_removed: HashMap<DeviceId, Millis>,
     outbox: BTreeMap<u64, OutboxItem>,
     next_outbox_id: u64,
     remote_deposits: HashMap<(ServerName, [u8; 16]), u64>,
@@ -680,6 +681,18 @@ impl Store for MemoryStore {
             .filter(|r| &r.server == server)
             .cloned()
             .collect())
+    }
+
+    fn mark_remote_removed(&self, device: &DeviceId, removed_at: Millis) -> Result<(), StoreError> {
+        self.lock()?
+            .remote_removed
+            .entry(*device)
+            .or_insert(removed_at);
+        Ok(())
+    }
+
+    fn remote_removed(&self, device: &DeviceId) -> Result<Option<Millis>, StoreError> {
+        Ok(self.lock()?.remote_removed.get(device).copied())
     }
 
     fn remote_record(&self, device: &DeviceId) -> Result<Option<RemoteRecord>, StoreError> {

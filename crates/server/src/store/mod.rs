@@ -690,6 +690,14 @@ pub trait Store: Send + Sync + 'static {
     /// Every cached record fetched from `server`, by device id.
     fn remote_records_from(&self, server: &ServerName) -> Result<Vec<RemoteRecord>, StoreError>;
 
+    /// Notes that the server of a remote device said it removed it, at
+    /// `removed_at` (spec §6.4, §12.2): cached lookups no longer list it.
+    /// The mark stays (a removal is final); a repeat keeps the first time.
+    fn mark_remote_removed(&self, device: &DeviceId, removed_at: Millis) -> Result<(), StoreError>;
+
+    /// When the server of a remote device said it removed it, if it did.
+    fn remote_removed(&self, device: &DeviceId) -> Result<Option<Millis>, StoreError>;
+
     /// Queues a POST of `body` to `path` on `destination`, due at `now`.
     /// Returns the item's id.
     fn enqueue_outbox(

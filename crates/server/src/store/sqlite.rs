@@ -162,6 +162,11 @@ CREATE TABLE IF NOT EXISTS remote_records (
     record BLOB NOT NULL,
     fetched_at INTEGER NOT NULL
 );
+-- Remote devices whose server said it removed them (spec §12.2).
+CREATE TABLE IF NOT EXISTS remote_removed (
+    device BLOB PRIMARY KEY,
+    removed_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     destination TEXT NOT NULL,
@@ -1949,6 +1954,26 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    fn mark_remote_removed(&self, device: &DeviceId, removed_at: Millis) -> Result<(), StoreError> {
+        self.lock()?.execute(
+            "INSERT OR IGNORE INTO remote_removed (device, removed_at) VALUES (?1, ?2)",
+            params![device.as_bytes(), int(removed_at)?],
+        )?;
+        Ok(())
+    }
+
+    fn remote_removed(&self, device: &DeviceId) -> Result<Option<Millis>, StoreError> {
+        let at: Option<i64> = self
+            .lock()?
+            .query_row(
+                "SELECT removed_at FROM remote_removed WHERE device = ?1",
+                [device.as_bytes()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        at.map(uint).transpose()
     }
 
     fn remote_record(&self, device: &DeviceId) -> Result<Option<RemoteRecord>, StoreError> {
