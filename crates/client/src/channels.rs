@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::api::{CommitBundle, unb64};
-use crate::store::{ChannelRow, FutureMessage, MessageRow};
+use crate::requests::Honored;
+use crate::store::{ChannelRow, FutureMessage, MessageRow, Requests};
 use crate::{Client, ClientError, now_ms};
 
 /// How often a commit is retried when other commits keep winning its epoch.
@@ -673,45 +674,22 @@ impl Client {
         .await
     }
 
-    /// Acts on the add-device requests this (admin) device recorded: adds
-    /// the named device when it and the request's sender are mutually
-    /// linked in their current records (one user, §5.7) and it is not a
-    /// member yet. A request that can never succeed is dropped; one that
-    /// failed for a passing reason is kept for the next sync.
-    async fn honor_add_requests(&mut self, report: &mut SyncReport) -> Result<(), ClientError> {
-        for (id, sender, device) in self.store.add_requests()? {
-            match self.honor_add_request(id, sender, device).await {
-                Ok(true) => report.linked_added.push((id, device)),
-                Ok(false) => {}
-                Err(e) if is_retryable(&e) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(channel = %id, %device, "cannot honor an add-device request: {e}");
-                }
-            }
-            self.store.drop_add_request(&id, &sender, &device)?;
-        }
-        Ok(())
-    }
-
-    async fn honor_add_request(
+    /// Checks an add-device request (§9.5) and acts on it: adds `device`
+    /// when it and the request's `sender` are mutually linked in their
+    /// current records (one user, §5.7) and it is not a member yet (nor
+    /// one of this user's removed devices, nor marked removed by its
+    /// server).
+    pub(crate) async fn honor_add_request(
         &mut self,
         id: ChannelId,
         sender: DeviceId,
         device: DeviceId,
-    ) -> Result<bool, ClientError> {
-        let me = self.device_id();
-        let admin = self
-            .resolve_channel(&id.to_string())
-            .is_ok_and(|r| r.active)
-            && self.mls.channel(id).is_ok_and(|c| c.is_active())
-            && self.channel_admins(id).is_ok_and(|a| a.contains(&me));
-        let members = self.members(id)?;
-        if !admin
-            || members.contains(&device)
-            || !members.contains(&sender)
-            || self.store.is_removed_device(&device)?
-        {
-            return Ok(false);
+    ) -> Result<Honored, ClientError> {
+        let Some(members) = self.admin_view(id, sender)? else {
+            return Ok(Honored::Moot);
+        };
+        if members.contains(&device) || self.store.is_removed_device(&device)? {
+            return Ok(Honored::Moot);
         }
         // Both records fresh from the sender's user's directory (its home
         // server, through ours): the link must hold now, both ways.
@@ -736,6 +714,14 @@ impl Client {
                 "{sender} asked to add {device}, but they are not linked to each other"
             )));
         }
+        // A directory answered from a cache may still list a device that
+        // its server has removed since; the device's own entry says so
+        // (`removed_at`, §6.4, §12.2).
+        if self.removed_on_server(&device.to_string()).await? {
+            return Err(protocol(format!(
+                "{sender} asked to add {device}, which its server has removed"
+            )));
+        }
         self.store.save_record(&device, &target.encode())?;
         let only = vec![device.to_string()];
         let claim = self
@@ -744,7 +730,13 @@ impl Client {
                 async move { api.claim_device_key_packages(&h, &d).await }
             })
             .await?;
-        Ok(self.add_devices(id, &handle, &[target], &claim).await? > 0)
+        Ok(
+            if self.add_devices(id, &handle, &[target], &claim).await? > 0 {
+                Honored::Done
+            } else {
+                Honored::Moot
+            },
+        )
     }
 
     /// Commits the removal of every member whose leave request this device
@@ -1352,9 +1344,9 @@ impl Client {
             }
         }
         self.honor_leave_requests(&mut report).await?;
-        self.honor_remove_requests(&mut report).await?;
+        self.honor_requests(Requests::Remove, &mut report).await?;
         self.remove_removed_devices(&mut report).await?;
-        self.honor_add_requests(&mut report).await?;
+        self.honor_requests(Requests::Add, &mut report).await?;
         self.add_linked_devices(&mut report).await?;
         Ok(report)
     }
@@ -1566,7 +1558,8 @@ impl Client {
             // Only admins act on it, after checking the link (§9.5).
             let me = self.device_id();
             if self.channel_admins(id).is_ok_and(|a| a.contains(&me)) {
-                self.store.save_add_request(&id, &sender, &device)?;
+                self.store
+                    .save_request(Requests::Add, &id, &sender, &device)?;
             }
             return Ok(false);
         }
@@ -1576,7 +1569,8 @@ impl Client {
             // Only admins act on it, after checking the directory (§9.5).
             let me = self.device_id();
             if self.channel_admins(id).is_ok_and(|a| a.contains(&me)) {
-                self.store.save_remove_request(&id, &sender, &device)?;
+                self.store
+                    .save_request(Requests::Remove, &id, &sender, &device)?;
             }
             return Ok(false);
         }

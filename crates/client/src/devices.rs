@@ -13,6 +13,7 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use crate::channels::{SyncReport, is_retryable, protocol};
+use crate::requests::Honored;
 use crate::{Client, ClientError};
 
 /// What [`Client::remove_device`] did.
@@ -28,7 +29,7 @@ pub struct DeviceRemoval {
 impl Client {
     /// Whether the homeserver says `device` was removed (`GET
     /// /v0/devices/{device}` carries `removed_at`).
-    async fn removed_on_server(&mut self, device: &str) -> Result<bool, ClientError> {
+    pub(crate) async fn removed_on_server(&mut self, device: &str) -> Result<bool, ClientError> {
         match self
             .authed(|api| {
                 let d = device.to_owned();
@@ -241,47 +242,26 @@ impl Client {
         Ok(())
     }
 
-    /// Acts on the remove-device requests this (admin) device recorded. A
-    /// request that can never succeed is dropped; one that failed for a
-    /// passing reason is kept for the next sync.
-    pub(crate) async fn honor_remove_requests(
-        &mut self,
-        report: &mut SyncReport,
-    ) -> Result<(), ClientError> {
-        for (id, sender, device) in self.store.remove_requests()? {
-            match self.honor_remove_request(id, sender, device).await {
-                Ok(true) => report.removed_devices.push((id, device)),
-                Ok(false) => {}
-                Err(e) if is_retryable(&e) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(channel = %id, %device, "refused a remove-device request: {e}");
-                }
-            }
-            self.store.drop_remove_request(&id, &sender, &device)?;
-        }
-        Ok(())
-    }
-
-    /// Removes `device` from channel `id` on `sender`'s request when: this
-    /// device is an admin; both are members; the two records share a
-    /// handle (one name at one server); and that server's directory, asked
-    /// now, lists `sender` but no longer `device` (its user removed it,
-    /// §6.4). Returns whether it committed the removal.
-    async fn honor_remove_request(
+    /// Checks a remove-device request (§9.5) and acts on it: removes
+    /// `device` from channel `id` on `sender`'s request when: this device
+    /// is an admin; both are members; the two records share a handle (one
+    /// name at one server); and that handle's directory, asked now, lists
+    /// `sender` but no longer `device` (its user removed it, §6.4), or the
+    /// device's own entry is marked removed (`removed_at`). While the
+    /// directory still lists `device` without that mark (it may be a
+    /// cached copy while the user's server is unreachable, §12.2), the
+    /// request is put off to a later sync.
+    pub(crate) async fn honor_remove_request(
         &mut self,
         id: ChannelId,
         sender: DeviceId,
         device: DeviceId,
-    ) -> Result<bool, ClientError> {
-        let me = self.device_id();
-        let admin = self
-            .resolve_channel(&id.to_string())
-            .is_ok_and(|r| r.active)
-            && self.mls.channel(id).is_ok_and(|c| c.is_active())
-            && self.channel_admins(id).is_ok_and(|a| a.contains(&me));
-        let members = self.members(id)?;
-        if !admin || sender == device || !members.contains(&device) || !members.contains(&sender) {
-            return Ok(false);
+    ) -> Result<Honored, ClientError> {
+        let Some(members) = self.admin_view(id, sender)? else {
+            return Ok(Honored::Moot);
+        };
+        if sender == device || !members.contains(&device) {
+            return Ok(Honored::Moot);
         }
         let from = self.member_record(&sender).await?;
         let target = self.member_record(&device).await?;
@@ -300,9 +280,11 @@ impl Client {
                 "{sender} asked to remove {device} but is not itself a device of {handle}"
             )));
         }
-        if listed.iter().any(|r| r.device_id() == device) {
-            return Err(protocol(format!(
-                "{sender} asked to remove {device}, which is still a device of {handle}"
+        if listed.iter().any(|r| r.device_id() == device)
+            && !self.removed_on_server(&device.to_string()).await?
+        {
+            return Ok(Honored::NotYet(format!(
+                "{sender} asked to remove {device}, which is still listed as a device of {handle}"
             )));
         }
         let outcome = self
@@ -313,6 +295,10 @@ impl Client {
                 Ok(Some(channel.remove(&[device])?))
             })
             .await?;
-        Ok(outcome.is_some())
+        Ok(if outcome.is_some() {
+            Honored::Done
+        } else {
+            Honored::Moot
+        })
     }
 }

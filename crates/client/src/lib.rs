@@ -15,6 +15,7 @@ pub mod api;
 pub mod channels;
 pub mod chat;
 pub mod devices;
+pub mod requests;
 pub mod store;
 
 use std::path::{Path, PathBuf};

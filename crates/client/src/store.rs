@@ -152,6 +152,16 @@ CREATE TABLE IF NOT EXISTS remove_requests (
     device BLOB NOT NULL,
     PRIMARY KEY (channel, sender, device)
 );
+-- Membership requests (either kind above) whose check could not succeed
+-- yet and that are tried again on later syncs: since when (ms).
+CREATE TABLE IF NOT EXISTS deferred_requests (
+    kind TEXT NOT NULL,
+    channel BLOB NOT NULL,
+    sender BLOB NOT NULL,
+    device BLOB NOT NULL,
+    since INTEGER NOT NULL,
+    PRIMARY KEY (kind, channel, sender, device)
+);
 CREATE TABLE IF NOT EXISTS records (
     device BLOB PRIMARY KEY,
     record BLOB NOT NULL
@@ -598,32 +608,6 @@ impl Store {
         Ok(())
     }
 
-    /// Keeps an add-device request (spec §9.5) for this admin device to
-    /// act on at the end of the sync.
-    pub fn save_add_request(
-        &self,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
-    ) -> Result<(), ClientError> {
-        self.save_request(Requests::Add, channel, sender, device)
-    }
-
-    /// The add-device requests not acted on yet: (channel, sender, device).
-    pub fn add_requests(&self) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
-        self.requests(Requests::Add)
-    }
-
-    /// Forgets an add-device request.
-    pub fn drop_add_request(
-        &self,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
-    ) -> Result<(), ClientError> {
-        self.drop_request(Requests::Add, channel, sender, device)
-    }
-
     /// Records that this device added its user's linked `device` to
     /// `channel` (it does so once: a device that later leaves stays out).
     pub fn save_linked_added(
@@ -731,34 +715,9 @@ impl Store {
             .is_some())
     }
 
-    /// Keeps a remove-device request (spec §9.5) for this admin device to
-    /// act on at the end of the sync.
-    pub fn save_remove_request(
-        &self,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
-    ) -> Result<(), ClientError> {
-        self.save_request(Requests::Remove, channel, sender, device)
-    }
-
-    /// The remove-device requests not acted on yet: (channel, sender,
-    /// device).
-    pub fn remove_requests(&self) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
-        self.requests(Requests::Remove)
-    }
-
-    /// Forgets a remove-device request.
-    pub fn drop_remove_request(
-        &self,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
-    ) -> Result<(), ClientError> {
-        self.drop_request(Requests::Remove, channel, sender, device)
-    }
-
-    fn save_request(
+    /// Keeps a request of `kind` (spec §9.5) for this admin device to act
+    /// on at the end of a sync (once: a repeat is ignored).
+    pub fn save_request(
         &self,
         kind: Requests,
         channel: &ChannelId,
@@ -779,7 +738,9 @@ impl Store {
         Ok(())
     }
 
-    fn requests(
+    /// The requests of `kind` not acted on yet, in the order they arrived:
+    /// (channel, sender, device).
+    pub fn requests(
         &self,
         kind: Requests,
     ) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
@@ -797,25 +758,74 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn drop_request(
+    /// Forgets a request of `kind` (acted on, moot, or given up).
+    pub fn drop_request(
         &self,
         kind: Requests,
         channel: &ChannelId,
         sender: &DeviceId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
+        let keys = params![
+            &channel.as_bytes()[..],
+            &sender.as_bytes()[..],
+            &device.as_bytes()[..]
+        ];
         self.conn.execute(
             &format!(
                 "DELETE FROM {} WHERE channel = ?1 AND sender = ?2 AND device = ?3",
                 kind.table()
             ),
+            keys,
+        )?;
+        self.conn.execute(
+            "DELETE FROM deferred_requests
+             WHERE kind = ?4 AND channel = ?1 AND sender = ?2 AND device = ?3",
             params![
+                &channel.as_bytes()[..],
+                &sender.as_bytes()[..],
+                &device.as_bytes()[..],
+                kind.table()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Notes that a request of `kind` could not be acted on yet (it is
+    /// tried again later) and returns since when that has been so: `now`
+    /// the first time, the first time's `now` after that.
+    pub fn defer_request(
+        &self,
+        kind: Requests,
+        channel: &ChannelId,
+        sender: &DeviceId,
+        device: &DeviceId,
+        now: u64,
+    ) -> Result<u64, ClientError> {
+        let keys = params![
+            kind.table(),
+            &channel.as_bytes()[..],
+            &sender.as_bytes()[..],
+            &device.as_bytes()[..],
+            now as i64
+        ];
+        self.conn.execute(
+            "INSERT OR IGNORE INTO deferred_requests (kind, channel, sender, device, since)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            keys,
+        )?;
+        let since: i64 = self.conn.query_row(
+            "SELECT since FROM deferred_requests
+             WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
+            params![
+                kind.table(),
                 &channel.as_bytes()[..],
                 &sender.as_bytes()[..],
                 &device.as_bytes()[..]
             ],
+            |r| r.get(0),
         )?;
-        Ok(())
+        Ok(u64::try_from(since).unwrap_or(0))
     }
 
     /// A cached device record.
@@ -897,8 +907,8 @@ fn insert_message(
 
 /// The two kinds of membership request an admin device keeps until it acts
 /// on them (spec §9.5), one table each, of the same shape.
-#[derive(Debug, Clone, Copy)]
-enum Requests {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requests {
     /// Add-device requests.
     Add,
     /// Remove-device requests.

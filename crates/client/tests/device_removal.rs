@@ -14,13 +14,14 @@
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::sync_until;
 use kith_client::{Client, ClientError};
 use kith_proto::{ChannelId, DeviceId, LocalName, SecretKey};
-use kith_testkit::{Cluster, TestServer};
+use kith_testkit::{Cluster, LinkFaults, TestServer};
 use serde_json::{Value, json};
 
 const CHAT: &str = kith_chat::CONTENT_TYPE;
@@ -371,4 +372,160 @@ async fn a_retried_removal_completes_on_the_client() {
 
     laptop.remove_device(phone_id).await.unwrap();
     assert!(!laptop.record().unwrap().links_to(&phone_id));
+}
+
+/// Two servers whose links `faults` can cut: Alice's laptop and phone on
+/// a.test, Bob (on b.test) the admin of `side`, which both of Alice's
+/// devices are in (the phone added by Bob on the laptop's request, so
+/// b.test has fetched and cached Alice's records, the phone's among them).
+async fn alice_in_bobs_channel(
+    dir: &Path,
+    faults: &Arc<LinkFaults>,
+) -> (Cluster, Client, Client, Client, ChannelId) {
+    let cluster = Cluster::start(dir, &["a.test", "b.test"], |config| {
+        quick(config);
+        config.faults = Some(Arc::clone(faults));
+    })
+    .await;
+    let a = cluster.server("a.test").url().to_owned();
+    let b = cluster.server("b.test").url().to_owned();
+    let mut laptop = user(dir, &a, "alice").await;
+    let mut bob = user(dir, &b, "bob").await;
+    let side = bob.create_channel("side", CHAT).await.unwrap();
+    assert_eq!(bob.invite(side, "alice@a.test").await.unwrap(), 1);
+    sync_until(&mut laptop, "joining", |c| c.channel_state(side).is_ok()).await;
+    let mut phone = second_device(&dir.join("phone"), &a, &mut laptop).await;
+    let phone_id = phone.device_id();
+    laptop.sync().await.unwrap();
+    sync_until(&mut bob, "adding the phone", |c| {
+        c.members(side).unwrap().contains(&phone_id)
+    })
+    .await;
+    sync_until(&mut phone, "the phone joining", |c| {
+        c.channel_state(side).is_ok()
+    })
+    .await;
+    (cluster, laptop, bob, phone, side)
+}
+
+/// Waits (bounded) until b.test, Bob's server, stores more than `count`
+/// messages of `channel`, without Bob's client processing them.
+async fn stored_beyond(bob: &Client, channel: ChannelId, count: usize) {
+    for _ in 0..300 {
+        let stored = bob
+            .api()
+            .channel_messages(&channel.to_string(), 0)
+            .await
+            .unwrap();
+        if stored.len() > count {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the message never reached b.test");
+}
+
+fn server_name(name: &str) -> kith_proto::ServerName {
+    name.parse().unwrap()
+}
+
+/// While Alice's server is unreachable, Bob's server answers for her from
+/// its cache, which still lists the removed phone: Bob's client keeps the
+/// laptop's remove-device request instead of dropping it, and honours it
+/// on a later sync, once the directory (a.test reached again) no longer
+/// lists the phone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remove_request_checked_against_a_stale_cache_is_kept_for_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(LinkFaults::new());
+    let (_cluster, mut laptop, mut bob, phone, side) =
+        alice_in_bobs_channel(dir.path(), &faults).await;
+    let phone_id = phone.device_id();
+    let (a, b) = (server_name("a.test"), server_name("b.test"));
+
+    let count = bob
+        .api()
+        .channel_messages(&side.to_string(), 0)
+        .await
+        .unwrap()
+        .len();
+    let removal = laptop.remove_device(phone_id).await.unwrap();
+    assert_eq!(removal.requested, vec![side]);
+    stored_beyond(&bob, side, count).await;
+
+    // b.test can no longer reach a.test: it answers for Alice from its
+    // cache, phone included. Bob's client does not act, nor forget.
+    faults.cut(&b, &a);
+    assert!(ids(&bob.user_devices("alice@a.test").await.unwrap()).contains(&phone_id));
+    let report = bob.sync().await.unwrap();
+    assert!(report.removed_devices.is_empty(), "{report:?}");
+    assert!(bob.members(side).unwrap().contains(&phone_id));
+    let report = bob.sync().await.unwrap();
+    assert!(report.removed_devices.is_empty(), "{report:?}");
+
+    // a.test reachable again: its directory no longer lists the phone, and
+    // the kept request is honoured.
+    faults.heal(&b, &a);
+    let report = bob.sync().await.unwrap();
+    assert_eq!(report.removed_devices, vec![(side, phone_id)]);
+    assert!(!bob.members(side).unwrap().contains(&phone_id));
+    // Done once: nothing is left to retry.
+    let report = bob.sync().await.unwrap();
+    assert!(report.removed_devices.is_empty(), "{report:?}");
+    sync_until(&mut laptop, "seeing the removal", |c| {
+        !c.members(side).unwrap().contains(&phone_id)
+    })
+    .await;
+}
+
+/// A remote device's removal travels with its record: Bob's server passes
+/// `removed_at` on from Alice's, and keeps it, so that while a.test is
+/// unreachable its cached answers leave the phone out and still mark it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remote_devices_removal_is_passed_through_and_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(LinkFaults::new());
+    let (_cluster, mut laptop, mut bob, phone, _side) =
+        alice_in_bobs_channel(dir.path(), &faults).await;
+    let phone_id = phone.device_id();
+    let laptop_id = laptop.device_id();
+    let (_, before) = bob
+        .api()
+        .device_status(&phone_id.to_string())
+        .await
+        .unwrap();
+    assert_eq!(before, None);
+
+    laptop.remove_device(phone_id).await.unwrap();
+    let (_, removed_at) = bob
+        .api()
+        .device_status(&phone_id.to_string())
+        .await
+        .unwrap();
+    let removed_at = removed_at.expect("b.test passes removed_at on");
+    let (status, body) = get(
+        &format!("{}/v0/devices/{phone_id}", laptop.server_url()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["removed_at"].as_u64(), Some(removed_at));
+
+    faults.cut(&server_name("b.test"), &server_name("a.test"));
+    assert_eq!(
+        ids(&bob.user_devices("alice@a.test").await.unwrap()),
+        vec![laptop_id]
+    );
+    let (_, cached) = bob
+        .api()
+        .device_status(&phone_id.to_string())
+        .await
+        .unwrap();
+    assert_eq!(cached, Some(removed_at));
+    let (_, laptop_mark) = bob
+        .api()
+        .device_status(&laptop_id.to_string())
+        .await
+        .unwrap();
+    assert_eq!(laptop_mark, None);
 }
