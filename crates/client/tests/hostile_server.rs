@@ -1,7 +1,9 @@
 //! A homeserver that hands its user a commit whose ordering certificate
 //! does not verify cannot make the client merge it. The hostile server is a
 //! proxy in front of a real `kithd` that corrupts every certificate on its
-//! way to one client.
+//! way to one client. The same proxy also slips a made-up `device_removed`
+//! event into a client's event stream: the client checks the directory
+//! before it acts on one.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -9,8 +11,8 @@
     clippy::indexing_slicing
 )]
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -18,7 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use kith_client::Client;
+use kith_client::{Client, ClientError};
 use kith_proto::events::{EventFrame, OCTET_STREAM, decode_frames, encode_frame};
 use kith_testkit::TestServer;
 use serde_json::Value;
@@ -27,6 +29,10 @@ use serde_json::Value;
 struct Proxy {
     upstream: String,
     tamper: Arc<AtomicBool>,
+    /// An event to slip, once, into the next non-empty binary page of
+    /// events (before its last event, with that event's cursor, so that
+    /// no real event is skipped).
+    inject: Arc<Mutex<Option<Value>>>,
     http: reqwest::Client,
 }
 
@@ -84,6 +90,19 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
         // Binary event frames: commits travel as JSON frames, corrupted
         // like any other JSON answer.
         let mut frames = decode_frames(&bytes).unwrap();
+        if let Some(last) = frames.last().map(EventFrame::cursor)
+            && let Some(mut event) = proxy.inject.lock().unwrap().take()
+        {
+            event["cursor"] = last.into();
+            let at = frames.len() - 1;
+            frames.insert(
+                at,
+                EventFrame::Json {
+                    cursor: last,
+                    json: event.to_string(),
+                },
+            );
+        }
         if proxy.tamper.load(Ordering::SeqCst) {
             for frame in &mut frames {
                 if let EventFrame::Json { json, .. } = frame {
@@ -113,6 +132,15 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
     (status, [("content-type", "application/json")], bytes).into_response()
 }
 
+/// Serves `proxy` on a loopback port; returns its URL.
+async fn serve(proxy: Proxy) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(forward).with_state(proxy);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
 #[tokio::test]
 async fn a_commit_with_a_forged_certificate_is_never_merged() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,12 +149,10 @@ async fn a_commit_with_a_forged_certificate_is_never_merged() {
     let proxy = Proxy {
         upstream: server.url().to_owned(),
         tamper: Arc::clone(&tamper),
+        inject: Arc::default(),
         http: reqwest::Client::new(),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
-    let app = axum::Router::new().fallback(forward).with_state(proxy);
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let proxy_url = serve(proxy).await;
 
     let mut alice = Client::register(&dir.path().join("alice"), server.url(), "alice", None)
         .await
@@ -168,5 +194,68 @@ async fn a_commit_with_a_forged_certificate_is_never_merged() {
     alice.sync().await.unwrap();
     let last = alice.messages(channel, 1).unwrap();
     assert_eq!(last[0].body, b"back on track");
+    server.stop().await;
+}
+
+/// A `device_removed` event (spec §6.8) is the homeserver's word alone: a
+/// device acts on it (drops its link, removes the device from its
+/// channels) only once the directory no longer lists the device (§5.7).
+/// Here the event is made up on the way, and the directory still lists the
+/// phone: the laptop keeps it.
+#[tokio::test]
+async fn a_device_removed_event_for_a_listed_device_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let inject = Arc::new(Mutex::new(None));
+    let proxy_url = serve(Proxy {
+        upstream: server.url().to_owned(),
+        tamper: Arc::default(),
+        inject: Arc::clone(&inject),
+        http: reqwest::Client::new(),
+    })
+    .await;
+    // The laptop reaches its homeserver only through the proxy.
+    let mut laptop = Client::register(&dir.path().join("laptop"), &proxy_url, "alice", None)
+        .await
+        .unwrap();
+    let phone_home = dir.path().join("phone");
+    let phone_id = match Client::register(&phone_home, server.url(), "alice", None).await {
+        Err(ClientError::NameTaken { device, .. }) => device,
+        other => panic!("expected name_taken, got {:?}", other.map(|_| ())),
+    };
+    assert!(laptop.link_device(phone_id).await.unwrap());
+    let mut phone = Client::register(&phone_home, server.url(), "alice", None)
+        .await
+        .unwrap();
+    let general = laptop
+        .create_channel("general", "text/plain")
+        .await
+        .unwrap();
+    laptop.sync().await.unwrap();
+    phone.sync().await.unwrap();
+    assert!(laptop.members(general).unwrap().contains(&phone_id));
+
+    // A message gives the laptop's next page of events something to carry
+    // the made-up event.
+    phone.send(general, b"still mine").await.unwrap();
+    *inject.lock().unwrap() = Some(serde_json::json!({
+        "kind": "device_removed",
+        "device": phone_id.to_string(),
+        "by": laptop.device_id().to_string(),
+        "removed_at": 1,
+    }));
+    let report = laptop.sync().await.unwrap();
+    assert!(
+        inject.lock().unwrap().is_none(),
+        "the event was not slipped in"
+    );
+    assert!(report.removed_devices.is_empty(), "{report:?}");
+    assert!(laptop.record().unwrap().links_to(&phone_id));
+    assert!(laptop.members(general).unwrap().contains(&phone_id));
+    assert_eq!(laptop.messages(general, 1).unwrap()[0].body, b"still mine");
+    // Nor does a later sync act on it.
+    let report = laptop.sync().await.unwrap();
+    assert!(report.removed_devices.is_empty(), "{report:?}");
+    assert_eq!(laptop.user_devices("alice@a.test").await.unwrap().len(), 2);
     server.stop().await;
 }

@@ -7,9 +7,14 @@
 //! anything is sent. A link is one-directional: `to` may still reach
 //! `from`, and its requests are answered. Production configurations leave
 //! the hook unset, and then it costs nothing.
+//!
+//! The same hook can also hold event streams (spec §6.8) between their
+//! authentication and their subscription to new events, so that a test
+//! can put a device's removal (§6.4) in that window.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kith_proto::ServerName;
 
@@ -23,6 +28,12 @@ pub struct LinkFaults {
     /// Links on which only certificate pushes (`POST
     /// /v0/federation/channels/{id}/certificate`) fail.
     certificates_held: Mutex<BTreeSet<(ServerName, ServerName)>>,
+    /// Whether new event streams wait before they subscribe.
+    streams_held: Mutex<bool>,
+    /// Wakes the streams waiting at [`LinkFaults::stream_gate`].
+    streams_released: tokio::sync::Notify,
+    /// How many streams wait there now.
+    streams_waiting: AtomicUsize,
 }
 
 impl LinkFaults {
@@ -101,6 +112,52 @@ impl LinkFaults {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
+    }
+
+    /// Makes every event stream opened from now on wait, once
+    /// authenticated, before it subscribes to new events, until
+    /// [`LinkFaults::release_streams`].
+    pub fn hold_streams(&self) {
+        *self.lock_streams() = true;
+    }
+
+    /// Lets the held event streams (and later ones) go on.
+    pub fn release_streams(&self) {
+        *self.lock_streams() = false;
+        self.streams_released.notify_waiters();
+    }
+
+    /// How many event streams wait at the gate now.
+    pub fn streams_waiting(&self) -> usize {
+        self.streams_waiting.load(Ordering::SeqCst)
+    }
+
+    /// Where an event stream waits while streams are held.
+    pub(crate) async fn stream_gate(&self) {
+        let mut counted = false;
+        loop {
+            let released = self.streams_released.notified();
+            tokio::pin!(released);
+            // Registered before the check, so a release in between wakes it.
+            released.as_mut().enable();
+            if !*self.lock_streams() {
+                break;
+            }
+            if !counted {
+                counted = true;
+                self.streams_waiting.fetch_add(1, Ordering::SeqCst);
+            }
+            released.await;
+        }
+        if counted {
+            self.streams_waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.streams_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether the link from `from` to `to` is cut.

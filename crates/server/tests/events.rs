@@ -362,18 +362,7 @@ async fn removing_a_device_closes_its_stream_and_tells_the_others() {
         send(laptop.authed(client().delete(server.url(&format!("/v0/devices/{}", phone.id)))))
             .await;
     assert_eq!(gone.0, StatusCode::NO_CONTENT, "{}", gone.1);
-    let end = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
-                None | Some(Err(_)) => break None,
-                Some(Ok(_)) => continue,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends");
-    assert_eq!(end, Some(1008));
+    assert_eq!(close_code(&mut ws).await, Some(1008));
 
     let (status, body) = laptop.get(&server, "/v0/events").await;
     assert_eq!(status, StatusCode::OK);
@@ -389,5 +378,70 @@ async fn removing_a_device_closes_its_stream_and_tells_the_others() {
         StatusCode::UNAUTHORIZED,
         "unauthorized",
     );
+    server.stop().await;
+}
+
+/// The close code a stream ends with (`None` if it ends without one),
+/// within the timeout.
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                None | Some(Err(_)) => break None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends")
+}
+
+/// A stream of the device being removed that authenticated before the
+/// removal but subscribed after it (the removal's close found nothing to
+/// close) looks again once subscribed, and closes with 1008 too (spec
+/// §6.4).
+#[tokio::test]
+async fn a_stream_opened_as_its_device_is_removed_closes_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(kith_server::LinkFaults::new());
+    let server = TestServer::start_with(dir.path(), "a.example", |config| {
+        config.faults = Some(std::sync::Arc::clone(&faults));
+    })
+    .await;
+    let mut laptop = Device::join(&server, "alice").await;
+    let mut phone = Device::new();
+    let linked = laptop.next_record(|f| f.links = vec![phone.id]);
+    assert_eq!(
+        laptop.put_record(&server, &linked).await.1["result"],
+        "newer"
+    );
+    laptop.record = linked;
+    let (status, body) = phone.register_raw(&server, "alice", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    phone.login(&server).await;
+
+    // The phone's stream is authenticated and upgraded, then held before
+    // it subscribes.
+    faults.hold_streams();
+    let mut ws = connect(&server, &phone, "").await;
+    for _ in 0..200 {
+        if faults.streams_waiting() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        faults.streams_waiting(),
+        1,
+        "the stream never reached the gate"
+    );
+    let gone =
+        send(laptop.authed(client().delete(server.url(&format!("/v0/devices/{}", phone.id)))))
+            .await;
+    assert_eq!(gone.0, StatusCode::NO_CONTENT, "{}", gone.1);
+    faults.release_streams();
+    assert_eq!(close_code(&mut ws).await, Some(1008));
+    assert_eq!(faults.streams_waiting(), 0);
     server.stop().await;
 }

@@ -232,6 +232,11 @@ async fn stream(state: Shared, device: DeviceId, mut socket: WebSocket, mut sent
     let _task = state.tasks.clone();
     state.metrics.event_streams.inc();
     tracing::debug!(after = sent, "event stream opened");
+    // Tests hold the stream here (`LinkFaults::hold_streams`) to put a
+    // removal between its authentication and its subscription.
+    if let Some(faults) = &state.config.faults {
+        faults.stream_gate().await;
+    }
     let mut live = state.hub.subscribe(device);
     // A removal between the stream's authentication and the subscription
     // above ran `hub.close` before there was anything to close: look
