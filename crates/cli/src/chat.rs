@@ -195,6 +195,20 @@ pub(crate) fn item_line(item: &Item<String>) -> String {
     line
 }
 
+/// What to tell the user after removing `device` from this user (`kith
+/// device remove`, the TUI's `/device remove`).
+pub(crate) fn removal_notice(
+    device: &kith_proto::DeviceId,
+    removal: &kith_client::DeviceRemoval,
+) -> String {
+    format!(
+        "removed {device} from this user: it can no longer log in; removed it from {} \
+         channel(s), asked the admins of {} more",
+        removal.removed_from.len(),
+        removal.requested.len()
+    )
+}
+
 /// What to tell the user after leaving `#name`.
 pub(crate) fn leave_notice(name: &str, outcome: &kith_client::LeaveOutcome) -> String {
     if !outcome.requested {

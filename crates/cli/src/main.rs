@@ -304,12 +304,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|(c, d)| json!({ "channel": c.to_string(), "device": d.to_string() }))
                 .collect();
+            let removal_requested: Vec<Value> = report
+                .removal_requested
+                .iter()
+                .map(|(c, d)| json!({ "channel": c.to_string(), "device": d.to_string() }))
+                .collect();
             if json {
                 println!(
                     "{}",
                     json!({ "joined": joined, "messages": report.messages, "commits": report.commits,
                             "removed_on_request": removed, "linked_added": linked,
-                            "removed_devices": removed_devices })
+                            "removed_devices": removed_devices,
+                            "removal_requested": removal_requested })
                 );
             } else {
                 for c in &joined {
@@ -537,10 +543,7 @@ async fn device(home: &std::path::Path, command: DeviceCommand) -> anyhow::Resul
                 .parse()
                 .map_err(|e| anyhow::anyhow!("device id {device:?}: {e}"))?;
             let removal = client.remove_device(id).await?;
-            eprintln!(
-                "removed {id} from {}: it can no longer log in",
-                client.handle()
-            );
+            eprintln!("{}", crate::chat::removal_notice(&id, &removal));
             for c in &removal.removed_from {
                 println!("removed it from channel {c}");
             }
@@ -554,70 +557,82 @@ async fn device(home: &std::path::Path, command: DeviceCommand) -> anyhow::Resul
         } => {
             let records = client.user_devices(&handle).await?;
             for r in &records {
-                if json {
-                    println!(
-                        "{}",
-                        json!({ "device": r.device_id().to_string(), "name": r.display_name() })
-                    );
-                } else {
-                    println!("{}  {}", r.device_id(), r.display_name());
-                }
+                let name = r.display_name().to_owned();
+                print_device(json, r.device_id(), Some(&name), "listed", "");
             }
         }
         DeviceCommand::List { json, user: None } => {
             let me = client.device_id();
-            let linked: Vec<kith_proto::DeviceId> = client
-                .linked_devices()
-                .await?
-                .iter()
-                .map(|r| r.device_id())
-                .collect();
+            let linked = client.linked_devices().await?;
+            let linked_ids: Vec<kith_proto::DeviceId> =
+                linked.iter().map(|r| r.device_id()).collect();
             let pending: Vec<kith_proto::DeviceId> = client
                 .record()?
                 .links()
-                .filter(|d| !linked.contains(d))
+                .filter(|d| !linked_ids.contains(d))
                 .collect();
             // Every device the directory lists under this user's handle
             // shares its power (§5.7), also one linked only by another of
             // its devices (say, by a stolen phone): show those too, so the
             // user can remove what they do not recognise.
             let handle = client.handle().to_owned();
-            let unlinked: Vec<kith_proto::DeviceId> = client
+            let unlinked: Vec<kith_proto::DeviceRecord> = client
                 .user_devices(&handle)
                 .await?
-                .iter()
-                .map(|r| r.device_id())
-                .filter(|d| *d != me && !linked.contains(d))
+                .into_iter()
+                .filter(|r| r.device_id() != me && !linked_ids.contains(&r.device_id()))
                 .collect();
-            if json {
-                let ids = |v: &[kith_proto::DeviceId]| -> Vec<String> {
-                    v.iter().map(ToString::to_string).collect()
-                };
-                let out = json!({
-                    "this": me.to_string(),
-                    "linked": ids(&linked),
-                    "pending": ids(&pending),
-                    "unlinked": ids(&unlinked),
-                });
-                println!("{out}");
-            } else {
-                println!("{me} (this device)");
-                for d in &linked {
-                    println!("{d}");
-                }
-                for d in &pending {
-                    println!("{d} (linked from here, not registered or not linking back yet)");
-                }
-                for d in &unlinked {
-                    println!(
-                        "{d} (registered as {handle} but not linked from this device: \
-                         if you do not know it, `kith device remove` it)"
-                    );
-                }
+            let name = client.record()?.display_name().to_owned();
+            print_device(json, me, Some(&name), "this", " (this device)");
+            for r in &linked {
+                let name = r.display_name().to_owned();
+                print_device(json, r.device_id(), Some(&name), "linked", "");
+            }
+            for d in pending {
+                print_device(
+                    json,
+                    d,
+                    None,
+                    "pending",
+                    " (linked from here, not registered or not linking back yet)",
+                );
+            }
+            for r in &unlinked {
+                let name = r.display_name().to_owned();
+                let note = format!(
+                    " (registered as {handle} but not linked from this device: \
+                     if you do not know it, `kith device remove` it)"
+                );
+                print_device(json, r.device_id(), Some(&name), "unlinked", &note);
             }
         }
     }
     Ok(())
+}
+
+/// One line of `kith device list`. With `--json`, both forms (this user's
+/// devices, or `--user`'s) print one object per device: `device` (hex),
+/// `name` (its record's display name; null for a device linked from here
+/// that has no record yet) and `state` (`this`, `linked`, `pending`,
+/// `unlinked`, or `listed` for `--user`).
+fn print_device(
+    json: bool,
+    device: kith_proto::DeviceId,
+    name: Option<&str>,
+    state: &str,
+    note: &str,
+) {
+    if json {
+        println!(
+            "{}",
+            json!({ "device": device.to_string(), "name": name, "state": state })
+        );
+    } else {
+        match name {
+            Some(name) if !name.is_empty() => println!("{device}  {name}{note}"),
+            _ => println!("{device}{note}"),
+        }
+    }
 }
 
 async fn channel(home: &std::path::Path, command: ChannelCommand) -> anyhow::Result<()> {

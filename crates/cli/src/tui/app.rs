@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use kith_chat::{Body, ChatMessage, Item, MessageRef, Timeline};
-use kith_proto::ChannelId;
+use kith_proto::{ChannelId, DeviceId};
 
 use crate::chat;
 
@@ -125,6 +125,12 @@ pub(crate) enum Action {
         /// The user.
         handle: String,
     },
+    /// Remove another device of this user (lost or stolen) from the user
+    /// and from this device's channels, as `kith device remove` does.
+    RemoveDevice {
+        /// The device.
+        device: DeviceId,
+    },
     /// Leave a channel: send a leave request and mark it left.
     Leave {
         /// The channel.
@@ -165,7 +171,7 @@ pub(crate) struct App {
 
 /// The help shown by `/help`.
 pub(crate) const HELP: &str = "/create NAME · /invite HANDLE · /remove HANDLE · /me TEXT · /reply ID TEXT · \
-/edit ID TEXT · /delete ID · /react ID EMOJI · /leave · /quit · Tab completes nicks · \
+/edit ID TEXT · /delete ID · /react ID EMOJI · /leave · /device remove ID · /quit · Tab completes nicks · \
 Ctrl-N/Ctrl-P switch channel · PgUp/PgDn scroll";
 
 impl App {
@@ -494,6 +500,16 @@ impl App {
                     vec![Action::Invite { channel, handle }]
                 } else {
                     vec![Action::Remove { channel, handle }]
+                }
+            }
+            "device" => {
+                let usage = "usage: /device remove DEVICE_ID (64 hex digits, `kith device list` shows them)";
+                let Some(("remove", id)) = rest.split_once(' ') else {
+                    return self.tell(usage);
+                };
+                match id.trim().parse::<DeviceId>() {
+                    Ok(device) => vec![Action::RemoveDevice { device }],
+                    Err(_) => self.tell(usage),
                 }
             }
             "me" if !rest.is_empty() => self.chat(|_| chat::emote(rest)),

@@ -183,6 +183,11 @@ async fn perform(app: &mut App, client: &mut Client, actions: Vec<Action>) {
                 .await
                 .map(|n| format!("removed {n} device(s) of {handle}"))
                 .map_err(|e| e.to_string()),
+            Action::RemoveDevice { device } => client
+                .remove_device(device)
+                .await
+                .map(|removal| crate::chat::removal_notice(&device, &removal))
+                .map_err(|e| e.to_string()),
             Action::Leave { channel } => {
                 let name = client
                     .resolve_channel(&channel.to_string())

@@ -389,6 +389,29 @@ fn slash_commands() {
             handle: "bob@a.test".into()
         }]
     );
+    // Removing another device of this user (lost or stolen), as `kith
+    // device remove` does; a bad id only gets the usage.
+    let phone = DeviceId::from_bytes([9; 32]);
+    assert_eq!(
+        type_line(&mut app, &format!("/device remove {phone}")),
+        vec![Action::RemoveDevice { device: phone }]
+    );
+    for bad in [
+        "/device remove 1234",
+        "/device remove",
+        "/device",
+        "/device list",
+    ] {
+        assert!(type_line(&mut app, bad).is_empty(), "{bad}");
+        assert!(
+            app.notice
+                .as_deref()
+                .unwrap()
+                .contains("usage: /device remove"),
+            "{bad}: {:?}",
+            app.notice
+        );
+    }
     // Prefixes are checked: too short, unknown.
     assert!(sent(&type_line(&mut app, "/delete 0101")).is_empty());
     assert!(
