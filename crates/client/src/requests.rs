@@ -114,4 +114,66 @@ mod tests {
         // A clock that went back keeps it.
         assert!(still_deferred(since, 0));
     }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_deferral_keeps_its_first_time_until_the_request_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("client.db")).unwrap();
+        let (channel, sender, device) = (
+            ChannelId::from_bytes([1; 16]),
+            DeviceId::from_bytes([2; 32]),
+            DeviceId::from_bytes([3; 32]),
+        );
+        for kind in [Requests::Add, Requests::Remove] {
+            store
+                .save_request(kind, &channel, &sender, &device)
+                .unwrap();
+        }
+        let remove = Requests::Remove;
+        assert_eq!(
+            store
+                .defer_request(remove, &channel, &sender, &device, 10)
+                .unwrap(),
+            10
+        );
+        assert_eq!(
+            store
+                .defer_request(remove, &channel, &sender, &device, 20)
+                .unwrap(),
+            10
+        );
+        // The other kind's request is another request.
+        let add = Requests::Add;
+        assert_eq!(
+            store
+                .defer_request(add, &channel, &sender, &device, 30)
+                .unwrap(),
+            30
+        );
+        store
+            .drop_request(remove, &channel, &sender, &device)
+            .unwrap();
+        assert!(store.requests(remove).unwrap().is_empty());
+        assert_eq!(
+            store.requests(add).unwrap(),
+            vec![(channel, sender, device)]
+        );
+        // Asked again later: a fresh deferral.
+        store
+            .save_request(remove, &channel, &sender, &device)
+            .unwrap();
+        assert_eq!(
+            store
+                .defer_request(remove, &channel, &sender, &device, 40)
+                .unwrap(),
+            40
+        );
+        assert_eq!(
+            store
+                .defer_request(add, &channel, &sender, &device, 50)
+                .unwrap(),
+            30
+        );
+    }
 }
