@@ -15,6 +15,7 @@ pub mod api;
 pub mod channels;
 pub mod chat;
 pub mod devices;
+pub mod sender;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub use channels::{LeaveOutcome, SyncReport};
 pub use chat::{ChatTimeline, TypingEvent};
 pub use devices::DeviceRemoval;
 pub use kith_chat;
+pub use sender::{SendError, Sender};
 pub use store::{ChannelRow, MessageRow};
 use store::{Identity, Store};
 
