@@ -1330,7 +1330,10 @@ impl Client {
                 // Fetched from where this page starts: the answer is this
                 // page. Any failure of it (an expired session, say) is
                 // left to an ordinary fetch.
-                Some((from, fetch)) if from == after => match fetch.await {
+                Some((from, fetch)) if from == after => match fetch
+                    .instrument(tracing::debug_span!("sync.prefetched"))
+                    .await
+                {
                     Ok(Ok(frames)) => frames,
                     _ => self.events_page(after).await?,
                 },
@@ -1355,7 +1358,11 @@ impl Client {
                         run.push(next);
                     }
                     let end = run.last().map_or(done, EventFrame::cursor);
-                    if let Err(e) = self.handle_messages(run, &mut report).await {
+                    let handled = self
+                        .handle_messages(run, &mut report)
+                        .instrument(tracing::debug_span!("sync.messages"))
+                        .await;
+                    if let Err(e) = handled {
                         // None of the run is kept; it is fetched again.
                         self.acknowledge(after, done).await?;
                         return Err(e);

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use kith_proto::ChannelId;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::channels::{batches, is_wrong_epoch};
 use crate::{Client, ClientError};
@@ -147,7 +148,8 @@ impl Sender<'_> {
         }
         // The overlap: this batch's encryption (and its ratchet's sync)
         // runs while the batch in flight is posted and stored by the server.
-        let encrypted = self.client.encrypt_batch(id, batch);
+        let encrypted = tracing::debug_span!("sender.encrypt", messages = batch.len())
+            .in_scope(|| self.client.encrypt_batch(id, batch));
         let Some(flying) = self.in_flight.take() else {
             let (epoch, messages) = encrypted.map_err(|e| SendError::new(e, unsent(batch)))?;
             self.post(epoch, batch, messages);
@@ -155,7 +157,11 @@ impl Sender<'_> {
         };
         let epoch = flying.epoch;
         let payloads = flying.payloads.clone();
-        match self.answer(flying).await {
+        let answer = self
+            .answer(flying)
+            .instrument(tracing::debug_span!("sender.wait"))
+            .await;
+        match answer {
             Ok(answers) => {
                 // Post this batch first, then store the copies of the one
                 // just accepted while this one is in flight.
@@ -170,7 +176,8 @@ impl Sender<'_> {
                     }
                 };
                 self.post(next_epoch, batch, messages);
-                self.store_sent(epoch, answers, &payloads)
+                tracing::debug_span!("sender.copies")
+                    .in_scope(|| self.store_sent(epoch, answers, &payloads))
             }
             Err(e) if is_wrong_epoch(&e) => {
                 // The channel moved on: the refused batch goes again the
