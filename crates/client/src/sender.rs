@@ -60,7 +60,9 @@ pub struct SendError {
     /// (when the homeserver became unreachable with a request in flight)
     /// of unknown fate, exactly as for [`Client::send_many`]. Everything
     /// before them was acknowledged and stored here. Empty when the server
-    /// accepted everything but this device failed to store its copies.
+    /// accepted the batch in flight but this device failed to store its
+    /// copies; this call's batch may then be in flight still, and the next
+    /// call or [`Sender::finish`] reports it.
     pub unacknowledged: Vec<Vec<u8>>,
 }
 
