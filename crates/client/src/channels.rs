@@ -187,6 +187,9 @@ fn is_message_frame(frame: &EventFrame) -> bool {
     )
 }
 
+/// A page of events being fetched in a task of its own.
+type PageFetch = tokio::task::JoinHandle<Result<Vec<EventFrame>, ClientError>>;
+
 /// Open transactions on the MLS store and the client store, for one unit
 /// of receiving (see [`Client::handle_messages`]).
 struct Paired {
@@ -194,7 +197,30 @@ struct Paired {
     store: crate::store::StoreTx,
 }
 
-fn is_wrong_epoch(e: &ClientError) -> bool {
+/// `payloads` cut into the requests of a multi-message send, in order:
+/// up to [`MAX_BATCH`] messages and [`BATCH_PAYLOAD_BYTES`] of payload
+/// each (a larger payload goes alone).
+pub(crate) fn batches<'p, 'd>(payloads: &'p [&'d [u8]]) -> Vec<&'p [&'d [u8]]> {
+    let mut out = Vec::new();
+    let mut rest = payloads;
+    while !rest.is_empty() {
+        let mut take = 1;
+        let mut bytes = rest.first().map_or(0, |p| p.len());
+        while let Some(next) = rest.get(take)
+            && take < MAX_BATCH
+            && bytes + next.len() <= BATCH_PAYLOAD_BYTES
+        {
+            bytes += next.len();
+            take += 1;
+        }
+        let (batch, after) = rest.split_at(take);
+        out.push(batch);
+        rest = after;
+    }
+    out
+}
+
+pub(crate) fn is_wrong_epoch(e: &ClientError) -> bool {
     matches!(e, ClientError::Server { status: 409, code, .. } if code == "wrong_epoch")
 }
 
@@ -1157,19 +1183,7 @@ impl Client {
         payloads: &[&[u8]],
     ) -> Result<Vec<String>, ClientError> {
         let mut ids = Vec::with_capacity(payloads.len());
-        let mut rest = payloads;
-        while !rest.is_empty() {
-            let mut take = 1;
-            let mut bytes = rest.first().map_or(0, |p| p.len());
-            while let Some(next) = rest.get(take)
-                && take < MAX_BATCH
-                && bytes + next.len() <= BATCH_PAYLOAD_BYTES
-            {
-                bytes += next.len();
-                take += 1;
-            }
-            let (batch, after) = rest.split_at(take);
-            rest = after;
+        for batch in batches(payloads) {
             let rows = self.send_batch(id, batch).await?;
             self.store.save_messages(&id, &rows)?;
             ids.extend(rows.into_iter().map(|r| r.id));
@@ -1179,7 +1193,7 @@ impl Client {
 
     /// One request of [`Client::send_many`]: the rows to store for
     /// `payloads`, once the server has accepted them all.
-    async fn send_batch(
+    pub(crate) async fn send_batch(
         &mut self,
         id: ChannelId,
         payloads: &[&[u8]],
@@ -1192,26 +1206,7 @@ impl Client {
                 self.sync().await?;
                 self.catch_up(id).await?;
             }
-            let (epoch, messages) = {
-                let mut channel = self.mls.channel(id)?;
-                if !channel.is_active() {
-                    return Err(ClientError::Invalid(format!(
-                        "this device is no longer a member of {id}"
-                    )));
-                }
-                let epoch = channel.epoch();
-                // The ratchet's steps for all of them in one transaction,
-                // durable before any message leaves: a sender's ratchet
-                // must never step back after a crash (its keys would be
-                // used twice).
-                let messages = self.mls.store().batch(|| {
-                    payloads
-                        .iter()
-                        .map(|data| channel.encrypt(data))
-                        .collect::<Result<Vec<_>, _>>()
-                });
-                (epoch, mls_batch(messages)?)
-            };
+            let (epoch, messages) = self.encrypt_batch(id, payloads)?;
             let sent = self
                 .authed(|api| {
                     let (c, m) = (text.clone(), messages.clone());
@@ -1219,22 +1214,7 @@ impl Client {
                 })
                 .await;
             match sent {
-                Ok(answers) => {
-                    let (me, handle) = (self.device_id(), self.handle().to_owned());
-                    return Ok(answers
-                        .into_iter()
-                        .zip(payloads)
-                        .map(|((message_id, seq, received_at), data)| MessageRow {
-                            id: message_id,
-                            seq,
-                            epoch,
-                            sender_device: me,
-                            sender: handle.clone(),
-                            body: data.to_vec(),
-                            received_at,
-                        })
-                        .collect());
-                }
+                Ok(answers) => return Ok(self.sent_rows(epoch, answers, payloads)),
                 // Encrypted again on the next round, at the new epoch.
                 Err(e) if is_wrong_epoch(&e) => {
                     tracing::debug!(channel = %id, epoch, "behind the channel's epoch; catching up");
@@ -1245,6 +1225,56 @@ impl Client {
         Err(ClientError::Protocol(format!(
             "gave up after {MAX_SEND_ATTEMPTS} attempts: channel {id} keeps moving to new epochs"
         )))
+    }
+
+    /// Encrypts `payloads` in order at this device's current epoch in
+    /// channel `id`: `(epoch, MLS messages)`. The ratchet's steps for all
+    /// of them are one transaction, durable before this returns, so before
+    /// any of them can leave: a sender's ratchet must never step back after
+    /// a crash (its keys would be used twice).
+    pub(crate) fn encrypt_batch(
+        &mut self,
+        id: ChannelId,
+        payloads: &[&[u8]],
+    ) -> Result<(u64, Vec<Vec<u8>>), ClientError> {
+        let mut channel = self.mls.channel(id)?;
+        if !channel.is_active() {
+            return Err(ClientError::Invalid(format!(
+                "this device is no longer a member of {id}"
+            )));
+        }
+        let epoch = channel.epoch();
+        let messages = self.mls.store().batch(|| {
+            payloads
+                .iter()
+                .map(|data| channel.encrypt(data))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        Ok((epoch, mls_batch(messages)?))
+    }
+
+    /// This device's own copies of `payloads`, sent at `epoch` and
+    /// accepted as `answers` (id, seq, received_at; in the same order).
+    pub(crate) fn sent_rows(
+        &self,
+        epoch: u64,
+        answers: Vec<(String, u64, u64)>,
+        payloads: &[&[u8]],
+    ) -> Vec<MessageRow> {
+        let (me, handle) = (self.device_id(), self.handle().to_owned());
+        answers
+            .into_iter()
+            .zip(payloads)
+            .map(|((message_id, seq, received_at), data)| MessageRow {
+                id: message_id,
+                seq,
+                epoch,
+                sender_device: me,
+                sender: handle.clone(),
+                body: data.to_vec(),
+                received_at,
+            })
+            .collect()
     }
 
     /// Encrypts `data` for channel `id` at this device's current epoch
@@ -1283,14 +1313,31 @@ impl Client {
             tracing::warn!("renewing this device's sponsorship: {e}");
         }
         self.sync_inbox_into(&mut report).await?;
+        // The page after the one being processed, fetched meanwhile: its
+        // cursor and the request for it.
+        let mut prefetched: Option<(u64, PageFetch)> = None;
         loop {
             let after = self.store.events_after()?;
-            let frames = self
-                .authed(|api| async move { api.events_binary(after).await })
-                .await?;
+            let frames = match prefetched.take() {
+                // Fetched from where this page starts: the answer is this
+                // page. Any failure of it (an expired session, say) is
+                // left to an ordinary fetch.
+                Some((from, fetch)) if from == after => match fetch
+                    .instrument(tracing::debug_span!("sync.prefetched"))
+                    .await
+                {
+                    Ok(Ok(frames)) => frames,
+                    _ => self.events_page(after).await?,
+                },
+                _ => self.events_page(after).await?,
+            };
             let Some(last) = frames.last().map(EventFrame::cursor) else {
                 break;
             };
+            // Fetch the next page while this one is decrypted and stored
+            // (it is read from `last`, which is where this page leaves the
+            // cursor once processed; it is dropped if that is not so).
+            prefetched = Some((last, self.prefetch_events(last)));
             let page = frames.len();
             let mut done = after;
             let mut frames = frames.into_iter().peekable();
@@ -1303,7 +1350,11 @@ impl Client {
                         run.push(next);
                     }
                     let end = run.last().map_or(done, EventFrame::cursor);
-                    if let Err(e) = self.handle_messages(run, &mut report).await {
+                    let handled = self
+                        .handle_messages(run, &mut report)
+                        .instrument(tracing::debug_span!("sync.messages"))
+                        .await;
+                    if let Err(e) = handled {
                         // None of the run is kept; it is fetched again.
                         self.acknowledge(after, done).await?;
                         return Err(e);
@@ -1351,6 +1402,19 @@ impl Client {
         Ok(report)
     }
 
+    /// One page of events after `after`, in binary.
+    async fn events_page(&mut self, after: u64) -> Result<Vec<EventFrame>, ClientError> {
+        self.authed(|api| async move { api.events_binary(after).await })
+            .await
+    }
+
+    /// Starts fetching the page of events after `after` in a task of its
+    /// own (a read: nothing changes at the server if it is dropped).
+    fn prefetch_events(&self, after: u64) -> PageFetch {
+        let api = self.api.clone();
+        tokio::spawn(async move { api.events_binary(after).await })
+    }
+
     /// Records that every event up to `cursor` is processed, locally and at
     /// the homeserver; `from` is where this page of events started (the
     /// homeserver has heard of nothing past it from this call yet).
@@ -1394,13 +1458,23 @@ impl Client {
         let before = report.clone();
         let open = self.begin_paired()?;
         let mut result = Ok(());
-        for frame in run {
-            let message = match frame {
-                EventFrame::Message { event, .. } => message_of(event),
-                EventFrame::Compact { event, .. } => compact_message_of(event),
-                EventFrame::Json { .. } => continue,
-            };
-            match self.handle_message(message, report).await {
+        let mut messages = run
+            .into_iter()
+            .filter_map(|frame| match frame {
+                EventFrame::Message { event, .. } => Some(message_of(event)),
+                EventFrame::Compact { event, .. } => Some(compact_message_of(event)),
+                EventFrame::Json { .. } => None,
+            })
+            .peekable();
+        while let Some((id, first)) = messages.next() {
+            // The messages that follow in the same channel and epoch go
+            // with it: decrypted with the channel loaded once.
+            let epoch = first.epoch;
+            let mut same = vec![first];
+            while let Some((_, m)) = messages.next_if(|(next, m)| *next == id && m.epoch == epoch) {
+                same.push(m);
+            }
+            match self.handle_same_epoch(id, same, report).await {
                 Ok(()) => {}
                 Err(e) if is_retryable(&e) => {
                     result = Err(e);
@@ -1538,6 +1612,50 @@ impl Client {
         Ok(())
     }
 
+    /// Messages of one channel, all of one epoch, in order. At the epoch
+    /// this device is at (the usual case), they are decrypted with the
+    /// channel's MLS state loaded once (a load decodes the whole group from
+    /// the store: it was most of a receiver's time per message), then
+    /// stored one by one; otherwise each goes its own way
+    /// ([`Client::handle_message`]: buffered for a later epoch, or left).
+    async fn handle_same_epoch(
+        &mut self,
+        id: ChannelId,
+        messages: Vec<FutureMessage>,
+        report: &mut SyncReport,
+    ) -> Result<(), ClientError> {
+        let epoch = messages.first().map(|m| m.epoch);
+        let current = match self.mls.channel(id) {
+            Ok(channel) if channel.is_active() => Some(channel),
+            _ => None,
+        };
+        let Some(mut channel) = current.filter(|c| Some(c.epoch()) == epoch) else {
+            for m in messages {
+                self.handle_message((id, m), report).await?;
+            }
+            return Ok(());
+        };
+        let row = self.store.channel(&id)?;
+        if row.as_ref().is_some_and(|r| !r.active) {
+            // Left (or removed): nothing more is read.
+            return Ok(());
+        }
+        let processed: Vec<_> = messages
+            .iter()
+            .map(|m| channel.process(&m.message))
+            .collect();
+        drop(channel);
+        for (m, processed) in messages.iter().zip(processed) {
+            if self
+                .store_processed(id, row.as_ref(), m, processed, report)
+                .await?
+            {
+                report.messages += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Decrypts a message and stores it; `false` if it was not for us to
     /// read (our own, or undecryptable — logged).
     async fn decrypt_and_store(
@@ -1552,6 +1670,22 @@ impl Client {
             return Ok(false);
         }
         let processed = self.mls.channel(id)?.process(&m.message);
+        self.store_processed(id, row.as_ref(), m, processed, report)
+            .await
+    }
+
+    /// What a decrypted message asks for: a request stored for admins, a
+    /// typing notification reported, an application message stored.
+    /// `false` if nothing was stored as a message (undecryptable ones are
+    /// logged).
+    async fn store_processed(
+        &mut self,
+        id: ChannelId,
+        row: Option<&ChannelRow>,
+        m: &FutureMessage,
+        processed: Result<Incoming, kith_mls::DeviceError>,
+        report: &mut SyncReport,
+    ) -> Result<bool, ClientError> {
         if let Ok(incoming) = &processed
             && let Some((sender, device)) = incoming.add_device_request()
         {
@@ -1591,7 +1725,7 @@ impl Client {
             }
             Ok(Incoming::Application { sender, data, .. }) => {
                 let name = self.display_sender(&sender).await;
-                let chat = row.is_some_and(|row| crate::chat::is_chat(&row));
+                let chat = row.is_some_and(crate::chat::is_chat);
                 if chat && let Some(typing) = crate::chat::is_ephemeral(&data) {
                     report.typing.push(crate::chat::TypingEvent {
                         channel: id,

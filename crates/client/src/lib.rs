@@ -16,6 +16,7 @@ pub mod channels;
 pub mod chat;
 pub mod devices;
 pub mod requests;
+pub mod sender;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ pub use channels::{LeaveOutcome, SyncReport};
 pub use chat::{ChatTimeline, TypingEvent};
 pub use devices::DeviceRemoval;
 pub use kith_chat;
+pub use sender::{SendError, Sender};
 pub use store::{ChannelRow, MessageRow};
 use store::{Identity, Store};
 
