@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use kith_client::Client;
 use kith_mls::{
     CIPHERSUITE_V0, ChannelExtension, ChannelSettings, ContentType, Device, MlsStore, Policy,
+    PublicChannel,
 };
 use kith_proto::{ChannelId, SecretKey};
 use kith_testkit::{Config, Registration, TestServer};
@@ -41,6 +42,11 @@ pub(crate) struct LargeAdd {
     pub(crate) e2e: Vec<Duration>,
     /// Raw OpenMLS add (commit + Welcome, merge) latencies at the same N.
     pub(crate) raw: Vec<Duration>,
+    /// The same raw adds, each with the one public validation the protocol
+    /// needs added (a server's `validate_commit`, `apply` and GroupInfo
+    /// check on an in-memory `PublicChannel`): the least an add costs with
+    /// a server checking it, without network, disk or certificates.
+    pub(crate) raw_validated: Vec<Duration>,
 }
 
 async fn register(dir: &Path, server: &TestServer, name: &str) -> Result<Client> {
@@ -123,20 +129,24 @@ pub(crate) async fn large_add(
     }
     server.stop().await;
 
-    let raw = raw_add(members, e2e.len().max(1), time)?;
+    let (raw, raw_validated) = raw_add(members, e2e.len().max(1), time)?;
     Ok(LargeAdd {
         members,
         wanted,
         build,
         e2e,
         raw,
+        raw_validated,
     })
 }
 
 /// Raw OpenMLS: a group of `members` in-memory devices (the owner adds the
 /// others in one commit, not timed), then up to `adds` timed adds of one
-/// new device each: the add commit with its Welcome, and its merge.
-fn raw_add(members: usize, adds: usize, time: Duration) -> Result<Vec<Duration>> {
+/// new device each: the add commit with its Welcome, and its merge (the
+/// first figure returned). Each add is also checked by a server's public
+/// view of the group, timed separately: the second figure is the add and
+/// merge plus that check (`validate_commit`, `apply`, `check_group_info`).
+fn raw_add(members: usize, adds: usize, time: Duration) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let owner = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
     let settings = ChannelSettings::new(ChannelExtension::new(
         ContentType::octet_stream(),
@@ -153,13 +163,19 @@ fn raw_add(members: usize, adds: usize, time: Duration) -> Result<Vec<Duration>>
         channel.add(&packages)?;
         channel.merge_pending()?;
     }
+    let server_store = MlsStore::in_memory()?;
+    let mut server = PublicChannel::create(
+        &server_store,
+        &channel.group_info()?,
+        &channel.ratchet_tree()?,
+    )?;
     let newcomers = (0..adds)
         .map(|_| {
             let device = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
             Ok(device.key_packages(1, CIPHERSUITE_V0)?)
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut samples = Vec::new();
+    let (mut raw, mut validated) = (Vec::new(), Vec::new());
     let start = Instant::now();
     for package in &newcomers {
         if start.elapsed() >= time {
@@ -167,9 +183,18 @@ fn raw_add(members: usize, adds: usize, time: Duration) -> Result<Vec<Duration>>
         }
         let t = Instant::now();
         let out = channel.add(package)?;
+        let added = t.elapsed();
         anyhow::ensure!(out.welcome.is_some(), "raw add: no Welcome");
+        let t = Instant::now();
+        let commit = server.validate_commit(&out.commit)?;
+        server.apply(commit)?;
+        server.check_group_info(&out.group_info)?;
+        let checked = t.elapsed();
+        let t = Instant::now();
         channel.merge_pending()?;
-        samples.push(t.elapsed());
+        let merged = t.elapsed();
+        raw.push(added + merged);
+        validated.push(added + checked + merged);
     }
-    Ok(samples)
+    Ok((raw, validated))
 }
