@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use kith_client::Client;
 use kith_mls::{
-    CIPHERSUITE_V0, ChannelExtension, ChannelSettings, ContentType, Device, MlsStore, Policy,
+    CIPHERSUITE_V0, Channel, ChannelExtension, ChannelSettings, ContentType, Device,
+    MAX_PAST_EPOCHS, MlsStore, Policy, PublicChannel,
 };
 use kith_proto::{ChannelId, SecretKey};
 use kith_testkit::{Config, Registration, TestServer};
@@ -39,8 +40,8 @@ pub(crate) struct LargeAdd {
     pub(crate) build: Duration,
     /// End-to-end `Client::invite` latencies, one new member each.
     pub(crate) e2e: Vec<Duration>,
-    /// Raw OpenMLS add (commit + Welcome, merge) latencies at the same N.
-    pub(crate) raw: Vec<Duration>,
+    /// Raw OpenMLS at the same N.
+    pub(crate) raw: Raw,
 }
 
 async fn register(dir: &Path, server: &TestServer, name: &str) -> Result<Client> {
@@ -133,10 +134,29 @@ pub(crate) async fn large_add(
     })
 }
 
+/// The raw side of the scenario, each a list of latencies.
+pub(crate) struct Raw {
+    /// OpenMLS add (commit + Welcome) and merge: the target's reference.
+    pub(crate) add: Vec<Duration>,
+    /// The same adds plus the one public validation the protocol needs (a
+    /// server's `validate_commit`, `apply` and GroupInfo check on an
+    /// in-memory `PublicChannel`), without network, disk or certificates.
+    pub(crate) validated: Vec<Duration>,
+    /// Add and merge once the group keeps as many past epochs as every
+    /// Kith channel does after 16 commits (`MAX_PAST_EPOCHS`, each with
+    /// its members' list, which OpenMLS loads and stores with the group).
+    pub(crate) steady: Vec<Duration>,
+    /// `steady` plus the public validation.
+    pub(crate) steady_validated: Vec<Duration>,
+}
+
 /// Raw OpenMLS: a group of `members` in-memory devices (the owner adds the
 /// others in one commit, not timed), then up to `adds` timed adds of one
-/// new device each: the add commit with its Welcome, and its merge.
-fn raw_add(members: usize, adds: usize, time: Duration) -> Result<Vec<Duration>> {
+/// new device each: the add commit with its Welcome, and its merge. Each
+/// add is also checked by a server's public view of the group, timed
+/// apart. Then, after `MAX_PAST_EPOCHS` self-updates (not timed), the same
+/// again.
+fn raw_add(members: usize, adds: usize, time: Duration) -> Result<Raw> {
     let owner = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
     let settings = ChannelSettings::new(ChannelExtension::new(
         ContentType::octet_stream(),
@@ -153,13 +173,43 @@ fn raw_add(members: usize, adds: usize, time: Duration) -> Result<Vec<Duration>>
         channel.add(&packages)?;
         channel.merge_pending()?;
     }
+    let server_store = MlsStore::in_memory()?;
+    let mut server = PublicChannel::create(
+        &server_store,
+        &channel.group_info()?,
+        &channel.ratchet_tree()?,
+    )?;
+    let (add, validated) = timed_adds(&mut channel, &mut server, adds, time)?;
+    for _ in 0..MAX_PAST_EPOCHS {
+        let out = channel.self_update()?;
+        let commit = server.validate_commit(&out.commit)?;
+        server.apply(commit)?;
+        channel.merge_pending()?;
+    }
+    let (steady, steady_validated) = timed_adds(&mut channel, &mut server, adds, time)?;
+    Ok(Raw {
+        add,
+        validated,
+        steady,
+        steady_validated,
+    })
+}
+
+/// Up to `adds` timed adds of a new device (bounded by `time`): add and
+/// merge, and add, public validation and merge.
+fn timed_adds(
+    channel: &mut Channel<'_>,
+    server: &mut PublicChannel<'_>,
+    adds: usize,
+    time: Duration,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let newcomers = (0..adds)
         .map(|_| {
             let device = Device::new(&SecretKey::generate(), MlsStore::in_memory()?);
             Ok(device.key_packages(1, CIPHERSUITE_V0)?)
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut samples = Vec::new();
+    let (mut raw, mut validated) = (Vec::new(), Vec::new());
     let start = Instant::now();
     for package in &newcomers {
         if start.elapsed() >= time {
@@ -167,9 +217,18 @@ fn raw_add(members: usize, adds: usize, time: Duration) -> Result<Vec<Duration>>
         }
         let t = Instant::now();
         let out = channel.add(package)?;
+        let added = t.elapsed();
         anyhow::ensure!(out.welcome.is_some(), "raw add: no Welcome");
+        let t = Instant::now();
+        let commit = server.validate_commit(&out.commit)?;
+        server.apply(commit)?;
+        server.check_group_info(&out.group_info)?;
+        let checked = t.elapsed();
+        let t = Instant::now();
         channel.merge_pending()?;
-        samples.push(t.elapsed());
+        let merged = t.elapsed();
+        raw.push(added + merged);
+        validated.push(added + checked + merged);
     }
-    Ok(samples)
+    Ok((raw, validated))
 }

@@ -844,7 +844,12 @@ impl Client {
                 self.catch_up(id).await?;
             }
             let create = tracing::debug_span!("client.create").entered();
-            let (output, epoch, members) = {
+            // The loaded group is set aside while the commit is ordered and
+            // taken up again for the merge (or the clearing): loading it
+            // decodes the whole tree and the members of every past epoch
+            // kept, O(members), and nothing else touches this channel's
+            // MLS state in between (`&mut self`).
+            let (output, epoch, members, detached) = {
                 let mut channel = self.mls.channel(id)?;
                 if channel.has_pending_commit() {
                     channel.clear_pending()?;
@@ -852,7 +857,7 @@ impl Client {
                 let epoch = channel.epoch();
                 let members = channel.members();
                 match intent(&mut channel)? {
-                    Some(output) => (output, epoch, members),
+                    Some(output) => (output, epoch, members, channel.detach()),
                     None => return Ok(None),
                 }
             };
@@ -902,18 +907,18 @@ impl Client {
                     // it once a valid certificate comes with it.
                     checked?;
                     let merge = tracing::debug_span!("client.merge").entered();
-                    let mut channel = self.mls.channel(id)?;
+                    let mut channel = self.mls.attach(detached);
                     channel.merge_pending()?;
                     drop(channel);
                     drop(merge);
                     self.commits_since_sync += 1;
-                    self.flush_future(id).await?;
+                    self.flush_future(id, epoch + 1).await?;
                     return Ok(Some((output, epoch)));
                 }
                 Err(e) if is_wrong_epoch(&e) => {
                     tracing::info!(channel = %id, epoch, "another commit won the epoch; retrying");
                     self.commit_conflicts += 1;
-                    self.mls.channel(id)?.clear_pending()?;
+                    self.mls.attach(detached).clear_pending()?;
                 }
                 // Refused (4xx): the commit was not accepted, drop it.
                 Err(
@@ -921,7 +926,7 @@ impl Client {
                         status: 400..=499, ..
                     },
                 ) => {
-                    self.mls.channel(id)?.clear_pending()?;
+                    self.mls.attach(detached).clear_pending()?;
                     return Err(e);
                 }
                 // Unknown outcome (unreachable, 5xx): keep it pending; the
@@ -938,7 +943,7 @@ impl Client {
     pub async fn catch_up(&mut self, id: ChannelId) -> Result<usize, ClientError> {
         let mut merged = 0;
         loop {
-            let epoch = self.mls.channel(id)?.epoch();
+            let epoch = self.mls.epoch(id)?;
             let text = id.to_string();
             let commits = self
                 .authed(|api| {
@@ -948,7 +953,7 @@ impl Client {
                 .await?;
             let mut progressed = false;
             for commit in commits {
-                let current = self.mls.channel(id)?.epoch();
+                let current = self.mls.epoch(id)?;
                 if commit.epoch != current {
                     continue;
                 }
@@ -977,13 +982,16 @@ impl Client {
         commit: &[u8],
         certificate: &[u8],
     ) -> Result<(), ClientError> {
-        let members = self.mls.channel(id)?.members();
+        // Loaded once (O(members)), set aside while the voters are found.
+        let loaded = self.mls.channel(id)?;
+        let members = loaded.members();
+        let detached = loaded.detach();
         let voters = self.voter_set(&members).await?;
         OrderingCertificateIn::decode(certificate)
             .map_err(protocol)?
             .verify_for(id, epoch, commit, &voters)
             .map_err(|e| protocol(format!("refusing commit for epoch {epoch} of {id}: {e}")))?;
-        let mut channel = self.mls.channel(id)?;
+        let mut channel = self.mls.attach(detached);
         match channel.process(commit)? {
             Incoming::Commit(staged) => {
                 let removed = staged.removes_me();
@@ -1004,8 +1012,9 @@ impl Client {
                 )));
             }
         }
+        let now = channel.epoch();
         drop(channel);
-        self.flush_future(id).await
+        self.flush_future(id, now).await
     }
 
     /// The servers that order this channel's commits, with the keys each
@@ -1759,8 +1768,7 @@ impl Client {
     }
 
     /// Decrypts buffered messages whose epoch this device has reached.
-    async fn flush_future(&mut self, id: ChannelId) -> Result<(), ClientError> {
-        let epoch = self.mls.channel(id)?.epoch();
+    async fn flush_future(&mut self, id: ChannelId, epoch: u64) -> Result<(), ClientError> {
         // Typing that waited for its epoch is stale by now: dropped.
         let mut ignored = SyncReport::default();
         let future = self.store.future(&id, epoch)?;
@@ -1816,7 +1824,7 @@ impl Client {
             content_type: extension.content_type.to_string(),
             active: true,
         })?;
-        self.flush_future(id).await?;
+        self.flush_future(id, epoch).await?;
         Ok(id)
     }
 }

@@ -490,6 +490,32 @@ impl Device {
         }
     }
 
+    /// The epoch of channel `id`, read from the store without loading the
+    /// whole group (its ratchet tree and the members of every past epoch
+    /// it keeps are O(members) to decode).
+    pub fn epoch(&self, id: ChannelId) -> Result<u64, DeviceError> {
+        let context: Option<openmls::prelude::GroupContext> = self
+            .store
+            .storage()
+            .group_context(&GroupId::from_slice(id.as_bytes()))
+            .map_err(mls("reading a channel's epoch"))?;
+        context
+            .map(|c| c.epoch().as_u64())
+            .ok_or(DeviceError::UnknownChannel(id))
+    }
+
+    /// A channel set aside with [`Channel::detach`], taken up again without
+    /// loading it from the store. Only valid if nothing changed the channel
+    /// in between: the caller must not have loaded and changed the same
+    /// channel meanwhile (a stale state would go on from an older epoch).
+    pub fn attach(&self, detached: DetachedChannel) -> Channel<'_> {
+        Channel {
+            device: self,
+            group: detached.group,
+            id: detached.id,
+        }
+    }
+
     /// Joins a channel from a Welcome (an MLSMessage) and the ratchet tree
     /// of the epoch it welcomes to (as the homeserver serves it).
     ///
@@ -551,6 +577,23 @@ impl GroupIdExt for ChannelId {
     }
 }
 
+/// A loaded channel set aside ([`Channel::detach`]) while its device is
+/// busy elsewhere (for instance while a commit is being ordered), to be
+/// taken up again with [`Device::attach`] instead of loading the whole
+/// group from the store again. Everything it holds is in the store too.
+#[derive(Debug)]
+pub struct DetachedChannel {
+    group: MlsGroup,
+    id: ChannelId,
+}
+
+impl DetachedChannel {
+    /// The channel id.
+    pub fn id(&self) -> ChannelId {
+        self.id
+    }
+}
+
 /// One channel of a [`Device`]. Processing of one channel must be
 /// serialised: hold one `Channel` per channel at a time.
 #[derive(Debug)]
@@ -573,6 +616,15 @@ impl<'d> Channel<'d> {
     /// The channel id (= MLS group id).
     pub fn id(&self) -> ChannelId {
         self.id
+    }
+
+    /// Sets the loaded channel aside, releasing the device (see
+    /// [`DetachedChannel`]).
+    pub fn detach(self) -> DetachedChannel {
+        DetachedChannel {
+            group: self.group,
+            id: self.id,
+        }
     }
 
     /// The current epoch.

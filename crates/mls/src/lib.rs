@@ -58,9 +58,9 @@ pub mod storage;
 
 pub use check::{CommitInfo, PolicyError, commit_hash};
 pub use device::{
-    ADD_DEVICE_REQUEST_AAD, CIPHERSUITE_V0, Channel, ChannelSettings, CommitOutput, Device,
-    DeviceError, Incoming, LEAVE_REQUEST_AAD, MAX_PAST_EPOCHS, REMOVE_DEVICE_REQUEST_AAD,
-    StagedChannelCommit,
+    ADD_DEVICE_REQUEST_AAD, CIPHERSUITE_V0, Channel, ChannelSettings, CommitOutput,
+    DetachedChannel, Device, DeviceError, Incoming, LEAVE_REQUEST_AAD, MAX_PAST_EPOCHS,
+    REMOVE_DEVICE_REQUEST_AAD, StagedChannelCommit,
 };
 pub use extension::{
     ChannelExtension, ChannelName, ContentType, ExtensionError, KITH_CHANNEL_EXTENSION_TYPE, Policy,

@@ -381,3 +381,66 @@ fn an_add_device_request_names_its_sender_and_exactly_one_device() {
         assert_eq!(ca.process(&message).unwrap().remove_device_request(), None);
     }
 }
+
+/// The server's GroupInfo check (spec §9.8, §10.4) compares the GroupInfo
+/// with the state it computed and verifies the one signature, instead of
+/// rebuilding the tree: any member may sign, under the leaf it names, and
+/// a wrong signer, signature or confirmation tag is refused.
+#[test]
+fn group_info_check_wants_the_named_signer_and_the_servers_state() {
+    let (a, b) = (device(), device());
+    let server_store = MlsStore::in_memory().unwrap();
+    let mut ca = a
+        .create_channel(new_channel_id(), &settings(&[a.device_id()]))
+        .unwrap();
+    let mut server = PublicChannel::create(
+        &server_store,
+        &ca.group_info().unwrap(),
+        &ca.ratchet_tree().unwrap(),
+    )
+    .unwrap();
+    let out = ca.add(&[key_package(&b)]).unwrap();
+    order(&mut server, &mut ca, &out);
+    let cb = b
+        .join(
+            out.welcome.as_ref().unwrap(),
+            &server.ratchet_tree().unwrap(),
+        )
+        .unwrap();
+    server.check_group_info(&out.group_info).unwrap();
+    // Signed by another member, naming its own leaf: the same epoch.
+    server.check_group_info(&cb.group_info().unwrap()).unwrap();
+
+    // An Ed25519 GroupInfo ends with `... confirmation_tag (1 + 32 bytes),
+    // signer (4), signature (2 + 64)`.
+    let good = &out.group_info;
+    let len = good.len();
+    let refused = |bytes: &[u8]| {
+        assert!(
+            matches!(
+                server.check_group_info(bytes),
+                Err(ServerError::GroupInfoMismatch(_))
+            ),
+            "{:?}",
+            server.check_group_info(bytes)
+        );
+    };
+    let mut bad_signature = good.clone();
+    bad_signature[len - 1] ^= 1;
+    refused(&bad_signature);
+    let mut bad_tag = good.clone();
+    bad_tag[len - 71] ^= 1;
+    refused(&bad_tag);
+    // A's signature, naming B's leaf (1), or a leaf nobody holds.
+    assert_eq!(&good[len - 70..len - 66], &0u32.to_be_bytes());
+    for signer in [1u32, 7] {
+        let mut other = good.clone();
+        other[len - 70..len - 66].copy_from_slice(&signer.to_be_bytes());
+        refused(&other);
+    }
+    // Cut short, or with bytes after it.
+    assert!(server.check_group_info(&good[..len - 1]).is_err());
+    let mut longer = good.clone();
+    longer.push(0);
+    assert!(server.check_group_info(&longer).is_err());
+}
