@@ -7,6 +7,7 @@
 //! encrypt + decrypt) measured in the same run: the machine is shared and
 //! noisy, so only ratios compare across runs. No figure is asserted.
 
+mod commit_floor;
 mod federated;
 mod large;
 mod process;
@@ -80,6 +81,8 @@ struct Limits {
     disk_syncs: usize,
     /// Channels committing at once in the three-server scenario.
     parallel_channels: usize,
+    /// Commits of the commit floor (per thread).
+    floor_commits: usize,
     /// Members of the large channel in scenario 5b (reached only if
     /// building it fits in `large_budget`).
     large_members: usize,
@@ -105,6 +108,7 @@ impl Limits {
                 server_fanout_msgs: 20,
                 disk_syncs: 20,
                 parallel_channels: 2,
+                floor_commits: 5,
                 large_members: 4,
                 large_adds: 1,
                 large_budget: Duration::from_secs(3),
@@ -123,6 +127,7 @@ impl Limits {
                 server_fanout_msgs: 2_000,
                 disk_syncs: 300,
                 parallel_channels: 100,
+                floor_commits: 100_000,
                 large_members: 1000,
                 large_adds: 5,
                 large_budget: Duration::from_secs(args.seconds.max(1) * 24),
@@ -525,6 +530,7 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
     let (floor_rate, mls_size, floor_count) = (fl.rate, fl.message.len(), fl.count);
     let floor_ms = 1000.0 / floor_rate.max(1e-9);
     let (sync_ms, syncs) = disk_floor(dir, limits)?;
+    let row_1c = commit_floor_row(limits, floor_ms)?;
 
     // 2, 2b and 2c. 1:1 delivery.
     let (mut alice, one, deliveries) = one_to_one(dir, &server, limits).await?;
@@ -590,6 +596,7 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
             ratio: format!("{:.1} x floor msg", sync_ms / floor_ms),
             detail: json!({ "p50_ms": sync_ms, "count": syncs }),
         },
+        row_1c,
         row_2,
         row_2b,
         row_2c,
@@ -744,6 +751,47 @@ fn delivery_rows(deliveries: [Delivery; 3], floor_rate: f64, sync_ms: f64) -> [R
     ]
 }
 
+/// The commit floor (see [`commit_floor`]): the cryptography of one
+/// certified commit among three servers, the physical reference of 4b.
+fn commit_floor_row(limits: &Limits, floor_ms: f64) -> Result<Row> {
+    let f = commit_floor::commit_floor(limits.floor_commits, limits.time)?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let cpu_ms = ms(f.cpu_per_commit);
+    Ok(Row {
+        scenario: "1c. commit floor: raw OpenMLS, one certified commit among 3 servers",
+        figure: format!(
+            "{cpu_ms:.2} ms {} per commit (committer {:.2}, 3 servers {:.2}, votes + 3 certificate checks {:.2}; {} commits); {:.0} commits/s on {} cores from that; {:.0} commits/s measured on {} threads ({} commits)",
+            if f.cpu_measured { "CPU" } else { "wall" },
+            ms(f.parts.committer),
+            ms(f.parts.servers),
+            ms(f.parts.votes),
+            f.commits,
+            f.projected_rate(),
+            f.cores,
+            f.parallel_rate(),
+            f.cores,
+            f.parallel_commits,
+        ),
+        ratio: format!("{:.0} x floor msg", cpu_ms / floor_ms),
+        detail: json!({
+            "cpu_ms_per_commit": cpu_ms,
+            "cpu_measured": f.cpu_measured,
+            "wall_ms_per_commit": ms(f.wall_per_commit),
+            "committer_ms": ms(f.parts.committer),
+            "servers_ms": ms(f.parts.servers),
+            "votes_ms": ms(f.parts.votes),
+            "vote_signatures": commit_floor::VOTE_SIGNATURES,
+            "vote_verifications": commit_floor::VOTE_VERIFICATIONS,
+            "commits": f.commits,
+            "cores": f.cores,
+            "projected_commits_per_s": f.projected_rate(),
+            "parallel_commits": f.parallel_commits,
+            "parallel_commits_per_s": f.parallel_rate(),
+            "in_floor_msgs": cpu_ms / floor_ms,
+        }),
+    })
+}
+
 /// Scenario 4b: certified commits with three servers, latency, then many
 /// channels committing at once.
 async fn ordering3(dir: &Path, limits: &Limits, floor_ms: f64) -> Result<Row> {
@@ -860,6 +908,7 @@ async fn run_only(limits: &Limits, kithd: &Path, only: &[String], dir: &Path) ->
     }
     let floor_ms = 1000.0 / floor_rate.max(1e-9);
     if only.iter().any(|s| s == "4b") {
+        rows.push(commit_floor_row(limits, floor_ms)?);
         rows.push(ordering3(dir, limits, floor_ms).await?);
     }
     if only.iter().any(|s| s == "5") {

@@ -100,6 +100,37 @@ impl<V: CommitValidator + Send + 'static> RaftSnapshotBuilder<TypeConfig> for Or
     }
 }
 
+/// Applies `entries` in order (see [`RaftStateMachine::apply`]); fails
+/// when the validator could not decide.
+fn apply_entries<V: CommitValidator>(
+    mut guard: tokio::sync::OwnedMutexGuard<Applied<V>>,
+    entries: Vec<Entry<TypeConfig>>,
+) -> Result<Vec<Option<Outcome>>, std::io::Error> {
+    let state = &mut *guard;
+    let mut outcomes = Vec::new();
+    for entry in entries {
+        let log_id = entry.log_id;
+        match entry.payload {
+            EntryPayload::Blank => outcomes.push(None),
+            EntryPayload::Normal(submission) => {
+                let outcome = state.order.apply(submission, &mut state.validator);
+                if let Some(failure) = state.validator.take_failure() {
+                    // Not a verdict: stop rather than record a rejection
+                    // other servers would not make (see `take_failure`).
+                    return Err(std::io::Error::other(failure));
+                }
+                outcomes.push(Some(outcome));
+            }
+            EntryPayload::Membership(membership) => {
+                state.membership = StoredMembership::new(Some(log_id), membership);
+                outcomes.push(None);
+            }
+        }
+        state.last_applied = Some(log_id);
+    }
+    Ok(outcomes)
+}
+
 impl<V: CommitValidator + Send + 'static> RaftStateMachine<TypeConfig> for OrderStateMachine<V> {
     type SnapshotBuilder = Self;
 
@@ -116,31 +147,16 @@ impl<V: CommitValidator + Send + 'static> RaftStateMachine<TypeConfig> for Order
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut guard = self.inner.lock().await;
-        let state = &mut *guard;
-        let mut outcomes = Vec::new();
-        for entry in entries {
-            let log_id = entry.log_id;
-            match entry.payload {
-                EntryPayload::Blank => outcomes.push(None),
-                EntryPayload::Normal(submission) => {
-                    let outcome = state.order.apply(submission, &mut state.validator);
-                    if let Some(failure) = state.validator.take_failure() {
-                        // Not a verdict: stop rather than record a rejection
-                        // other servers would not make (see `take_failure`).
-                        let e = std::io::Error::other(failure);
-                        return Err(StorageIOError::write_state_machine(&e).into());
-                    }
-                    outcomes.push(Some(outcome));
-                }
-                EntryPayload::Membership(membership) => {
-                    state.membership = StoredMembership::new(Some(log_id), membership);
-                    outcomes.push(None);
-                }
-            }
-            state.last_applied = Some(log_id);
-        }
-        Ok(outcomes)
+        // The validator is synchronous and may wait for disk syncs (a
+        // server's validator writes and syncs its store): run it on the
+        // blocking pool, not on the runtime's worker threads, which the
+        // other channels' Raft tasks and the servers' requests share.
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let guard = Arc::clone(&self.inner).lock_owned().await;
+        tokio::task::spawn_blocking(move || apply_entries(guard, entries))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(format!("applying entries: {e}"))))
+            .map_err(|e| StorageIOError::write_state_machine(&e).into())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
