@@ -58,13 +58,6 @@ fn three_devices_create_add_talk_remove_and_race() {
     assert_eq!((ca.epoch(), server.epoch()), (1, 1));
     // The GroupInfo that came with the commit describes the new epoch.
     server.check_group_info(&out.group_info).unwrap();
-    // The same GroupInfo with its signature (the last bytes) broken.
-    let mut forged = out.group_info.clone();
-    *forged.last_mut().unwrap() ^= 1;
-    assert!(matches!(
-        server.check_group_info(&forged),
-        Err(ServerError::GroupInfoMismatch(why)) if why == "bad signature"
-    ));
     assert!(matches!(
         server.check_group_info(&genesis_info),
         Err(ServerError::GroupInfoMismatch(_))
