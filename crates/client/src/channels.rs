@@ -166,6 +166,21 @@ pub(crate) fn is_retryable(e: &ClientError) -> bool {
     }
 }
 
+/// A failure the homeserver answered about another server (502
+/// `remote_unavailable` or `remote_invalid`, spec §12.2: that server could
+/// not be reached, or answered wrongly, and no cached answer stood in).
+/// This device reached its own homeserver, so a step that depends on the
+/// other server (checking a member's request, say) is put off, and the
+/// rest of a sync goes on; [`is_retryable`] alone would fail every sync
+/// until that server is back.
+pub(crate) fn is_remote_failure(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Server { status, code, .. }
+            if *status >= 500 && matches!(code.as_str(), "remote_unavailable" | "remote_invalid")
+    )
+}
+
 /// The outcome of a [`kith_mls::MlsStore::batch`] of device operations.
 fn mls_batch<T>(
     result: Result<T, kith_mls::BatchError<kith_mls::DeviceError>>,
@@ -787,6 +802,11 @@ impl Client {
                 match outcome {
                     Ok(Some(_)) => report.removed_on_request.push((id, device)),
                     Ok(None) => {}
+                    // Kept, and the sync goes on: another server failed.
+                    Err(e) if is_remote_failure(&e) => {
+                        tracing::info!(channel = %id, %device, "kept a leave request for a later sync: {e}");
+                        continue;
+                    }
                     // Kept: the next sync tries again.
                     Err(e) if is_retryable(&e) => return Err(e),
                     Err(e) => {

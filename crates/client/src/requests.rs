@@ -6,7 +6,7 @@
 
 use kith_proto::{ChannelId, DeviceId};
 
-use crate::channels::{SyncReport, is_retryable};
+use crate::channels::{SyncReport, is_remote_failure, is_retryable};
 use crate::store::Requests;
 use crate::{Client, ClientError, now_ms};
 
@@ -44,9 +44,11 @@ impl Requests {
 impl Client {
     /// Acts on the requests of `kind` this (admin) device recorded. A
     /// request that can never succeed is dropped; one that failed for a
-    /// passing reason (the server unreachable) is kept and fails the sync;
-    /// one whose check cannot succeed yet is kept for later syncs, within
-    /// [`DEFERRED_REQUEST_MS`].
+    /// passing reason at this device's homeserver (unreachable, 5xx of its
+    /// own, 401, 429) is kept and fails the sync; one whose check cannot
+    /// succeed yet, or failed because another server did
+    /// ([`is_remote_failure`]), is kept for later syncs, within
+    /// [`DEFERRED_REQUEST_MS`], while the sync goes on.
     pub(crate) async fn honor_requests(
         &mut self,
         kind: Requests,
@@ -56,6 +58,13 @@ impl Client {
             let outcome = match kind {
                 Requests::Add => self.honor_add_request(id, sender, device).await,
                 Requests::Remove => self.honor_remove_request(id, sender, device).await,
+            };
+            // Another server's failure (its user's directory unreachable,
+            // with nothing cached): this request waits, the others and the
+            // rest of the sync go on.
+            let outcome = match outcome {
+                Err(e) if is_remote_failure(&e) => Ok(Honored::NotYet(e.to_string())),
+                other => other,
             };
             match outcome {
                 Ok(Honored::Done) => match kind {
@@ -113,6 +122,27 @@ mod tests {
         assert!(!still_deferred(since, since + DEFERRED_REQUEST_MS));
         // A clock that went back keeps it.
         assert!(still_deferred(since, 0));
+    }
+
+    #[test]
+    fn only_another_servers_failure_puts_a_request_off() {
+        let server = |status: u16, code: &str| ClientError::Server {
+            status,
+            code: code.into(),
+            message: String::new(),
+        };
+        assert!(is_remote_failure(&server(502, "remote_unavailable")));
+        assert!(is_remote_failure(&server(502, "remote_invalid")));
+        // The homeserver's own trouble still fails the sync.
+        for own in [
+            server(500, "internal"),
+            server(503, "ordering_unavailable"),
+            server(429, "rate_limited"),
+            server(401, "unauthorized"),
+            server(404, "remote_unavailable"),
+        ] {
+            assert!(!is_remote_failure(&own), "{own}");
+        }
     }
 
     #[test]
