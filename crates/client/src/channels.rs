@@ -1213,7 +1213,7 @@ impl Client {
     ) -> Result<Vec<String>, ClientError> {
         let mut ids = Vec::with_capacity(payloads.len());
         for batch in batches(payloads) {
-            let rows = self.send_batch(id, batch).await?;
+            let rows = self.send_batch(id, batch, false).await?;
             self.store.save_messages(&id, &rows)?;
             ids.extend(rows.into_iter().map(|r| r.id));
         }
@@ -1221,17 +1221,21 @@ impl Client {
     }
 
     /// One request of [`Client::send_many`]: the rows to store for
-    /// `payloads`, once the server has accepted them all.
+    /// `payloads`, once the server has accepted them all. `behind`: the
+    /// server has just refused this device's epoch (a pipelined batch,
+    /// `wrong_epoch`), so it catches up before the first attempt instead
+    /// of wasting a request and a batch of ratchet steps at the old epoch.
     pub(crate) async fn send_batch(
         &mut self,
         id: ChannelId,
         payloads: &[&[u8]],
+        behind: bool,
     ) -> Result<Vec<MessageRow>, ClientError> {
         let text = id.to_string();
         for attempt in 0..MAX_SEND_ATTEMPTS {
             // As in `send_payload`: catch up only when the server said this
             // device is behind, or with a commit of its own pending.
-            if attempt > 0 || self.mls.has_pending_commit(id)? {
+            if attempt > 0 || behind || self.mls.has_pending_commit(id)? {
                 self.sync().await?;
                 self.catch_up(id).await?;
             }
