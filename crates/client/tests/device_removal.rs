@@ -463,9 +463,13 @@ async fn a_remove_request_checked_against_a_stale_cache_is_kept_for_later() {
     let report = bob.sync().await.unwrap();
     assert!(report.removed_devices.is_empty(), "{report:?}");
 
-    // a.test reachable again: its directory no longer lists the phone, and
-    // the kept request is honoured.
+    // a.test reachable again: its directory no longer lists the phone. The
+    // kept request waits out its back-off (a minute) on the next sync, and
+    // is honoured once it is due.
     faults.heal(&b, &a);
+    let report = bob.sync().await.unwrap();
+    assert!(report.removed_devices.is_empty(), "{report:?}");
+    bob.recheck_kept_requests().unwrap();
     let report = bob.sync().await.unwrap();
     assert_eq!(report.removed_devices, vec![(side, phone_id)]);
     assert!(!bob.members(side).unwrap().contains(&phone_id));
@@ -578,8 +582,10 @@ async fn a_request_whose_users_server_is_down_is_kept_and_the_sync_goes_on() {
         assert!(bob.members(side).unwrap().contains(&phone_id));
     }
 
-    // a.test back: the kept request is honoured.
+    // a.test back: the kept request is honoured once its back-off is over
+    // (made due here rather than waited for).
     cluster.put(a_down.start().await);
+    bob.recheck_kept_requests().unwrap();
     let report = bob.sync().await.unwrap();
     assert_eq!(report.removed_devices, vec![(side, phone_id)]);
     assert!(!bob.members(side).unwrap().contains(&phone_id));
