@@ -166,6 +166,21 @@ pub(crate) fn is_retryable(e: &ClientError) -> bool {
     }
 }
 
+/// A failure the homeserver answered about another server (502
+/// `remote_unavailable` or `remote_invalid`, spec §12.2: that server could
+/// not be reached, or answered wrongly, and no cached answer stood in).
+/// This device reached its own homeserver, so a step that depends on the
+/// other server (checking a member's request, say) is put off, and the
+/// rest of a sync goes on; [`is_retryable`] alone would fail every sync
+/// until that server is back.
+pub(crate) fn is_remote_failure(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Server { status, code, .. }
+            if *status >= 500 && matches!(code.as_str(), "remote_unavailable" | "remote_invalid")
+    )
+}
+
 /// The outcome of a [`kith_mls::MlsStore::batch`] of device operations.
 fn mls_batch<T>(
     result: Result<T, kith_mls::BatchError<kith_mls::DeviceError>>,
@@ -787,6 +802,11 @@ impl Client {
                 match outcome {
                     Ok(Some(_)) => report.removed_on_request.push((id, device)),
                     Ok(None) => {}
+                    // Kept, and the sync goes on: another server failed.
+                    Err(e) if is_remote_failure(&e) => {
+                        tracing::info!(channel = %id, %device, "kept a leave request for a later sync: {e}");
+                        continue;
+                    }
                     // Kept: the next sync tries again.
                     Err(e) if is_retryable(&e) => return Err(e),
                     Err(e) => {
@@ -1193,7 +1213,7 @@ impl Client {
     ) -> Result<Vec<String>, ClientError> {
         let mut ids = Vec::with_capacity(payloads.len());
         for batch in batches(payloads) {
-            let rows = self.send_batch(id, batch).await?;
+            let rows = self.send_batch(id, batch, false).await?;
             self.store.save_messages(&id, &rows)?;
             ids.extend(rows.into_iter().map(|r| r.id));
         }
@@ -1201,17 +1221,21 @@ impl Client {
     }
 
     /// One request of [`Client::send_many`]: the rows to store for
-    /// `payloads`, once the server has accepted them all.
+    /// `payloads`, once the server has accepted them all. `behind`: the
+    /// server has just refused this device's epoch (a pipelined batch,
+    /// `wrong_epoch`), so it catches up before the first attempt instead
+    /// of wasting a request and a batch of ratchet steps at the old epoch.
     pub(crate) async fn send_batch(
         &mut self,
         id: ChannelId,
         payloads: &[&[u8]],
+        behind: bool,
     ) -> Result<Vec<MessageRow>, ClientError> {
         let text = id.to_string();
         for attempt in 0..MAX_SEND_ATTEMPTS {
             // As in `send_payload`: catch up only when the server said this
             // device is behind, or with a commit of its own pending.
-            if attempt > 0 || self.mls.has_pending_commit(id)? {
+            if attempt > 0 || behind || self.mls.has_pending_commit(id)? {
                 self.sync().await?;
                 self.catch_up(id).await?;
             }

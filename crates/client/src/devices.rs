@@ -12,7 +12,7 @@ use kith_proto::{ChannelId, DeviceId, Handle};
 use serde_json::Value;
 use tracing::Instrument;
 
-use crate::channels::{SyncReport, is_retryable, protocol};
+use crate::channels::{SyncReport, is_remote_failure, is_retryable, protocol};
 use crate::requests::Honored;
 use crate::{Client, ClientError};
 
@@ -179,7 +179,11 @@ impl Client {
         }
         let me = self.device_id();
         let handle = self.own_handle()?;
-        for device in pending {
+        // A device whose removal failed because another server did (its
+        // record, or the channel's ordering, through an unreachable
+        // server) stays pending for a later sync; the others and the rest
+        // of the sync go on.
+        'devices: for device in pending {
             for row in self.channels()? {
                 if !row.active {
                     continue;
@@ -196,6 +200,10 @@ impl Client {
                 }
                 let ours = match self.member_record(&device).await {
                     Ok(record) => record.handles().any(|h| h == handle),
+                    Err(e) if is_remote_failure(&e) => {
+                        tracing::info!(%device, "kept a removed device for a later sync: {e}");
+                        continue 'devices;
+                    }
                     Err(e) if is_retryable(&e) => return Err(e),
                     Err(_) => false,
                 };
@@ -215,6 +223,10 @@ impl Client {
                     match outcome {
                         Ok(Some(_)) => report.removed_devices.push((row.id, device)),
                         Ok(None) => {}
+                        Err(e) if is_remote_failure(&e) => {
+                            tracing::info!(channel = %row.id, %device, "kept a removed device for a later sync: {e}");
+                            continue 'devices;
+                        }
                         // Kept pending: the next sync tries again.
                         Err(e) if is_retryable(&e) => return Err(e),
                         // Refused for good (say, this device lost its
@@ -229,6 +241,10 @@ impl Client {
                         Ok(_) => {
                             self.store.save_removal_requested(&row.id, &device)?;
                             report.removal_requested.push((row.id, device));
+                        }
+                        Err(e) if is_remote_failure(&e) => {
+                            tracing::info!(channel = %row.id, %device, "kept a removed device for a later sync: {e}");
+                            continue 'devices;
                         }
                         Err(e) if is_retryable(&e) => return Err(e),
                         Err(e) => {

@@ -6,7 +6,7 @@
 
 use kith_proto::{ChannelId, DeviceId};
 
-use crate::channels::{SyncReport, is_retryable};
+use crate::channels::{SyncReport, is_remote_failure, is_retryable};
 use crate::store::Requests;
 use crate::{Client, ClientError, now_ms};
 
@@ -14,6 +14,30 @@ use crate::{Client, ClientError, now_ms};
 /// each later sync, before it is dropped (spec §9.5): seven days from the
 /// first sync that could not act on it.
 pub const DEFERRED_REQUEST_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+/// How long after its first deferral a kept request is checked again
+/// (spec §9.5); the interval doubles with every further deferral, up to
+/// [`DEFERRED_RETRY_MAX_MS`].
+pub const DEFERRED_RETRY_FIRST_MS: u64 = 60 * 1000;
+
+/// The longest interval between two checks of a kept request: an hour.
+pub const DEFERRED_RETRY_MAX_MS: u64 = 60 * 60 * 1000;
+
+/// The interval before the next check of a request put off `tries` times
+/// (1 the first time): one minute, doubled each time, at most an hour.
+pub(crate) fn retry_interval(tries: u32) -> u64 {
+    let doublings = tries.saturating_sub(1).min(20);
+    DEFERRED_RETRY_FIRST_MS
+        .saturating_mul(1 << doublings)
+        .min(DEFERRED_RETRY_MAX_MS)
+}
+
+/// Whether a kept request whose next check is at `next_at` is due at
+/// `now`. A `next_at` further off than the longest interval (the clock
+/// went back) is due at once.
+pub(crate) fn due(next_at: u64, now: u64) -> bool {
+    now >= next_at || next_at - now > DEFERRED_RETRY_MAX_MS
+}
 
 /// What checking a request found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,18 +68,34 @@ impl Requests {
 impl Client {
     /// Acts on the requests of `kind` this (admin) device recorded. A
     /// request that can never succeed is dropped; one that failed for a
-    /// passing reason (the server unreachable) is kept and fails the sync;
-    /// one whose check cannot succeed yet is kept for later syncs, within
-    /// [`DEFERRED_REQUEST_MS`].
+    /// passing reason at this device's homeserver (unreachable, 5xx of its
+    /// own, 401, 429) is kept and fails the sync; one whose check cannot
+    /// succeed yet, or failed because another server did
+    /// ([`is_remote_failure`]), is kept for later syncs, within
+    /// [`DEFERRED_REQUEST_MS`], while the sync goes on.
     pub(crate) async fn honor_requests(
         &mut self,
         kind: Requests,
         report: &mut SyncReport,
     ) -> Result<(), ClientError> {
         for (id, sender, device) in self.store.requests(kind)? {
+            // A kept request waits out its back-off: each check may cost
+            // directory lookups, and with an unreachable server a connect
+            // timeout.
+            let next_at = self.store.request_next_at(kind, &id, &sender, &device)?;
+            if !due(next_at, now_ms()) {
+                continue;
+            }
             let outcome = match kind {
                 Requests::Add => self.honor_add_request(id, sender, device).await,
                 Requests::Remove => self.honor_remove_request(id, sender, device).await,
+            };
+            // Another server's failure (its user's directory unreachable,
+            // with nothing cached): this request waits, the others and the
+            // rest of the sync go on.
+            let outcome = match outcome {
+                Err(e) if is_remote_failure(&e) => Ok(Honored::NotYet(e.to_string())),
+                other => other,
             };
             match outcome {
                 Ok(Honored::Done) => match kind {
@@ -67,7 +107,21 @@ impl Client {
                     let now = now_ms();
                     let since = self.store.defer_request(kind, &id, &sender, &device, now)?;
                     if still_deferred(since, now) {
-                        tracing::info!(channel = %id, %device, "kept a {} request for a later sync: {why}", kind.name());
+                        let next = self.store.back_off_request(
+                            kind,
+                            &id,
+                            &sender,
+                            &device,
+                            now,
+                            retry_interval,
+                        )?;
+                        tracing::info!(
+                            channel = %id,
+                            %device,
+                            "kept a {} request, to check again in {} s: {why}",
+                            kind.name(),
+                            next.saturating_sub(now) / 1000
+                        );
                         continue;
                     }
                     tracing::warn!(channel = %id, %device, "gave up on a {} request: {why}", kind.name());
@@ -80,6 +134,14 @@ impl Client {
             self.store.drop_request(kind, &id, &sender, &device)?;
         }
         Ok(())
+    }
+
+    /// Makes every kept add- and remove-device request (§9.5) due at the
+    /// next sync, whatever its back-off: for when the server its check
+    /// waits for is known to be back. Each keeps its first deferral time,
+    /// and so its seven days.
+    pub fn recheck_kept_requests(&self) -> Result<(), ClientError> {
+        self.store.recheck_deferred_requests()
     }
 
     /// The members of channel `id` when this device is an active admin of
@@ -113,6 +175,143 @@ mod tests {
         assert!(!still_deferred(since, since + DEFERRED_REQUEST_MS));
         // A clock that went back keeps it.
         assert!(still_deferred(since, 0));
+    }
+
+    #[test]
+    fn a_kept_request_is_checked_again_after_a_doubling_interval_of_at_most_an_hour() {
+        assert_eq!(retry_interval(1), 60_000);
+        assert_eq!(retry_interval(2), 120_000);
+        assert_eq!(retry_interval(6), 32 * 60_000);
+        assert_eq!(retry_interval(7), DEFERRED_RETRY_MAX_MS);
+        assert_eq!(retry_interval(u32::MAX), DEFERRED_RETRY_MAX_MS);
+        assert!(due(0, 5));
+        assert!(due(100, 100));
+        assert!(!due(100, 99));
+        // A clock that went back makes it due rather than stuck.
+        assert!(due(DEFERRED_RETRY_MAX_MS + 10, 5));
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_back_off_is_stored_with_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("client.db")).unwrap();
+        let (channel, sender, device) = (
+            ChannelId::from_bytes([1; 16]),
+            DeviceId::from_bytes([2; 32]),
+            DeviceId::from_bytes([3; 32]),
+        );
+        let kind = Requests::Remove;
+        store
+            .save_request(kind, &channel, &sender, &device)
+            .unwrap();
+        assert_eq!(
+            store
+                .request_next_at(kind, &channel, &sender, &device)
+                .unwrap(),
+            0
+        );
+        store
+            .defer_request(kind, &channel, &sender, &device, 10)
+            .unwrap();
+        let first = store
+            .back_off_request(kind, &channel, &sender, &device, 10, retry_interval)
+            .unwrap();
+        assert_eq!(first, 10 + 60_000);
+        let second = store
+            .back_off_request(kind, &channel, &sender, &device, first, retry_interval)
+            .unwrap();
+        assert_eq!(second, first + 120_000);
+        assert_eq!(
+            store
+                .request_next_at(kind, &channel, &sender, &device)
+                .unwrap(),
+            second
+        );
+        store.recheck_deferred_requests().unwrap();
+        assert_eq!(
+            store
+                .request_next_at(kind, &channel, &sender, &device)
+                .unwrap(),
+            0
+        );
+        // Dropped and asked again: no back-off left over.
+        store
+            .drop_request(kind, &channel, &sender, &device)
+            .unwrap();
+        store
+            .save_request(kind, &channel, &sender, &device)
+            .unwrap();
+        assert_eq!(
+            store
+                .request_next_at(kind, &channel, &sender, &device)
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_store_from_before_the_back_off_gets_its_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE deferred_requests (kind TEXT NOT NULL, channel BLOB NOT NULL,
+                 sender BLOB NOT NULL, device BLOB NOT NULL, since INTEGER NOT NULL,
+                 PRIMARY KEY (kind, channel, sender, device));",
+            )
+            .unwrap();
+        let store = crate::store::Store::open(&path).unwrap();
+        let (channel, sender, device) = (
+            ChannelId::from_bytes([1; 16]),
+            DeviceId::from_bytes([2; 32]),
+            DeviceId::from_bytes([3; 32]),
+        );
+        let kind = Requests::Add;
+        store
+            .save_request(kind, &channel, &sender, &device)
+            .unwrap();
+        store
+            .defer_request(kind, &channel, &sender, &device, 5)
+            .unwrap();
+        assert_eq!(
+            store
+                .request_next_at(kind, &channel, &sender, &device)
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            store
+                .back_off_request(kind, &channel, &sender, &device, 5, retry_interval)
+                .unwrap(),
+            60_005
+        );
+        drop(store);
+        // Opened again: nothing to add.
+        crate::store::Store::open(&path).unwrap();
+    }
+
+    #[test]
+    fn only_another_servers_failure_puts_a_request_off() {
+        let server = |status: u16, code: &str| ClientError::Server {
+            status,
+            code: code.into(),
+            message: String::new(),
+        };
+        assert!(is_remote_failure(&server(502, "remote_unavailable")));
+        assert!(is_remote_failure(&server(502, "remote_invalid")));
+        // The homeserver's own trouble still fails the sync.
+        for own in [
+            server(500, "internal"),
+            server(503, "ordering_unavailable"),
+            server(429, "rate_limited"),
+            server(401, "unauthorized"),
+            server(404, "remote_unavailable"),
+        ] {
+            assert!(!is_remote_failure(&own), "{own}");
+        }
     }
 
     #[test]

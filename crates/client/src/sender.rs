@@ -19,9 +19,10 @@
 //! - **A new epoch.** If the channel moved on, the server refuses the
 //!   batch in flight whole (`wrong_epoch`); the batch encrypted behind it
 //!   is at the same old epoch and is never posted. The refused batch is
-//!   sent again the way [`Client::send_many`] sends (catching up first, at
-//!   most [`crate::channels::MAX_SEND_ATTEMPTS`] times), and the one
-//!   behind it is encrypted again at the new epoch.
+//!   sent again the way [`Client::send_many`] sends (catching up before
+//!   every attempt, the first included: it is not posted again at the old
+//!   epoch; at most [`crate::channels::MAX_SEND_ATTEMPTS`] times), and the
+//!   one behind it is encrypted again at the new epoch.
 //!
 //! [`MAX_BATCH`]: crate::channels::MAX_BATCH
 
@@ -145,7 +146,7 @@ impl Sender<'_> {
             // catches up first.
             let pending = self.client.mls.has_pending_commit(id);
             if pending.map_err(|e| SendError::new(e.into(), unsent(batch)))? {
-                return self.send_now(batch).await;
+                return self.send_now(batch, false).await;
             }
         }
         // The overlap: this batch's encryption (and its ratchet's sync)
@@ -183,11 +184,12 @@ impl Sender<'_> {
             }
             Err(e) if is_wrong_epoch(&e) => {
                 // The channel moved on: the refused batch goes again the
-                // sequential way (catching up first), and this one, made at
-                // the old epoch, is encrypted again at the new one.
+                // sequential way, catching up before it is encrypted again
+                // (not posted once more at the old epoch), and this one,
+                // made at the old epoch, is encrypted again at the new one.
                 tracing::debug!(channel = %id, epoch, "behind the channel's epoch; catching up");
                 let refused: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-                let acked = self.send_now(&refused).await.map_err(|mut e| {
+                let acked = self.send_now(&refused, true).await.map_err(|mut e| {
                     e.unacknowledged.extend(unsent(batch));
                     e
                 })?;
@@ -255,20 +257,21 @@ impl Sender<'_> {
             Ok(answers) => self.store_sent(epoch, answers, &payloads),
             Err(e) if is_wrong_epoch(&e) => {
                 let refused: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-                self.send_now(&refused).await
+                self.send_now(&refused, true).await
             }
             Err(e) => Err(SendError::new(e, payloads)),
         }
     }
 
     /// Sends `batch` the sequential way ([`Client::send_many`]'s request:
-    /// catching up and encrypting again as often as the epoch moves) and
-    /// stores its copies.
-    async fn send_now(&mut self, batch: &[&[u8]]) -> Result<Vec<String>, SendError> {
+    /// catching up and encrypting again as often as the epoch moves; first
+    /// of all when `behind`, the server having refused this device's
+    /// epoch) and stores its copies.
+    async fn send_now(&mut self, batch: &[&[u8]], behind: bool) -> Result<Vec<String>, SendError> {
         let unsent = || batch.iter().map(|p| p.to_vec()).collect::<Vec<_>>();
         let rows = self
             .client
-            .send_batch(self.channel, batch)
+            .send_batch(self.channel, batch, behind)
             .await
             .map_err(|e| SendError::new(e, unsent()))?;
         self.client

@@ -153,13 +153,16 @@ CREATE TABLE IF NOT EXISTS remove_requests (
     PRIMARY KEY (channel, sender, device)
 );
 -- Membership requests (either kind above) whose check could not succeed
--- yet and that are tried again on later syncs: since when (ms).
+-- yet and that are tried again on later syncs: since when (ms), how often
+-- they were put off, and not to be checked again before `next_at` (ms).
 CREATE TABLE IF NOT EXISTS deferred_requests (
     kind TEXT NOT NULL,
     channel BLOB NOT NULL,
     sender BLOB NOT NULL,
     device BLOB NOT NULL,
     since INTEGER NOT NULL,
+    tries INTEGER NOT NULL DEFAULT 0,
+    next_at INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (kind, channel, sender, device)
 );
 CREATE TABLE IF NOT EXISTS records (
@@ -179,11 +182,29 @@ CREATE TABLE IF NOT EXISTS direct_messages (
 );
 ";
 
+/// Adds the back-off columns of `deferred_requests` to a store made
+/// before they existed.
+fn add_backoff_columns(conn: &Connection) -> Result<(), ClientError> {
+    let present: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('deferred_requests') WHERE name = 'next_at'",
+        [],
+        |r| r.get(0),
+    )?;
+    if present == 0 {
+        conn.execute_batch(
+            "ALTER TABLE deferred_requests ADD COLUMN tries INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE deferred_requests ADD COLUMN next_at INTEGER NOT NULL DEFAULT 0;",
+        )?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, ClientError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        add_backoff_columns(&conn)?;
         restrict_permissions(path);
         Ok(Self {
             conn,
@@ -826,6 +847,87 @@ impl Store {
             |r| r.get(0),
         )?;
         Ok(u64::try_from(since).unwrap_or(0))
+    }
+
+    /// Puts off the next check of a deferred request of `kind` (see
+    /// [`Store::defer_request`]) by `interval(tries)` from `now`, `tries`
+    /// counting this one. Returns when it is due.
+    pub fn back_off_request(
+        &self,
+        kind: Requests,
+        channel: &ChannelId,
+        sender: &DeviceId,
+        device: &DeviceId,
+        now: u64,
+        interval: impl Fn(u32) -> u64,
+    ) -> Result<u64, ClientError> {
+        let keys = params![
+            kind.table(),
+            &channel.as_bytes()[..],
+            &sender.as_bytes()[..],
+            &device.as_bytes()[..]
+        ];
+        let tries: i64 = self
+            .conn
+            .query_row(
+                "SELECT tries FROM deferred_requests
+                 WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
+                keys,
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let tries = u32::try_from(tries).unwrap_or(u32::MAX).saturating_add(1);
+        let next_at = now.saturating_add(interval(tries));
+        self.conn.execute(
+            "UPDATE deferred_requests SET tries = ?5, next_at = ?6
+             WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
+            params![
+                kind.table(),
+                &channel.as_bytes()[..],
+                &sender.as_bytes()[..],
+                &device.as_bytes()[..],
+                i64::from(tries),
+                i64::try_from(next_at).unwrap_or(i64::MAX)
+            ],
+        )?;
+        Ok(next_at)
+    }
+
+    /// When a deferred request of `kind` is next to be checked (0: now,
+    /// also for a request never put off).
+    pub fn request_next_at(
+        &self,
+        kind: Requests,
+        channel: &ChannelId,
+        sender: &DeviceId,
+        device: &DeviceId,
+    ) -> Result<u64, ClientError> {
+        let next_at: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT next_at FROM deferred_requests
+                 WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
+            )?
+            .query_row(
+                params![
+                    kind.table(),
+                    &channel.as_bytes()[..],
+                    &sender.as_bytes()[..],
+                    &device.as_bytes()[..]
+                ],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(next_at.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
+    }
+
+    /// Makes every deferred request due at the next sync, whatever its
+    /// back-off (its first deferral time, and so its 7 days, are kept).
+    pub fn recheck_deferred_requests(&self) -> Result<(), ClientError> {
+        self.conn
+            .execute("UPDATE deferred_requests SET next_at = 0", [])?;
+        Ok(())
     }
 
     /// A cached device record.

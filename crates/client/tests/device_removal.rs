@@ -463,9 +463,13 @@ async fn a_remove_request_checked_against_a_stale_cache_is_kept_for_later() {
     let report = bob.sync().await.unwrap();
     assert!(report.removed_devices.is_empty(), "{report:?}");
 
-    // a.test reachable again: its directory no longer lists the phone, and
-    // the kept request is honoured.
+    // a.test reachable again: its directory no longer lists the phone. The
+    // kept request waits out its back-off (a minute) on the next sync, and
+    // is honoured once it is due.
     faults.heal(&b, &a);
+    let report = bob.sync().await.unwrap();
+    assert!(report.removed_devices.is_empty(), "{report:?}");
+    bob.recheck_kept_requests().unwrap();
     let report = bob.sync().await.unwrap();
     assert_eq!(report.removed_devices, vec![(side, phone_id)]);
     assert!(!bob.members(side).unwrap().contains(&phone_id));
@@ -528,4 +532,63 @@ async fn a_remote_devices_removal_is_passed_through_and_cached() {
         .await
         .unwrap();
     assert_eq!(laptop_mark, None);
+}
+
+/// Deletes every remote record b.test (stopped) cached, as if it had never
+/// fetched them.
+fn forget_remote_records(data_dir: &Path) {
+    let db = rusqlite::Connection::open(data_dir.join("kith.db")).unwrap();
+    db.execute("DELETE FROM remote_records", []).unwrap();
+}
+
+/// Alice's server stopped and Bob's server holding no copy of her records:
+/// the directory lookup that checks the laptop's remove-device request is
+/// answered 502 `remote_unavailable` by Bob's own (reachable) server. Bob's
+/// sync still succeeds, processing its events, and keeps the request; once
+/// a.test is back, a later sync honours it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_whose_users_server_is_down_is_kept_and_the_sync_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(LinkFaults::new());
+    let (mut cluster, mut laptop, mut bob, phone, side) =
+        alice_in_bobs_channel(dir.path(), &faults).await;
+    let phone_id = phone.device_id();
+
+    let count = bob
+        .api()
+        .channel_messages(&side.to_string(), 0)
+        .await
+        .unwrap()
+        .len();
+    let removal = laptop.remove_device(phone_id).await.unwrap();
+    assert_eq!(removal.requested, vec![side]);
+    stored_beyond(&bob, side, count).await;
+
+    // a.test goes down; b.test forgets what it cached of Alice's records.
+    let a_down = cluster.take("a.test").stop_keeping().await;
+    let b_down = cluster.take("b.test").stop_keeping().await;
+    forget_remote_records(&dir.path().join("b.test"));
+    cluster.put(b_down.start().await);
+    let refused = bob.user_devices("alice@a.test").await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Server { status: 502, code, .. } if code == "remote_unavailable"),
+        "{refused}"
+    );
+
+    // Bob's sync succeeds (every time) and keeps the request.
+    for _ in 0..2 {
+        let report = bob.sync().await.unwrap();
+        assert!(report.removed_devices.is_empty(), "{report:?}");
+        assert!(bob.members(side).unwrap().contains(&phone_id));
+    }
+
+    // a.test back: the kept request is honoured once its back-off is over
+    // (made due here rather than waited for).
+    cluster.put(a_down.start().await);
+    bob.recheck_kept_requests().unwrap();
+    let report = bob.sync().await.unwrap();
+    assert_eq!(report.removed_devices, vec![(side, phone_id)]);
+    assert!(!bob.members(side).unwrap().contains(&phone_id));
+    let report = bob.sync().await.unwrap();
+    assert!(report.removed_devices.is_empty(), "{report:?}");
 }

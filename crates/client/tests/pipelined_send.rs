@@ -61,6 +61,20 @@ fn texts(payloads: &[Vec<u8>]) -> Vec<String> {
         .collect()
 }
 
+/// How many POSTs the server answered 409 (here: `wrong_epoch`), from its
+/// `kith_http_requests_total` metric.
+async fn refused_posts(server: &TestServer) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", server.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("kith_http_requests_total{method=\"POST\",status=\"409\"}"))
+        .map_or(0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
 /// Syncs `client` until a sync brings nothing new (bounded).
 async fn sync_all(client: &mut Client) {
     for _ in 0..20 {
@@ -104,8 +118,12 @@ async fn a_sender_delivers_every_batch_once_in_order_across_a_commit_mid_stream(
     unique.dedup();
     assert_eq!(unique.len(), acked.len(), "a message id acknowledged twice");
 
-    // The channel moved on, and Alice followed it.
+    // The channel moved on, and Alice followed it: the server refused one
+    // batch of hers at the old epoch (the one in flight, or the one posted
+    // right after Bob's commit), and she caught up before posting it again
+    // (no second request at the old epoch).
     assert_eq!(alice.channel_state(channel).unwrap().0, start + 1);
+    assert_eq!(refused_posts(&server).await, 1);
     sync_all(&mut bob).await;
     assert_eq!(bodies(&bob, channel), sent);
     // Alice's own copies, in the server's order too.
