@@ -61,6 +61,10 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Check kept add- and remove-device requests now, whatever their
+        /// back-off (for when a server that was down is back).
+        #[arg(long)]
+        recheck: bool,
     },
     /// Channels: create, invite, remove, leave, list.
     Channel {
@@ -274,8 +278,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let n = client.send_direct(&handle, text.as_bytes()).await?;
             eprintln!("delivered to {n} device(s) of {handle}");
         }
-        Command::Sync { json } => {
+        Command::Sync { json, recheck } => {
             let mut client = Client::open(&home)?;
+            if recheck {
+                client.recheck_kept_requests()?;
+            }
             let report = client.sync().await?;
             for m in &report.direct {
                 let text = String::from_utf8_lossy(&m.body);
