@@ -167,6 +167,24 @@ impl Client {
 mod tests {
     use super::*;
 
+    /// A client store in a temporary directory (kept alive by the first
+    /// value), and a request's channel, sender and device.
+    #[allow(clippy::unwrap_used)]
+    fn store_and_request() -> (
+        tempfile::TempDir,
+        crate::store::Store,
+        (ChannelId, DeviceId, DeviceId),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("client.db")).unwrap();
+        let request = (
+            ChannelId::from_bytes([1; 16]),
+            DeviceId::from_bytes([2; 32]),
+            DeviceId::from_bytes([3; 32]),
+        );
+        (dir, store, request)
+    }
+
     #[test]
     fn a_deferred_request_is_tried_for_seven_days_then_dropped() {
         let since = 1_000;
@@ -194,13 +212,7 @@ mod tests {
     #[test]
     #[allow(clippy::unwrap_used)]
     fn the_back_off_is_stored_with_the_request() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(&dir.path().join("client.db")).unwrap();
-        let (channel, sender, device) = (
-            ChannelId::from_bytes([1; 16]),
-            DeviceId::from_bytes([2; 32]),
-            DeviceId::from_bytes([3; 32]),
-        );
+        let (_dir, store, (channel, sender, device)) = store_and_request();
         let kind = Requests::Remove;
         store
             .save_request(kind, &channel, &sender, &device)
@@ -317,13 +329,7 @@ mod tests {
     #[test]
     #[allow(clippy::unwrap_used)]
     fn a_deferral_keeps_its_first_time_until_the_request_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(&dir.path().join("client.db")).unwrap();
-        let (channel, sender, device) = (
-            ChannelId::from_bytes([1; 16]),
-            DeviceId::from_bytes([2; 32]),
-            DeviceId::from_bytes([3; 32]),
-        );
+        let (_dir, store, (channel, sender, device)) = store_and_request();
         for kind in [Requests::Add, Requests::Remove] {
             store
                 .save_request(kind, &channel, &sender, &device)
