@@ -166,9 +166,11 @@ CREATE TABLE IF NOT EXISTS remove_requests (
     device BLOB NOT NULL,
     PRIMARY KEY (channel, sender, device)
 );
--- Membership requests (either kind above) whose check could not succeed
--- yet and that are tried again on later syncs: since when (ms), how often
--- they were put off, and not to be checked again before `next_at` (ms).
+-- Work a sync put off (membership requests of either kind above, leave
+-- requests, removals of removed devices, adds of linked devices; `kind`
+-- names which, `Kept` in the code) and tries again on later syncs: since
+-- when (ms), how often it was put off, and not to be tried again before
+-- `next_at` (ms).
 CREATE TABLE IF NOT EXISTS deferred_requests (
     kind TEXT NOT NULL,
     channel BLOB NOT NULL,
@@ -643,7 +645,8 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Forgets a leave request, once it is honored (or moot).
+    /// Forgets a leave request, once it is honored (or moot, or given up),
+    /// and any deferral of it.
     pub fn drop_leave_request(
         &self,
         channel: &ChannelId,
@@ -653,7 +656,7 @@ impl Store {
             "DELETE FROM leave_requests WHERE channel = ?1 AND device = ?2",
             params![&channel.as_bytes()[..], &device.as_bytes()[..]],
         )?;
-        Ok(())
+        self.forget_deferral(&Kept::Leave(*channel, *device))
     }
 
     /// Records that this device added its user's linked `device` to
@@ -667,7 +670,7 @@ impl Store {
             "INSERT OR IGNORE INTO linked_added (channel, device) VALUES (?1, ?2)",
             params![&channel.as_bytes()[..], &device.as_bytes()[..]],
         )?;
-        Ok(())
+        self.forget_deferral(&Kept::Linked(*channel, *device))
     }
 
     /// Whether this device already added the linked `device` to `channel`.
@@ -696,7 +699,7 @@ impl Store {
              ON CONFLICT (device) DO UPDATE SET pending = 1",
             params![&device.as_bytes()[..]],
         )?;
-        Ok(())
+        self.forget_deferral(&Kept::Removal(*device))
     }
 
     /// Whether `device` is one of this user's removed devices.
@@ -723,13 +726,14 @@ impl Store {
     }
 
     /// Notes that no channel of this device needs anything more done
-    /// about the removed `device`.
+    /// about the removed `device` (done, or given up), and forgets any
+    /// deferral of it.
     pub fn settle_removed_device(&self, device: &DeviceId) -> Result<(), ClientError> {
         self.conn().execute(
             "UPDATE removed_devices SET pending = 0 WHERE device = ?1",
             params![&device.as_bytes()[..]],
         )?;
-        Ok(())
+        self.forget_deferral(&Kept::Removal(*device))
     }
 
     /// Records that this device asked `channel`'s admins to remove
@@ -806,7 +810,8 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Forgets a request of `kind` (acted on, moot, or given up).
+    /// Forgets a request of `kind` (acted on, moot, or given up), and
+    /// any deferral of it.
     pub fn drop_request(
         &self,
         kind: Requests,
@@ -814,86 +819,50 @@ impl Store {
         sender: &DeviceId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
-        let keys = params![
-            &channel.as_bytes()[..],
-            &sender.as_bytes()[..],
-            &device.as_bytes()[..]
-        ];
         self.conn().execute(
             &format!(
                 "DELETE FROM {} WHERE channel = ?1 AND sender = ?2 AND device = ?3",
                 kind.table()
             ),
-            keys,
-        )?;
-        self.conn().execute(
-            "DELETE FROM deferred_requests
-             WHERE kind = ?4 AND channel = ?1 AND sender = ?2 AND device = ?3",
             params![
-                &channel.as_bytes()[..],
-                &sender.as_bytes()[..],
-                &device.as_bytes()[..],
-                kind.table()
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Notes that a request of `kind` could not be acted on yet (it is
-    /// tried again later) and returns since when that has been so: `now`
-    /// the first time, the first time's `now` after that.
-    pub fn defer_request(
-        &self,
-        kind: Requests,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
-        now: u64,
-    ) -> Result<u64, ClientError> {
-        let keys = params![
-            kind.table(),
-            &channel.as_bytes()[..],
-            &sender.as_bytes()[..],
-            &device.as_bytes()[..],
-            now as i64
-        ];
-        self.conn().execute(
-            "INSERT OR IGNORE INTO deferred_requests (kind, channel, sender, device, since)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            keys,
-        )?;
-        let since: i64 = self.conn().query_row(
-            "SELECT since FROM deferred_requests
-             WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
-            params![
-                kind.table(),
                 &channel.as_bytes()[..],
                 &sender.as_bytes()[..],
                 &device.as_bytes()[..]
             ],
+        )?;
+        self.forget_deferral(&Kept::Request(kind, *channel, *sender, *device))
+    }
+
+    /// Notes that `kept` could not be done yet (it is tried again later)
+    /// and returns since when that has been so: `now` the first time, the
+    /// first time's `now` after that.
+    pub fn defer(&self, kept: &Kept, now: u64) -> Result<u64, ClientError> {
+        let (kind, channel, sender, device) = kept.key();
+        self.conn().execute(
+            "INSERT OR IGNORE INTO deferred_requests (kind, channel, sender, device, since)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![kind, channel, &sender[..], &device[..], now as i64],
+        )?;
+        let since: i64 = self.conn().query_row(
+            "SELECT since FROM deferred_requests
+             WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
+            params![kind, channel, &sender[..], &device[..]],
             |r| r.get(0),
         )?;
         Ok(u64::try_from(since).unwrap_or(0))
     }
 
-    /// Puts off the next check of a deferred request of `kind` (see
-    /// [`Store::defer_request`]) by `interval(tries)` from `now`, `tries`
-    /// counting this one. Returns when it is due.
-    pub fn back_off_request(
+    /// Puts off the next try of deferred `kept` (see [`Store::defer`]) by
+    /// `interval(tries)` from `now`, `tries` counting this one. Returns
+    /// when it is due.
+    pub fn back_off(
         &self,
-        kind: Requests,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
+        kept: &Kept,
         now: u64,
         interval: impl Fn(u32) -> u64,
     ) -> Result<u64, ClientError> {
-        let keys = params![
-            kind.table(),
-            &channel.as_bytes()[..],
-            &sender.as_bytes()[..],
-            &device.as_bytes()[..]
-        ];
+        let (kind, channel, sender, device) = kept.key();
+        let keys = params![kind, channel, &sender[..], &device[..]];
         let tries: i64 = self
             .conn
             .query_row(
@@ -910,10 +879,10 @@ impl Store {
             "UPDATE deferred_requests SET tries = ?5, next_at = ?6
              WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
             params![
-                kind.table(),
-                &channel.as_bytes()[..],
-                &sender.as_bytes()[..],
-                &device.as_bytes()[..],
+                kind,
+                channel,
+                &sender[..],
+                &device[..],
                 i64::from(tries),
                 i64::try_from(next_at).unwrap_or(i64::MAX)
             ],
@@ -921,37 +890,38 @@ impl Store {
         Ok(next_at)
     }
 
-    /// When a deferred request of `kind` is next to be checked (0: now,
-    /// also for a request never put off).
-    pub fn request_next_at(
-        &self,
-        kind: Requests,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
-    ) -> Result<u64, ClientError> {
+    /// When deferred `kept` is next to be tried (0: now, also for work
+    /// never put off).
+    pub fn next_at(&self, kept: &Kept) -> Result<u64, ClientError> {
+        let (kind, channel, sender, device) = kept.key();
         let next_at: Option<i64> = self
             .conn
             .prepare_cached(
                 "SELECT next_at FROM deferred_requests
                  WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
             )?
-            .query_row(
-                params![
-                    kind.table(),
-                    &channel.as_bytes()[..],
-                    &sender.as_bytes()[..],
-                    &device.as_bytes()[..]
-                ],
-                |r| r.get(0),
-            )
+            .query_row(params![kind, channel, &sender[..], &device[..]], |r| {
+                r.get(0)
+            })
             .optional()?;
         Ok(next_at.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
     }
 
-    /// Makes every deferred request due at the next sync, whatever its
+    /// Forgets that `kept` was ever put off (done, moot, given up, or
+    /// asked for afresh).
+    pub fn forget_deferral(&self, kept: &Kept) -> Result<(), ClientError> {
+        let (kind, channel, sender, device) = kept.key();
+        self.conn().execute(
+            "DELETE FROM deferred_requests
+             WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
+            params![kind, channel, &sender[..], &device[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Makes all deferred work due at the next sync, whatever its
     /// back-off (its first deferral time, and so its 7 days, are kept).
-    pub fn recheck_deferred_requests(&self) -> Result<(), ClientError> {
+    pub fn recheck_deferred(&self) -> Result<(), ClientError> {
         self.conn()
             .execute("UPDATE deferred_requests SET next_at = 0", [])?;
         Ok(())
@@ -1051,6 +1021,55 @@ impl Requests {
         match self {
             Self::Add => "add_requests",
             Self::Remove => "remove_requests",
+        }
+    }
+}
+
+/// Work a sync may have to put off, with a back-off and a time limit
+/// (spec §9.5), when it cannot be done yet: what identifies it in
+/// `deferred_requests`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// A membership request of that kind: (channel, sender, device).
+    Request(Requests, ChannelId, DeviceId, DeviceId),
+    /// A member's leave request: (channel, the leaving device).
+    Leave(ChannelId, DeviceId),
+    /// Ridding this device's channels of one of its user's removed
+    /// devices (all channels: one deferral).
+    Removal(DeviceId),
+    /// Bringing this user's linked device into a channel (spec §5.7).
+    Linked(ChannelId, DeviceId),
+}
+
+impl Kept {
+    /// The row's key: kind, channel (empty for every channel), sender,
+    /// device. Requests keep the kind names stores already hold.
+    fn key(&self) -> (&'static str, Vec<u8>, [u8; 32], [u8; 32]) {
+        match self {
+            Self::Request(kind, channel, sender, device) => (
+                kind.table(),
+                channel.as_bytes().to_vec(),
+                *sender.as_bytes(),
+                *device.as_bytes(),
+            ),
+            Self::Leave(channel, device) => (
+                "leave_requests",
+                channel.as_bytes().to_vec(),
+                *device.as_bytes(),
+                *device.as_bytes(),
+            ),
+            Self::Removal(device) => (
+                "removed_devices",
+                Vec::new(),
+                *device.as_bytes(),
+                *device.as_bytes(),
+            ),
+            Self::Linked(channel, device) => (
+                "linked_added",
+                channel.as_bytes().to_vec(),
+                *device.as_bytes(),
+                *device.as_bytes(),
+            ),
         }
     }
 }
