@@ -83,6 +83,12 @@ pub struct SyncReport {
     /// directory through it, or the channel's ordering group), kept and
     /// tried again after a back-off (§9.5).
     pub kept: Vec<crate::requests::KeptWork>,
+    /// Payloads of the last batch of a [`crate::Sender`] dropped without
+    /// [`crate::Sender::finish`] that the server did not acknowledge
+    /// (refused, or of unknown fate when the homeserver could not be
+    /// reached), each with its channel, in order: for the caller to send
+    /// again. (One it accepted is stored like any sent message.)
+    pub unacknowledged: Vec<(ChannelId, Vec<u8>)>,
 }
 
 /// What [`Client::leave`] did.
@@ -1203,6 +1209,9 @@ impl Client {
                 row.name
             )));
         }
+        // A dropped sender's batch still in flight is answered first: two
+        // requests of this device must not race.
+        self.settle_dropped_batch().await?;
         let text = id.to_string();
         let mut attempt = 0;
         let (message_id, seq, received_at, epoch) = loop {
@@ -1304,6 +1313,7 @@ impl Client {
         payloads: &[&[u8]],
         behind: bool,
     ) -> Result<Vec<MessageRow>, ClientError> {
+        self.settle_dropped_batch().await?;
         let text = id.to_string();
         for attempt in 0..MAX_SEND_ATTEMPTS {
             // As in `send_payload`: catch up only when the server said this
@@ -1414,6 +1424,7 @@ impl Client {
     /// [`ACK_EVERY_EVENTS`] have gathered.
     pub async fn sync(&mut self) -> Result<SyncReport, ClientError> {
         let mut report = SyncReport::default();
+        self.settle_dropped_batch().await?;
         self.commits_since_sync = 0;
         if let Err(e) = self.renew_sponsorship(false).await {
             tracing::warn!("renewing this device's sponsorship: {e}");
@@ -1514,6 +1525,9 @@ impl Client {
         let _running = TailRunning(std::sync::Arc::clone(&self.in_tail));
         self.stalled.clear();
         self.sync_tail(&mut report).await?;
+        // Reported by a sync that returns its report (a failed one leaves
+        // them for the next).
+        report.unacknowledged = self.take_unacknowledged();
         Ok(report)
     }
 

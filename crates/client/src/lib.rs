@@ -167,6 +167,12 @@ pub struct Client {
     /// one of them starts (a commit or a send catching up) reads events
     /// only, so it cannot come back to the same step.
     in_tail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The batch a dropped [`Sender`] left in flight, settled before this
+    /// device posts anything else (`Client::settle_dropped_batch`).
+    dropped_batch: Option<sender::InFlight>,
+    /// Payloads of such batches the server did not acknowledge, for the
+    /// next sync to report.
+    unacknowledged: Vec<(kith_proto::ChannelId, Vec<u8>)>,
 }
 
 impl Client {
@@ -286,6 +292,8 @@ impl Client {
             records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
             stalled: Default::default(),
             in_tail: Default::default(),
+            dropped_batch: None,
+            unacknowledged: Vec::new(),
         };
         client.login().await?;
         client.api.publish_record(&record.encode()).await?;
@@ -406,6 +414,8 @@ impl Client {
             records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
             stalled: Default::default(),
             in_tail: Default::default(),
+            dropped_batch: None,
+            unacknowledged: Vec::new(),
         })
     }
 
