@@ -321,7 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .kept
                 .iter()
                 .map(|k| {
-                    json!({ "kind": k.work.name(), "channel": k.work.channel().map(|c| c.to_string()),
+                    json!({ "kind": k.work.kind(), "channel": k.work.channel().map(|c| c.to_string()),
                             "device": k.work.device().to_string(), "retry_at": k.retry_at,
                             "reason": k.reason })
                 })

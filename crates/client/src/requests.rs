@@ -79,6 +79,19 @@ impl Kept {
         }
     }
 
+    /// What this work is, as a word for machines (`kith sync --json`):
+    /// `add_device`, `remove_device`, `leave`, `removed_device` or
+    /// `linked_device`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Request(Requests::Add, ..) => "add_device",
+            Self::Request(Requests::Remove, ..) => "remove_device",
+            Self::Leave(..) => "leave",
+            Self::Removal(..) => "removed_device",
+            Self::Linked(..) => "linked_device",
+        }
+    }
+
     /// The channel it is about (`None`: every channel holding the device).
     pub fn channel(&self) -> Option<ChannelId> {
         match self {
