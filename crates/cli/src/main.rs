@@ -61,7 +61,8 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// Check kept add- and remove-device requests now, whatever their
+        /// Try work kept for later (membership and leave requests, removals
+        /// of removed devices, adds of linked devices) now, whatever its
         /// back-off (for when a server that was down is back).
         #[arg(long)]
         recheck: bool,
@@ -316,13 +317,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|(c, d)| json!({ "channel": c.to_string(), "device": d.to_string() }))
                 .collect();
+            let kept: Vec<Value> = report
+                .kept
+                .iter()
+                .map(|k| {
+                    json!({ "kind": k.work.kind(), "channel": k.work.channel().map(|c| c.to_string()),
+                            "device": k.work.device().to_string(), "retry_at": k.retry_at,
+                            "reason": k.reason })
+                })
+                .collect();
             if json {
                 println!(
                     "{}",
                     json!({ "joined": joined, "messages": report.messages, "commits": report.commits,
                             "removed_on_request": removed, "linked_added": linked,
                             "removed_devices": removed_devices,
-                            "removal_requested": removal_requested })
+                            "removal_requested": removal_requested, "kept": kept })
                 );
             } else {
                 for c in &joined {
@@ -340,6 +350,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for (c, d) in &report.removal_requested {
                     println!(
                         "asked the admins of channel {c} to remove this user's removed device {d}"
+                    );
+                }
+                for k in &report.kept {
+                    let channel = k
+                        .work
+                        .channel()
+                        .map_or("every channel".to_owned(), |c| format!("channel {c}"));
+                    eprintln!(
+                        "kept a {} ({channel}, device {}) for a later sync: {}",
+                        k.work.name(),
+                        k.work.device(),
+                        k.reason
                     );
                 }
                 eprintln!(

@@ -280,4 +280,6 @@ fn sync_json_reports_removal_requests() {
         "{report}"
     );
     assert_eq!(report["removal_requested"], serde_json::json!([]));
+    // Nothing waited for a server that is down.
+    assert_eq!(report["kept"], serde_json::json!([]), "{report}");
 }

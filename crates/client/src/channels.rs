@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::api::{CommitBundle, unb64};
 use crate::requests::Honored;
-use crate::store::{ChannelRow, FutureMessage, MessageRow, Requests};
+use crate::store::{ChannelRow, FutureMessage, Kept, MessageRow, Requests};
 use crate::{Client, ClientError, now_ms};
 
 /// How often a commit is retried when other commits keep winning its epoch.
@@ -79,6 +79,16 @@ pub struct SyncReport {
     /// Removed devices of this user that this (non-admin) device asked a
     /// channel's admins to remove, by a remove-device request (§9.5).
     pub removal_requested: Vec<(ChannelId, DeviceId)>,
+    /// Work this sync could not do because another server failed (a
+    /// directory through it, or the channel's ordering group), kept and
+    /// tried again after a back-off (§9.5).
+    pub kept: Vec<crate::requests::KeptWork>,
+    /// Payloads of the last batch of a [`crate::Sender`] dropped without
+    /// [`crate::Sender::finish`] that the server did not acknowledge
+    /// (refused, or of unknown fate when the homeserver could not be
+    /// reached), each with its channel, in order: for the caller to send
+    /// again. (One it accepted is stored like any sent message.)
+    pub unacknowledged: Vec<(ChannelId, Vec<u8>)>,
 }
 
 /// What [`Client::leave`] did.
@@ -166,19 +176,27 @@ pub(crate) fn is_retryable(e: &ClientError) -> bool {
     }
 }
 
-/// A failure the homeserver answered about another server (502
-/// `remote_unavailable` or `remote_invalid`, spec §12.2: that server could
-/// not be reached, or answered wrongly, and no cached answer stood in).
+/// A failure the homeserver answered about other servers: 502
+/// `remote_unavailable` or `remote_invalid` (spec §12.2: that server could
+/// not be reached, or answered wrongly, and no cached answer stood in), or
+/// 503 `ordering_unavailable` (§6.7, §10.8: the channel's ordering group
+/// has no leader this server can reach, most of its servers being down).
 /// This device reached its own homeserver, so a step that depends on the
-/// other server (checking a member's request, say) is put off, and the
-/// rest of a sync goes on; [`is_retryable`] alone would fail every sync
-/// until that server is back.
+/// other servers (checking a member's request, committing in that
+/// channel) is put off, and the rest of a sync goes on; [`is_retryable`]
+/// alone would fail every sync until those servers are back.
 pub(crate) fn is_remote_failure(e: &ClientError) -> bool {
     matches!(
         e,
         ClientError::Server { status, code, .. }
             if *status >= 500 && matches!(code.as_str(), "remote_unavailable" | "remote_invalid")
-    )
+    ) || is_ordering_unavailable(e)
+}
+
+/// 503 `ordering_unavailable`: the channel's ordering group cannot order a
+/// commit or accept a message now (§6.7).
+pub(crate) fn is_ordering_unavailable(e: &ClientError) -> bool {
+    matches!(e, ClientError::Server { status: 503, code, .. } if code == "ordering_unavailable")
 }
 
 /// The outcome of a [`kith_mls::MlsStore::batch`] of device operations.
@@ -200,6 +218,15 @@ fn is_message_frame(frame: &EventFrame) -> bool {
         frame,
         EventFrame::Message { .. } | EventFrame::Compact { .. }
     )
+}
+
+/// Marks the steps at the end of a sync as running until dropped.
+struct TailRunning(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for TailRunning {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A page of events being fetched in a task of its own.
@@ -640,7 +667,7 @@ impl Client {
                 if members.contains(&d) {
                     // Already in (invited with the user, say): handled.
                     self.store.save_linked_added(&row.id, &d)?;
-                } else {
+                } else if self.is_due(&Kept::Linked(row.id, d))? {
                     missing.push(d);
                 }
             }
@@ -662,12 +689,22 @@ impl Client {
             if records.is_empty() {
                 continue;
             }
+            if let Some(why) = self.stalled(id) {
+                self.keep_linked(id, &records, &why, report)?;
+                continue;
+            }
             if !admin {
                 for r in &records {
                     let device = r.device_id();
                     // Boxed: sending may sync, which comes back here.
-                    Box::pin(self.request_add_device(id, device)).await?;
-                    self.store.save_linked_added(&id, &device)?;
+                    match Box::pin(self.request_add_device(id, device)).await {
+                        Ok(_) => self.store.save_linked_added(&id, &device)?,
+                        Err(e) if is_remote_failure(&e) => {
+                            self.note_failure(id, &e);
+                            self.keep_linked(id, std::slice::from_ref(r), &e.to_string(), report)?;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 continue;
             }
@@ -689,9 +726,32 @@ impl Client {
                         report.linked_added.push((id, r.device_id()));
                     }
                 }
+                Err(e) if is_remote_failure(&e) => {
+                    self.note_failure(id, &e);
+                    self.keep_linked(id, &records, &e.to_string(), report)?;
+                }
                 Err(e) if is_retryable(&e) => return Err(e),
                 // Kept: tried again on the next sync (e.g. no key packages).
                 Err(e) => tracing::warn!(channel = %id, "cannot add a linked device: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the adds of linked devices (`records`) to channel `id` that
+    /// other servers' failure stopped for a later sync; one put off for
+    /// too long is given up (the device stays out, as if handled).
+    fn keep_linked(
+        &mut self,
+        id: ChannelId,
+        records: &[DeviceRecord],
+        why: &str,
+        report: &mut SyncReport,
+    ) -> Result<(), ClientError> {
+        for r in records {
+            let device = r.device_id();
+            if !self.keep_for_later(Kept::Linked(id, device), why, report)? {
+                self.store.save_linked_added(&id, &device)?;
             }
         }
         Ok(())
@@ -781,9 +841,16 @@ impl Client {
     }
 
     /// Commits the removal of every member whose leave request this device
-    /// recorded (it is an admin). A member already gone needs nothing.
+    /// recorded (it is an admin). A member already gone needs nothing. A
+    /// removal that fails because other servers did (the channel's ordering
+    /// group unavailable, say) is kept for a later sync, with the back-off
+    /// and time limit of membership requests ([`Client::keep_for_later`]).
     async fn honor_leave_requests(&mut self, report: &mut SyncReport) -> Result<(), ClientError> {
         for (id, device) in self.store.leave_requests()? {
+            let kept = Kept::Leave(id, device);
+            if !self.is_due(&kept)? {
+                continue;
+            }
             let still_here = self
                 .resolve_channel(&id.to_string())
                 .is_ok_and(|row| row.active)
@@ -791,26 +858,38 @@ impl Client {
             let me = self.device_id();
             let admin = still_here && self.channel_admins(id).is_ok_and(|a| a.contains(&me));
             if admin {
-                let outcome = self
-                    .commit_with_retry(id, |channel| {
-                        if !channel.members().contains(&device) {
-                            return Ok(None);
+                let outcome = match self.stalled(id) {
+                    Some(why) => Err(why),
+                    None => match self
+                        .commit_with_retry(id, |channel| {
+                            if !channel.members().contains(&device) {
+                                return Ok(None);
+                            }
+                            Ok(Some(channel.remove(&[device])?))
+                        })
+                        .await
+                    {
+                        Ok(outcome) => Ok(outcome),
+                        // Kept, and the sync goes on: other servers failed.
+                        Err(e) if is_remote_failure(&e) => {
+                            self.note_failure(id, &e);
+                            Err(e.to_string())
                         }
-                        Ok(Some(channel.remove(&[device])?))
-                    })
-                    .await;
+                        // Kept: the next sync tries again.
+                        Err(e) if is_retryable(&e) => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(channel = %id, %device, "cannot honor a leave request: {e}");
+                            Ok(None)
+                        }
+                    },
+                };
                 match outcome {
                     Ok(Some(_)) => report.removed_on_request.push((id, device)),
                     Ok(None) => {}
-                    // Kept, and the sync goes on: another server failed.
-                    Err(e) if is_remote_failure(&e) => {
-                        tracing::info!(channel = %id, %device, "kept a leave request for a later sync: {e}");
-                        continue;
-                    }
-                    // Kept: the next sync tries again.
-                    Err(e) if is_retryable(&e) => return Err(e),
-                    Err(e) => {
-                        tracing::warn!(channel = %id, %device, "cannot honor a leave request: {e}");
+                    Err(why) => {
+                        if self.keep_for_later(kept, &why, report)? {
+                            continue;
+                        }
                     }
                 }
             }
@@ -1130,6 +1209,9 @@ impl Client {
                 row.name
             )));
         }
+        // A dropped sender's batch still in flight is answered first: two
+        // requests of this device must not race.
+        self.settle_dropped_batch().await?;
         let text = id.to_string();
         let mut attempt = 0;
         let (message_id, seq, received_at, epoch) = loop {
@@ -1231,6 +1313,7 @@ impl Client {
         payloads: &[&[u8]],
         behind: bool,
     ) -> Result<Vec<MessageRow>, ClientError> {
+        self.settle_dropped_batch().await?;
         let text = id.to_string();
         for attempt in 0..MAX_SEND_ATTEMPTS {
             // As in `send_payload`: catch up only when the server said this
@@ -1341,6 +1424,7 @@ impl Client {
     /// [`ACK_EVERY_EVENTS`] have gathered.
     pub async fn sync(&mut self) -> Result<SyncReport, ClientError> {
         let mut report = SyncReport::default();
+        self.settle_dropped_batch().await?;
         self.commits_since_sync = 0;
         if let Err(e) = self.renew_sponsorship(false).await {
             tracing::warn!("renewing this device's sponsorship: {e}");
@@ -1427,12 +1511,36 @@ impl Client {
                 self.keep_cursor(after, last)?;
             }
         }
-        self.honor_leave_requests(&mut report).await?;
-        self.honor_requests(Requests::Remove, &mut report).await?;
-        self.remove_removed_devices(&mut report).await?;
-        self.honor_requests(Requests::Add, &mut report).await?;
-        self.add_linked_devices(&mut report).await?;
+        // A sync started by one of the steps below (a commit or a send
+        // catching up) only reads events: run again, the steps could come
+        // back to the one that started it, with no end.
+        if self
+            .in_tail
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(report);
+        }
+        // Cleared however the steps end (an error, a panic, or the sync's
+        // future dropped halfway).
+        let _running = TailRunning(std::sync::Arc::clone(&self.in_tail));
+        self.stalled.clear();
+        self.sync_tail(&mut report).await?;
+        // Reported by a sync that returns its report (a failed one leaves
+        // them for the next).
+        report.unacknowledged = self.take_unacknowledged();
         Ok(report)
+    }
+
+    /// The steps at the end of a sync, once its events are processed: an
+    /// admin's requests to act on, this user's removed devices to remove
+    /// and linked devices to add. A step that other servers' failure stops
+    /// is kept for later ([`SyncReport::kept`]), and the others go on.
+    async fn sync_tail(&mut self, report: &mut SyncReport) -> Result<(), ClientError> {
+        self.honor_leave_requests(report).await?;
+        self.honor_requests(Requests::Remove, report).await?;
+        self.remove_removed_devices(report).await?;
+        self.honor_requests(Requests::Add, report).await?;
+        self.add_linked_devices(report).await
     }
 
     /// One page of events after `after`, in binary.

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::channels::{SyncReport, is_remote_failure, is_retryable, protocol};
 use crate::requests::Honored;
+use crate::store::Kept;
 use crate::{Client, ClientError};
 
 /// What [`Client::remove_device`] did.
@@ -179,83 +180,109 @@ impl Client {
         }
         let me = self.device_id();
         let handle = self.own_handle()?;
-        // A device whose removal failed because another server did (its
+        // A device whose removal failed because other servers did (its
         // record, or the channel's ordering, through an unreachable
-        // server) stays pending for a later sync; the others and the rest
-        // of the sync go on.
-        'devices: for device in pending {
-            for row in self.channels()? {
-                if !row.active {
-                    continue;
-                }
-                let (member, admin) = match self.mls.channel(row.id) {
-                    Ok(channel) if channel.is_active() => (
-                        channel.members().contains(&device),
-                        channel.extension().is_ok_and(|e| e.policy.is_admin(&me)),
-                    ),
-                    _ => continue,
-                };
-                if !member {
-                    continue;
-                }
-                let ours = match self.member_record(&device).await {
-                    Ok(record) => record.handles().any(|h| h == handle),
-                    Err(e) if is_remote_failure(&e) => {
-                        tracing::info!(%device, "kept a removed device for a later sync: {e}");
-                        continue 'devices;
-                    }
-                    Err(e) if is_retryable(&e) => return Err(e),
-                    Err(_) => false,
-                };
-                if !ours {
-                    tracing::warn!(%device, channel = %row.id, "not removing a device that is not this user's");
-                    continue;
-                }
-                if admin {
-                    let outcome = self
-                        .commit_with_retry(row.id, |channel| {
-                            if !channel.members().contains(&device) {
-                                return Ok(None);
-                            }
-                            Ok(Some(channel.remove(&[device])?))
-                        })
-                        .await;
-                    match outcome {
-                        Ok(Some(_)) => report.removed_devices.push((row.id, device)),
-                        Ok(None) => {}
-                        Err(e) if is_remote_failure(&e) => {
-                            tracing::info!(channel = %row.id, %device, "kept a removed device for a later sync: {e}");
-                            continue 'devices;
-                        }
-                        // Kept pending: the next sync tries again.
-                        Err(e) if is_retryable(&e) => return Err(e),
-                        // Refused for good (say, this device lost its
-                        // admin rights meanwhile): not tried on every sync.
-                        Err(e) => {
-                            tracing::warn!(channel = %row.id, %device, "cannot remove a removed device: {e}");
-                        }
-                    }
-                } else if !self.store.removal_requested(&row.id, &device)? {
-                    // Boxed: sending may sync, which comes back here.
-                    match Box::pin(self.request_remove_device(row.id, device)).await {
-                        Ok(_) => {
-                            self.store.save_removal_requested(&row.id, &device)?;
-                            report.removal_requested.push((row.id, device));
-                        }
-                        Err(e) if is_remote_failure(&e) => {
-                            tracing::info!(channel = %row.id, %device, "kept a removed device for a later sync: {e}");
-                            continue 'devices;
-                        }
-                        Err(e) if is_retryable(&e) => return Err(e),
-                        Err(e) => {
-                            tracing::warn!(channel = %row.id, %device, "cannot ask to remove a removed device: {e}");
-                        }
-                    }
-                }
+        // server) stays pending for a later sync, with the back-off and
+        // time limit of membership requests; the others and the rest of
+        // the sync go on.
+        for device in pending {
+            let kept = Kept::Removal(device);
+            if !self.is_due(&kept)? {
+                continue;
+            }
+            if let Some(why) = self
+                .remove_removed_device(device, &handle, me, report)
+                .await?
+                && self.keep_for_later(kept, &why, report)?
+            {
+                continue;
             }
             self.store.settle_removed_device(&device)?;
         }
         Ok(())
+    }
+
+    /// Rids every channel this device is in of `device`, this user's
+    /// removed device (see [`Client::remove_removed_devices`]). Returns
+    /// why not, when other servers' failure stopped it; it then stops at
+    /// the first channel that failed.
+    async fn remove_removed_device(
+        &mut self,
+        device: DeviceId,
+        handle: &Handle,
+        me: DeviceId,
+        report: &mut SyncReport,
+    ) -> Result<Option<String>, ClientError> {
+        for row in self.channels()? {
+            if !row.active {
+                continue;
+            }
+            let (member, admin) = match self.mls.channel(row.id) {
+                Ok(channel) if channel.is_active() => (
+                    channel.members().contains(&device),
+                    channel.extension().is_ok_and(|e| e.policy.is_admin(&me)),
+                ),
+                _ => continue,
+            };
+            if !member {
+                continue;
+            }
+            if let Some(why) = self.stalled(row.id) {
+                return Ok(Some(why));
+            }
+            let ours = match self.member_record(&device).await {
+                Ok(record) => record.handles().any(|h| h == *handle),
+                Err(e) if is_remote_failure(&e) => return Ok(Some(e.to_string())),
+                Err(e) if is_retryable(&e) => return Err(e),
+                Err(_) => false,
+            };
+            if !ours {
+                tracing::warn!(%device, channel = %row.id, "not removing a device that is not this user's");
+                continue;
+            }
+            if admin {
+                let outcome = self
+                    .commit_with_retry(row.id, |channel| {
+                        if !channel.members().contains(&device) {
+                            return Ok(None);
+                        }
+                        Ok(Some(channel.remove(&[device])?))
+                    })
+                    .await;
+                match outcome {
+                    Ok(Some(_)) => report.removed_devices.push((row.id, device)),
+                    Ok(None) => {}
+                    Err(e) if is_remote_failure(&e) => {
+                        self.note_failure(row.id, &e);
+                        return Ok(Some(e.to_string()));
+                    }
+                    // Kept pending: the next sync tries again.
+                    Err(e) if is_retryable(&e) => return Err(e),
+                    // Refused for good (say, this device lost its
+                    // admin rights meanwhile): not tried on every sync.
+                    Err(e) => {
+                        tracing::warn!(channel = %row.id, %device, "cannot remove a removed device: {e}");
+                    }
+                }
+            } else if !self.store.removal_requested(&row.id, &device)? {
+                // Boxed: sending may sync, which comes back here.
+                match Box::pin(self.request_remove_device(row.id, device)).await {
+                    Ok(_) => {
+                        self.store.save_removal_requested(&row.id, &device)?;
+                        report.removal_requested.push((row.id, device));
+                    }
+                    Err(e) if is_remote_failure(&e) => {
+                        self.note_failure(row.id, &e);
+                        return Ok(Some(e.to_string()));
+                    }
+                    Err(e) if is_retryable(&e) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(channel = %row.id, %device, "cannot ask to remove a removed device: {e}");
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Checks a remove-device request (§9.5) and acts on it: removes

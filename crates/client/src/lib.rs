@@ -34,7 +34,9 @@ pub use channels::{LeaveOutcome, SyncReport};
 pub use chat::{ChatTimeline, TypingEvent};
 pub use devices::DeviceRemoval;
 pub use kith_chat;
+pub use requests::KeptWork;
 pub use sender::{SendError, Sender};
+pub use store::Kept;
 pub use store::{ChannelRow, MessageRow};
 use store::{Identity, Store};
 
@@ -157,6 +159,20 @@ pub struct Client {
     /// Members' records already verified (voter sets check every member's
     /// record for each commit).
     records: kith_proto::VerifiedRecords,
+    /// Channels whose ordering group was unavailable (503
+    /// `ordering_unavailable`) earlier in the current sync: the rest of its
+    /// steps on them are kept for later without trying.
+    stalled: std::collections::BTreeSet<kith_proto::ChannelId>,
+    /// Whether the steps at the end of a sync are running: a sync that
+    /// one of them starts (a commit or a send catching up) reads events
+    /// only, so it cannot come back to the same step.
+    in_tail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The batch a dropped [`Sender`] left in flight, settled before this
+    /// device posts anything else (`Client::settle_dropped_batch`).
+    dropped_batch: Option<sender::InFlight>,
+    /// Payloads of such batches the server did not acknowledge, for the
+    /// next sync to report.
+    unacknowledged: Vec<(kith_proto::ChannelId, Vec<u8>)>,
 }
 
 impl Client {
@@ -274,6 +290,10 @@ impl Client {
             commits_since_sync: 0,
             unacked_events: 0,
             records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
+            stalled: Default::default(),
+            in_tail: Default::default(),
+            dropped_batch: None,
+            unacknowledged: Vec::new(),
         };
         client.login().await?;
         client.api.publish_record(&record.encode()).await?;
@@ -392,6 +412,10 @@ impl Client {
             commits_since_sync: 0,
             unacked_events: 0,
             records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
+            stalled: Default::default(),
+            in_tail: Default::default(),
+            dropped_batch: None,
+            unacknowledged: Vec::new(),
         })
     }
 

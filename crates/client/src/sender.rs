@@ -23,6 +23,10 @@
 //!   every attempt, the first included: it is not posted again at the old
 //!   epoch; at most [`crate::channels::MAX_SEND_ATTEMPTS`] times), and the
 //!   one behind it is encrypted again at the new epoch.
+//! - **Dropped.** A `Sender` dropped with a batch in flight (no
+//!   [`Sender::finish`]) leaves it to the client, which waits for its
+//!   answer before its next post or sync: copies stored if accepted,
+//!   payloads reported in [`crate::SyncReport::unacknowledged`] if not.
 //!
 //! [`MAX_BATCH`]: crate::channels::MAX_BATCH
 
@@ -40,7 +44,8 @@ use crate::{Client, ClientError};
 type Answer = Result<Vec<(String, u64, u64)>, ClientError>;
 
 /// A batch posted and not yet answered.
-struct InFlight {
+pub(crate) struct InFlight {
+    channel: ChannelId,
     epoch: u64,
     payloads: Vec<Vec<u8>>,
     /// Kept to post it again after a new login (HTTP 401).
@@ -82,9 +87,12 @@ impl SendError {
 /// else changes the channel's MLS state meanwhile.
 ///
 /// Call [`Sender::finish`] at the end: it waits for the last batch and
-/// stores its copies. A `Sender` dropped with a batch in flight leaves that
-/// batch's fate unknown here (the server may store it; this device keeps
-/// no copy of it).
+/// stores its copies. A `Sender` dropped with a batch in flight (without
+/// `finish`, or while a call was under way) hands that batch to the
+/// client, whose next send, `Sender` or sync waits for its answer first
+/// (so two requests of this device never race) and settles it: its copies
+/// stored if the server accepted it, else its payloads reported as not
+/// acknowledged ([`crate::SyncReport::unacknowledged`]).
 pub struct Sender<'c> {
     client: &'c mut Client,
     channel: ChannelId,
@@ -99,6 +107,73 @@ impl Client {
             channel: id,
             in_flight: None,
         }
+    }
+}
+
+impl Drop for Sender<'_> {
+    fn drop(&mut self) {
+        if let Some(flying) = self.in_flight.take() {
+            // Settled by the client's next send, `Sender` or sync. There
+            // is never one already: each of those settles it first.
+            self.client.dropped_batch = Some(flying);
+        }
+    }
+}
+
+impl Client {
+    /// Settles the batch a dropped [`Sender`] left in flight, if any: waits
+    /// for the server's answer, then stores this device's copies if it
+    /// accepted the batch, and otherwise keeps its payloads for
+    /// [`crate::SyncReport::unacknowledged`] (refused, or of unknown fate
+    /// when the homeserver could not be reached). Before anything else
+    /// that posts, so that two of this device's requests never race.
+    pub(crate) async fn settle_dropped_batch(&mut self) -> Result<(), ClientError> {
+        let Some(flying) = self.dropped_batch.take() else {
+            return Ok(());
+        };
+        let (channel, epoch, payloads) = (flying.channel, flying.epoch, flying.payloads.clone());
+        match answer_of(self, flying).await {
+            Ok(answers) => {
+                let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+                let rows = self.sent_rows(epoch, answers, &refs);
+                self.store.save_messages(&channel, &rows)
+            }
+            Err(e) => {
+                tracing::warn!(%channel, messages = payloads.len(), "a dropped sender's last batch was not acknowledged: {e}");
+                self.unacknowledged
+                    .extend(payloads.into_iter().map(|p| (channel, p)));
+                Ok(())
+            }
+        }
+    }
+
+    /// The payloads of batches that dropped [`Sender`]s left in flight
+    /// and that the server did not acknowledge, in order, each with its
+    /// channel; taken (a sync reports them in
+    /// [`crate::SyncReport::unacknowledged`]).
+    pub fn take_unacknowledged(&mut self) -> Vec<(ChannelId, Vec<u8>)> {
+        std::mem::take(&mut self.unacknowledged)
+    }
+}
+
+/// The server's answer to a batch in flight; posted again once after a new
+/// login if the session had expired.
+async fn answer_of(client: &mut Client, flying: InFlight) -> Answer {
+    let answer = match flying.answer.await {
+        Ok(answer) => answer,
+        Err(e) => Err(ClientError::Protocol(format!("the send task failed: {e}"))),
+    };
+    match answer {
+        Err(ClientError::Server { status: 401, .. }) => {
+            let (text, epoch, m) = (flying.channel.to_string(), flying.epoch, flying.messages);
+            client
+                .authed(|api| {
+                    let (c, m) = (text.clone(), Arc::clone(&m));
+                    async move { api.send_messages_binary(&c, epoch, &m).await }
+                })
+                .await
+        }
+        other => other,
     }
 }
 
@@ -140,6 +215,11 @@ impl Sender<'_> {
         let id = self.channel;
         let unsent = |b: &[&[u8]]| b.iter().map(|p| p.to_vec()).collect::<Vec<_>>();
         if self.in_flight.is_none() {
+            // An earlier sender's batch still in flight is answered first.
+            self.client
+                .settle_dropped_batch()
+                .await
+                .map_err(|e| SendError::new(e, unsent(batch)))?;
             // Nothing of this device's is in flight, and nothing else can
             // commit while this `Sender` holds the client: only here can a
             // commit of its own be pending. Then the sequential path
@@ -219,6 +299,7 @@ impl Sender<'_> {
         );
         let answer = tokio::spawn(async move { api.send_messages_binary(&text, epoch, &m).await });
         self.in_flight = Some(InFlight {
+            channel: self.channel,
             epoch,
             payloads: payloads.iter().map(|p| p.to_vec()).collect(),
             messages,
@@ -226,25 +307,9 @@ impl Sender<'_> {
         });
     }
 
-    /// The server's answer to a batch in flight; posted again once after a
-    /// new login if the session had expired.
+    /// The server's answer to a batch in flight ([`answer_of`]).
     async fn answer(&mut self, flying: InFlight) -> Answer {
-        let answer = match flying.answer.await {
-            Ok(answer) => answer,
-            Err(e) => Err(ClientError::Protocol(format!("the send task failed: {e}"))),
-        };
-        match answer {
-            Err(ClientError::Server { status: 401, .. }) => {
-                let (text, epoch, m) = (self.channel.to_string(), flying.epoch, flying.messages);
-                self.client
-                    .authed(|api| {
-                        let (c, m) = (text.clone(), Arc::clone(&m));
-                        async move { api.send_messages_binary(&c, epoch, &m).await }
-                    })
-                    .await
-            }
-            other => other,
-        }
+        answer_of(self.client, flying).await
     }
 
     /// Waits for the batch in flight, if any, and stores its copies.

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use kith_proto::{ChannelId, DeviceId};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -43,22 +43,33 @@ pub type PendingKeys = ([u8; 32], [u8; 32]);
 
 /// A transaction opened by [`Store::begin`], to be given back to
 /// [`Store::commit`] or [`Store::rollback`]. Dropped without either (a
-/// panic), it is rolled back when the store next begins one.
+/// panic that a caller caught, an early return), the outermost one is
+/// rolled back before the store's next statement, so no later write joins
+/// a transaction that nobody will commit (and that the next `begin` would
+/// roll back, writes and all).
 #[must_use = "a transaction is rolled back unless committed"]
 #[derive(Debug)]
 pub struct StoreTx {
     depth: Arc<AtomicU32>,
+    abandoned: Arc<AtomicBool>,
     finished: bool,
 }
 
 impl Drop for StoreTx {
     fn drop(&mut self) {
-        if !self.finished {
-            let _ = self
-                .depth
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
-                    Some(d.saturating_sub(1))
-                });
+        if self.finished {
+            return;
+        }
+        let before = self
+            .depth
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                Some(d.saturating_sub(1))
+            })
+            .unwrap_or(0);
+        if before <= 1 {
+            // The outermost one: nobody is left to decide for it. Without
+            // the connection here, the store rolls it back first thing.
+            self.abandoned.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -68,6 +79,9 @@ pub struct Store {
     conn: Connection,
     /// How many [`Store::begin`]s are open: only the outermost commits.
     depth: Arc<AtomicU32>,
+    /// Set when the outermost [`StoreTx`] was dropped without a verdict:
+    /// its transaction is rolled back before the next statement.
+    abandoned: Arc<AtomicBool>,
 }
 
 const SCHEMA: &str = "
@@ -152,9 +166,11 @@ CREATE TABLE IF NOT EXISTS remove_requests (
     device BLOB NOT NULL,
     PRIMARY KEY (channel, sender, device)
 );
--- Membership requests (either kind above) whose check could not succeed
--- yet and that are tried again on later syncs: since when (ms), how often
--- they were put off, and not to be checked again before `next_at` (ms).
+-- Work a sync put off (membership requests of either kind above, leave
+-- requests, removals of removed devices, adds of linked devices; `kind`
+-- names which, `Kept` in the code) and tries again on later syncs: since
+-- when (ms), how often it was put off, and not to be tried again before
+-- `next_at` (ms).
 CREATE TABLE IF NOT EXISTS deferred_requests (
     kind TEXT NOT NULL,
     channel BLOB NOT NULL,
@@ -209,6 +225,7 @@ impl Store {
         Ok(Self {
             conn,
             depth: Arc::new(AtomicU32::new(0)),
+            abandoned: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -217,18 +234,30 @@ impl Store {
     /// one joins the outer one, which decides.
     pub fn begin(&self) -> Result<StoreTx, ClientError> {
         if self.depth.load(Ordering::Relaxed) == 0 {
-            if !self.conn.is_autocommit() {
-                // Left open by a caller that never finished (a panic):
-                // none of it was meant to be kept.
-                self.conn.execute_batch("ROLLBACK")?;
+            let conn = self.conn();
+            if !conn.is_autocommit() {
+                // Left open by a caller that never finished: none of it
+                // was meant to be kept.
+                conn.execute_batch("ROLLBACK")?;
             }
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            conn.execute_batch("BEGIN IMMEDIATE")?;
         }
         self.depth.fetch_add(1, Ordering::Relaxed);
         Ok(StoreTx {
             depth: Arc::clone(&self.depth),
+            abandoned: Arc::clone(&self.abandoned),
             finished: false,
         })
+    }
+
+    /// The connection, once a transaction whose [`StoreTx`] was dropped
+    /// without a verdict is rolled back. Every statement goes through it.
+    fn conn(&self) -> &Connection {
+        if self.depth.load(Ordering::Relaxed) == 0 && self.abandoned.swap(false, Ordering::Relaxed)
+        {
+            self.rollback_now();
+        }
+        &self.conn
     }
 
     /// Commits the transaction of [`Store::begin`] (if outermost): durable
@@ -330,7 +359,7 @@ impl Store {
 
     /// Keeps the keys of a device that is about to register.
     pub fn save_pending_keys(&self, seed: &[u8; 32], inbox: &[u8; 32]) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT OR REPLACE INTO pending_keys (id, identity_seed, inbox_secret)
              VALUES (1, ?1, ?2)",
             params![&seed[..], &inbox[..]],
@@ -340,7 +369,7 @@ impl Store {
 
     /// Saves the identity (replacing any).
     pub fn save_identity(&self, id: &Identity) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT OR REPLACE INTO identity
              (id, identity_seed, inbox_secret, server_url, server_name, handle, record, token)
              VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -366,7 +395,7 @@ impl Store {
         body: &[u8],
         received_at: u64,
     ) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO direct_messages (sender, sender_device, sent_at, body, received_at)
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
@@ -446,7 +475,7 @@ fn blob16(v: Vec<u8>) -> rusqlite::Result<[u8; 16]> {
 impl Store {
     /// Records a channel (or updates its name and state).
     pub fn save_channel(&self, row: &ChannelRow) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO channels (id, name, content_type, active) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(id) DO UPDATE SET name = ?2, content_type = ?3, active = ?4",
             params![
@@ -493,7 +522,7 @@ impl Store {
 
     /// Stores a decrypted message (once per id).
     pub fn save_message(&self, channel: &ChannelId, m: &MessageRow) -> Result<(), ClientError> {
-        insert_message(&self.conn, channel, m)
+        insert_message(self.conn(), channel, m)
     }
 
     /// Stores several messages in one transaction (one disk sync; joined
@@ -505,7 +534,7 @@ impl Store {
     ) -> Result<(), ClientError> {
         let tx = self.begin()?;
         for m in messages {
-            if let Err(e) = insert_message(&self.conn, channel, m) {
+            if let Err(e) = insert_message(self.conn(), channel, m) {
                 self.rollback(tx);
                 return Err(e);
             }
@@ -519,7 +548,7 @@ impl Store {
         channel: &ChannelId,
         limit: usize,
     ) -> Result<Vec<MessageRow>, ClientError> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn().prepare(
             "SELECT id, seq, epoch, sender_device, sender, body, received_at FROM messages
              WHERE channel = ?1 ORDER BY seq DESC LIMIT ?2",
         )?;
@@ -541,7 +570,7 @@ impl Store {
 
     /// Buffers a message for an epoch this device has not reached.
     pub fn save_future(&self, channel: &ChannelId, m: &FutureMessage) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT OR IGNORE INTO future_messages (channel, id, seq, epoch, sender_device, message, received_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -564,7 +593,7 @@ impl Store {
         channel: &ChannelId,
         epoch: u64,
     ) -> Result<Vec<FutureMessage>, ClientError> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn().prepare(
             "SELECT id, seq, epoch, message, received_at FROM future_messages
              WHERE channel = ?1 AND epoch <= ?2 ORDER BY seq",
         )?;
@@ -582,7 +611,7 @@ impl Store {
 
     /// Removes one buffered message, once it is handled.
     pub fn drop_future(&self, channel: &ChannelId, id: &[u8; 32]) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "DELETE FROM future_messages WHERE channel = ?1 AND id = ?2",
             params![&channel.as_bytes()[..], &id[..]],
         )?;
@@ -595,7 +624,7 @@ impl Store {
         channel: &ChannelId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT OR IGNORE INTO leave_requests (channel, device) VALUES (?1, ?2)",
             params![&channel.as_bytes()[..], &device.as_bytes()[..]],
         )?;
@@ -616,17 +645,18 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Forgets a leave request, once it is honored (or moot).
+    /// Forgets a leave request, once it is honored (or moot, or given up),
+    /// and any deferral of it.
     pub fn drop_leave_request(
         &self,
         channel: &ChannelId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "DELETE FROM leave_requests WHERE channel = ?1 AND device = ?2",
             params![&channel.as_bytes()[..], &device.as_bytes()[..]],
         )?;
-        Ok(())
+        self.forget_deferral(&Kept::Leave(*channel, *device))
     }
 
     /// Records that this device added its user's linked `device` to
@@ -636,11 +666,11 @@ impl Store {
         channel: &ChannelId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT OR IGNORE INTO linked_added (channel, device) VALUES (?1, ?2)",
             params![&channel.as_bytes()[..], &device.as_bytes()[..]],
         )?;
-        Ok(())
+        self.forget_deferral(&Kept::Linked(*channel, *device))
     }
 
     /// Whether this device already added the linked `device` to `channel`.
@@ -664,12 +694,12 @@ impl Store {
     /// it is never added back, and channels still holding it are to be
     /// rid of it (pending).
     pub fn save_removed_device(&self, device: &DeviceId) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO removed_devices (device, pending) VALUES (?1, 1)
              ON CONFLICT (device) DO UPDATE SET pending = 1",
             params![&device.as_bytes()[..]],
         )?;
-        Ok(())
+        self.forget_deferral(&Kept::Removal(*device))
     }
 
     /// Whether `device` is one of this user's removed devices.
@@ -696,13 +726,14 @@ impl Store {
     }
 
     /// Notes that no channel of this device needs anything more done
-    /// about the removed `device`.
+    /// about the removed `device` (done, or given up), and forgets any
+    /// deferral of it.
     pub fn settle_removed_device(&self, device: &DeviceId) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "UPDATE removed_devices SET pending = 0 WHERE device = ?1",
             params![&device.as_bytes()[..]],
         )?;
-        Ok(())
+        self.forget_deferral(&Kept::Removal(*device))
     }
 
     /// Records that this device asked `channel`'s admins to remove
@@ -712,7 +743,7 @@ impl Store {
         channel: &ChannelId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT OR IGNORE INTO removal_requested (channel, device) VALUES (?1, ?2)",
             params![&channel.as_bytes()[..], &device.as_bytes()[..]],
         )?;
@@ -745,7 +776,7 @@ impl Store {
         sender: &DeviceId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             &format!(
                 "INSERT OR IGNORE INTO {} (channel, sender, device) VALUES (?1, ?2, ?3)",
                 kind.table()
@@ -765,7 +796,7 @@ impl Store {
         &self,
         kind: Requests,
     ) -> Result<Vec<(ChannelId, DeviceId, DeviceId)>, ClientError> {
-        let mut stmt = self.conn.prepare(&format!(
+        let mut stmt = self.conn().prepare(&format!(
             "SELECT channel, sender, device FROM {} ORDER BY rowid",
             kind.table()
         ))?;
@@ -779,7 +810,8 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Forgets a request of `kind` (acted on, moot, or given up).
+    /// Forgets a request of `kind` (acted on, moot, or given up), and
+    /// any deferral of it.
     pub fn drop_request(
         &self,
         kind: Requests,
@@ -787,86 +819,50 @@ impl Store {
         sender: &DeviceId,
         device: &DeviceId,
     ) -> Result<(), ClientError> {
-        let keys = params![
-            &channel.as_bytes()[..],
-            &sender.as_bytes()[..],
-            &device.as_bytes()[..]
-        ];
-        self.conn.execute(
+        self.conn().execute(
             &format!(
                 "DELETE FROM {} WHERE channel = ?1 AND sender = ?2 AND device = ?3",
                 kind.table()
             ),
-            keys,
-        )?;
-        self.conn.execute(
-            "DELETE FROM deferred_requests
-             WHERE kind = ?4 AND channel = ?1 AND sender = ?2 AND device = ?3",
             params![
-                &channel.as_bytes()[..],
-                &sender.as_bytes()[..],
-                &device.as_bytes()[..],
-                kind.table()
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Notes that a request of `kind` could not be acted on yet (it is
-    /// tried again later) and returns since when that has been so: `now`
-    /// the first time, the first time's `now` after that.
-    pub fn defer_request(
-        &self,
-        kind: Requests,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
-        now: u64,
-    ) -> Result<u64, ClientError> {
-        let keys = params![
-            kind.table(),
-            &channel.as_bytes()[..],
-            &sender.as_bytes()[..],
-            &device.as_bytes()[..],
-            now as i64
-        ];
-        self.conn.execute(
-            "INSERT OR IGNORE INTO deferred_requests (kind, channel, sender, device, since)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            keys,
-        )?;
-        let since: i64 = self.conn.query_row(
-            "SELECT since FROM deferred_requests
-             WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
-            params![
-                kind.table(),
                 &channel.as_bytes()[..],
                 &sender.as_bytes()[..],
                 &device.as_bytes()[..]
             ],
+        )?;
+        self.forget_deferral(&Kept::Request(kind, *channel, *sender, *device))
+    }
+
+    /// Notes that `kept` could not be done yet (it is tried again later)
+    /// and returns since when that has been so: `now` the first time, the
+    /// first time's `now` after that.
+    pub fn defer(&self, kept: &Kept, now: u64) -> Result<u64, ClientError> {
+        let (kind, channel, sender, device) = kept.key();
+        self.conn().execute(
+            "INSERT OR IGNORE INTO deferred_requests (kind, channel, sender, device, since)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![kind, channel, &sender[..], &device[..], now as i64],
+        )?;
+        let since: i64 = self.conn().query_row(
+            "SELECT since FROM deferred_requests
+             WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
+            params![kind, channel, &sender[..], &device[..]],
             |r| r.get(0),
         )?;
         Ok(u64::try_from(since).unwrap_or(0))
     }
 
-    /// Puts off the next check of a deferred request of `kind` (see
-    /// [`Store::defer_request`]) by `interval(tries)` from `now`, `tries`
-    /// counting this one. Returns when it is due.
-    pub fn back_off_request(
+    /// Puts off the next try of deferred `kept` (see [`Store::defer`]) by
+    /// `interval(tries)` from `now`, `tries` counting this one. Returns
+    /// when it is due.
+    pub fn back_off(
         &self,
-        kind: Requests,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
+        kept: &Kept,
         now: u64,
         interval: impl Fn(u32) -> u64,
     ) -> Result<u64, ClientError> {
-        let keys = params![
-            kind.table(),
-            &channel.as_bytes()[..],
-            &sender.as_bytes()[..],
-            &device.as_bytes()[..]
-        ];
+        let (kind, channel, sender, device) = kept.key();
+        let keys = params![kind, channel, &sender[..], &device[..]];
         let tries: i64 = self
             .conn
             .query_row(
@@ -879,14 +875,14 @@ impl Store {
             .unwrap_or(0);
         let tries = u32::try_from(tries).unwrap_or(u32::MAX).saturating_add(1);
         let next_at = now.saturating_add(interval(tries));
-        self.conn.execute(
+        self.conn().execute(
             "UPDATE deferred_requests SET tries = ?5, next_at = ?6
              WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
             params![
-                kind.table(),
-                &channel.as_bytes()[..],
-                &sender.as_bytes()[..],
-                &device.as_bytes()[..],
+                kind,
+                channel,
+                &sender[..],
+                &device[..],
                 i64::from(tries),
                 i64::try_from(next_at).unwrap_or(i64::MAX)
             ],
@@ -894,38 +890,39 @@ impl Store {
         Ok(next_at)
     }
 
-    /// When a deferred request of `kind` is next to be checked (0: now,
-    /// also for a request never put off).
-    pub fn request_next_at(
-        &self,
-        kind: Requests,
-        channel: &ChannelId,
-        sender: &DeviceId,
-        device: &DeviceId,
-    ) -> Result<u64, ClientError> {
+    /// When deferred `kept` is next to be tried (0: now, also for work
+    /// never put off).
+    pub fn next_at(&self, kept: &Kept) -> Result<u64, ClientError> {
+        let (kind, channel, sender, device) = kept.key();
         let next_at: Option<i64> = self
             .conn
             .prepare_cached(
                 "SELECT next_at FROM deferred_requests
                  WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
             )?
-            .query_row(
-                params![
-                    kind.table(),
-                    &channel.as_bytes()[..],
-                    &sender.as_bytes()[..],
-                    &device.as_bytes()[..]
-                ],
-                |r| r.get(0),
-            )
+            .query_row(params![kind, channel, &sender[..], &device[..]], |r| {
+                r.get(0)
+            })
             .optional()?;
         Ok(next_at.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
     }
 
-    /// Makes every deferred request due at the next sync, whatever its
+    /// Forgets that `kept` was ever put off (done, moot, given up, or
+    /// asked for afresh).
+    pub fn forget_deferral(&self, kept: &Kept) -> Result<(), ClientError> {
+        let (kind, channel, sender, device) = kept.key();
+        self.conn().execute(
+            "DELETE FROM deferred_requests
+             WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
+            params![kind, channel, &sender[..], &device[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Makes all deferred work due at the next sync, whatever its
     /// back-off (its first deferral time, and so its 7 days, are kept).
-    pub fn recheck_deferred_requests(&self) -> Result<(), ClientError> {
-        self.conn
+    pub fn recheck_deferred(&self) -> Result<(), ClientError> {
+        self.conn()
             .execute("UPDATE deferred_requests SET next_at = 0", [])?;
         Ok(())
     }
@@ -943,7 +940,7 @@ impl Store {
 
     /// Caches a device record.
     pub fn save_record(&self, device: &DeviceId, record: &[u8]) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT OR REPLACE INTO records (device, record) VALUES (?1, ?2)",
             params![&device.as_bytes()[..], record],
         )?;
@@ -963,7 +960,7 @@ impl Store {
 
     /// Records the processed event cursor.
     pub fn set_events_after(&self, cursor: u64) -> Result<(), ClientError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO cursor (id, events_after) VALUES (1, ?1)
              ON CONFLICT(id) DO UPDATE SET events_after = MAX(events_after, ?1)",
             params![cursor as i64],
@@ -1025,5 +1022,93 @@ impl Requests {
             Self::Add => "add_requests",
             Self::Remove => "remove_requests",
         }
+    }
+}
+
+/// Work a sync may have to put off, with a back-off and a time limit
+/// (spec §9.5), when it cannot be done yet: what identifies it in
+/// `deferred_requests`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// A membership request of that kind: (channel, sender, device).
+    Request(Requests, ChannelId, DeviceId, DeviceId),
+    /// A member's leave request: (channel, the leaving device).
+    Leave(ChannelId, DeviceId),
+    /// Ridding this device's channels of one of its user's removed
+    /// devices (all channels: one deferral).
+    Removal(DeviceId),
+    /// Bringing this user's linked device into a channel (spec §5.7).
+    Linked(ChannelId, DeviceId),
+}
+
+impl Kept {
+    /// The row's key: kind, channel (empty for every channel), sender,
+    /// device. Requests keep the kind names stores already hold.
+    fn key(&self) -> (&'static str, Vec<u8>, [u8; 32], [u8; 32]) {
+        match self {
+            Self::Request(kind, channel, sender, device) => (
+                kind.table(),
+                channel.as_bytes().to_vec(),
+                *sender.as_bytes(),
+                *device.as_bytes(),
+            ),
+            Self::Leave(channel, device) => (
+                "leave_requests",
+                channel.as_bytes().to_vec(),
+                *device.as_bytes(),
+                *device.as_bytes(),
+            ),
+            Self::Removal(device) => (
+                "removed_devices",
+                Vec::new(),
+                *device.as_bytes(),
+                *device.as_bytes(),
+            ),
+            Self::Linked(channel, device) => (
+                "linked_added",
+                channel.as_bytes().to_vec(),
+                *device.as_bytes(),
+                *device.as_bytes(),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn a_transaction_a_caught_panic_dropped_is_rolled_back_before_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.db");
+        let store = Store::open(&path).unwrap();
+        let (channel, device) = (
+            ChannelId::from_bytes([1; 16]),
+            DeviceId::from_bytes([2; 32]),
+        );
+        // A page of messages being stored when a bug panics; the caller
+        // catches it and carries on with the same client.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _open = store.begin().unwrap();
+            store.save_leave_request(&channel, &device).unwrap();
+            panic!("a bug while receiving");
+        }));
+        assert!(caught.is_err());
+        // The next write is its own, durable at once, and the half-done
+        // one is gone.
+        store.set_events_after(7).unwrap();
+        assert!(store.leave_requests().unwrap().is_empty());
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.events_after().unwrap(), 7);
+        assert!(store.leave_requests().unwrap().is_empty());
+        // Nested: an inner one dropped leaves the outer one to decide.
+        let outer = store.begin().unwrap();
+        drop(store.begin().unwrap());
+        store.save_leave_request(&channel, &device).unwrap();
+        store.commit(outer).unwrap();
+        assert_eq!(store.leave_requests().unwrap(), vec![(channel, device)]);
     }
 }

@@ -534,18 +534,13 @@ async fn a_remote_devices_removal_is_passed_through_and_cached() {
     assert_eq!(laptop_mark, None);
 }
 
-/// Deletes every remote record b.test (stopped) cached, as if it had never
-/// fetched them.
-fn forget_remote_records(data_dir: &Path) {
-    let db = rusqlite::Connection::open(data_dir.join("kith.db")).unwrap();
-    db.execute("DELETE FROM remote_records", []).unwrap();
-}
-
-/// Alice's server stopped and Bob's server holding no copy of her records:
-/// the directory lookup that checks the laptop's remove-device request is
-/// answered 502 `remote_unavailable` by Bob's own (reachable) server. Bob's
-/// sync still succeeds, processing its events, and keeps the request; once
-/// a.test is back, a later sync honours it.
+/// Alice's server stopped and Bob's server holding no copy of her records
+/// (its operator made it forget them): the directory lookup that checks
+/// the laptop's remove-device request is answered 502 `remote_unavailable`
+/// by Bob's own (reachable) server, and so is a lookup of one of her
+/// devices, a member of Bob's channel (b.test could not ask; it is not "no
+/// such device"). Bob's sync still succeeds, processing its events, and
+/// keeps the request; once a.test is back, a later sync honours it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_whose_users_server_is_down_is_kept_and_the_sync_goes_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -567,11 +562,24 @@ async fn a_request_whose_users_server_is_down_is_kept_and_the_sync_goes_on() {
     // a.test goes down; b.test forgets what it cached of Alice's records.
     let a_down = cluster.take("a.test").stop_keeping().await;
     let b_down = cluster.take("b.test").stop_keeping().await;
-    forget_remote_records(&dir.path().join("b.test"));
+    let forgotten = kith_testkit::admin::forget_remote_records(
+        &dir.path().join("b.test"),
+        &server_name("a.test"),
+    )
+    .unwrap();
+    assert!(forgotten >= 2, "{forgotten}");
     cluster.put(b_down.start().await);
+    let unavailable = |e: &ClientError| matches!(e, ClientError::Server { status: 502, code, .. } if code == "remote_unavailable");
     let refused = bob.user_devices("alice@a.test").await.unwrap_err();
+    assert!(unavailable(&refused), "{refused}");
+    let laptop_id = laptop.device_id().to_string();
+    let refused = bob.api().device_record(&laptop_id).await.unwrap_err();
+    assert!(unavailable(&refused), "{refused}");
+    // A device nothing here names is still unknown.
+    let nobody = DeviceId::from_bytes([7; 32]).to_string();
+    let refused = bob.api().device_record(&nobody).await.unwrap_err();
     assert!(
-        matches!(&refused, ClientError::Server { status: 502, code, .. } if code == "remote_unavailable"),
+        matches!(refused, ClientError::Server { status: 404, .. }),
         "{refused}"
     );
 
@@ -591,4 +599,11 @@ async fn a_request_whose_users_server_is_down_is_kept_and_the_sync_goes_on() {
     assert!(!bob.members(side).unwrap().contains(&phone_id));
     let report = bob.sync().await.unwrap();
     assert!(report.removed_devices.is_empty(), "{report:?}");
+    // Asked, a.test says it has no such device: that is 404.
+    let (status, _) = get(
+        &format!("{}/v0/devices/{nobody}?server=a.test", bob.server_url()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
 }

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{sync_until, sync_until_within};
-use kith_client::{Client, ClientError};
+use kith_client::{Client, ClientError, Kept};
 use kith_proto::ChannelId;
 use kith_testkit::Cluster;
 
@@ -329,6 +329,81 @@ async fn one_server_down_the_others_go_on_two_down_commits_stall_then_all_conver
     // And the channel works again for commits from every server.
     carol.self_update(channel).await.unwrap();
     converge(&mut [&mut alice, &mut bob, &mut carol], channel).await;
+    cluster.stop().await;
+}
+
+/// Waits (bounded) until `client`'s homeserver stores more than `count`
+/// messages of `channel`, without the client processing them.
+async fn stored_beyond(client: &Client, channel: ChannelId, count: usize) {
+    for _ in 0..300 {
+        let stored = client
+            .api()
+            .channel_messages(&channel.to_string(), 0)
+            .await
+            .unwrap();
+        if stored.len() > count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the message never reached the server");
+}
+
+/// Two of a channel's three servers down: the admin's commit of a leave
+/// request gets 503 `ordering_unavailable` (no leader). Alice's sync
+/// still succeeds: it stores what arrived, removes Dave from her channel
+/// on a.test alone (he asked to leave too), and reports Bob's leave
+/// request as kept, which the next sync does not try again before its
+/// back-off. Once the servers are back, a later sync removes Bob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_the_ordering_group_cannot_make_is_kept_and_the_sync_goes_on() {
+    kith_testkit::trace_from_env();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(dir.path(), &["a.test", "b.test", "c.test"], quick).await;
+    let (mut alice, mut bob, mut carol, channel) = three_server_channel(dir.path(), &cluster).await;
+    let mut dave = user(dir.path(), &cluster, "a.test", "dave").await;
+    let local = alice.create_channel("local", "text/plain").await.unwrap();
+    assert_eq!(alice.invite(local, "dave@a.test").await.unwrap(), 1);
+    join(&mut dave, local).await;
+    let (bob_id, dave_id) = (bob.device_id(), dave.device_id());
+
+    let count = alice
+        .api()
+        .channel_messages(&channel.to_string(), 0)
+        .await
+        .unwrap()
+        .len();
+    assert!(bob.leave(channel).await.unwrap().requested);
+    stored_beyond(&alice, channel, count).await;
+    dave.send(local, b"bye").await.unwrap();
+    assert!(dave.leave(local).await.unwrap().requested);
+
+    let b = cluster.take("b.test").stop_keeping().await;
+    let c = cluster.take("c.test").stop_keeping().await;
+    let report = alice.sync().await.unwrap();
+    assert_eq!(report.removed_on_request, vec![(local, dave_id)]);
+    assert!(has_all(&alice, local, &["bye"]));
+    let kept: Vec<Kept> = report.kept.iter().map(|k| k.work).collect();
+    assert_eq!(kept, vec![Kept::Leave(channel, bob_id)], "{report:?}");
+    assert!(report.kept[0].reason.contains("ordering_unavailable"));
+    assert!(alice.members(channel).unwrap().contains(&bob_id));
+    // Not tried again before its back-off: no second wait for a leader.
+    let report = alice.sync().await.unwrap();
+    assert!(report.kept.is_empty(), "{report:?}");
+
+    cluster.put(b.start().await);
+    cluster.put(c.start().await);
+    converge(&mut [&mut alice, &mut carol], channel).await;
+    for _ in 0..20 {
+        alice.recheck_kept_requests().unwrap();
+        let _ = alice.sync().await;
+        if !alice.members(channel).unwrap().contains(&bob_id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!alice.members(channel).unwrap().contains(&bob_id));
+    converge(&mut [&mut alice, &mut carol], channel).await;
     cluster.stop().await;
 }
 

@@ -185,6 +185,47 @@ async fn a_refused_batch_mid_stream_is_reported_and_the_rest_still_arrives_in_or
     server.stop().await;
 }
 
+/// A `Sender` dropped without `finish`: the batch it left in flight is
+/// settled by the client's next use. One the server accepted has its
+/// copies stored here, before a new sender posts anything; one the server
+/// refused is reported by the next sync as not acknowledged, for the
+/// caller to send again.
+#[tokio::test]
+async fn a_dropped_senders_last_batch_is_settled_on_the_next_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), "a.test").await;
+    let (mut alice, mut bob, channel) = pair(dir.path(), &server).await;
+
+    let first = round("first", 3);
+    let mut pipe = alice.sender(channel);
+    assert!(pipe.send(&refs(&first)).await.unwrap().is_empty());
+    drop(pipe);
+    let second = round("second", 2);
+    let mut pipe = alice.sender(channel);
+    assert_eq!(
+        pipe.send(&refs(&second)).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(pipe.finish().await.unwrap().len(), second.len());
+    let mut sent = texts(&first);
+    sent.extend(texts(&second));
+    assert_eq!(bodies(&alice, channel), sent);
+
+    // Above the server's limit for one message: refused, after the drop.
+    let too_large = vec![b'x'; 300 * 1024];
+    let mut pipe = alice.sender(channel);
+    assert!(pipe.send(&[&too_large]).await.unwrap().is_empty());
+    drop(pipe);
+    let report = alice.sync().await.unwrap();
+    assert_eq!(report.unacknowledged, vec![(channel, too_large)]);
+    assert!(alice.sync().await.unwrap().unacknowledged.is_empty());
+
+    sync_all(&mut bob).await;
+    assert_eq!(bodies(&bob, channel), sent);
+    assert_eq!(bodies(&alice, channel), sent);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_server_restart_mid_stream_loses_nothing_acknowledged_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();

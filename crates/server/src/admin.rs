@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use kith_proto::{DeviceId, DeviceRecordIn, LocalName};
+use kith_proto::{DeviceId, DeviceRecordIn, LocalName, ServerName};
 
 use crate::store::{SqliteStore, Store, StoreError};
 
@@ -116,6 +116,16 @@ pub fn remove_device_in(
 pub fn release_name(data_dir: &Path, name: &LocalName) -> Result<bool, AdminError> {
     let (store, _lock) = open(data_dir)?;
     Ok(store.release_name(name)?)
+}
+
+/// Forgets every record the server at `data_dir` cached from `server`
+/// (spec §12.2; removal marks are kept), as if it had never looked that
+/// server's users up: its lookups fetch them again, and while `server` is
+/// unreachable they answer 502 `remote_unavailable` instead of the cached
+/// copies. Returns how many records it forgot.
+pub fn forget_remote_records(data_dir: &Path, server: &ServerName) -> Result<usize, AdminError> {
+    let (store, _lock) = open(data_dir)?;
+    Ok(store.forget_remote_records(server)?)
 }
 
 /// [`remove_device_in`] on the server at `data_dir`.

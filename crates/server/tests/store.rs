@@ -752,7 +752,20 @@ fn remote_records(s: &dyn Store) {
     s.mark_remote_removed(&dev(1), 40).unwrap();
     assert_eq!(s.remote_removed(&dev(1)).unwrap(), Some(30));
     assert_eq!(s.remote_removed(&dev(2)).unwrap(), None);
-    assert_eq!(s.remote_record(&dev(1)).unwrap(), Some(r));
+    assert_eq!(s.remote_record(&dev(1)).unwrap(), Some(r.clone()));
+    // Forgetting one server's records leaves the others' and the marks.
+    let other = RemoteRecord {
+        device: dev(3),
+        server: server("c.test"),
+        record: vec![4],
+        fetched_at: 50,
+    };
+    s.put_remote_record(&other).unwrap();
+    assert_eq!(s.forget_remote_records(&r.server).unwrap(), 1);
+    assert_eq!(s.remote_record(&dev(1)).unwrap(), None);
+    assert_eq!(s.remote_record(&dev(3)).unwrap(), Some(other));
+    assert_eq!(s.remote_removed(&dev(1)).unwrap(), Some(30));
+    assert_eq!(s.forget_remote_records(&r.server).unwrap(), 0);
 }
 
 fn outbox_queue(s: &dyn Store) {

@@ -216,6 +216,11 @@ async fn cached_user_records(
 /// server cannot be reached. With it, when that server removed the device
 /// (§6.4): the time it did, as it said then or earlier (kept as a mark in
 /// the cache, so that cached lookups leave the device out).
+///
+/// 404 only when the device's server says it has no such device, or when
+/// nothing here names the device at all; a member of a channel here whose
+/// record this server does not hold (and whose server it cannot name) is
+/// 502 `remote_unavailable`: the device exists, this server could not ask.
 pub(crate) async fn device_record(
     state: &Shared,
     device: DeviceId,
@@ -223,6 +228,19 @@ pub(crate) async fn device_record(
 ) -> Result<(Vec<u8>, Option<u64>), ApiError> {
     let cached = state.db(move |s| s.remote_record(&device)).await?;
     let Some(server) = server.or_else(|| cached.as_ref().map(|c| c.server.clone())) else {
+        let member = state
+            .db(move |s| Ok(!s.channels_of(&device)?.is_empty()))
+            .await?;
+        if member {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "remote_unavailable",
+                format!(
+                    "device {device} is a member of a channel here, but this server holds no \
+                     record of it and knows no server to ask (name its server with ?server=)"
+                ),
+            ));
+        }
         return Err(ApiError::not_found(
             "no such device is registered or known here (name its server with ?server=)",
         ));

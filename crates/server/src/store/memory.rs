@@ -691,6 +691,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn forget_remote_records(&self, server: &ServerName) -> Result<usize, StoreError> {
+        let mut s = self.lock()?;
+        let before = s.remote_records.len();
+        s.remote_records.retain(|_, r| &r.server != server);
+        Ok(before - s.remote_records.len())
+    }
+
     fn remote_removed(&self, device: &DeviceId) -> Result<Option<Millis>, StoreError> {
         Ok(self.lock()?.remote_removed.get(device).copied())
     }

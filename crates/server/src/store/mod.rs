@@ -698,6 +698,11 @@ pub trait Store: Send + Sync + 'static {
     /// When the server of a remote device said it removed it, if it did.
     fn remote_removed(&self, device: &DeviceId) -> Result<Option<Millis>, StoreError>;
 
+    /// Forgets every cached record fetched from `server` (the removal
+    /// marks stay: a removal is final), as if this server had never looked
+    /// its users up; lookups fetch them again. Returns how many it forgot.
+    fn forget_remote_records(&self, server: &ServerName) -> Result<usize, StoreError>;
+
     /// Queues a POST of `body` to `path` on `destination`, due at `now`.
     /// Returns the item's id.
     fn enqueue_outbox(

@@ -1965,6 +1965,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn forget_remote_records(&self, server: &ServerName) -> Result<usize, StoreError> {
+        Ok(self.lock()?.execute(
+            "DELETE FROM remote_records WHERE server = ?1",
+            [server.as_str()],
+        )?)
+    }
+
     fn remote_removed(&self, device: &DeviceId) -> Result<Option<Millis>, StoreError> {
         let at: Option<i64> = self
             .lock()?
