@@ -8,6 +8,7 @@
 //! is bound to its DeviceId. [`PublicChannel::apply`] then merges it.
 
 use kith_proto::{ChannelId, DeviceId};
+use openmls::ciphersuite::hash_ref::ProposalRef;
 use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::{
     ContentType, GroupId, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent,
@@ -15,6 +16,7 @@ use openmls::prelude::{
     Verifiable as _,
 };
 use openmls_traits::OpenMlsProvider;
+use openmls_traits::storage::StorageProvider as _;
 use tls_codec::Deserialize as _;
 
 use crate::DeviceError;
@@ -240,6 +242,20 @@ impl<'s> PublicChannel<'s> {
             id,
             extension,
         }))
+    }
+
+    /// Stops tracking a channel: its state is deleted from the store (in
+    /// one transaction when called inside [`MlsStore::batch`]). For a
+    /// server whose MLS state got ahead of its own record of the channel,
+    /// before it re-creates the state from that record with
+    /// [`PublicChannel::create`].
+    pub fn forget(store: &MlsStore, id: ChannelId) -> Result<(), ServerError> {
+        let group_id = GroupId::from_slice(id.as_bytes());
+        PublicGroup::delete(store.storage(), &group_id).map_err(mls("forgetting the channel"))?;
+        store
+            .storage()
+            .clear_proposal_queue::<GroupId, ProposalRef>(&group_id)
+            .map_err(mls("forgetting the channel's proposals"))
     }
 
     /// The channel id.

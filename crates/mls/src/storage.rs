@@ -166,6 +166,11 @@ struct Batch {
     open: bool,
     /// The first failure of such a statement.
     failed: Option<rusqlite::Error>,
+    /// The next transaction (from [`MlsStore::batch_unsynced`]) commits
+    /// without waiting for a disk sync.
+    unsynced: bool,
+    /// The connection's sync level is lowered for such a transaction.
+    relaxed: bool,
 }
 
 fn lock(batch: &Mutex<Batch>) -> MutexGuard<'_, Batch> {
@@ -183,14 +188,45 @@ fn lock(batch: &Mutex<Batch>) -> MutexGuard<'_, Batch> {
 pub struct MlsConnection {
     connection: Connection,
     batch: Arc<Mutex<Batch>>,
+    /// The connection's own `PRAGMA synchronous` level (0 to 3), restored
+    /// after a transaction that committed without a sync.
+    own_level: i64,
+}
+
+/// `PRAGMA synchronous = NORMAL`: in WAL mode a commit is written to the
+/// log but not synced; the database stays consistent, and an OS crash may
+/// take back the last transactions (never a part of one, and never one
+/// without those before it).
+const NORMAL: i64 = 1;
+
+impl MlsConnection {
+    /// Sets the connection's sync level (SQLite refuses to change it
+    /// inside a transaction, so this runs between them).
+    fn set_level(&self, level: i64) -> Result<(), rusqlite::Error> {
+        self.connection
+            .pragma_update(None, "synchronous", level.to_string())
+    }
 }
 
 impl Borrow<Connection> for MlsConnection {
     fn borrow(&self) -> &Connection {
         let mut batch = lock(&self.batch);
+        if batch.relaxed && !batch.open && self.set_level(self.own_level).is_ok() {
+            batch.relaxed = false;
+        }
         if let Some(statement) = batch.next.take() {
+            let begins = statement.starts_with("BEGIN");
+            // A failure to lower the level leaves the sync on: slower, as
+            // safe.
+            if begins
+                && std::mem::take(&mut batch.unsynced)
+                && self.own_level > NORMAL
+                && self.set_level(NORMAL).is_ok()
+            {
+                batch.relaxed = true;
+            }
             match self.connection.execute_batch(statement) {
-                Ok(()) => batch.open = statement.starts_with("BEGIN"),
+                Ok(()) => batch.open = begins,
                 Err(e) => {
                     // A failed COMMIT leaves the transaction open: drop it,
                     // so nothing half-written is committed later.
@@ -199,6 +235,18 @@ impl Borrow<Connection> for MlsConnection {
                         batch.open = false;
                     }
                     batch.failed.get_or_insert(e);
+                }
+            }
+            // The transaction is over (committed, rolled back or never
+            // begun): the next ones are synced again. Should that fail,
+            // the batch reports it, and it is tried again first thing on
+            // the next use.
+            if batch.relaxed && !batch.open {
+                match self.set_level(self.own_level) {
+                    Ok(()) => batch.relaxed = false,
+                    Err(e) => {
+                        batch.failed.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -257,10 +305,12 @@ impl MlsStore {
     /// [`StoreCodec`]).
     pub fn from_connection(mut connection: Connection) -> Result<Self, StoreError> {
         migrate_keys(&mut connection)?;
+        let own_level = connection.pragma_query_value(None, "synchronous", |row| row.get(0))?;
         let batch = Arc::new(Mutex::new(Batch::default()));
         let mut storage = SqliteStorageProvider::new(MlsConnection {
             connection,
             batch: Arc::clone(&batch),
+            own_level,
         });
         storage
             .run_migrations()
@@ -281,6 +331,30 @@ impl MlsStore {
         &self,
         operation: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, BatchError<E>> {
+        self.run_batch(false, operation)
+    }
+
+    /// [`MlsStore::batch`], except that the commit does not wait for a
+    /// disk sync (the store's own level applies again after it): the writes
+    /// are still all or none, and in order with the store's other
+    /// transactions, but an OS crash (not a process crash) may take back
+    /// the last ones. Only for state that the caller can rebuild from
+    /// records of its own (a homeserver's public channel states). Joining
+    /// an open batch, the outer one decides. `Err(BatchError::Commit)` may
+    /// also mean that the writes are stored but the store's sync level
+    /// could not be restored (it is tried again on its next use).
+    pub fn batch_unsynced<T, E>(
+        &self,
+        operation: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, BatchError<E>> {
+        self.run_batch(true, operation)
+    }
+
+    fn run_batch<T, E>(
+        &self,
+        unsynced: bool,
+        operation: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, BatchError<E>> {
         self.settle();
         {
             let mut batch = lock(&self.batch);
@@ -289,6 +363,7 @@ impl MlsStore {
                 return operation().map_err(BatchError::Operation);
             }
             batch.failed = None;
+            batch.unsynced = unsynced;
             batch.next = Some("BEGIN IMMEDIATE");
         }
         // If the operation panics, the transaction must not stay open (every
@@ -305,6 +380,7 @@ impl MlsStore {
                 // The operation never touched the store (or BEGIN failed and
                 // its writes went through one by one, each durable).
                 batch.next = None;
+                batch.unsynced = false;
                 return result.map_err(BatchError::Operation);
             }
             batch.next = Some(if result.is_ok() { "COMMIT" } else { "ROLLBACK" });
@@ -347,6 +423,7 @@ impl MlsStore {
                 });
             }
             batch.failed = None;
+            batch.unsynced = false;
             batch.next = Some("BEGIN IMMEDIATE");
         }
         // Begun now, not at the first write: a failure to begin is the
@@ -642,6 +719,51 @@ mod tests {
         connection
             .query_row("SELECT group_id FROM openmls_group_data", [], |r| r.get(0))
             .unwrap()
+    }
+
+    /// The sync level of an [`MlsConnection`]'s connection, as `borrow`
+    /// leaves it after running `statement` for a batch.
+    fn level_after(connection: &MlsConnection, statement: &'static str, unsynced: bool) -> i64 {
+        {
+            let mut batch = lock(&connection.batch);
+            batch.next = Some(statement);
+            batch.unsynced = unsynced;
+        }
+        let conn: &Connection = connection.borrow();
+        assert!(lock(&connection.batch).failed.is_none());
+        conn.pragma_query_value(None, "synchronous", |row| row.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_unsynced_batch_commits_without_a_sync_and_the_next_one_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mls.db");
+        let store = MlsStore::open(&path).unwrap();
+        drop(store);
+        let file = Connection::open(&path).unwrap();
+        file.pragma_update(None, "synchronous", "FULL").unwrap();
+        let connection = MlsConnection {
+            connection: file,
+            batch: Arc::new(Mutex::new(Batch::default())),
+            own_level: 2,
+        };
+        // FULL is 2, NORMAL 1.
+        assert_eq!(level_after(&connection, "BEGIN IMMEDIATE", true), 1);
+        Borrow::<Connection>::borrow(&connection)
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        assert_eq!(level_after(&connection, "COMMIT", false), 2);
+        assert!(!lock(&connection.batch).relaxed);
+        assert_eq!(level_after(&connection, "BEGIN IMMEDIATE", false), 2);
+        assert_eq!(level_after(&connection, "ROLLBACK", false), 2);
+        // Rolled back, it is synced again too.
+        assert_eq!(level_after(&connection, "BEGIN IMMEDIATE", true), 1);
+        assert_eq!(level_after(&connection, "ROLLBACK", false), 2);
+        let count: i64 = Borrow::<Connection>::borrow(&connection)
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 0);
     }
 
     #[test]

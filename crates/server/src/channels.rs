@@ -4,15 +4,19 @@
 //! channel's openraft group from `kith-order`, talking to the other
 //! servers' nodes over federation), started lazily and stopped on shutdown.
 //!
-//! The server [`Store`] is the truth about accepted commits. The validator
-//! writes each accepted commit with the state of the epoch it starts in one
-//! store transaction *before* it advances the MLS state, so:
+//! The server [`Store`] is the truth about accepted commits, and the MLS
+//! state is derived from it. The validator merges each accepted commit
+//! into the MLS state (under the MLS mutex, without a disk sync), then
+//! writes the commit with the state of the epoch it starts in one store
+//! transaction (synced, without the mutex), so:
 //!
 //! - on restart the Raft log replays through the validator, which answers
 //!   from the store for every epoch it already holds (without touching MLS);
-//! - a crash between the store write and the MLS write leaves the MLS state
-//!   behind the store, and [`catch_up`] re-applies the stored commits before
-//!   the next validation.
+//! - a crash can leave the MLS state behind the store (its write not yet
+//!   on disk), and [`catch_up`] re-applies the stored commits before the
+//!   next validation; or ahead of it (the store's write lost, or failed),
+//!   and the validator rebuilds it from the store's record of its epoch
+//!   before the log replays the rest.
 //!
 //! Every accepted commit is also announced on a queue that the certifier
 //! task reads (`ordering::run_certifier`): each server of a channel
@@ -422,11 +426,26 @@ impl Channels {
 /// Brings the channel's `PublicChannel` up to the store's epoch: creates it
 /// from the stored epoch-0 state if the MLS store lacks it, then re-applies
 /// stored commits it has not merged.
+///
+/// An MLS state *ahead* of the store is returned as it is: in a running
+/// server that is the channel's validator between its MLS write and its
+/// store write (see [`Validator`]), and a caller comparing epochs sees a
+/// channel that is moving on. Only the validator, the one writer of a
+/// channel's MLS state, rebuilds such a state ([`catch_up_for_validation`]).
 pub(crate) fn catch_up<'s>(
     mls: &'s MlsStore,
     store: &dyn Store,
     channel: ChannelId,
 ) -> Result<PublicChannel<'s>, String> {
+    caught_up(mls, store, channel).map(|(public, _)| public)
+}
+
+/// [`catch_up`], and the store's epoch.
+fn caught_up<'s>(
+    mls: &'s MlsStore,
+    store: &dyn Store,
+    channel: ChannelId,
+) -> Result<(PublicChannel<'s>, u64), String> {
     let row = store
         .channel(&channel)
         .map_err(|e| e.to_string())?
@@ -456,13 +475,39 @@ pub(crate) fn catch_up<'s>(
             .map_err(|e| format!("re-applying the commit of epoch {epoch}: {e}"))?;
         tracing::info!(%channel, epoch, "MLS state caught up with the store");
     }
-    if public.epoch() > row.epoch {
-        return Err(format!(
-            "the MLS state (epoch {}) is ahead of the store (epoch {})",
-            public.epoch(),
-            row.epoch
-        ));
+    Ok((public, row.epoch))
+}
+
+/// [`catch_up`] for the channel's validator, which runs alone for its
+/// channel: an MLS state ahead of the store can then only be one whose
+/// store write was lost (an OS crash came after the MLS write reached the
+/// disk but before the store's write was synced, or that write failed),
+/// and it is rebuilt
+/// from the store's record of its epoch (the GroupInfo and tree the
+/// server checked when it accepted the commit that led there). The Raft
+/// log then replays the commits the store lacks through the validator.
+fn catch_up_for_validation<'s>(
+    mls: &'s MlsStore,
+    store: &dyn Store,
+    channel: ChannelId,
+) -> Result<PublicChannel<'s>, String> {
+    let (public, stored) = caught_up(mls, store, channel)?;
+    if public.epoch() <= stored {
+        return Ok(public);
     }
+    let ahead = public.epoch();
+    drop(public);
+    let state = store
+        .epoch_state(&channel, stored)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("channel {channel} has no stored epoch {stored}"))?;
+    let public = mls
+        .batch(|| {
+            PublicChannel::forget(mls, channel)?;
+            PublicChannel::create(mls, &state.group_info, &state.ratchet_tree)
+        })
+        .map_err(|e| format!("rebuilding the channel's MLS state at epoch {stored}: {e}"))?;
+    tracing::warn!(%channel, ahead, stored, "MLS state was ahead of the store; rebuilt from the store");
     Ok(public)
 }
 
@@ -560,65 +605,74 @@ impl Validator {
             };
         }
         let validate = tracing::debug_span!("validator.validate").entered();
-        let mls = lock_mls(&self.mls);
-        let mut public = catch_up(&mls, self.store.as_ref(), channel).map_err(fail)?;
-        if public.epoch() != epoch {
-            return Err(fail(format!(
-                "the MLS state is at epoch {}, the log at {epoch}",
-                public.epoch()
-            )));
-        }
-        let validated = public
-            .validate_commit(&submission.commit)
-            .map_err(|e| e.to_string())?;
-        if validated.info().sender != submission.submitter.device {
-            return Err(format!(
-                "the commit is by {}, not by the submitting device {}",
-                validated.info().sender,
-                submission.submitter.device
-            )
-            .into());
-        }
-        check_records(&validated.info().added, &submission.records)?;
-        drop(validate);
-        // The commit is merged into the channel's MLS state inside one MLS
-        // store transaction, which commits only after the store holds the
-        // commit: a GroupInfo that does not match (or a failed store write)
-        // rolls the MLS state back untouched, and the store is never behind
-        // the MLS state. (This used to rebuild a scratch copy of the epoch
-        // from its stored tree and validate the commit on it again, which
-        // verified every leaf: 55 ms of 290 at 505 members.)
-        let stored = mls.batch(|| {
-            let next = tracing::debug_span!("validator.next_epoch")
-                .in_scope(|| next_epoch(&mut public, validated, submission))?;
-            let _store = tracing::debug_span!("validator.store").entered();
-            self.store
-                .store_commit(&NewCommit {
-                    channel,
-                    commit: CommitRow {
-                        epoch,
-                        commit: submission.commit.clone(),
-                        commit_hash: *hash.as_bytes(),
-                        welcome: submission.welcome.clone(),
-                        certificate: None,
-                    },
-                    next: next.state,
-                    name: next.name,
-                    content_type: next.content_type,
-                })
-                .map_err(fail)?;
-            cache_records(self.store.as_ref(), &submission.records);
-            Ok(())
-        });
-        match stored {
-            Ok(()) => Ok(()),
-            Err(BatchError::Operation(refusal)) => Err(refusal),
-            // The store holds the commit; the next catch-up re-applies it.
-            Err(BatchError::Commit(e)) => {
-                tracing::error!(%channel, epoch, error = %e, "merging an accepted commit failed");
-                Ok(())
+        // The MLS mutex is every channel's: it is held for the checks and
+        // the merge (CPU), not for a disk sync. The merge commits without
+        // one, and the store write (synced) follows without the mutex, so
+        // other channels validate meanwhile. A crash can leave `mls.db`
+        // ahead of the store or behind it; either is made good from the
+        // store before the next validation (docs/architecture.md, "Syncs
+        // of these two files").
+        let next = {
+            let mls = lock_mls(&self.mls);
+            let mut public =
+                catch_up_for_validation(&mls, self.store.as_ref(), channel).map_err(fail)?;
+            if public.epoch() != epoch {
+                return Err(fail(format!(
+                    "the MLS state is at epoch {}, the log at {epoch}",
+                    public.epoch()
+                )));
             }
-        }
+            let validated = public
+                .validate_commit(&submission.commit)
+                .map_err(|e| e.to_string())?;
+            if validated.info().sender != submission.submitter.device {
+                return Err(format!(
+                    "the commit is by {}, not by the submitting device {}",
+                    validated.info().sender,
+                    submission.submitter.device
+                )
+                .into());
+            }
+            check_records(&validated.info().added, &submission.records)?;
+            drop(validate);
+            // Merged inside one MLS transaction: a GroupInfo that does not
+            // match rolls the MLS state back untouched. (This used to
+            // rebuild a scratch copy of the epoch from its stored tree and
+            // validate the commit on it again, which verified every leaf:
+            // 55 ms of 290 at 505 members.)
+            let merged = mls.batch_unsynced(|| {
+                tracing::debug_span!("validator.next_epoch")
+                    .in_scope(|| next_epoch(&mut public, validated, submission))
+            });
+            match merged {
+                Ok(next) => next,
+                Err(BatchError::Operation(refusal)) => return Err(refusal),
+                // Nothing was merged, or (the sync level not restored) it
+                // was: this server cannot decide now; the next validation
+                // starts from the store either way.
+                Err(BatchError::Commit(e)) => {
+                    return Err(fail(format!("storing the merged MLS state: {e}")));
+                }
+            }
+        };
+        let _store = tracing::debug_span!("validator.store").entered();
+        self.store
+            .store_commit(&NewCommit {
+                channel,
+                commit: CommitRow {
+                    epoch,
+                    commit: submission.commit.clone(),
+                    commit_hash: *hash.as_bytes(),
+                    welcome: submission.welcome.clone(),
+                    certificate: None,
+                },
+                next: next.state,
+                name: next.name,
+                content_type: next.content_type,
+            })
+            .map_err(fail)?;
+        cache_records(self.store.as_ref(), &submission.records);
+        Ok(())
     }
 }
 

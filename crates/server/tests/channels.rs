@@ -463,6 +463,81 @@ async fn a_conversation_with_a_race_a_removal_and_a_restart() {
     }
 }
 
+/// Puts the store files (`kith.db` and its WAL) of the stopped server in
+/// `from` in place of those in `to`.
+fn copy_store(from: &std::path::Path, to: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let name = format!("{}{suffix}", kith_server::DB_FILE);
+        let _ = std::fs::remove_file(to.join(&name));
+        if from.join(&name).exists() {
+            std::fs::copy(from.join(&name), to.join(&name)).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mls_state_ahead_of_the_store_is_rebuilt_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(dir.path(), "ahead.example").await;
+    let voters = voters(&server).await;
+    let alice = Member::join(&server, "alice").await;
+    let channel = alice
+        .mls
+        .create_channel(ChannelId::random(), &settings(&alice))
+        .unwrap();
+    let id = channel.id();
+    let (status, body) = create(&server, &alice, &channel).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(channel);
+    let first = alice.channel(id).self_update().unwrap();
+    let answer = alice.post_commit(&server, id, 0, &first).await;
+    certified(&voters, id, 0, &first, &answer);
+    alice.channel(id).merge_pending().unwrap();
+
+    // The store as it is at epoch 1; then a commit to epoch 2, which the
+    // store, the MLS state and the Raft log all record.
+    server.stop().await;
+    copy_store(dir.path(), saved.path());
+    server = TestServer::start(dir.path(), "ahead.example").await;
+    let lost = alice.channel(id).self_update().unwrap();
+    let answer = alice.post_commit(&server, id, 1, &lost).await;
+    certified(&voters, id, 1, &lost, &answer);
+    alice.channel(id).merge_pending().unwrap();
+
+    // What an OS crash can leave (the validator's MLS write is not synced,
+    // its store write is synced after it): `mls.db` and the log at epoch
+    // 2, the store's last transactions taken back, at epoch 1.
+    server.stop().await;
+    copy_store(saved.path(), dir.path());
+    server = TestServer::start(dir.path(), "ahead.example").await;
+
+    // Listing the commits runs the orderer, whose log replays the lost
+    // commit: the MLS state is rebuilt at the store's epoch, and the
+    // commit accepted and certified again.
+    let (status, body) = alice
+        .http
+        .get(&server, &format!("/v0/channels/{id}/commits?from_epoch=1"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let commits = body["commits"].as_array().unwrap();
+    assert_eq!(commits.len(), 1, "{body}");
+    assert_eq!(commits[0]["epoch"], 1);
+    assert_eq!(commits[0]["commit"], b64(&lost.commit));
+    OrderingCertificateIn::decode(&unb64(commits[0]["certificate"].as_str().unwrap()))
+        .unwrap()
+        .verify_for(id, 1, &lost.commit, &voters)
+        .unwrap();
+    // And the channel goes on from epoch 2.
+    let next = alice.channel(id).self_update().unwrap();
+    let answer = alice.post_commit(&server, id, 2, &next).await;
+    certified(&voters, id, 2, &next, &answer);
+    alice.channel(id).merge_pending().unwrap();
+    let (status, sent, _) = alice.post_message(&server, id, b"still here").await;
+    assert_eq!(status, StatusCode::OK, "{sent}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
