@@ -18,6 +18,7 @@ pub mod devices;
 pub mod requests;
 pub mod sender;
 pub mod store;
+mod voters;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -157,6 +158,9 @@ pub struct Client {
     /// Members' records already verified (voter sets check every member's
     /// record for each commit).
     records: kith_proto::VerifiedRecords,
+    /// What each member's record gives voter sets, while the store holds
+    /// that record and it is valid.
+    sponsors: voters::MemberSponsors,
 }
 
 impl Client {
@@ -274,6 +278,7 @@ impl Client {
             commits_since_sync: 0,
             unacked_events: 0,
             records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
+            sponsors: voters::MemberSponsors::new(VERIFIED_RECORDS),
         };
         client.login().await?;
         client.api.publish_record(&record.encode()).await?;
@@ -392,6 +397,7 @@ impl Client {
             commits_since_sync: 0,
             unacked_events: 0,
             records: kith_proto::VerifiedRecords::new(VERIFIED_RECORDS),
+            sponsors: voters::MemberSponsors::new(VERIFIED_RECORDS),
         })
     }
 

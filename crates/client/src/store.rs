@@ -1,6 +1,7 @@
 //! The client's local store: one SQLite file in the home directory holding
 //! the device's secret keys, its session, and what it has received.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -68,7 +69,37 @@ pub struct Store {
     conn: Connection,
     /// How many [`Store::begin`]s are open: only the outermost commits.
     depth: Arc<AtomicU32>,
+    /// What changed in the cached records since
+    /// [`Store::record_changes`] last answered.
+    record_log: RefCell<RecordLog>,
 }
+
+/// Which cached records (the `records` table) may have changed: what
+/// [`Store::record_changes`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordChanges {
+    /// Only these devices' records (none if empty).
+    Devices(Vec<DeviceId>),
+    /// Any of them: a transaction was rolled back, another connection
+    /// wrote to the store, or too many changed to list.
+    All,
+}
+
+/// The records saved since the last [`Store::record_changes`].
+#[derive(Debug, Default)]
+struct RecordLog {
+    saved: Vec<DeviceId>,
+    /// Something changed that `saved` does not list.
+    all: bool,
+    /// `PRAGMA data_version` when last asked: it changes when another
+    /// connection commits to the database file (another process on the
+    /// same device's store).
+    data_version: Option<i64>,
+}
+
+/// Past this many records saved between two [`Store::record_changes`],
+/// it answers [`RecordChanges::All`] instead of a list.
+const RECORD_LOG_MAX: usize = 1024;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -209,6 +240,7 @@ impl Store {
         Ok(Self {
             conn,
             depth: Arc::new(AtomicU32::new(0)),
+            record_log: RefCell::new(RecordLog::default()),
         })
     }
 
@@ -220,6 +252,7 @@ impl Store {
             if !self.conn.is_autocommit() {
                 // Left open by a caller that never finished (a panic):
                 // none of it was meant to be kept.
+                self.rolled_back();
                 self.conn.execute_batch("ROLLBACK")?;
             }
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -236,10 +269,14 @@ impl Store {
     pub fn commit(&self, mut tx: StoreTx) -> Result<(), ClientError> {
         tx.finished = true;
         let depth = self.leave();
-        if depth == 0
-            && !self.conn.is_autocommit()
-            && let Err(e) = self.conn.execute_batch("COMMIT")
-        {
+        if depth != 0 {
+            return Ok(());
+        }
+        if self.conn.is_autocommit() {
+            // SQLite rolled the transaction back by itself (after an I/O
+            // error, for one): what it saved is gone.
+            self.rolled_back();
+        } else if let Err(e) = self.conn.execute_batch("COMMIT") {
             self.rollback_now();
             return Err(e.into());
         }
@@ -264,10 +301,18 @@ impl Store {
     }
 
     fn rollback_now(&self) {
+        // Even when SQLite rolled back by itself (the transaction is gone):
+        // records saved in it are not stored.
+        self.rolled_back();
         if !self.conn.is_autocommit() {
             // Nothing more to do if it fails: SQLite has rolled back already.
             let _ = self.conn.execute_batch("ROLLBACK");
         }
+    }
+
+    /// Notes that records saved in a rolled-back transaction are gone.
+    fn rolled_back(&self) {
+        self.record_log.borrow_mut().all = true;
     }
 
     /// The device's identity, if it has registered.
@@ -943,11 +988,42 @@ impl Store {
 
     /// Caches a device record.
     pub fn save_record(&self, device: &DeviceId, record: &[u8]) -> Result<(), ClientError> {
+        // Noted before the write: a write that fails half-way may still
+        // have changed the row.
+        {
+            let mut log = self.record_log.borrow_mut();
+            if log.saved.len() >= RECORD_LOG_MAX {
+                log.all = true;
+            } else {
+                log.saved.push(*device);
+            }
+        }
         self.conn.execute(
             "INSERT OR REPLACE INTO records (device, record) VALUES (?1, ?2)",
             params![&device.as_bytes()[..], record],
         )?;
         Ok(())
+    }
+
+    /// Which cached records may have changed since the last call (on the
+    /// first, [`RecordChanges::All`]): whatever remembers something derived
+    /// from them (the voter sets' member sponsors) forgets that. The
+    /// answer is for one such user: each call starts a new interval.
+    pub fn record_changes(&self) -> Result<RecordChanges, ClientError> {
+        let version: i64 = self
+            .conn
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        let mut log = self.record_log.borrow_mut();
+        let changes = if log.all || log.data_version != Some(version) {
+            log.saved.clear();
+            RecordChanges::All
+        } else {
+            RecordChanges::Devices(std::mem::take(&mut log.saved))
+        };
+        log.all = false;
+        log.data_version = Some(version);
+        Ok(changes)
     }
 
     /// The event cursor this device has processed up to.
