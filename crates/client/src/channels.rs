@@ -475,6 +475,18 @@ impl Client {
         let Some((output, epoch)) = outcome else {
             return Ok(0);
         };
+        // The next commit's voter set needs the added devices' records:
+        // kept now (verified above, §10.2) rather than fetched one by one
+        // then. Best effort: the commit is merged, and a record not kept is
+        // fetched when needed.
+        if let Err(e) = self.keep_records(
+            invitees
+                .iter()
+                .flat_map(|i| i.records.iter())
+                .filter(|r| output.info.added.contains(&r.device_id())),
+        ) {
+            tracing::info!(channel = %id, "keeping the added devices' records: {e}");
+        }
         let Some(welcome) = output.welcome.as_deref() else {
             return Ok(0);
         };
@@ -504,6 +516,29 @@ impl Client {
             sent += 1;
         }
         Ok(sent)
+    }
+
+    /// Stores verified `records` of devices that have none stored yet (one
+    /// stored already stays: it may be newer), in one transaction.
+    fn keep_records<'r>(
+        &self,
+        records: impl Iterator<Item = &'r DeviceRecord>,
+    ) -> Result<(), ClientError> {
+        let tx = self.store.begin()?;
+        let kept = records.into_iter().try_for_each(|record| {
+            let device = record.device_id();
+            if self.store.record(&device)?.is_none() {
+                self.store.save_record(&device, &record.encode())?;
+            }
+            Ok::<_, ClientError>(())
+        });
+        match kept {
+            Ok(()) => self.store.commit(tx),
+            Err(e) => {
+                self.store.rollback(tx);
+                Err(e)
+            }
+        }
     }
 
     /// Removes every device of `handle` from the channel. Returns how many
