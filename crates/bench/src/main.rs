@@ -59,8 +59,9 @@ struct Args {
     /// Run only these scenarios (after the floor, which their ratios
     /// use): `2` (1:1 delivery, 2, 2b and 2c, with the disk floor), `3b`
     /// and/or `5` (on a kithd process of their own, e.g. to profile that
-    /// process), `4b`, `5b`. Default: every scenario.
-    #[arg(long, value_name = "SCENARIO", value_delimiter = ',', value_parser = ["2", "3b", "4b", "5", "5b"])]
+    /// process), `4` (certified commits on one homeserver, on a channel of
+    /// their own), `4b`, `5b`. Default: every scenario.
+    #[arg(long, value_name = "SCENARIO", value_delimiter = ',', value_parser = ["2", "3b", "4", "4b", "5", "5b"])]
     only: Vec<String>,
 }
 
@@ -537,18 +538,7 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
     let [row_2, row_2b, row_2c] = delivery_rows(deliveries, floor_rate, sync_ms);
 
     // 4. Certified commit latency (self_update on the 1:1 channel).
-    let mut commit_latency = Vec::new();
-    let start = Instant::now();
-    while commit_latency.len() < limits.commits && start.elapsed() < limits.time {
-        let t = Instant::now();
-        alice.self_update(one).await?;
-        commit_latency.push(t.elapsed());
-    }
-    let commit_elapsed = start.elapsed();
-    let commits = commit_latency.len();
-    let commit_rate = rate(commits, commit_elapsed);
-    let commit_p50 = quantile_ms(&mut commit_latency, 0.5);
-    let commit_p99 = quantile_ms(&mut commit_latency, 0.99);
+    let row_4 = commit_row(&mut alice, one, limits, floor_ms).await?;
 
     // 3. Fan-out to N member devices.
     let mut fan_sender = register(dir, &server, "fan").await?;
@@ -610,14 +600,7 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
             detail: json!({ "members": members_n, "deliveries_per_s": fan_rate, "sent": f.sent, "delivered": f.received, "ratio_to_floor": fan_rate / floor_rate }),
         },
         fanout_row(&fo, floor_rate),
-        Row {
-            scenario: "4. certified commit (self_update), 1 server",
-            figure: format!(
-                "p50 {commit_p50:.2} ms, p99 {commit_p99:.2} ms; {commit_rate:.0} commits/s ({commits})"
-            ),
-            ratio: format!("p50 = {:.0} x floor msg", commit_p50 / floor_ms),
-            detail: json!({ "p50_ms": commit_p50, "p99_ms": commit_p99, "commits_per_s": commit_rate, "commits": commits, "p50_in_floor_msgs": commit_p50 / floor_ms }),
-        },
+        row_4,
         row_4b,
         footprint_row(&fp),
         row_5b,
@@ -649,6 +632,33 @@ async fn run(limits: &Limits, kithd: &Path, only: &[String]) -> Result<Vec<Row>>
             }),
         },
     ])
+}
+
+/// Scenario 4: `committer` updates its own leaf in `channel` (on one
+/// homeserver) as fast as it can, one certified commit after the other.
+async fn commit_row(
+    committer: &mut Client,
+    channel: ChannelId,
+    limits: &Limits,
+    floor_ms: f64,
+) -> Result<Row> {
+    let mut latency = Vec::new();
+    let start = Instant::now();
+    while latency.len() < limits.commits && start.elapsed() < limits.time {
+        let t = Instant::now();
+        committer.self_update(channel).await?;
+        latency.push(t.elapsed());
+    }
+    let commits = latency.len();
+    let commit_rate = rate(commits, start.elapsed());
+    let p50 = quantile_ms(&mut latency, 0.5);
+    let p99 = quantile_ms(&mut latency, 0.99);
+    Ok(Row {
+        scenario: "4. certified commit (self_update), 1 server",
+        figure: format!("p50 {p50:.2} ms, p99 {p99:.2} ms; {commit_rate:.0} commits/s ({commits})"),
+        ratio: format!("p50 = {:.0} x floor msg", p50 / floor_ms),
+        detail: json!({ "p50_ms": p50, "p99_ms": p99, "commits_per_s": commit_rate, "commits": commits, "p50_in_floor_msgs": p50 / floor_ms }),
+    })
 }
 
 /// Scenarios 2, 2b and 2c on `server`: a sender and a receiver in one
@@ -907,6 +917,19 @@ async fn run_only(limits: &Limits, kithd: &Path, only: &[String], dir: &Path) ->
         rows.push(fanout_row(&fo, floor_rate));
     }
     let floor_ms = 1000.0 / floor_rate.max(1e-9);
+    if only.iter().any(|s| s == "4") {
+        // The full run commits on scenario 2's channel after its messages;
+        // alone, on a fresh channel of the same two devices.
+        let mut config = Config::new("a.test".parse()?, dir.join("server4"));
+        config.registration = Registration::Open;
+        lift_commit_limits(&mut config);
+        let server = TestServer::start_with(config).await;
+        let mut alice = register(dir, &server, "alice4").await?;
+        let mut receivers = vec![register(dir, &server, "bob4").await?];
+        let one = channel_with(&mut alice, &mut receivers, "direct4").await?;
+        rows.push(commit_row(&mut alice, one, limits, floor_ms).await?);
+        server.stop().await;
+    }
     if only.iter().any(|s| s == "4b") {
         rows.push(commit_floor_row(limits, floor_ms)?);
         rows.push(ordering3(dir, limits, floor_ms).await?);

@@ -18,6 +18,7 @@ pub mod devices;
 pub mod requests;
 pub mod sender;
 pub mod store;
+mod voters;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -173,6 +174,9 @@ pub struct Client {
     /// Payloads of such batches the server did not acknowledge, for the
     /// next sync to report.
     unacknowledged: Vec<(kith_proto::ChannelId, Vec<u8>)>,
+    /// What each member's record gives voter sets, while the store holds
+    /// that record and it is valid.
+    sponsors: voters::MemberSponsors,
 }
 
 impl Client {
@@ -294,6 +298,7 @@ impl Client {
             in_tail: Default::default(),
             dropped_batch: None,
             unacknowledged: Vec::new(),
+            sponsors: voters::MemberSponsors::new(VERIFIED_RECORDS),
         };
         client.login().await?;
         client.api.publish_record(&record.encode()).await?;
@@ -416,6 +421,7 @@ impl Client {
             in_tail: Default::default(),
             dropped_batch: None,
             unacknowledged: Vec::new(),
+            sponsors: voters::MemberSponsors::new(VERIFIED_RECORDS),
         })
     }
 

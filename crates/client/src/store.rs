@@ -1,6 +1,7 @@
 //! The client's local store: one SQLite file in the home directory holding
 //! the device's secret keys, its session, and what it has received.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -82,7 +83,37 @@ pub struct Store {
     /// Set when the outermost [`StoreTx`] was dropped without a verdict:
     /// its transaction is rolled back before the next statement.
     abandoned: Arc<AtomicBool>,
+    /// What changed in the cached records since
+    /// [`Store::record_changes`] last answered.
+    record_log: RefCell<RecordLog>,
 }
+
+/// Which cached records (the `records` table) may have changed: what
+/// [`Store::record_changes`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordChanges {
+    /// Only these devices' records (none if empty).
+    Devices(Vec<DeviceId>),
+    /// Any of them: a transaction was rolled back, another connection
+    /// wrote to the store, or too many changed to list.
+    All,
+}
+
+/// The records saved since the last [`Store::record_changes`].
+#[derive(Debug, Default)]
+struct RecordLog {
+    saved: Vec<DeviceId>,
+    /// Something changed that `saved` does not list.
+    all: bool,
+    /// `PRAGMA data_version` when last asked: it changes when another
+    /// connection commits to the database file (another process on the
+    /// same device's store).
+    data_version: Option<i64>,
+}
+
+/// Past this many records saved between two [`Store::record_changes`],
+/// it answers [`RecordChanges::All`] instead of a list.
+const RECORD_LOG_MAX: usize = 1024;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -226,6 +257,7 @@ impl Store {
             conn,
             depth: Arc::new(AtomicU32::new(0)),
             abandoned: Arc::new(AtomicBool::new(false)),
+            record_log: RefCell::new(RecordLog::default()),
         })
     }
 
@@ -238,6 +270,7 @@ impl Store {
             if !conn.is_autocommit() {
                 // Left open by a caller that never finished: none of it
                 // was meant to be kept.
+                self.rolled_back();
                 conn.execute_batch("ROLLBACK")?;
             }
             conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -265,10 +298,19 @@ impl Store {
     pub fn commit(&self, mut tx: StoreTx) -> Result<(), ClientError> {
         tx.finished = true;
         let depth = self.leave();
-        if depth == 0
-            && !self.conn.is_autocommit()
-            && let Err(e) = self.conn.execute_batch("COMMIT")
-        {
+        if depth != 0 {
+            return Ok(());
+        }
+        if self.conn.is_autocommit() {
+            // SQLite rolled the transaction back by itself (after an I/O
+            // error, for one): what it saved is gone, and the caller must
+            // not take it as stored.
+            self.rolled_back();
+            return Err(ClientError::Store(
+                "the transaction was rolled back after an earlier error: nothing of it is stored"
+                    .into(),
+            ));
+        } else if let Err(e) = self.conn.execute_batch("COMMIT") {
             self.rollback_now();
             return Err(e.into());
         }
@@ -293,16 +335,24 @@ impl Store {
     }
 
     fn rollback_now(&self) {
+        // Even when SQLite rolled back by itself (the transaction is gone):
+        // records saved in it are not stored.
+        self.rolled_back();
         if !self.conn.is_autocommit() {
             // Nothing more to do if it fails: SQLite has rolled back already.
             let _ = self.conn.execute_batch("ROLLBACK");
         }
     }
 
+    /// Notes that records saved in a rolled-back transaction are gone.
+    fn rolled_back(&self) {
+        self.record_log.borrow_mut().all = true;
+    }
+
     /// The device's identity, if it has registered.
     pub fn identity(&self) -> Result<Option<Identity>, ClientError> {
         let row = self
-            .conn
+            .conn()
             .query_row(
                 "SELECT identity_seed, inbox_secret, server_url, server_name, handle, record, token
                  FROM identity WHERE id = 1",
@@ -340,7 +390,7 @@ impl Store {
     /// user's other device links that id before it may join the user).
     pub fn pending_keys(&self) -> Result<Option<PendingKeys>, ClientError> {
         let row = self
-            .conn
+            .conn()
             .query_row(
                 "SELECT identity_seed, inbox_secret FROM pending_keys WHERE id = 1",
                 [],
@@ -491,7 +541,7 @@ impl Store {
     /// Every channel this device knows, by name.
     pub fn channels(&self) -> Result<Vec<ChannelRow>, ClientError> {
         let mut stmt = self
-            .conn
+            .conn()
             .prepare("SELECT id, name, content_type, active FROM channels ORDER BY name, id")?;
         let rows = stmt.query_map([], |r| {
             Ok(ChannelRow {
@@ -507,7 +557,7 @@ impl Store {
     /// One channel by id.
     pub fn channel(&self, id: &ChannelId) -> Result<Option<ChannelRow>, ClientError> {
         Ok(self
-            .conn
+            .conn()
             .prepare_cached("SELECT id, name, content_type, active FROM channels WHERE id = ?1")?
             .query_row([id.as_bytes()], |r| {
                 Ok(ChannelRow {
@@ -634,7 +684,7 @@ impl Store {
     /// The leave requests not honored yet, in the order they arrived.
     pub fn leave_requests(&self) -> Result<Vec<(ChannelId, DeviceId)>, ClientError> {
         let mut stmt = self
-            .conn
+            .conn()
             .prepare("SELECT channel, device FROM leave_requests ORDER BY rowid")?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -680,7 +730,7 @@ impl Store {
         device: &DeviceId,
     ) -> Result<bool, ClientError> {
         Ok(self
-            .conn
+            .conn()
             .query_row(
                 "SELECT 1 FROM linked_added WHERE channel = ?1 AND device = ?2",
                 params![&channel.as_bytes()[..], &device.as_bytes()[..]],
@@ -705,7 +755,7 @@ impl Store {
     /// Whether `device` is one of this user's removed devices.
     pub fn is_removed_device(&self, device: &DeviceId) -> Result<bool, ClientError> {
         Ok(self
-            .conn
+            .conn()
             .query_row(
                 "SELECT 1 FROM removed_devices WHERE device = ?1",
                 params![&device.as_bytes()[..]],
@@ -719,7 +769,7 @@ impl Store {
     /// channels.
     pub fn pending_removed_devices(&self) -> Result<Vec<DeviceId>, ClientError> {
         let mut stmt = self
-            .conn
+            .conn()
             .prepare("SELECT device FROM removed_devices WHERE pending = 1 ORDER BY rowid")?;
         let rows = stmt.query_map([], |r| Ok(DeviceId::from_bytes(blob32(r.get(0)?)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -757,7 +807,7 @@ impl Store {
         device: &DeviceId,
     ) -> Result<bool, ClientError> {
         Ok(self
-            .conn
+            .conn()
             .query_row(
                 "SELECT 1 FROM removal_requested WHERE channel = ?1 AND device = ?2",
                 params![&channel.as_bytes()[..], &device.as_bytes()[..]],
@@ -864,7 +914,7 @@ impl Store {
         let (kind, channel, sender, device) = kept.key();
         let keys = params![kind, channel, &sender[..], &device[..]];
         let tries: i64 = self
-            .conn
+            .conn()
             .query_row(
                 "SELECT tries FROM deferred_requests
                  WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
@@ -895,7 +945,7 @@ impl Store {
     pub fn next_at(&self, kept: &Kept) -> Result<u64, ClientError> {
         let (kind, channel, sender, device) = kept.key();
         let next_at: Option<i64> = self
-            .conn
+            .conn()
             .prepare_cached(
                 "SELECT next_at FROM deferred_requests
                  WHERE kind = ?1 AND channel = ?2 AND sender = ?3 AND device = ?4",
@@ -932,7 +982,7 @@ impl Store {
         // Cached: a voter set reads every member's record (1,000 lookups
         // for a commit in a 1,000-member channel).
         Ok(self
-            .conn
+            .conn()
             .prepare_cached("SELECT record FROM records WHERE device = ?1")?
             .query_row(params![&device.as_bytes()[..]], |r| r.get(0))
             .optional()?)
@@ -940,6 +990,16 @@ impl Store {
 
     /// Caches a device record.
     pub fn save_record(&self, device: &DeviceId, record: &[u8]) -> Result<(), ClientError> {
+        // Noted before the write: a write that fails half-way may still
+        // have changed the row.
+        {
+            let mut log = self.record_log.borrow_mut();
+            if log.saved.len() >= RECORD_LOG_MAX {
+                log.all = true;
+            } else {
+                log.saved.push(*device);
+            }
+        }
         self.conn().execute(
             "INSERT OR REPLACE INTO records (device, record) VALUES (?1, ?2)",
             params![&device.as_bytes()[..], record],
@@ -947,10 +1007,31 @@ impl Store {
         Ok(())
     }
 
+    /// Which cached records may have changed since the last call (on the
+    /// first, [`RecordChanges::All`]): whatever remembers something derived
+    /// from them (the voter sets' member sponsors) forgets that. The
+    /// answer is for one such user: each call starts a new interval.
+    pub fn record_changes(&self) -> Result<RecordChanges, ClientError> {
+        let version: i64 = self
+            .conn()
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        let mut log = self.record_log.borrow_mut();
+        let changes = if log.all || log.data_version != Some(version) {
+            log.saved.clear();
+            RecordChanges::All
+        } else {
+            RecordChanges::Devices(std::mem::take(&mut log.saved))
+        };
+        log.all = false;
+        log.data_version = Some(version);
+        Ok(changes)
+    }
+
     /// The event cursor this device has processed up to.
     pub fn events_after(&self) -> Result<u64, ClientError> {
         let v: Option<i64> = self
-            .conn
+            .conn()
             .query_row("SELECT events_after FROM cursor WHERE id = 1", [], |r| {
                 r.get(0)
             })

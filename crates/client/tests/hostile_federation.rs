@@ -325,3 +325,59 @@ async fn a_server_cannot_inject_messages_for_senders_it_does_not_sponsor() {
     assert_eq!(alice.messages(channel, 100).unwrap().len(), before);
     cluster.stop().await;
 }
+
+/// A client computes each epoch's voter set from that epoch's members
+/// (spec §10.2), however recently it computed the channel's last one: once
+/// Bob of b.test is a member, Alice's commit needs b.test's vote too, and
+/// a certificate her own server cut down to its vote alone (a majority
+/// while she was the only member) is refused. Alice reaches a.test only
+/// through the hostile proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_voter_set_follows_the_members_of_each_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test"], quick).await;
+    let lie = Arc::new(Mutex::new(Lie::None));
+    let proxy = Proxy {
+        upstream: cluster.server("a.test").url().to_owned(),
+        lie: Arc::clone(&lie),
+        http: reqwest::Client::new(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(forward).with_state(proxy);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut alice = Client::register(&dir.path().join("alice"), &proxy_url, "alice", None)
+        .await
+        .unwrap();
+    let mut bob = Client::register(
+        &dir.path().join("bob"),
+        cluster.server("b.test").url(),
+        "bob",
+        None,
+    )
+    .await
+    .unwrap();
+    let channel = alice.create_channel("growing", "text/plain").await.unwrap();
+    // Alone, Alice's server is the only voter: its vote is a majority.
+    *lie.lock().unwrap() = Lie::Withhold;
+    alice.self_update(channel).await.unwrap();
+    *lie.lock().unwrap() = Lie::None;
+    alice.invite(channel, "bob@b.test").await.unwrap();
+    sync_until(&mut bob, "bob joins", |c| c.channel_state(channel).is_ok()).await;
+
+    // With Bob a member, b.test votes too: a.test's vote alone is too few.
+    let (epoch, _) = alice.channel_state(channel).unwrap();
+    *lie.lock().unwrap() = Lie::Withhold;
+    assert!(matches!(
+        alice.self_update(channel).await,
+        Err(ClientError::Protocol(_))
+    ));
+    assert_eq!(alice.channel_state(channel).unwrap().0, epoch);
+
+    // Honest again: the commit both servers accepted is merged.
+    *lie.lock().unwrap() = Lie::None;
+    alice.catch_up(channel).await.unwrap();
+    assert_eq!(alice.channel_state(channel).unwrap().0, epoch + 1);
+    cluster.stop().await;
+}

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kith_client::Client;
+use kith_client::{Client, ClientError};
 use kith_testkit::{Config, TestServer};
 
 const LIFETIME_MS: u64 = 12_000;
@@ -82,5 +82,49 @@ async fn devices_renew_their_sponsorships_and_channels_outlive_the_first_ones() 
 
     // Renewing on demand works any time.
     assert!(bob.renew_sponsorship(true).await.unwrap());
+    server.stop().await;
+}
+
+/// A voter set is computed from the members' records valid now (spec
+/// §10.2): a member's record the client remembers from an earlier commit's
+/// voter set is not used once its sponsorship has expired, however recently
+/// it was read. Bob never renews; Alice's commit is certified by the server
+/// (which counts only members with valid records) but Alice, who can no
+/// longer verify Bob's record, merges nothing.
+#[tokio::test]
+async fn a_remembered_member_record_is_not_used_once_its_sponsorship_expired() {
+    const SHORT_MS: u64 = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new("a.test".parse().unwrap(), dir.path().join("server"));
+    config.registration = kith_testkit::Registration::Open;
+    config.limits.sponsorship_ms = SHORT_MS;
+    let server = TestServer::start_with(config).await;
+    let mut alice = Client::register(&dir.path().join("alice"), server.url(), "alice", None)
+        .await
+        .unwrap();
+    let bob = Client::register(&dir.path().join("bob"), server.url(), "bob", None)
+        .await
+        .unwrap();
+    let channel = alice
+        .create_channel("short-lived", "text/plain")
+        .await
+        .unwrap();
+    alice.invite(channel, "bob@a.test").await.unwrap();
+    // Bob is a member now: this commit's voter set reads his record.
+    alice.self_update(channel).await.unwrap();
+    let (epoch, _) = alice.channel_state(channel).unwrap();
+
+    // Alice renews half-way; Bob's sponsorship then runs out.
+    let bobs = bob.record().unwrap().sponsorships()[0].clone();
+    sleep_until_ms(bobs.issued_at() + SHORT_MS / 2).await;
+    assert!(alice.renew_sponsorship(true).await.unwrap());
+    sleep_until_ms(bobs.expires_at() + 300).await;
+
+    let refused = alice.self_update(channel).await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Protocol(m) if m.contains("record of member")),
+        "{refused}"
+    );
+    assert_eq!(alice.channel_state(channel).unwrap().0, epoch);
     server.stop().await;
 }

@@ -1066,13 +1066,12 @@ fn to_message_row(
 }
 
 /// Whether `device` is registered here.
+/// Whether `device` is registered here. Cached: certifying a commit asks
+/// it for every member (1,000 times in a 1,000-member channel).
 fn is_local(conn: &Connection, device: &DeviceId) -> Result<bool, StoreError> {
     Ok(conn
-        .query_row(
-            "SELECT 1 FROM devices WHERE device = ?1",
-            [device.as_bytes()],
-            |_| Ok(()),
-        )
+        .prepare_cached("SELECT 1 FROM devices WHERE device = ?1")?
+        .query_row([device.as_bytes()], |_| Ok(()))
         .optional()?
         .is_some())
 }
@@ -1812,8 +1811,13 @@ impl Store for SqliteStore {
         )?;
         // Events go to the members registered here; the others are other
         // servers' to notify.
-        let mut recipients = epoch_members(&tx, channel, epoch)?.unwrap_or_default();
-        recipients.retain(|d| is_local(&tx, d).unwrap_or(false));
+        let members = epoch_members(&tx, channel, epoch)?.unwrap_or_default();
+        let mut recipients = Vec::with_capacity(members.len());
+        for device in members {
+            if is_local(&tx, &device)? {
+                recipients.push(device);
+            }
+        }
         let events = insert_shared_events(
             &tx,
             &mut |device, cursor| self.tails.advance(device, cursor),
