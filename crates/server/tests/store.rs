@@ -1122,6 +1122,125 @@ fn sqlite_opens_a_schema_3_database() {
     assert_eq!(s.events(&dev(2), 0, 10).unwrap(), old);
 }
 
+/// A database of schema 5 (events in a rowid table whose `AUTOINCREMENT`
+/// gave the cursors, with an index on `(device, cursor)`) opens with its
+/// events, payloads and acks as they were, and its cursors go on after
+/// the newest the old table ever gave, even one acked and deleted.
+#[test]
+fn sqlite_opens_a_schema_5_database_with_its_events_and_cursors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kith.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE events (
+                cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+                device BLOB NOT NULL,
+                kind TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                shared INTEGER
+            );
+            CREATE INDEX events_by_device ON events(device, cursor);
+            CREATE TABLE event_payloads (
+                id INTEGER PRIMARY KEY,
+                payload TEXT NOT NULL,
+                refs INTEGER NOT NULL
+            );
+            CREATE TABLE event_acks (
+                device BLOB PRIMARY KEY,
+                acked INTEGER NOT NULL
+            );
+            INSERT INTO event_payloads (id, payload, refs) VALUES (7, '{\"seq\":1}', 2);
+            PRAGMA user_version = 5;",
+        )
+        .unwrap();
+        let mut insert = conn
+            .prepare(
+                "INSERT INTO events (device, kind, payload, created_at, shared)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .unwrap();
+        for (n, kind, payload, shared) in [
+            (1, "inbox", "{\"id\":1}", None),
+            (1, "message", "", Some(7)),
+            (2, "message", "", Some(7)),
+            (3, "test", "{}", None),
+        ] {
+            insert
+                .execute(rusqlite::params![
+                    dev(n).as_bytes().as_slice(),
+                    kind,
+                    payload,
+                    5,
+                    shared
+                ])
+                .unwrap();
+        }
+        // Device 3 acked its event, the newest: the old table's counter
+        // (4) is past every cursor left (3).
+        conn.execute("DELETE FROM events WHERE cursor = 4", [])
+            .unwrap();
+        conn.execute(
+            "INSERT INTO event_acks (device, acked) VALUES (?1, 4)",
+            [dev(3).as_bytes().as_slice()],
+        )
+        .unwrap();
+    }
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    let one = s.events(&dev(1), 0, 10).unwrap();
+    let cursors: Vec<_> = one.iter().map(|e| (e.cursor, e.kind.as_str())).collect();
+    assert_eq!(cursors, [(1, "inbox"), (2, "message")]);
+    assert_eq!(one[0].payload, "{\"id\":1}");
+    assert_eq!(one[1].payload, "{\"seq\":1}");
+    let two = s.events(&dev(2), 0, 10).unwrap();
+    assert_eq!((two.len(), two[0].cursor), (1, 3));
+    assert_eq!(two[0].payload, "{\"seq\":1}");
+    assert_eq!(s.acked_cursor(&dev(3)).unwrap(), 4);
+    assert!(s.events(&dev(3), 0, 10).unwrap().is_empty());
+    // The shared payload's references came along: it goes with the last.
+    s.ack_events(&dev(1), 2).unwrap();
+    assert_eq!(s.events(&dev(2), 0, 10).unwrap(), two);
+    s.ack_events(&dev(2), 3).unwrap();
+    let payloads: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM event_payloads", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(payloads, 0);
+    // New events come after cursor 4, which device 3 has acked.
+    s.register(&row(3, "three")).unwrap();
+    let new = s.append_event(&dev(3), "test", "{}", 6).unwrap();
+    assert!(new.cursor > 4, "{new:?}");
+    assert_eq!(s.events(&dev(3), 4, 10).unwrap(), vec![new.clone()]);
+    drop(s);
+    // Opened again (clustered now): the same events, and cursors go on.
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    assert_eq!(s.events(&dev(3), 4, 10).unwrap(), vec![new.clone()]);
+    let after = s.append_event(&dev(3), "test", "{}", 7).unwrap();
+    assert!(after.cursor > new.cursor, "{after:?}");
+}
+
+/// A cursor is never handed out twice, even once every event that had
+/// one is acked and deleted and the store is opened again.
+#[test]
+fn sqlite_cursors_are_not_reused_after_acks_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kith.db");
+    let newest = {
+        let s = kith_server::SqliteStore::open(&path).unwrap();
+        s.register(&row(1, "alice")).unwrap();
+        s.register(&row(2, "bob")).unwrap();
+        s.append_event(&dev(1), "test", "{}", 5).unwrap();
+        let newest = s.append_event(&dev(2), "test", "{}", 5).unwrap().cursor;
+        assert_eq!(s.ack_events(&dev(2), newest).unwrap(), newest);
+        newest
+    };
+    let s = kith_server::SqliteStore::open(&path).unwrap();
+    let next = s.append_event(&dev(2), "test", "{}", 6).unwrap();
+    assert!(next.cursor > newest, "{next:?} after {newest}");
+    assert_eq!(s.events(&dev(2), newest, 10).unwrap(), vec![next]);
+}
+
 /// Removing a device releases its references to shared payloads, as an
 /// ack does: the payload goes with the last event that holds it.
 #[test]
