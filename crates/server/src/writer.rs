@@ -4,8 +4,7 @@
 //! once its own message is durable.
 //!
 //! Why: a message to many devices appends one event to each recipient's
-//! log, and each of those rows dirties a leaf where that device's events
-//! are. One
+//! log, and each of those rows dirties a leaf of the per-device index. One
 //! transaction per message wrote those same leaves to the WAL again for
 //! every message (profiled: storing was 44% of `kithd`'s CPU in fan-out);
 //! one transaction for the messages waiting together writes each leaf once

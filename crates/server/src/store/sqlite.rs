@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use kith_proto::{ChannelId, DeviceId, LocalName, ServerName};
@@ -33,10 +32,8 @@ const STATEMENT_CACHE: usize = 64;
 
 /// The schema version this code writes (`PRAGMA user_version`). Version 5
 /// added `removed_devices`: an older kithd would let a removed device
-/// register again, so it must not open a version 5 database. Version 6
-/// clustered `events` on `(device, cursor)`, with cursors from
-/// `event_cursor`: an older kithd cannot append to it.
-const SCHEMA_VERSION: i64 = 6;
+/// register again, so it must not open a version 5 database.
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -90,27 +87,18 @@ CREATE TABLE IF NOT EXISTS inbox (
     received_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS inbox_by_device ON inbox(device, id);
--- Each device's log, clustered on (device, cursor): an event is one row,
--- next to its device's others, with no index beside it (a message to 100
--- devices is 100 B-tree inserts, not 200). Cursors come from
--- event_cursor. shared: NULL, or the event_payloads row holding the
--- payload (then payload is empty): an event that goes to many devices (a
--- channel message or commit) stores its payload once, not once per device.
+-- shared: NULL, or the event_payloads row holding the payload (then
+-- payload is empty): an event that goes to many devices (a channel
+-- message or commit) stores its payload once, not once per device.
 CREATE TABLE IF NOT EXISTS events (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
     device BLOB NOT NULL,
-    cursor INTEGER NOT NULL,
     kind TEXT NOT NULL,
     payload TEXT NOT NULL,
     created_at INTEGER NOT NULL,
-    shared INTEGER,
-    PRIMARY KEY (device, cursor)
-) WITHOUT ROWID;
--- The newest event cursor handed out (one row): cursors are never used
--- twice, even once every event that had one is acked and deleted.
-CREATE TABLE IF NOT EXISTS event_cursor (
-    id INTEGER PRIMARY KEY CHECK (id = 0),
-    newest INTEGER NOT NULL
+    shared INTEGER
 );
+CREATE INDEX IF NOT EXISTS events_by_device ON events(device, cursor);
 -- refs: the events rows that still point here; the row goes at 0.
 CREATE TABLE IF NOT EXISTS event_payloads (
     id INTEGER PRIMARY KEY,
@@ -203,28 +191,6 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     sync: GroupCommit,
     tails: Tails,
-    cursors: Cursors,
-}
-
-/// The newest event cursor handed out, kept here and in `event_cursor`.
-/// Cursors are taken under the connection's lock, so they increase in the
-/// order events are written. One a rolled-back transaction took is not
-/// handed out again (the count here never goes back; the row goes back
-/// with the transaction, and the next write stores the count again): a
-/// gap, which cursors may have.
-#[derive(Debug)]
-struct Cursors(AtomicU64);
-
-impl Cursors {
-    /// `count` (at least 1) new cursors, the first returned; recorded in
-    /// `event_cursor` in the caller's transaction.
-    fn take(&self, conn: &Connection, count: u64) -> Result<u64, StoreError> {
-        let first = self.0.fetch_add(count, Ordering::Relaxed) + 1;
-        let newest = first + count - 1;
-        conn.prepare_cached("UPDATE event_cursor SET newest = ?1 WHERE id = 0")?
-            .execute([int(newest)?])?;
-        Ok(first)
-    }
 }
 
 /// The newest cursor appended to each device's log since the store opened,
@@ -232,9 +198,9 @@ impl Cursors {
 /// query. Advanced under the connection's lock: by a channel message's
 /// events once their transaction has committed ([`BatchTails`]); by other
 /// appends at their insert, before their transaction commits, where a
-/// rollback leaves a cursor no event has (the device's next event then
-/// names a `prev` that is not the event before it: a stream then reads
-/// the store, which is slow but correct). A
+/// rollback leaves a cursor no event has (SQLite may hand it out again,
+/// and the device's next event then names a `prev` that is not the event
+/// before it: a stream then reads the store, which is slow but correct). A
 /// device not appended to since the store opened has no entry and its next
 /// event no `prev`.
 #[derive(Debug, Default)]
@@ -252,9 +218,10 @@ impl Tails {
 }
 
 /// The cursors a transaction appended, kept apart from [`Tails`] until it
-/// commits: a transaction rolled back leaves its cursors to no event, so
-/// they must not have been recorded as any device's newest (the next
-/// event would name, as the one before it, an event that never was).
+/// commits: a transaction rolled back gives its cursors back to SQLite
+/// (`AUTOINCREMENT`'s counter is rolled back with it), which hands them
+/// out again, so they must not have been recorded as any device's newest
+/// (the next event would name its own cursor as the one before it).
 struct BatchTails<'a> {
     tails: &'a Tails,
     appended: HashMap<DeviceId, u64>,
@@ -295,12 +262,12 @@ impl SqliteStore {
         Self::setup(Connection::open_in_memory()?, None)
     }
 
-    fn setup(mut conn: Connection, wal: Option<PathBuf>) -> Result<Self, StoreError> {
+    fn setup(conn: Connection, wal: Option<PathBuf>) -> Result<Self, StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // No fsync at commit: `GroupCommit` makes each write durable before
         // its call returns. (NORMAL still syncs around checkpoints.)
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // A message to many devices dirties one `events` leaf per
+        // A message to many devices dirties one `events_by_device` leaf per
         // recipient, the same leaves message after message. Checkpointing
         // every 1,000 WAL pages (SQLite's default; every ~7 messages to 100
         // devices) wrote those leaves back again and again, on the
@@ -324,19 +291,19 @@ impl SqliteStore {
             )));
         }
         conn.execute_batch(SCHEMA)?;
-        cluster_events(&mut conn)?;
-        conn.execute(
-            "INSERT OR IGNORE INTO event_cursor (id, newest) VALUES (0, 0)",
+        // Schema 4 added `events.shared` (older databases have the table
+        // without it, and `CREATE TABLE IF NOT EXISTS` leaves it so).
+        let has_shared: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('events') WHERE name = 'shared'",
             [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
         )?;
-        let newest: i64 =
-            conn.query_row("SELECT newest FROM event_cursor WHERE id = 0", [], |r| {
-                r.get(0)
-            })?;
+        if !has_shared {
+            conn.execute_batch("ALTER TABLE events ADD COLUMN shared INTEGER")?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let store = Self {
             tails: Tails::default(),
-            cursors: Cursors(AtomicU64::new(uint(newest)?)),
             conn: Mutex::new(conn),
             sync: GroupCommit::new(wal),
         };
@@ -586,70 +553,11 @@ impl Drop for Conn<'_> {
     }
 }
 
-/// Moves the events of a database older than schema 6 (a rowid table
-/// whose `AUTOINCREMENT` gave the cursors, and an index on `(device,
-/// cursor)`) into the clustered table, with their cursors, and makes
-/// `event_cursor` start after the newest cursor the old table ever gave
-/// (SQLite's counter, which outlives the events acked and deleted). One
-/// transaction: a crash leaves the old table whole, moved again at the
-/// next open. Nothing to do for a clustered table (`cursor` is the second
-/// column of its key, not the first).
-fn cluster_events(conn: &mut Connection) -> Result<(), StoreError> {
-    let old: bool = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('events') WHERE name = 'cursor' AND pk = 1",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !old {
-        return Ok(());
-    }
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // Schema 3 had no `shared`.
-    let has_shared: bool = tx.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('events') WHERE name = 'shared'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    let shared = if has_shared { "shared" } else { "NULL" };
-    let counted: Option<i64> = tx
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let stored: i64 = tx.query_row("SELECT COALESCE(MAX(cursor), 0) FROM events", [], |r| {
-        r.get(0)
-    })?;
-    tx.execute_batch(&format!(
-        "CREATE TABLE events_clustered (
-             device BLOB NOT NULL,
-             cursor INTEGER NOT NULL,
-             kind TEXT NOT NULL,
-             payload TEXT NOT NULL,
-             created_at INTEGER NOT NULL,
-             shared INTEGER,
-             PRIMARY KEY (device, cursor)
-         ) WITHOUT ROWID;
-         INSERT INTO events_clustered (device, cursor, kind, payload, created_at, shared)
-             SELECT device, cursor, kind, payload, created_at, {shared} FROM events;
-         DROP TABLE events;
-         ALTER TABLE events_clustered RENAME TO events;"
-    ))?;
-    tx.execute(
-        "INSERT OR REPLACE INTO event_cursor (id, newest) VALUES (0, ?1)",
-        [counted.unwrap_or(0).max(stored)],
-    )?;
-    tx.commit()?;
-    Ok(())
-}
-
 /// Stores a message and its events in one transaction (see
 /// [`Store::store_message`]).
 fn insert_message(
     conn: &mut Connection,
     tails: &Tails,
-    cursors: &Cursors,
     channel: &ChannelId,
     message: &NewMessage,
     payload: &dyn Fn(&MessageRow) -> String,
@@ -658,7 +566,6 @@ fn insert_message(
     let mut appended = BatchTails::new(tails);
     let stored = message_rows(
         &tx,
-        cursors,
         &mut |device, cursor| appended.advance(device, cursor),
         channel,
         message,
@@ -678,7 +585,6 @@ fn insert_message(
 fn insert_messages(
     conn: &mut Connection,
     tails: &Tails,
-    cursors: &Cursors,
     batch: &[(ChannelId, NewMessage)],
     payload: &dyn Fn(&ChannelId, &MessageRow) -> String,
 ) -> Result<Vec<StoredMessage>, StoreError> {
@@ -689,7 +595,6 @@ fn insert_messages(
         .map(|(channel, message)| {
             message_rows(
                 &tx,
-                cursors,
                 &mut |device, cursor| appended.advance(device, cursor),
                 channel,
                 message,
@@ -711,7 +616,6 @@ type StoredMessages = (Vec<MessageRow>, Vec<(DeviceId, Event)>);
 fn insert_channel_messages(
     conn: &mut Connection,
     tails: &Tails,
-    cursors: &Cursors,
     channel: &ChannelId,
     messages: &[NewMessage],
     payload: &dyn Fn(&MessageRow) -> String,
@@ -723,7 +627,6 @@ fn insert_channel_messages(
     for message in messages {
         let (row, new) = message_rows(
             &tx,
-            cursors,
             &mut |device, cursor| appended.advance(device, cursor),
             channel,
             message,
@@ -741,7 +644,6 @@ fn insert_channel_messages(
 /// inside the caller's transaction.
 fn message_rows(
     tx: &Connection,
-    cursors: &Cursors,
     advance: &mut dyn FnMut(DeviceId, u64) -> Option<u64>,
     channel: &ChannelId,
     message: &NewMessage,
@@ -809,7 +711,6 @@ fn message_rows(
         .collect::<Result<Vec<_>, _>>()?;
     let events = insert_shared_events(
         tx,
-        cursors,
         advance,
         recipients,
         "message",
@@ -930,25 +831,17 @@ fn require_registered(conn: &Connection, device: &DeviceId) -> Result<(), StoreE
 
 fn insert_event(
     conn: &Connection,
-    cursors: &Cursors,
     advance: &mut dyn FnMut(DeviceId, u64) -> Option<u64>,
     device: &DeviceId,
     kind: &str,
     payload: &str,
     now: Millis,
 ) -> Result<Event, StoreError> {
-    let cursor = cursors.take(conn, 1)?;
-    conn.prepare_cached(
-        "INSERT INTO events (device, cursor, kind, payload, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        device.as_bytes(),
-        int(cursor)?,
-        kind,
-        payload,
-        int(now)?
-    ])?;
+    conn.execute(
+        "INSERT INTO events (device, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![device.as_bytes(), kind, payload, int(now)?],
+    )?;
+    let cursor = uint(conn.last_insert_rowid())?;
     Ok(Event {
         cursor,
         kind: kind.to_owned(),
@@ -964,7 +857,6 @@ fn insert_event(
 /// ~1.7 KB of JSON once, not 100 times.
 fn insert_shared_events(
     conn: &Connection,
-    cursors: &Cursors,
     advance: &mut dyn FnMut(DeviceId, u64) -> Option<u64>,
     recipients: Vec<DeviceId>,
     kind: &str,
@@ -977,7 +869,7 @@ fn insert_shared_events(
             .map(|device| {
                 Ok((
                     device,
-                    insert_event(conn, cursors, advance, &device, kind, payload, now)?,
+                    insert_event(conn, advance, &device, kind, payload, now)?,
                 ))
             })
             .collect();
@@ -985,20 +877,14 @@ fn insert_shared_events(
     conn.prepare_cached("INSERT INTO event_payloads (payload, refs) VALUES (?1, ?2)")?
         .execute(params![payload, int(recipients.len() as u64)?])?;
     let shared = conn.last_insert_rowid();
-    let first = cursors.take(conn, recipients.len() as u64)?;
     let mut insert = conn.prepare_cached(
-        "INSERT INTO events (device, cursor, kind, payload, created_at, shared)
-         VALUES (?1, ?2, ?3, '', ?4, ?5)",
+        "INSERT INTO events (device, kind, payload, created_at, shared)
+         VALUES (?1, ?2, '', ?3, ?4)",
     )?;
     let mut events = Vec::with_capacity(recipients.len());
-    for (cursor, device) in (first..).zip(recipients) {
-        insert.execute(params![
-            device.as_bytes(),
-            int(cursor)?,
-            kind,
-            int(now)?,
-            shared
-        ])?;
+    for device in recipients {
+        insert.execute(params![device.as_bytes(), kind, int(now)?, shared])?;
+        let cursor = uint(conn.last_insert_rowid())?;
         events.push((
             device,
             Event {
@@ -1347,7 +1233,6 @@ impl Store for SqliteStore {
         let mut appended = BatchTails::new(&self.tails);
         let events = insert_shared_events(
             &tx,
-            &self.cursors,
             &mut |device, cursor| appended.advance(device, cursor),
             remaining,
             "device_removed",
@@ -1578,7 +1463,6 @@ impl Store for SqliteStore {
         let item = insert_inbox_item(&tx, recipient, envelope, received_at, max_items)?;
         let event = insert_event(
             &tx,
-            &self.cursors,
             &mut |device, cursor| self.tails.advance(device, cursor),
             recipient,
             "inbox",
@@ -1640,7 +1524,6 @@ impl Store for SqliteStore {
         let mut appended = BatchTails::new(&self.tails);
         let event = insert_event(
             &tx,
-            &self.cursors,
             &mut |device, cursor| appended.advance(device, cursor),
             device,
             kind,
@@ -1933,7 +1816,6 @@ impl Store for SqliteStore {
         recipients.retain(|d| is_local(&tx, d).unwrap_or(false));
         let events = insert_shared_events(
             &tx,
-            &self.cursors,
             &mut |device, cursor| self.tails.advance(device, cursor),
             recipients,
             "commit",
@@ -1951,14 +1833,7 @@ impl Store for SqliteStore {
         payload: &dyn Fn(&MessageRow) -> String,
     ) -> Result<(MessageRow, Vec<(DeviceId, Event)>), StoreError> {
         let mut conn = self.lock()?;
-        insert_message(
-            &mut conn,
-            &self.tails,
-            &self.cursors,
-            channel,
-            message,
-            payload,
-        )
+        insert_message(&mut conn, &self.tails, channel, message, payload)
     }
 
     fn store_messages(
@@ -1973,7 +1848,7 @@ impl Store for SqliteStore {
         // If the batch fails, nothing of it was stored: each message is
         // tried again alone, so an error reaches only the messages it
         // belongs to.
-        match insert_messages(&mut conn, &self.tails, &self.cursors, batch, payload) {
+        match insert_messages(&mut conn, &self.tails, batch, payload) {
             Ok(stored) => stored.into_iter().map(Ok).collect(),
             Err(e) if batch.len() == 1 => vec![Err(e)],
             Err(e) => {
@@ -1981,14 +1856,9 @@ impl Store for SqliteStore {
                 batch
                     .iter()
                     .map(|(channel, message)| {
-                        insert_message(
-                            &mut conn,
-                            &self.tails,
-                            &self.cursors,
-                            channel,
-                            message,
-                            &|row| payload(channel, row),
-                        )
+                        insert_message(&mut conn, &self.tails, channel, message, &|row| {
+                            payload(channel, row)
+                        })
                     })
                     .collect()
             }
@@ -2003,14 +1873,7 @@ impl Store for SqliteStore {
         payload: &dyn Fn(&MessageRow) -> String,
     ) -> Result<DeferredMessage, StoreError> {
         let mut conn = self.lock()?;
-        let stored = insert_message(
-            &mut conn,
-            &self.tails,
-            &self.cursors,
-            channel,
-            message,
-            payload,
-        );
+        let stored = insert_message(&mut conn, &self.tails, channel, message, payload);
         let token = conn.release();
         stored.map(|(row, events)| (row, events, token))
     }
@@ -2022,14 +1885,7 @@ impl Store for SqliteStore {
         payload: &dyn Fn(&MessageRow) -> String,
     ) -> Result<DeferredMessages, StoreError> {
         let mut conn = self.lock()?;
-        let stored = insert_channel_messages(
-            &mut conn,
-            &self.tails,
-            &self.cursors,
-            channel,
-            messages,
-            payload,
-        );
+        let stored = insert_channel_messages(&mut conn, &self.tails, channel, messages, payload);
         let token = conn.release();
         stored.map(|(rows, events)| (rows, events, token))
     }
@@ -2220,7 +2076,6 @@ impl Store for SqliteStore {
         )?;
         let event = insert_event(
             &tx,
-            &self.cursors,
             &mut |device, cursor| self.tails.advance(device, cursor),
             recipient,
             "inbox",
