@@ -125,7 +125,7 @@ impl Limits {
                 idle_channels: 10_000,
                 idle_streams: 10_000,
                 server_fanout_receivers: 100,
-                server_fanout_msgs: 2_000,
+                server_fanout_msgs: 4_000,
                 disk_syncs: 300,
                 parallel_channels: 100,
                 floor_commits: 100_000,

@@ -1461,6 +1461,18 @@ impl Client {
         Ok((channel.epoch(), channel.encrypt(data)?))
     }
 
+    /// [`Client::encrypt_unsent`] for several payloads: encrypted in order
+    /// at this device's current epoch, the sending ratchet's steps for all
+    /// of them written once, durably, before this returns. Returns
+    /// `(epoch, MLS messages)` in the order of `payloads`.
+    pub fn encrypt_unsent_many(
+        &mut self,
+        id: ChannelId,
+        payloads: &[&[u8]],
+    ) -> Result<(u64, Vec<Vec<u8>>), ClientError> {
+        self.encrypt_batch(id, payloads)
+    }
+
     /// The last `limit` messages of a channel, from the local store.
     pub fn messages(&self, id: ChannelId, limit: usize) -> Result<Vec<MessageRow>, ClientError> {
         self.store.messages(&id, limit)
