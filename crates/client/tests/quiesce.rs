@@ -243,3 +243,75 @@ async fn leader_among(cluster: &Cluster, servers: &[&str]) -> usize {
     }
     leading
 }
+
+/// CPU seconds (user + system) this process has used: both servers run
+/// in it.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// The measurement of docs/performance.md ("Idle shared channels, session
+/// 7"): `KITH_IDLE_CHANNELS` channels (default 20) shared by two servers
+/// with the default Raft timers, then 10 s idle, with quiescing
+/// (`raft_idle_ms` = 2 s, measured once every group is quiet) and without
+/// (`KITH_IDLE_OFF=1`). Prints the Raft requests sent and the CPU time of
+/// the process (both servers) over the window.
+///
+/// ```text
+/// cargo test -p kith-client --test quiesce -- --ignored --nocapture
+/// KITH_IDLE_OFF=1 cargo test -p kith-client --test quiesce -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn measure_idle_shared_channels() {
+    let channels: usize = std::env::var("KITH_IDLE_CHANNELS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let off = std::env::var_os("KITH_IDLE_OFF").is_some();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), &["a.test", "b.test"], |c| {
+        c.federation.raft_idle_ms = if off { 0 } else { 2_000 };
+    })
+    .await;
+    let mut alice = user(dir.path(), &cluster, "a.test", "alice").await;
+    let mut bob = user(dir.path(), &cluster, "b.test", "bob").await;
+    for i in 0..channels {
+        let channel = alice
+            .create_channel(&format!("idle {i}"), "text/plain")
+            .await
+            .unwrap();
+        assert_eq!(alice.invite(channel, "bob@b.test").await.unwrap(), 1);
+        sync_until(&mut bob, "bob joins", |c| c.channel_state(channel).is_ok()).await;
+    }
+    let servers = ["a.test", "b.test"];
+    if off {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    } else {
+        for _ in 0..600 {
+            let mut quiet = 0.0;
+            for s in servers {
+                quiet += metric(cluster.server(s).url(), "kith_raft_groups_quiet").await;
+            }
+            if quiet >= (2 * channels) as f64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let sent_before: f64 = requests_sent(&cluster, &servers).await.iter().sum();
+    let cpu_before = cpu_seconds();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let cpu = cpu_seconds() - cpu_before;
+    let sent: f64 = requests_sent(&cluster, &servers).await.iter().sum::<f64>() - sent_before;
+    println!(
+        "MEASURE channels={channels} quiescing={} raft_requests_in_10s={sent} cpu_seconds_in_10s={cpu:.3}",
+        !off
+    );
+    cluster.stop().await;
+}

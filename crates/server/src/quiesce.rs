@@ -336,12 +336,17 @@ async fn sweep(state: &Shared, idle: Duration) {
     let mut quiescing = tokio::task::JoinSet::new();
     for orderer in running {
         let channel = orderer.channel();
+        // Only a leader with peers and every member up to date has a
+        // group to quiesce; its idle time counts from the first sweep
+        // that finds it so.
+        let Some(settled) = orderer.settled() else {
+            continue;
+        };
         let idle_for = state
             .channels
             .activity
-            .idle_for(channel, orderer.last_log_index(), now);
-        if let Some(settled) =
-            leader_may_quiesce(orderer.settled(), orderer.is_quiet(), idle_for, idle)
+            .idle_for(channel, settled.index, now);
+        if let Some(settled) = leader_may_quiesce(Some(settled), orderer.is_quiet(), idle_for, idle)
         {
             let state = std::sync::Arc::clone(state);
             quiescing.spawn(async move { quiesce(&state, &orderer, settled).await });
@@ -423,7 +428,10 @@ pub(crate) fn census(state: &Shared) -> (usize, usize) {
     let quiet = running.iter().filter(|o| o.is_quiet()).count();
     let leading = running
         .iter()
-        .filter(|o| o.is_leader() && o.membership().0.union(&o.membership().1).count() > 1)
+        .filter(|o| {
+            let (voters, learners) = o.membership();
+            o.is_leader() && voters.union(&learners).count() > 1
+        })
         .count();
     (quiet, leading)
 }
