@@ -41,6 +41,11 @@ async fn user(dir: &Path, cluster: &Cluster, server: &str, name: &str) -> Client
 
 /// The sum of the samples of metric `name` on the server at `url`.
 async fn metric(url: &str, name: &str) -> f64 {
+    metric_where(url, name, "").await
+}
+
+/// [`metric`] over the series whose labels contain `label`.
+async fn metric_where(url: &str, name: &str, label: &str) -> f64 {
     let text = reqwest::get(format!("{url}/metrics"))
         .await
         .unwrap()
@@ -50,7 +55,7 @@ async fn metric(url: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(series, _)| series.split('{').next() == Some(name))
+        .filter(|(series, _)| series.split('{').next() == Some(name) && series.contains(label))
         .map(|(_, value)| value.parse::<f64>().unwrap())
         .sum()
 }
@@ -64,18 +69,33 @@ async fn requests_sent(cluster: &Cluster, servers: &[&str]) -> Vec<f64> {
     sent
 }
 
+/// Vote requests (elections) all `servers` sent so far.
+async fn votes_sent(cluster: &Cluster, servers: &[&str]) -> f64 {
+    let mut sent = 0.0;
+    for s in servers {
+        let url = cluster.server(s).url();
+        sent += metric_where(url, "kith_raft_requests_sent_total", "kind=\"vote\"").await;
+    }
+    sent
+}
+
 /// Waits (at most ~30 s) until the channel's node is quiet on every one of
-/// `servers`.
-async fn wait_quiet(cluster: &Cluster, servers: &[&str]) {
-    for _ in 0..300 {
+/// `servers`, and stays so with no Raft request sent for two heartbeat
+/// intervals (the servers are read one after the other, and a group whose
+/// quiescing failed wakes again). Returns the requests each had sent.
+async fn wait_quiet(cluster: &Cluster, servers: &[&str]) -> Vec<f64> {
+    let mut last: Option<Vec<f64>> = None;
+    for _ in 0..100 {
         let mut quiet = true;
         for s in servers {
             quiet &= metric(cluster.server(s).url(), "kith_raft_groups_quiet").await >= 1.0;
         }
-        if quiet {
-            return;
+        let sent = requests_sent(cluster, servers).await;
+        if quiet && last.as_ref() == Some(&sent) {
+            return sent;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        last = quiet.then_some(sent);
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     panic!("the channel's group never went quiet on {servers:?}");
 }
@@ -125,7 +145,8 @@ async fn three_server_channel(dir: &Path, cluster: &Cluster) -> (Vec<Client>, Ch
 /// (a) An idle shared channel's group goes quiet on all its servers and
 /// then sends no Raft request at all; (b) a message and a commit from the
 /// leader's server and from a follower's each succeed at once (no 503,
-/// no retry), and the group goes quiet again after each.
+/// no retry) and without an election, and the group goes quiet again
+/// after each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_shared_channel_goes_quiet_and_wakes_for_messages_and_commits() {
     kith_testkit::trace_from_env();
@@ -133,8 +154,7 @@ async fn an_idle_shared_channel_goes_quiet_and_wakes_for_messages_and_commits() 
     let cluster = Cluster::start(dir.path(), &SERVERS, quick_idle).await;
     let (mut clients, channel) = three_server_channel(dir.path(), &cluster).await;
 
-    wait_quiet(&cluster, &SERVERS).await;
-    let before = requests_sent(&cluster, &SERVERS).await;
+    let before = wait_quiet(&cluster, &SERVERS).await;
     // Twenty heartbeat intervals: a running group sends a heartbeat to each
     // follower in every one of them.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -155,10 +175,23 @@ async fn an_idle_shared_channel_goes_quiet_and_wakes_for_messages_and_commits() 
             c.channel_state(channel).unwrap().0 == epoch
         })
         .await;
+        // Waking needs no election: the leader is asked and answers.
         wait_quiet(&cluster, &SERVERS).await;
+        let votes = votes_sent(&cluster, &SERVERS).await;
         client.send(channel, text.as_bytes()).await.unwrap();
+        assert_eq!(
+            votes_sent(&cluster, &SERVERS).await,
+            votes,
+            "a send through the {at}'s server woke the group by an election"
+        );
         wait_quiet(&cluster, &SERVERS).await;
+        let votes = votes_sent(&cluster, &SERVERS).await;
         epoch = client.self_update(channel).await.unwrap();
+        assert_eq!(
+            votes_sent(&cluster, &SERVERS).await,
+            votes,
+            "a commit through the {at}'s server woke the group by an election"
+        );
         wait_quiet(&cluster, &SERVERS).await;
         for (i, other) in clients.iter_mut().enumerate() {
             if i != who {

@@ -33,7 +33,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kith_order::Settled;
-use kith_proto::ChannelId;
+use kith_proto::{ChannelId, ServerName};
 use serde::{Deserialize, Serialize};
 
 use crate::channels::Orderer;
@@ -51,7 +51,7 @@ const MIN_SWEEP: Duration = Duration::from_millis(50);
 #[derive(Default)]
 pub(crate) struct Activity(Mutex<HashMap<ChannelId, Seen>>);
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Seen {
     /// The last use: a send, a submission, a wake, new log entries.
     used: Instant,
@@ -59,6 +59,20 @@ struct Seen {
     index: Option<u64>,
     /// When this server last asked the leader to wake.
     asked: Option<Instant>,
+    /// Who signed the `quiet` request this follower obeyed last, and when
+    /// (by its clock).
+    quiet_at: Option<(ServerName, u64)>,
+}
+
+impl Seen {
+    fn new(used: Instant, index: Option<u64>) -> Self {
+        Self {
+            used,
+            index,
+            asked: None,
+            quiet_at: None,
+        }
+    }
 }
 
 impl Activity {
@@ -74,22 +88,14 @@ impl Activity {
         self.map()
             .entry(channel)
             .and_modify(|s| s.used = now)
-            .or_insert(Seen {
-                used: now,
-                index: None,
-                asked: None,
-            });
+            .or_insert(Seen::new(now, None));
     }
 
     /// How long `channel` has been unused, counting a log that grew since
     /// the last look (`index`) as a use now.
     fn idle_for(&self, channel: ChannelId, index: Option<u64>, now: Instant) -> Duration {
         let mut map = self.map();
-        let seen = map.entry(channel).or_insert(Seen {
-            used: now,
-            index,
-            asked: None,
-        });
+        let seen = map.entry(channel).or_insert(Seen::new(now, index));
         if seen.index != index {
             seen.index = index;
             seen.used = now;
@@ -109,11 +115,7 @@ impl Activity {
     fn may_ask(&self, channel: ChannelId, gap: Duration) -> bool {
         let now = Instant::now();
         let mut map = self.map();
-        let seen = map.entry(channel).or_insert(Seen {
-            used: now,
-            index: None,
-            asked: None,
-        });
+        let seen = map.entry(channel).or_insert(Seen::new(now, None));
         if seen
             .asked
             .is_some_and(|at| now.saturating_duration_since(at) < gap)
@@ -122,6 +124,31 @@ impl Activity {
         }
         seen.asked = Some(now);
         true
+    }
+
+    /// Notes that this follower went quiet at a `quiet` request its
+    /// leader signed at `signed_at`.
+    fn went_quiet(&self, channel: ChannelId, leader: &ServerName, signed_at: u64) {
+        self.map()
+            .entry(channel)
+            .or_insert(Seen::new(Instant::now(), None))
+            .quiet_at = Some((leader.clone(), signed_at));
+    }
+
+    /// Whether an `append` that `origin` signed at `signed_at` was sent
+    /// before the `quiet` request this follower obeyed, by the same
+    /// server: a heartbeat overtaken by it, which must not turn the timers
+    /// on again (the leader had stopped its own by then).
+    pub(crate) fn sent_before_quiet(
+        &self,
+        channel: ChannelId,
+        origin: &ServerName,
+        signed_at: u64,
+    ) -> bool {
+        self.map()
+            .get(&channel)
+            .and_then(|s| s.quiet_at.as_ref())
+            .is_some_and(|(leader, quiet_at)| leader == origin && signed_at < *quiet_at)
     }
 
     /// Forgets channels whose orderer no longer runs here.
@@ -206,6 +233,7 @@ pub(crate) fn answer_quiet(
     orderer: &Orderer,
     from_leader: bool,
     asked: &QuietRequest,
+    signed: (&ServerName, u64),
 ) -> QuietAnswer {
     let channel = orderer.channel();
     let (term, index) = orderer.term_and_index();
@@ -226,6 +254,10 @@ pub(crate) fn answer_quiet(
     match follower_may_quiesce(&facts, asked) {
         Ok(()) => {
             orderer.quiesce();
+            state
+                .channels
+                .activity
+                .went_quiet(channel, signed.0, signed.1);
             tracing::debug!(%channel, "quiet at the leader's request");
             QuietAnswer {
                 quiet: true,
@@ -290,7 +322,7 @@ pub(crate) fn ticks_on(state: &Shared, channel: ChannelId) {
     }
 }
 
-async fn ask_wake(state: &Shared, channel: ChannelId, leader: &kith_proto::ServerName) -> bool {
+async fn ask_wake(state: &Shared, channel: ChannelId, leader: &ServerName) -> bool {
     let path = format!("/v0/federation/raft/{channel}/wake");
     state.federation.count_raft_request("wake");
     let sent = tokio::time::timeout(

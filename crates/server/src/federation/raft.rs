@@ -233,6 +233,18 @@ pub(crate) async fn rpc(
             if matches!(result, Ok(AppendEntriesResponse::Success)) {
                 state.channels.heard.appended(channel, leader_commit);
             }
+            // A heartbeat the leader sent before asking this node to be
+            // quiet, arriving after it: the leader is quiet, so timers
+            // turned on by it would end in an election.
+            if orderer.is_quiet()
+                && state.channels.activity.sent_before_quiet(
+                    channel,
+                    &signed.origin,
+                    signed.timestamp,
+                )
+            {
+                return answer(result);
+            }
             answer(result)
         }
         "vote" => answer(raft.vote(body(&signed)?).await),
@@ -246,6 +258,7 @@ pub(crate) async fn rpc(
                 &orderer,
                 from_leader,
                 &asked,
+                (&signed.origin, signed.timestamp),
             ));
         }
         "wake" => return answer(crate::quiesce::answer_wake(&state, &orderer).await),
