@@ -16,8 +16,9 @@
 //! `crate::quiesce`: the leader sends a heartbeat at once) and waits a
 //! little for the node to become fresh, then is refused with 503
 //! `ordering_unavailable`, which the client retries. A follower that is
-//! still stale two leases after asking its leader turns its own timers
-//! on, so that an election replaces a leader that is gone.
+//! still stale two leases (at most half that wait) after asking its leader
+//! turns its own timers on, so that an election replaces a leader that is
+//! gone.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -177,7 +178,7 @@ pub(crate) async fn require_fresh(state: &Shared, channel: ChannelId) -> Result<
         if !woken {
             crate::quiesce::wake(state, channel, lease).await;
             woken = true;
-        } else if !ticking && start.elapsed() >= lease * 2 {
+        } else if !ticking && start.elapsed() >= (lease * 2).min(FRESH_WAIT / 2) {
             crate::quiesce::ticks_on(state, channel);
             ticking = true;
         }

@@ -223,6 +223,7 @@ pub(crate) async fn rpc(
         )));
     }
     let raft = orderer.raft();
+    let mut wakes = true;
     let result = match kind.as_str() {
         "append" => {
             let request: AppendEntriesRequest<TypeConfig> = body(&signed)?;
@@ -236,15 +237,12 @@ pub(crate) async fn rpc(
             // A heartbeat the leader sent before asking this node to be
             // quiet, arriving after it: the leader is quiet, so timers
             // turned on by it would end in an election.
-            if orderer.is_quiet()
+            wakes = !(orderer.is_quiet()
                 && state.channels.activity.sent_before_quiet(
                     channel,
                     &signed.origin,
                     signed.timestamp,
-                )
-            {
-                return answer(result);
-            }
+                ));
             answer(result)
         }
         "vote" => answer(raft.vote(body(&signed)?).await),
@@ -266,6 +264,8 @@ pub(crate) async fn rpc(
     };
     // A peer's RPC: the group is awake (a quiet node's leader speaks
     // again, or an election runs).
-    orderer.tick_if_shared();
+    if wakes {
+        orderer.tick_if_shared();
+    }
     result
 }
