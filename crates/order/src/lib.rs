@@ -81,6 +81,6 @@ pub use machine::{
     Winner,
 };
 #[cfg(feature = "raft")]
-pub use raft::{ChannelOrderer, OrderConfig, OrderError};
+pub use raft::{ChannelOrderer, OrderConfig, OrderError, Settled};
 pub use vote::{Vote, VoteError, VoteIn, VoteTbs};
 pub use voters::{MAX_VOTERS, majority, next_voters, select_voters};

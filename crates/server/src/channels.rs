@@ -109,6 +109,9 @@ pub(crate) struct Channels {
     applied: Arc<Applied>,
     /// When each channel's leader last reached this node (spec §11.3).
     pub(crate) heard: crate::freshness::Heard,
+    /// When each shared channel was last used here, to quiesce idle ones
+    /// (spec §10.6).
+    pub(crate) activity: crate::quiesce::Activity,
     /// How far this server has pulled each peer's messages (spec §11.3).
     pub(crate) backfill: crate::backfill::Cursors,
     /// Members' records already verified, for voter sets.
@@ -190,6 +193,7 @@ impl Channels {
             accepted_rx: Mutex::new(Some(accepted_rx)),
             applied: Arc::new(Applied::default()),
             heard: crate::freshness::Heard::default(),
+            activity: crate::quiesce::Activity::default(),
             backfill: crate::backfill::Cursors::default(),
             records: Mutex::new(VerifiedRecords::new(VERIFIED_RECORDS)),
             flights: crate::ordering::Flights::default(),
@@ -275,6 +279,11 @@ impl Channels {
     /// The channel's orderer if it is running.
     pub(crate) fn running(&self, channel: ChannelId) -> Option<Orderer> {
         lock(&self.orderers).get(&channel).cloned()
+    }
+
+    /// Every running orderer.
+    pub(crate) fn all_running(&self) -> Vec<Orderer> {
+        lock(&self.orderers).values().cloned().collect()
     }
 
     /// The channel's orderer, started (and its log replayed) if it was not

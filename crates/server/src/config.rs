@@ -168,6 +168,10 @@ pub struct FederationSettings {
     pub raft_election_min_ms: u64,
     /// Longest Raft election timeout, ms.
     pub raft_election_max_ms: u64,
+    /// A shared channel's Raft group with no commit and no message sent
+    /// for this long stops its heartbeats and election timers until the
+    /// next use (spec §10.6), ms; 0 keeps them running.
+    pub raft_idle_ms: u64,
 }
 
 impl Default for FederationSettings {
@@ -182,6 +186,7 @@ impl Default for FederationSettings {
             raft_heartbeat_ms: 1_000,
             raft_election_min_ms: 3_000,
             raft_election_max_ms: 6_000,
+            raft_idle_ms: 15_000,
         }
     }
 }
@@ -268,6 +273,7 @@ impl Config {
 /// raft_heartbeat_ms = 1000        # channels shared with other servers
 /// raft_election_min_ms = 3000
 /// raft_election_max_ms = 6000
+/// raft_idle_ms = 15000            # quiesce idle shared channels; 0 = never
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

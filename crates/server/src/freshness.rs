@@ -12,9 +12,13 @@
 //!   ([`Heard::appended`], noted by the federation Raft endpoint), and this
 //!   node has applied everything the leader said was committed in it.
 //!
-//! Otherwise the request waits a little for the node to become fresh (a
-//! heartbeat usually arrives within the lease), then is refused with 503
-//! `ordering_unavailable`, which the client retries.
+//! Otherwise the request wakes the group (it may be quiesced, see
+//! `crate::quiesce`: the leader sends a heartbeat at once) and waits a
+//! little for the node to become fresh, then is refused with 503
+//! `ordering_unavailable`, which the client retries. A follower that is
+//! still stale two leases (at most half that wait) after asking its leader
+//! turns its own timers on, so that an election replaces a leader that is
+//! gone.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -79,6 +83,9 @@ pub(crate) struct NodeFacts {
     /// Voters and learners of the group, this server included.
     pub(crate) servers: usize,
     pub(crate) is_leader: bool,
+    /// The node is quiesced (or just woke): openraft's metrics, and so
+    /// `since_quorum_ack`, may be as old as the quiet spell.
+    pub(crate) quiet: bool,
     /// On the leader: since a quorum last acknowledged it.
     pub(crate) since_quorum_ack: Option<Duration>,
     /// On a follower: since the last successful `append`, and the commit
@@ -94,7 +101,7 @@ pub(crate) fn judge(facts: &NodeFacts, lease: Duration) -> Freshness {
         return Freshness::Alone;
     }
     let fresh = if facts.is_leader {
-        facts.since_quorum_ack.is_some_and(|d| d <= lease)
+        !facts.quiet && facts.since_quorum_ack.is_some_and(|d| d <= lease)
     } else {
         facts
             .since_append
@@ -120,6 +127,9 @@ pub(crate) async fn look(state: &Shared, channel: ChannelId) -> Result<Freshness
         return Ok(Freshness::Alone);
     }
     let is_leader = orderer.is_leader();
+    // Read before the metrics: a node that stops being quiet after this
+    // has published them anew.
+    let quiet = orderer.is_quiet();
     let (since_quorum_ack, applied) = {
         let metrics = orderer.raft().metrics();
         let m = metrics.borrow();
@@ -131,6 +141,7 @@ pub(crate) async fn look(state: &Shared, channel: ChannelId) -> Result<Freshness
     let facts = NodeFacts {
         servers,
         is_leader,
+        quiet,
         since_quorum_ack,
         since_append: state
             .channels
@@ -149,12 +160,27 @@ pub(crate) async fn look(state: &Shared, channel: ChannelId) -> Result<Freshness
 /// `channel`; returns whether the channel is ordered by this server alone.
 /// 503 `ordering_unavailable` if its log is not known to be fresh in time.
 pub(crate) async fn require_fresh(state: &Shared, channel: ChannelId) -> Result<bool, ApiError> {
-    let deadline = tokio::time::Instant::now() + FRESH_WAIT;
+    let start = tokio::time::Instant::now();
+    let deadline = start + FRESH_WAIT;
+    let lease = lease(state.config.federation.raft_heartbeat_ms);
+    let mut woken = false;
+    let mut ticking = false;
     loop {
         match look(state, channel).await? {
             Freshness::Alone => return Ok(true),
-            Freshness::Fresh => return Ok(false),
+            Freshness::Fresh => {
+                state.channels.activity.touch(channel);
+                return Ok(false);
+            }
             Freshness::Stale => {}
+        }
+        state.channels.activity.touch(channel);
+        if !woken {
+            crate::quiesce::wake(state, channel, lease).await;
+            woken = true;
+        } else if !ticking && start.elapsed() >= (lease * 2).min(FRESH_WAIT / 2) {
+            crate::quiesce::ticks_on(state, channel);
+            ticking = true;
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError::unavailable(
@@ -174,6 +200,7 @@ mod tests {
         NodeFacts {
             servers: 3,
             is_leader: false,
+            quiet: false,
             since_quorum_ack: None,
             since_append: None,
             applied: Some(10),
@@ -201,6 +228,17 @@ mod tests {
         assert_eq!(judge(&f, lease), Freshness::Fresh);
         f.since_quorum_ack = Some(lease + Duration::from_millis(1));
         assert_eq!(judge(&f, lease), Freshness::Stale);
+    }
+
+    #[test]
+    fn a_quiet_leader_is_stale_whatever_its_last_metrics_said() {
+        let f = NodeFacts {
+            is_leader: true,
+            quiet: true,
+            since_quorum_ack: Some(Duration::from_millis(5)),
+            ..facts()
+        };
+        assert_eq!(judge(&f, lease(1000)), Freshness::Stale);
     }
 
     #[test]

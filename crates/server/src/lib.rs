@@ -48,6 +48,7 @@ mod freshness;
 mod keys;
 mod metrics;
 mod ordering;
+mod quiesce;
 mod state;
 pub mod store;
 mod writer;
@@ -202,6 +203,7 @@ pub async fn run(
             config.limits.federation_submissions_per_minute,
             config.limits.federation_submissions_per_minute,
         ),
+        raft_requests: metrics.raft_requests_sent.clone(),
     });
     channels.set_federation(Arc::clone(&federation));
     let accepted = channels.take_accepted();
@@ -228,6 +230,9 @@ pub async fn run(
     let outbox = tokio::spawn(federation::outbox::run(Arc::clone(&state)));
     if let Some(accepted) = accepted {
         tokio::spawn(ordering::run_certifier(Arc::clone(&state), accepted));
+    }
+    if state.config.federation.raft_idle_ms > 0 {
+        tokio::spawn(quiesce::run(Arc::clone(&state)));
     }
     let app = api::router(Arc::clone(&state));
     drop(state);

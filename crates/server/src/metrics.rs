@@ -14,6 +14,13 @@ pub(crate) struct RequestLabels {
     pub(crate) status: String,
 }
 
+/// Labels of `kith_raft_requests_sent_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RaftRequestLabels {
+    /// `append`, `vote`, `snapshot`, `quiet` or `wake`.
+    pub(crate) kind: &'static str,
+}
+
 /// The server's metrics.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -27,6 +34,10 @@ pub(crate) struct Metrics {
     pub(crate) commits_accepted: Counter,
     pub(crate) commits_rejected: Counter,
     pub(crate) channel_messages: Counter,
+    pub(crate) raft_requests_sent: Family<RaftRequestLabels, Counter>,
+    pub(crate) raft_groups_quiet: Gauge,
+    pub(crate) raft_groups_leading: Gauge,
+    pub(crate) raft_quiesced: Counter,
 }
 
 impl Metrics {
@@ -93,8 +104,36 @@ impl Metrics {
             "Channel messages accepted",
             channel_messages.clone(),
         );
+        let raft_requests_sent = Family::<RaftRequestLabels, Counter>::default();
+        registry.register(
+            "raft_requests_sent",
+            "Raft requests sent to other servers (RPCs, quiesce and wake), by kind",
+            raft_requests_sent.clone(),
+        );
+        let raft_groups_quiet = Gauge::default();
+        registry.register(
+            "raft_groups_quiet",
+            "Channels' Raft nodes running here with their timers stopped (quiesced)",
+            raft_groups_quiet.clone(),
+        );
+        let raft_groups_leading = Gauge::default();
+        registry.register(
+            "raft_groups_leading",
+            "Channels with peers whose Raft node here is the leader",
+            raft_groups_leading.clone(),
+        );
+        let raft_quiesced = Counter::default();
+        registry.register(
+            "raft_quiesced",
+            "Times this server, as leader, quiesced an idle shared channel",
+            raft_quiesced.clone(),
+        );
         Self {
             registry,
+            raft_requests_sent,
+            raft_groups_quiet,
+            raft_groups_leading,
+            raft_quiesced,
             commits_accepted,
             commits_rejected,
             channel_messages,

@@ -195,6 +195,14 @@ pub(crate) async fn order_local(
     if !orderer.is_leader() {
         return Ok(Ordered::NotLeader(orderer.leader_server()));
     }
+    // A quiesced group's leader resumes its heartbeats (spec §10.6), or
+    // its followers, woken by this entry, would call an election.
+    state.channels.activity.touch(channel);
+    if orderer.is_quiet()
+        && let Err(e) = orderer.wake().await
+    {
+        tracing::warn!(%channel, error = %e, "waking the channel's group");
+    }
     ensure_membership(state, &orderer, channel).await?;
     match tokio::time::timeout(SUBMIT_WAIT, orderer.submit(submission)).await {
         Err(_) => Err(ApiError::unavailable(
@@ -240,6 +248,9 @@ pub(crate) async fn order(state: &Shared, submission: Submission) -> Result<Outc
             }
             Ordered::NotLeader(_) => "an election is under way".to_owned(),
         };
+        // No leader answered: if this node was quiesced, its timers go on,
+        // so that an election can replace a leader that is gone.
+        crate::quiesce::ticks_on(state, submission.channel);
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError::unavailable(format!(
                 "no leader of the channel's ordering group could order the commit ({last_error}); \

@@ -16,10 +16,13 @@
 //! members on one homeserver) runs with openraft's tick disabled: it is
 //! leader from initialization on, sends no heartbeats and never holds an
 //! election, so an idle single-server channel costs one sleeping timer and
-//! no work. An idle multi-server group costs a heartbeat per follower per
-//! second; a server may quiesce it with `raft().runtime_config()` or by
-//! shutting the node down and restarting it from its log on the next
-//! submission. Snapshots are never built automatically
+//! no work. A multi-server group costs a heartbeat per follower per second
+//! while its timers run; a server quiesces an idle one with
+//! [`quiesce`](ChannelOrderer::quiesce) on every node (the leader first, see
+//! [`settled`](ChannelOrderer::settled)) and wakes it with
+//! [`wake`](ChannelOrderer::wake). Quiescing only stops timers: Raft's
+//! safety never depends on them, and any RPC from a peer turns them on
+//! again. Snapshots are never built automatically
 //! ([`SnapshotPolicy::Never`]), so the log is never purged and a node that
 //! joins replays the whole log.
 //!
@@ -60,7 +63,7 @@ mod state_machine;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kith_proto::{ChannelId, ServerName};
@@ -213,6 +216,32 @@ pub struct ChannelOrderer<V> {
     node: NodeId,
     raft: Raft<TypeConfig>,
     state: OrderStateMachine<V>,
+    /// Whether this node's timers run. Held while they are switched, so
+    /// this and openraft's switch agree.
+    timers: Mutex<Timers>,
+}
+
+/// The state of a node's timers.
+enum Timers {
+    Running,
+    /// Stopped by [`ChannelOrderer::quiesce`].
+    Quiet,
+    /// Turned on again, and openraft has not published its metrics since:
+    /// it publishes them when its core handles an event, and a quiet node
+    /// handles none, so until then they are as old as the quiet spell
+    /// (`millis_since_quorum_ack` above all). Running once the receiver,
+    /// marked seen when the timers went on, sees a change.
+    Waking(tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>),
+}
+
+/// The state of a group whose leader may quiesce it: every member holds
+/// and the leader applied the whole log ([`ChannelOrderer::settled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// The leader's term.
+    pub term: u64,
+    /// The index of the last log entry, held by every member.
+    pub index: Option<u64>,
 }
 
 impl<V> std::fmt::Debug for ChannelOrderer<V> {
@@ -277,6 +306,7 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
             node,
             raft,
             state,
+            timers: Mutex::new(Timers::Running),
         })
     }
 
@@ -377,8 +407,111 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
     pub fn tick_if_shared(&self) {
         let shared = self.membership_nodes().iter().any(|n| *n != self.node);
         if shared {
-            self.raft.runtime_config().tick(true);
+            self.ticks_on();
         }
+    }
+
+    fn ticks_on(&self) {
+        let mut timers = self.lock_timers();
+        if matches!(*timers, Timers::Quiet) {
+            let mut metrics = self.raft.metrics();
+            metrics.borrow_and_update();
+            *timers = Timers::Waking(metrics);
+        }
+        self.raft.runtime_config().tick(true);
+    }
+
+    fn lock_timers(&self) -> std::sync::MutexGuard<'_, Timers> {
+        self.timers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops this node's Raft timers: as leader it sends no heartbeats, as
+    /// follower it never calls an election, until [`wake`](Self::wake) or
+    /// [`tick_if_shared`](Self::tick_if_shared) (which every RPC from a
+    /// peer calls) turns them on again. Liveness only: a quiet node still
+    /// answers RPCs and takes writes, and Raft's safety does not depend on
+    /// timers. A group must be quiesced on every node, leader first, or a
+    /// follower that still runs its timers calls an election.
+    pub fn quiesce(&self) {
+        let mut timers = self.lock_timers();
+        self.raft.runtime_config().tick(false);
+        *timers = Timers::Quiet;
+    }
+
+    /// Whether this node is quiet: its timers are stopped by
+    /// [`quiesce`](Self::quiesce), or were turned on again so recently that
+    /// openraft has not published metrics since (until then
+    /// [`raft`](Self::raft)`().metrics()` describe the node as it was when
+    /// it went quiet, and a leader's `millis_since_quorum_ack` must not be
+    /// trusted).
+    pub fn is_quiet(&self) -> bool {
+        let mut timers = self.lock_timers();
+        match &*timers {
+            Timers::Running => false,
+            Timers::Quiet => true,
+            Timers::Waking(metrics) => {
+                if metrics.has_changed().unwrap_or(true) {
+                    *timers = Timers::Running;
+                    false
+                } else {
+                    true
+                }
+            }
+        }
+    }
+
+    /// Turns this node's timers on again (if the group has peers) and, on
+    /// the leader, sends a heartbeat at once, so followers hear from it
+    /// within a round trip rather than a heartbeat interval.
+    pub async fn wake(&self) -> Result<(), OrderError> {
+        self.tick_if_shared();
+        if self.is_leader() {
+            self.raft
+                .trigger()
+                .heartbeat()
+                .await
+                .map_err(|e| OrderError::Stopped(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// On the leader of a group with peers: its term and last log index if
+    /// every member matched the whole log and the leader applied it, so
+    /// that the group may be quiesced. `None` otherwise (a follower, a
+    /// group alone, or replication under way).
+    pub fn settled(&self) -> Option<Settled> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(self.node) {
+            return None;
+        }
+        let last = metrics.last_log_index;
+        let replication = metrics.replication.as_ref()?;
+        let peers: Vec<NodeId> = metrics
+            .membership_config
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != self.node)
+            .collect();
+        let everyone_holds_it = !peers.is_empty()
+            && peers.iter().all(|peer| {
+                replication
+                    .get(peer)
+                    .is_some_and(|matched| matched.map(|l| l.index) == last)
+            });
+        let applied = metrics.last_applied.map(|l| l.index) == last;
+        (everyone_holds_it && applied).then_some(Settled {
+            term: metrics.current_term,
+            index: last,
+        })
+    }
+
+    /// The term this node is in and the last index of its log.
+    pub fn term_and_index(&self) -> (u64, Option<u64>) {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        (metrics.current_term, metrics.last_log_index)
     }
 
     /// The group's voters and learners as this node's log has them, by
@@ -493,7 +626,7 @@ impl<V: CommitValidator + Send + 'static> ChannelOrderer<V> {
         if voters.len() + learners.len() > 1 {
             // A group started alone runs without ticks; with peers it
             // needs heartbeats and elections again.
-            self.raft.runtime_config().tick(true);
+            self.ticks_on();
         }
         let known: BTreeSet<NodeId> = self.membership_nodes();
         for server in voters.iter().chain(learners) {

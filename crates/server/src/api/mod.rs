@@ -70,6 +70,10 @@ async fn observe(State(state): State<Shared>, request: Request, next: Next) -> R
 }
 
 async fn metrics(State(state): State<Shared>) -> Result<Response, ApiError> {
+    let (quiet, leading) = crate::quiesce::census(&state);
+    let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    state.metrics.raft_groups_quiet.set(gauge(quiet));
+    state.metrics.raft_groups_leading.set(gauge(leading));
     let text = state
         .metrics
         .encode()

@@ -22,6 +22,8 @@ pub(crate) struct Signed {
     pub(crate) origin: ServerName,
     /// Its body.
     pub(crate) body: Bytes,
+    /// When the origin signed it (ms since the Unix epoch, its clock).
+    pub(crate) timestamp: u64,
 }
 
 fn refuse(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -148,6 +150,10 @@ impl FromRequest<Shared> for Signed {
                 ));
             }
         }
-        Ok(Signed { origin, body })
+        Ok(Signed {
+            origin,
+            body,
+            timestamp: ts,
+        })
     }
 }

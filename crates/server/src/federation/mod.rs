@@ -646,4 +646,18 @@ pub(crate) struct Federation {
     /// Submissions forwarded per origin server and channel, when this
     /// server leads the channel's Raft group (spec §10.8).
     pub(crate) submit_limiter: crate::state::RateLimiter<(ServerName, kith_proto::ChannelId)>,
+    /// Counts the Raft requests this server sends (`kith_raft_requests_sent`).
+    pub(crate) raft_requests: prometheus_client::metrics::family::Family<
+        crate::metrics::RaftRequestLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl Federation {
+    /// Counts one Raft request of `kind` sent.
+    pub(crate) fn count_raft_request(&self, kind: &'static str) {
+        self.raft_requests
+            .get_or_create(&crate::metrics::RaftRequestLabels { kind })
+            .inc();
+    }
 }

@@ -4,7 +4,8 @@
 //!
 //! `POST /v0/federation/raft/{channel}/{append|vote|snapshot}` carries
 //! openraft's request as JSON (its serde form) and answers
-//! `{"Ok": response}` or `{"Err": raft_error}`. A server takes a channel's
+//! `{"Ok": response}` or `{"Err": raft_error}`; `quiet` and `wake` on the
+//! same path quiesce and wake an idle group (`crate::quiesce`). A server takes a channel's
 //! Raft RPCs only from the servers in its own view of the channel's Raft
 //! membership; a server that does not know the channel yet joins it when
 //! a member sends it the first `append` (it fetches the channel's genesis
@@ -87,7 +88,7 @@ type RpcResult<T, E = openraft::error::Infallible> =
 impl FederationConnection {
     async fn call<Req, Resp, E>(
         &self,
-        kind: &str,
+        kind: &'static str,
         request: &Req,
         option: &RPCOption,
     ) -> RpcResult<Resp, E>
@@ -105,6 +106,7 @@ impl FederationConnection {
         let body = serde_json::to_vec(request)
             .map_err(|e| RPCError::Network(NetworkError::new(&Failed(e.to_string()))))?;
         let path = rpc_path(self.channel, kind);
+        self.federation.count_raft_request(kind);
         let sent = tokio::time::timeout(
             option.hard_ttl(),
             self.federation.client.post(server, &path, body),
@@ -182,7 +184,10 @@ pub(crate) async fn rpc(
     let channel: ChannelId = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("{id:?} is not a channel id")))?;
-    if !matches!(kind.as_str(), "append" | "vote" | "snapshot") {
+    if !matches!(
+        kind.as_str(),
+        "append" | "vote" | "snapshot" | "quiet" | "wake"
+    ) {
         return Err(ApiError::not_found(format!("no Raft RPC {kind:?}")));
     }
     let known = state.db(move |s| s.channel(&channel)).await?.is_some();
@@ -218,6 +223,7 @@ pub(crate) async fn rpc(
         )));
     }
     let raft = orderer.raft();
+    let mut wakes = true;
     let result = match kind.as_str() {
         "append" => {
             let request: AppendEntriesRequest<TypeConfig> = body(&signed)?;
@@ -228,11 +234,38 @@ pub(crate) async fn rpc(
             if matches!(result, Ok(AppendEntriesResponse::Success)) {
                 state.channels.heard.appended(channel, leader_commit);
             }
+            // A heartbeat the leader sent before asking this node to be
+            // quiet, arriving after it: the leader is quiet, so timers
+            // turned on by it would end in an election.
+            wakes = !(orderer.is_quiet()
+                && state.channels.activity.sent_before_quiet(
+                    channel,
+                    &signed.origin,
+                    signed.timestamp,
+                ));
             answer(result)
         }
         "vote" => answer(raft.vote(body(&signed)?).await),
+        // Quiescing (spec §10.6): not Raft RPCs, and they must not turn
+        // the timers on as the RPCs below do.
+        "quiet" => {
+            let asked: crate::quiesce::QuietRequest = body(&signed)?;
+            let from_leader = orderer.leader_server().as_ref() == Some(&signed.origin);
+            return answer(crate::quiesce::answer_quiet(
+                &state,
+                &orderer,
+                from_leader,
+                &asked,
+                (&signed.origin, signed.timestamp),
+            ));
+        }
+        "wake" => return answer(crate::quiesce::answer_wake(&state, &orderer).await),
         _ => answer(raft.install_snapshot(body(&signed)?).await),
     };
-    orderer.tick_if_shared();
+    // A peer's RPC: the group is awake (a quiet node's leader speaks
+    // again, or an election runs).
+    if wakes {
+        orderer.tick_if_shared();
+    }
     result
 }
