@@ -978,6 +978,9 @@ impl Client {
                 Box::pin(self.sync()).await?;
                 self.catch_up(id).await?;
             }
+            if pending {
+                self.settle_unsettled_commit(id).await?;
+            }
             let create = tracing::debug_span!("client.create").entered();
             // The loaded group is set aside while the commit is ordered and
             // taken up again for the merge (or the clearing): loading it
@@ -1064,14 +1067,84 @@ impl Client {
                     self.mls.attach(detached).clear_pending()?;
                     return Err(e);
                 }
-                // Unknown outcome (unreachable, 5xx): keep it pending; the
-                // next operation on the channel learns whether it won.
-                Err(e) => return Err(e),
+                // Unknown outcome (unreachable, 5xx): keep it pending, and
+                // the commit as submitted; the next commit to the channel
+                // resubmits it first and learns whether it won.
+                Err(e) => {
+                    self.store.keep_unsettled_commit(&id, &bundle)?;
+                    return Err(e);
+                }
             }
         }
         Err(ClientError::Protocol(format!(
             "gave up after {MAX_COMMIT_ATTEMPTS} attempts: other commits keep winning channel {id}"
         )))
+    }
+
+    /// Settles this device's commit to `id` whose outcome was unknown (an
+    /// answer of 5xx, or none: it may still be ordered, spec §10.7) by
+    /// resubmitting it as it was, which the server answers as it answered
+    /// (or would have answered) the first time. It is never replaced by a
+    /// new commit before that: once ordered, this device could process it
+    /// only with its pending state, which a new commit overwrites. Merged
+    /// if accepted and certified; dropped if another commit won its epoch
+    /// or it was refused; an unknown outcome again is returned as the
+    /// error, and it stays kept.
+    async fn settle_unsettled_commit(&mut self, id: ChannelId) -> Result<(), ClientError> {
+        let Some(bundle) = self.store.unsettled_commit(&id)? else {
+            return Ok(());
+        };
+        let (epoch, members, pending) = {
+            let channel = self.mls.channel(id)?;
+            (
+                channel.epoch(),
+                channel.members(),
+                channel.has_pending_commit(),
+            )
+        };
+        if !pending || bundle.epoch != epoch {
+            // Settled meanwhile: merged by a catch-up, or another won.
+            return self.store.drop_unsettled_commit(&id);
+        }
+        let text = id.to_string();
+        let submitted = self
+            .authed(|api| {
+                let (c, b) = (text.clone(), bundle.clone());
+                async move { api.submit_commit(&c, &b).await }
+            })
+            .await;
+        match submitted {
+            Ok(accepted) => {
+                let voters = self.voter_set(&members).await?;
+                let cert = unb64("certificate", &accepted.certificate)?;
+                OrderingCertificateIn::decode(&cert)
+                    .map_err(protocol)?
+                    .verify_for(id, epoch, &bundle.commit, &voters)
+                    .map_err(|e| {
+                        protocol(format!("the commit's ordering certificate is invalid: {e}"))
+                    })?;
+                self.mls.channel(id)?.merge_pending()?;
+                self.store.drop_unsettled_commit(&id)?;
+                self.commits_since_sync += 1;
+                self.flush_future(id, epoch + 1).await?;
+            }
+            Err(e) if is_wrong_epoch(&e) => {
+                tracing::info!(channel = %id, epoch, "another commit won the epoch of an unsettled one: {e}");
+                self.mls.channel(id)?.clear_pending()?;
+                self.store.drop_unsettled_commit(&id)?;
+            }
+            Err(
+                e @ ClientError::Server {
+                    status: 400..=499, ..
+                },
+            ) => {
+                tracing::info!(channel = %id, epoch, "an unsettled commit was refused: {e}");
+                self.mls.channel(id)?.clear_pending()?;
+                self.store.drop_unsettled_commit(&id)?;
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
     }
 
     /// Fetches and merges every accepted commit from this device's epoch on.

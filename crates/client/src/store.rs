@@ -10,6 +10,7 @@ use kith_proto::{ChannelId, DeviceId};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::ClientError;
+use crate::api::CommitBundle;
 
 /// What the device is: its keys and where it is registered.
 #[derive(Clone)]
@@ -211,6 +212,16 @@ CREATE TABLE IF NOT EXISTS deferred_requests (
     tries INTEGER NOT NULL DEFAULT 0,
     next_at INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (kind, channel, sender, device)
+);
+-- A commit of this device whose outcome it does not know (the server
+-- answered 5xx or not at all: it may still be ordered), kept as it was
+-- submitted so that it is resubmitted, never replaced (spec §10.7).
+CREATE TABLE IF NOT EXISTS unsettled_commits (
+    channel BLOB PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    commit_msg BLOB NOT NULL,
+    welcome BLOB,
+    group_info BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS records (
     device BLOB PRIMARY KEY,
@@ -707,6 +718,58 @@ impl Store {
             params![&channel.as_bytes()[..], &device.as_bytes()[..]],
         )?;
         self.forget_deferral(&Kept::Leave(*channel, *device))
+    }
+
+    /// Keeps this device's commit to `channel` whose outcome is unknown.
+    pub fn keep_unsettled_commit(
+        &self,
+        channel: &ChannelId,
+        bundle: &CommitBundle,
+    ) -> Result<(), ClientError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO unsettled_commits (channel, epoch, commit_msg, welcome, group_info)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                &channel.as_bytes()[..],
+                bundle.epoch as i64,
+                &bundle.commit,
+                &bundle.welcome,
+                &bundle.group_info
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// This device's commit to `channel` whose outcome is unknown, if any.
+    pub fn unsettled_commit(
+        &self,
+        channel: &ChannelId,
+    ) -> Result<Option<CommitBundle>, ClientError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT epoch, commit_msg, welcome, group_info FROM unsettled_commits WHERE channel = ?1",
+                params![&channel.as_bytes()[..]],
+                |r| {
+                    Ok(CommitBundle {
+                        epoch: r.get::<_, i64>(0)? as u64,
+                        commit: r.get(1)?,
+                        welcome: r.get(2)?,
+                        group_info: r.get(3)?,
+                        ratchet_tree: None,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Forgets the commit of [`Store::keep_unsettled_commit`], once settled.
+    pub fn drop_unsettled_commit(&self, channel: &ChannelId) -> Result<(), ClientError> {
+        self.conn().execute(
+            "DELETE FROM unsettled_commits WHERE channel = ?1",
+            params![&channel.as_bytes()[..]],
+        )?;
+        Ok(())
     }
 
     /// Records that this device added its user's linked `device` to

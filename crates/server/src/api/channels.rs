@@ -385,6 +385,14 @@ async fn order_commit(
     }
     let row = channel_row(state, channel).await.unwrap_or(row);
     if submission.epoch != row.epoch {
+        // Looked up again: the commit may have been applied since the
+        // check above (ordered from this server's log while its peers came
+        // back), and its resubmission must not be told that it lost.
+        if let Some(stored) = state.db(move |s| s.commit(&channel, epoch)).await?
+            && stored.commit_hash == hash
+        {
+            return certify(state, channel, epoch).await;
+        }
         let e = ApiError::wrong_epoch(
             row.epoch,
             format!(
