@@ -15,7 +15,7 @@ use kith_proto::{ChannelId, DeviceId, DeviceRecord, DeviceRecordIn, Handle};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use crate::api::{CommitBundle, unb64};
+use crate::api::{Accepted, CommitBundle, unb64};
 use crate::requests::Honored;
 use crate::store::{ChannelRow, FutureMessage, Kept, MessageRow, Requests};
 use crate::voters::Gathered;
@@ -1020,25 +1020,9 @@ impl Client {
                 .await;
             match submitted {
                 Ok(accepted) => {
-                    let checked = match self
-                        .voter_set(&members)
-                        .instrument(tracing::debug_span!("client.voter_set"))
-                        .await
-                    {
-                        Ok(voters) => {
-                            unb64("certificate", &accepted.certificate).and_then(|cert| {
-                                OrderingCertificateIn::decode(&cert)
-                                    .map_err(protocol)?
-                                    .verify_for(id, epoch, &output.commit, &voters)
-                                    .map_err(|e| {
-                                        protocol(format!(
-                                            "the commit's ordering certificate is invalid: {e}"
-                                        ))
-                                    })
-                            })
-                        }
-                        Err(e) => Err(e),
-                    };
+                    let checked = self
+                        .check_own_certificate(id, epoch, &members, &output.commit, &accepted)
+                        .await;
                     // Not merged unless certified. A commit the server
                     // accepted but cannot certify, or that could not be
                     // checked yet, stays pending: the next catch-up merges
@@ -1081,6 +1065,29 @@ impl Client {
         )))
     }
 
+    /// Checks the certificate the server returned for this device's own
+    /// commit to `id` at `epoch`, against the voter set of `members` (the
+    /// epoch's members, spec §10.7).
+    async fn check_own_certificate(
+        &mut self,
+        id: ChannelId,
+        epoch: u64,
+        members: &[DeviceId],
+        commit: &[u8],
+        accepted: &Accepted,
+    ) -> Result<(), ClientError> {
+        let voters = self
+            .voter_set(members)
+            .instrument(tracing::debug_span!("client.voter_set"))
+            .await?;
+        let cert = unb64("certificate", &accepted.certificate)?;
+        OrderingCertificateIn::decode(&cert)
+            .map_err(protocol)?
+            .verify_for(id, epoch, commit, &voters)
+            .map_err(|e| protocol(format!("the commit's ordering certificate is invalid: {e}")))?;
+        Ok(())
+    }
+
     /// Settles this device's commit to `id` whose outcome was unknown (an
     /// answer of 5xx, or none: it may still be ordered, spec §10.7) by
     /// resubmitting it as it was, which the server answers as it answered
@@ -1115,14 +1122,8 @@ impl Client {
             .await;
         match submitted {
             Ok(accepted) => {
-                let voters = self.voter_set(&members).await?;
-                let cert = unb64("certificate", &accepted.certificate)?;
-                OrderingCertificateIn::decode(&cert)
-                    .map_err(protocol)?
-                    .verify_for(id, epoch, &bundle.commit, &voters)
-                    .map_err(|e| {
-                        protocol(format!("the commit's ordering certificate is invalid: {e}"))
-                    })?;
+                self.check_own_certificate(id, epoch, &members, &bundle.commit, &accepted)
+                    .await?;
                 self.mls.channel(id)?.merge_pending()?;
                 self.store.drop_unsettled_commit(&id)?;
                 self.commits_since_sync += 1;
